@@ -1,0 +1,14 @@
+//! The CPU reference: every operation the shaders perform, in plain Rust. This is the
+//! specification; each function here has a shader twin of the same name in `shaders/`.
+
+mod act_quant;
+mod ternary_matmul;
+mod ternary_pack;
+mod tree_sum;
+mod weight_quant;
+
+pub use act_quant::{QuantizedActivations, act_quant, quant_scale};
+pub use ternary_matmul::{ternary_matmul, ternary_matmul_acc};
+pub use ternary_pack::{PackedTernary, ternary_pack};
+pub use tree_sum::tree_sum;
+pub use weight_quant::{ScaleGranularity, TernaryWeights, WeightQuantOptions, weight_quant};

@@ -1,0 +1,413 @@
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::gpu::shaders::{Kernel, ShaderVariant};
+use crate::{Error, Result};
+
+/// What an adapter can do that matters to the kernels here.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Capabilities {
+    /// Subgroup operations (used for exact integer reductions).
+    pub subgroups: bool,
+    /// Smallest and largest subgroup size the adapter reports.
+    pub subgroup_size: (u32, u32),
+    /// The adapter offers 16-bit float arithmetic in shaders.
+    pub shader_f16: bool,
+    /// WGSL `packed_4x8_integer_dot_product` (`dot4I8Packed`).
+    pub dot4: bool,
+    /// Largest storage buffer binding, in bytes.
+    pub max_storage_binding: u64,
+    /// Largest buffer, in bytes.
+    pub max_buffer: u64,
+    /// Largest number of workgroups along one dispatch dimension.
+    pub max_workgroups_per_dimension: u32,
+}
+
+impl Capabilities {
+    fn of(adapter: &wgpu::Adapter, instance: &wgpu::Instance) -> Self {
+        let features = adapter.features();
+        let limits = adapter.limits();
+        let info = adapter.get_info();
+        Capabilities {
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_size: (info.subgroup_min_size, info.subgroup_max_size),
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            dot4: instance
+                .wgsl_language_features()
+                .contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct),
+            max_storage_binding: limits.max_storage_buffer_binding_size,
+            max_buffer: limits.max_buffer_size,
+            max_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
+        }
+    }
+
+    /// The shader variant that uses everything this adapter offers.
+    pub fn best_variant(&self) -> ShaderVariant {
+        ShaderVariant {
+            subgroups: self.subgroups,
+            dot4: self.dot4,
+        }
+    }
+}
+
+/// One line describing an adapter, for listings.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub info: wgpu::AdapterInfo,
+    pub capabilities: Capabilities,
+}
+
+/// An opened GPU: device, queue, capabilities and the pipeline cache.
+///
+/// Kernels record into a caller's [`wgpu::CommandEncoder`]; the caller submits. Results come back
+/// with [`GpuContext::read`], which never blocks on the web.
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    capabilities: Capabilities,
+    variant: ShaderVariant,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    device_error: Arc<Mutex<Option<String>>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PipelineKey {
+    kernel: Kernel,
+    entry: &'static str,
+    variant: ShaderVariant,
+    constants: Vec<(&'static str, u64)>,
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+impl GpuContext {
+    /// Opens the best adapter: the one named by `WGPU_ADAPTER_NAME` (a case-insensitive
+    /// substring) if set, else the high-performance one, among the backends of `WGPU_BACKEND`
+    /// (e.g. `vulkan`, `gl`, `metal`, `dx12`; all by default).
+    ///
+    /// ```
+    /// # pollster::block_on(async {
+    /// match bitnet_wgpu::gpu::GpuContext::new().await {
+    ///     Ok(gpu) => println!("running on {}", gpu.adapter_info().name),
+    ///     Err(e) => println!("CPU only: {e}"),
+    /// }
+    /// # });
+    /// ```
+    pub async fn new() -> Result<Self> {
+        let instance = instance();
+        let adapter = pick_adapter(&instance).await?;
+        Self::open(&instance, adapter).await
+    }
+
+    async fn open(instance: &wgpu::Instance, adapter: wgpu::Adapter) -> Result<Self> {
+        let capabilities = Capabilities::of(&adapter, instance);
+        let mut required_features = wgpu::Features::empty();
+        if capabilities.subgroups {
+            required_features |= wgpu::Features::SUBGROUP;
+        }
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("bitnet"),
+                required_features,
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Gpu(format!("request_device: {e}")))?;
+        let device_error = Arc::new(Mutex::new(None));
+        let sink = device_error.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert_with(|| e.to_string());
+        }));
+        Ok(GpuContext {
+            device,
+            queue,
+            info: adapter.get_info(),
+            variant: capabilities.best_variant(),
+            capabilities,
+            pipelines: Mutex::new(HashMap::new()),
+            device_error,
+        })
+    }
+
+    /// Lists every adapter the backends of `WGPU_BACKEND` offer (native only: a browser offers one).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub async fn adapters() -> Vec<AdapterSummary> {
+        let instance = instance();
+        let mut out = Vec::new();
+        for adapter in instance.enumerate_adapters(wgpu::Backends::all()).await {
+            out.push(AdapterSummary {
+                info: adapter.get_info(),
+                capabilities: Capabilities::of(&adapter, &instance),
+            });
+        }
+        out
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    /// The shader variant kernels are compiled with.
+    pub fn variant(&self) -> ShaderVariant {
+        self.variant
+    }
+
+    /// Compiles kernels with `variant` from now on. Asking for a capability the adapter lacks is
+    /// an error; turning one off is always allowed (every variant gives the same results).
+    pub fn set_variant(&mut self, variant: ShaderVariant) -> Result<()> {
+        let best = self.capabilities.best_variant();
+        if (variant.subgroups && !best.subgroups) || (variant.dot4 && !best.dot4) {
+            return Err(Error::invalid(
+                "shader variant",
+                format!("{variant:?} needs more than the adapter offers ({best:?})"),
+            ));
+        }
+        self.variant = variant;
+        Ok(())
+    }
+
+    /// The cached pipeline for one entry point of a kernel, compiled on first use.
+    pub(crate) fn pipeline(
+        &self,
+        kernel: Kernel,
+        entry: &'static str,
+        constants: &[(&'static str, u64)],
+    ) -> Result<wgpu::ComputePipeline> {
+        let key = PipelineKey {
+            kernel,
+            entry,
+            variant: self.variant,
+            constants: constants.to_vec(),
+        };
+        let mut cache = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = cache.get(&key) {
+            return Ok(p.clone());
+        }
+        let source = kernel.source(self.variant);
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(kernel.name()),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        let values: Vec<(&str, f64)> = constants.iter().map(|&(k, v)| (k, v as f64)).collect();
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &values,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        self.check()?;
+        cache.insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// Returns the first error the device reported since the last call, if any.
+    pub fn check(&self) -> Result<()> {
+        let mut slot = self.device_error.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take() {
+            Some(message) => Err(Error::Gpu(message)),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks that one binding of `bytes` fits the adapter's limits.
+    pub fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
+        let caps = &self.capabilities;
+        if bytes > caps.max_buffer {
+            return Err(Error::Limit {
+                what: what.to_string(),
+                limit: "max_buffer_size",
+                needed: bytes,
+                available: caps.max_buffer,
+            });
+        }
+        if bytes > caps.max_storage_binding {
+            return Err(Error::Limit {
+                what: what.to_string(),
+                limit: "max_storage_buffer_binding_size",
+                needed: bytes,
+                available: caps.max_storage_binding,
+            });
+        }
+        Ok(())
+    }
+
+    /// A storage buffer holding `data` (at least 4 bytes, so that empty tensors can be bound).
+    pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<wgpu::Buffer> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        self.check_binding(label, bytes.len() as u64)?;
+        let size = (bytes.len() as u64).max(4).next_multiple_of(4);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: true,
+        });
+        buffer
+            .slice(..)
+            .get_mapped_range_mut()
+            .map_err(|e| Error::Gpu(e.to_string()))?
+            .slice(..bytes.len())
+            .copy_from_slice(bytes);
+        buffer.unmap();
+        Ok(buffer)
+    }
+
+    /// An uninitialised storage buffer of `bytes` bytes (at least 4).
+    pub fn storage(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        self.check_binding(label, bytes)?;
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }))
+    }
+
+    /// A uniform buffer holding `data`.
+    pub(crate) fn uniform<T: bytemuck::Pod>(&self, label: &str, data: &T) -> wgpu::Buffer {
+        let bytes = bytemuck::bytes_of(data);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (bytes.len() as u64).next_multiple_of(16),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: true,
+        });
+        if let Ok(mut view) = buffer.slice(..).get_mapped_range_mut() {
+            view.slice(..bytes.len()).copy_from_slice(bytes);
+        }
+        buffer.unmap();
+        buffer
+    }
+
+    /// Reads `count` elements of `T` back from the start of `buffer`, after everything already
+    /// submitted. Awaits without blocking on the web; polls the device natively.
+    pub async fn read<T: bytemuck::Pod>(
+        &self,
+        buffer: &wgpu::Buffer,
+        count: usize,
+    ) -> Result<Vec<T>> {
+        let bytes = (count * size_of::<T>()) as u64;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let padded = bytes.next_multiple_of(4);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: padded,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, padded);
+        self.queue.submit([encoder.finish()]);
+        let (tx, rx) = futures_channel::oneshot::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |result| {
+            let _ = tx.send(result);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+        let mapped = rx
+            .await
+            .map_err(|_| Error::Gpu("the device was lost before the readback finished".into()))?;
+        mapped.map_err(|e| Error::Gpu(format!("map_async: {e}")))?;
+        self.check()?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        let out = bytemuck::pod_collect_to_vec(&view[..bytes as usize]);
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Records a compute pass dispatching `pipeline` over `groups` workgroups, spread over two
+    /// dimensions when one would exceed the adapter's limit. Shaders recover the flat workgroup
+    /// index as `id.x + id.y * num.x` and ignore indices past their work.
+    pub(crate) fn dispatch(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        pipeline: &wgpu::ComputePipeline,
+        entries: &[wgpu::BindingResource<'_>],
+        groups: u32,
+    ) {
+        let layout = pipeline.get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, resource)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: resource.clone(),
+            })
+            .collect();
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &layout,
+            entries: &entries,
+        });
+        let max = self.capabilities.max_workgroups_per_dimension.max(1);
+        let (x, y) = if groups <= max {
+            (groups, 1)
+        } else {
+            (max, groups.div_ceil(max))
+        };
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(x, y, 1);
+    }
+}
+
+async fn pick_adapter(instance: &wgpu::Instance) -> Result<wgpu::Adapter> {
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Ok(wanted) = std::env::var("WGPU_ADAPTER_NAME") {
+        let wanted = wanted.to_lowercase();
+        let adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        return adapters
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
+            .ok_or_else(|| {
+                Error::NoAdapter(format!(
+                    "WGPU_ADAPTER_NAME={wanted} matches none of the adapters found: {names:?}"
+                ))
+            });
+    }
+    instance
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            apply_limit_buckets: false,
+        })
+        .await
+        .map_err(|e| {
+            Error::NoAdapter(format!(
+                "{e} (install a Vulkan driver, e.g. Mesa's lavapipe: apt-get install mesa-vulkan-drivers; \
+                 in a browser, WebGPU must be enabled)"
+            ))
+        })
+}

@@ -1,0 +1,168 @@
+//! WGSL sources and their variants. Each kernel file is prefixed with a small preamble chosen by
+//! the adapter's capabilities: the `requires` directive and a native or portable `dot4`, and
+//! subgroup or workgroup-memory reductions, plus the correctly rounded division every scale uses.
+//! Every variant gives the same results; naga validates them all in a unit test.
+
+/// Which optional hardware paths a shader is compiled with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ShaderVariant {
+    /// Integer reductions through subgroup operations (else through workgroup memory).
+    pub subgroups: bool,
+    /// `dot4I8Packed` (else four shifts, a multiply and an add per lane).
+    pub dot4: bool,
+}
+
+impl ShaderVariant {
+    /// Every combination, for tests.
+    pub const ALL: [ShaderVariant; 4] = [
+        ShaderVariant {
+            subgroups: false,
+            dot4: false,
+        },
+        ShaderVariant {
+            subgroups: false,
+            dot4: true,
+        },
+        ShaderVariant {
+            subgroups: true,
+            dot4: false,
+        },
+        ShaderVariant {
+            subgroups: true,
+            dot4: true,
+        },
+    ];
+    /// The variant that needs nothing optional.
+    pub const PORTABLE: ShaderVariant = ShaderVariant {
+        subgroups: false,
+        dot4: false,
+    };
+}
+
+/// The kernel families, one WGSL file each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    ActQuant,
+    TernaryPack,
+    TernaryMatmul,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 3] = [Kernel::ActQuant, Kernel::TernaryPack, Kernel::TernaryMatmul];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::ActQuant => "act_quant",
+            Kernel::TernaryPack => "ternary_pack",
+            Kernel::TernaryMatmul => "ternary_matmul",
+        }
+    }
+
+    /// The entry points of the file.
+    pub fn entries(self) -> &'static [&'static str] {
+        match self {
+            Kernel::ActQuant => &["act_quant"],
+            Kernel::TernaryPack => &["reduce_sum", "finish_scales", "pack_words", "widen_f16"],
+            Kernel::TernaryMatmul => &["gemv", "gemm"],
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            Kernel::ActQuant => include_str!("../../shaders/act_quant.wgsl"),
+            Kernel::TernaryPack => include_str!("../../shaders/ternary_pack.wgsl"),
+            Kernel::TernaryMatmul => include_str!("../../shaders/ternary_matmul.wgsl"),
+        }
+    }
+
+    /// The full WGSL text of this kernel for `variant`.
+    pub fn source(self, variant: ShaderVariant) -> String {
+        let mut text = String::new();
+        if variant.dot4 {
+            text.push_str("requires packed_4x8_integer_dot_product;\n");
+        }
+        // WebGPU wants `enable subgroups;` where native wgpu (and naga) reject it; wgpu's WebGPU
+        // backend does not request the feature yet, so web builds never pick this variant.
+        if variant.subgroups && cfg!(target_arch = "wasm32") {
+            text.push_str("enable subgroups;\n");
+        }
+        text.push_str(if variant.dot4 {
+            include_str!("../../shaders/common/dot4_native.wgsl")
+        } else {
+            include_str!("../../shaders/common/dot4_portable.wgsl")
+        });
+        text.push_str(if variant.subgroups {
+            include_str!("../../shaders/common/reduce_subgroup.wgsl")
+        } else {
+            include_str!("../../shaders/common/reduce_shared.wgsl")
+        });
+        text.push_str(include_str!("../../shaders/common/exact_div.wgsl"));
+        text.push_str(self.body());
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(kernel: Kernel, variant: ShaderVariant) {
+        let source = kernel.source(variant);
+        let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| {
+            panic!(
+                "{} {variant:?}: {}",
+                kernel.name(),
+                e.emit_to_string(&source)
+            )
+        });
+        let mut validator = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        );
+        validator.validate(&module).unwrap_or_else(|e| {
+            panic!(
+                "{} {variant:?}: {}",
+                kernel.name(),
+                e.emit_to_string(&source)
+            )
+        });
+        for entry in kernel.entries() {
+            assert!(
+                module.entry_points.iter().any(|e| e.name == *entry),
+                "{} lacks entry point {entry}",
+                kernel.name()
+            );
+        }
+        assert_eq!(module.entry_points.len(), kernel.entries().len());
+    }
+
+    #[test]
+    fn every_kernel_and_variant_validates() {
+        for kernel in Kernel::ALL {
+            for variant in ShaderVariant::ALL {
+                validate(kernel, variant);
+            }
+        }
+    }
+
+    #[test]
+    fn portable_variant_uses_no_optional_feature() {
+        for kernel in Kernel::ALL {
+            let source = kernel.source(ShaderVariant::PORTABLE);
+            assert!(
+                !source.contains("subgroupAdd") && !source.contains("subgroupMax"),
+                "{}",
+                kernel.name()
+            );
+            assert!(!source.contains("dot4I8Packed("), "{}", kernel.name());
+            let module = naga::front::wgsl::parse_str(&source).expect("parses");
+            let mut validator = naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::empty(),
+            );
+            validator
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{}: {}", kernel.name(), e.emit_to_string(&source)));
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Host side of `shaders/ternary_matmul.wgsl`.
+
+use crate::gpu::{GpuActivations, GpuContext, GpuTernary, Kernel, groups_for};
+use crate::packing::gpu_words;
+use crate::{Error, Result};
+
+/// Which kernel computes the product.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// GEMV for fewer than [`GEMM_MIN_ROWS`] tokens, GEMM otherwise.
+    #[default]
+    Auto,
+    Gemv,
+    Gemm,
+}
+
+/// From this many tokens on, `Auto` picks the tiled GEMM.
+pub const GEMM_MIN_ROWS: usize = 8;
+
+/// What the kernel writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulOutput {
+    /// `acc / (s_x * s_w) + bias`.
+    #[default]
+    Scaled,
+    /// The int32 accumulator as f32, exact because `cols <= MAX_EXACT_ACC_COLS`.
+    Accumulator,
+}
+
+/// Largest inner dimension for which every accumulator fits f32 exactly (128 * K < 2^24).
+pub const MAX_EXACT_ACC_COLS: usize = 1 << 17;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    m: u32,
+    n: u32,
+    k_words: u32,
+    per_channel: u32,
+    has_bias: u32,
+    pad: [u32; 3],
+}
+
+/// Records `y = x · wᵀ` (`[x.rows, w.rows]`, f32, row-major) into `y`.
+pub fn record(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    x: &GpuActivations,
+    w: &GpuTernary,
+    bias: Option<&wgpu::Buffer>,
+    y: &wgpu::Buffer,
+    path: MatmulPath,
+    output: MatmulOutput,
+) -> Result<()> {
+    if x.cols != w.cols {
+        return Err(Error::shape(
+            "ternary_matmul inner dimension",
+            w.cols,
+            x.cols,
+        ));
+    }
+    if output == MatmulOutput::Accumulator && x.cols > MAX_EXACT_ACC_COLS {
+        return Err(Error::invalid(
+            "accumulator output",
+            format!("{} columns exceed {MAX_EXACT_ACC_COLS}", x.cols),
+        ));
+    }
+    let out_bytes = (x.rows * w.rows * 4) as u64;
+    if y.size() < out_bytes {
+        return Err(Error::shape(
+            "ternary_matmul output bytes",
+            out_bytes,
+            y.size(),
+        ));
+    }
+    if let Some(b) = bias
+        && b.size() < (w.rows * 4) as u64
+    {
+        return Err(Error::shape("bias bytes", w.rows * 4, b.size()));
+    }
+    if x.rows == 0 {
+        return Ok(());
+    }
+    let params = ctx.uniform(
+        "matmul params",
+        &Params {
+            m: x.rows as u32,
+            n: w.rows as u32,
+            k_words: gpu_words::words_per_row(w.cols) as u32,
+            per_channel: w.per_channel as u32,
+            has_bias: bias.is_some() as u32,
+            pad: [0; 3],
+        },
+    );
+    let gemm = match path {
+        MatmulPath::Auto => x.rows >= GEMM_MIN_ROWS,
+        MatmulPath::Gemv => false,
+        MatmulPath::Gemm => true,
+    };
+    let (entry, groups) = if gemm {
+        ("gemm", x.rows.div_ceil(32) * w.rows.div_ceil(32))
+    } else {
+        ("gemv", x.rows * w.rows.div_ceil(4))
+    };
+    let constants = [("ACC_ONLY", (output == MatmulOutput::Accumulator) as u64)];
+    let pipeline = ctx.pipeline(Kernel::TernaryMatmul, entry, &constants)?;
+    // The shader reads bias only when has_bias is set; any buffer fills the binding otherwise.
+    let bias = bias.unwrap_or(&w.scales);
+    ctx.dispatch(
+        encoder,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            x.codes.as_entire_binding(),
+            x.scales.as_entire_binding(),
+            x.sums.as_entire_binding(),
+            w.words.as_entire_binding(),
+            w.scales.as_entire_binding(),
+            bias.as_entire_binding(),
+            y.as_entire_binding(),
+        ],
+        groups_for(groups, 1)?,
+    );
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! Host side of `shaders/ternary_pack.wgsl`: f32 or f16 weights to packed ternary words and
+//! absmean scales, entirely on the GPU.
+
+use half::f16;
+
+use crate::cpu::{PackedTernary, ScaleGranularity, WeightQuantOptions};
+use crate::gpu::{GpuContext, Kernel, groups_for};
+use crate::packing::gpu_words;
+use crate::{Error, Result};
+
+/// Ternary weights on the GPU in the private layout, with their scale(s).
+pub struct GpuTernary {
+    pub rows: usize,
+    pub cols: usize,
+    pub per_channel: bool,
+    pub words: wgpu::Buffer,
+    pub scales: wgpu::Buffer,
+}
+
+impl GpuTernary {
+    /// Uploads weights packed on the CPU.
+    pub fn upload(ctx: &GpuContext, packed: &PackedTernary) -> Result<Self> {
+        let per_channel = packed.scales.len() != 1;
+        let expected = packed.rows * gpu_words::words_per_row(packed.cols);
+        if packed.words.len() != expected {
+            return Err(Error::shape(
+                "packed ternary words",
+                expected,
+                packed.words.len(),
+            ));
+        }
+        if packed.scales.len() != 1 && packed.scales.len() != packed.rows {
+            return Err(Error::shape(
+                "ternary scales",
+                format!("1 or {}", packed.rows),
+                packed.scales.len(),
+            ));
+        }
+        Ok(GpuTernary {
+            rows: packed.rows,
+            cols: packed.cols,
+            per_channel,
+            words: ctx.upload("ternary words", &packed.words)?,
+            scales: ctx.upload("ternary scales", &packed.scales)?,
+        })
+    }
+
+    /// Number of scales stored: one per tensor or one per row.
+    pub fn scale_count(&self) -> usize {
+        if self.per_channel { self.rows } else { 1 }
+    }
+
+    /// Reads the packed weights back.
+    pub async fn read(&self, ctx: &GpuContext) -> Result<PackedTernary> {
+        let words = ctx
+            .read(&self.words, self.rows * gpu_words::words_per_row(self.cols))
+            .await?;
+        let scales = ctx.read(&self.scales, self.scale_count()).await?;
+        Ok(PackedTernary {
+            rows: self.rows,
+            cols: self.cols,
+            words,
+            scales,
+        })
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ReduceParams {
+    seg_len: u32,
+    segments: u32,
+    blocks: u32,
+    take_abs: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ScaleParams {
+    segments: u32,
+    count: f32,
+    pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct PackParams {
+    rows: u32,
+    cols: u32,
+    k_words: u32,
+    per_channel: u32,
+    threshold: f32,
+    pad: [u32; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct WidenParams {
+    count: u32,
+    pad: [u32; 3],
+}
+
+const BLOCK: usize = 1024;
+const WG: usize = 256;
+
+fn check_input(rows: usize, cols: usize, len: usize, opts: &WeightQuantOptions) -> Result<()> {
+    if rows == 0 || cols == 0 {
+        return Err(Error::Empty("weight matrix"));
+    }
+    if len != rows * cols {
+        return Err(Error::shape("weights", format!("{rows} x {cols}"), len));
+    }
+    if !opts.threshold.is_finite() || opts.threshold < 0.0 {
+        return Err(Error::invalid("threshold", opts.threshold));
+    }
+    Ok(())
+}
+
+fn first_non_finite(values: impl Iterator<Item = f32>, cols: usize) -> Result<()> {
+    for (i, v) in values.enumerate() {
+        if !v.is_finite() {
+            return Err(Error::NonFinite {
+                what: "weights",
+                row: i / cols,
+                col: i % cols,
+                value: v,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Uploads f32 weights `[rows, cols]` and records their quantization and packing.
+pub fn record(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    weights: &[f32],
+    rows: usize,
+    cols: usize,
+    opts: WeightQuantOptions,
+) -> Result<GpuTernary> {
+    check_input(rows, cols, weights.len(), &opts)?;
+    first_non_finite(weights.iter().copied(), cols)?;
+    let input = ctx.upload("weights f32", weights)?;
+    record_from_buffer(ctx, encoder, &input, rows, cols, opts)
+}
+
+/// Uploads f16 weights `[rows, cols]`, widens them on the GPU and records their quantization.
+pub fn record_f16(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    weights: &[f16],
+    rows: usize,
+    cols: usize,
+    opts: WeightQuantOptions,
+) -> Result<GpuTernary> {
+    check_input(rows, cols, weights.len(), &opts)?;
+    first_non_finite(weights.iter().map(|h| h.to_f32()), cols)?;
+    let mut halves: Vec<u16> = weights.iter().map(|h| h.to_bits()).collect();
+    if halves.len() % 2 == 1 {
+        halves.push(0);
+    }
+    let input = ctx.upload("weights f16", &halves)?;
+    let count = rows * cols;
+    let widened = ctx.storage("weights widened", count as u64 * 4)?;
+    let params = ctx.uniform(
+        "widen params",
+        &WidenParams {
+            count: count as u32,
+            pad: [0; 3],
+        },
+    );
+    let pipeline = ctx.pipeline(Kernel::TernaryPack, "widen_f16", &[])?;
+    ctx.dispatch(
+        encoder,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            input.as_entire_binding(),
+            widened.as_entire_binding(),
+        ],
+        groups_for(count.div_ceil(2), WG)?,
+    );
+    record_from_buffer(ctx, encoder, &widened, rows, cols, opts)
+}
+
+/// Records quantization and packing of finite f32 weights already on the GPU.
+pub fn record_from_buffer(
+    ctx: &GpuContext,
+    encoder: &mut wgpu::CommandEncoder,
+    weights: &wgpu::Buffer,
+    rows: usize,
+    cols: usize,
+    opts: WeightQuantOptions,
+) -> Result<GpuTernary> {
+    check_input(rows, cols, rows * cols, &opts)?;
+    if weights.size() < (rows * cols * 4) as u64 {
+        return Err(Error::shape(
+            "weight buffer bytes",
+            rows * cols * 4,
+            weights.size(),
+        ));
+    }
+    let per_channel = opts.granularity == ScaleGranularity::PerChannel;
+    let (segments, seg_len) = if per_channel {
+        (rows, cols)
+    } else {
+        (1, rows * cols)
+    };
+
+    // Sum |w| per segment, level by level, exactly as cpu::tree_sum orders it.
+    let reduce = ctx.pipeline(Kernel::TernaryPack, "reduce_sum", &[])?;
+    let mut src: Option<wgpu::Buffer> = None;
+    let mut len = seg_len;
+    let mut take_abs = 1;
+    loop {
+        let blocks = len.div_ceil(BLOCK);
+        let dst = ctx.storage("weight sums", (segments * blocks) as u64 * 4)?;
+        let params = ctx.uniform(
+            "reduce params",
+            &ReduceParams {
+                seg_len: len as u32,
+                segments: segments as u32,
+                blocks: blocks as u32,
+                take_abs,
+            },
+        );
+        let input = src.as_ref().unwrap_or(weights);
+        ctx.dispatch(
+            encoder,
+            &reduce,
+            &[
+                params.as_entire_binding(),
+                input.as_entire_binding(),
+                dst.as_entire_binding(),
+            ],
+            groups_for(segments * blocks, 1)?,
+        );
+        src = Some(dst);
+        take_abs = 0;
+        if blocks == 1 {
+            break;
+        }
+        len = blocks;
+    }
+    let sums = src.expect("the loop runs at least once");
+
+    let scales = ctx.storage("ternary scales", segments as u64 * 4)?;
+    let params = ctx.uniform(
+        "scale params",
+        &ScaleParams {
+            segments: segments as u32,
+            count: seg_len as f32,
+            pad: [0; 2],
+        },
+    );
+    let pipeline = ctx.pipeline(Kernel::TernaryPack, "finish_scales", &[])?;
+    ctx.dispatch(
+        encoder,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            sums.as_entire_binding(),
+            scales.as_entire_binding(),
+        ],
+        groups_for(segments, WG)?,
+    );
+
+    let k_words = gpu_words::words_per_row(cols);
+    let words = ctx.storage("ternary words", (rows * k_words) as u64 * 4)?;
+    let params = ctx.uniform(
+        "pack params",
+        &PackParams {
+            rows: rows as u32,
+            cols: cols as u32,
+            k_words: k_words as u32,
+            per_channel: per_channel as u32,
+            threshold: opts.threshold,
+            pad: [0; 3],
+        },
+    );
+    let pipeline = ctx.pipeline(Kernel::TernaryPack, "pack_words", &[])?;
+    ctx.dispatch(
+        encoder,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            weights.as_entire_binding(),
+            scales.as_entire_binding(),
+            words.as_entire_binding(),
+        ],
+        groups_for(rows * k_words, WG)?,
+    );
+    Ok(GpuTernary {
+        rows,
+        cols,
+        per_channel,
+        words,
+        scales,
+    })
+}

@@ -1,0 +1,18 @@
+//! BitNet b1.58 on any GPU: ternary weights {-1, 0, +1} and 8-bit activations, computed by WGSL
+//! compute shaders driven through wgpu (Vulkan, Metal, DX12, GL and WebGPU in the browser), with a
+//! plain-Rust CPU reference of every operation.
+//!
+//! - [`cpu`]: the reference operations, the specification the shaders are tested against.
+//! - [`packing`]: ternary code layouts (the private GPU layout, Hugging Face's offline layout,
+//!   GGUF I2_S and 1.6-bit base-3 storage).
+//! - [`gpu`]: the host layer: adapter selection, pipeline cache, buffers, kernels that record.
+//! - [`BitLinear`]: the drop-in layer, on the CPU or the GPU, saved and loaded with safetensors.
+
+pub mod bitlinear;
+pub mod cpu;
+mod error;
+pub mod gpu;
+pub mod packing;
+
+pub use bitlinear::{BitLinear, MemoryFootprint, StorageFormat};
+pub use error::{Error, Result};

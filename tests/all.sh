@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every test of the project, on three GPU adapters: native Vulkan (a real GPU, or Mesa's lavapipe),
+# native GL (llvmpipe through EGL), and WebGPU in headless Chromium. Needs what .ci/run installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Mesa complains without a private runtime dir; harmless, but noisy.
+if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
+  XDG_RUNTIME_DIR=$(mktemp -d)
+  export XDG_RUNTIME_DIR
+fi
+chmod 700 "$XDG_RUNTIME_DIR"
+
+echo "== unit, doc and integration tests, native Vulkan adapter"
+WGPU_BACKEND=vulkan cargo test --all-targets
+WGPU_BACKEND=vulkan cargo test --doc
+
+echo "== GPU tests again on a second adapter: OpenGL (llvmpipe over EGL)"
+WGPU_BACKEND=gl cargo test --test gpu_vs_cpu --test bitlinear_gpu
+
+echo "== GPU tests in headless Chromium on WebGPU"
+CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+  CHROMEDRIVER=/usr/bin/chromedriver WASM_BINDGEN_TEST_TIMEOUT=900 \
+  cargo test --target wasm32-unknown-unknown --test web
+
+echo "== all tests passed"

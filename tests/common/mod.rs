@@ -1,0 +1,435 @@
+//! GPU-vs-CPU cases shared by the native tests (tests/gpu_vs_cpu.rs, on every native adapter the
+//! test command selects) and the browser tests (tests/web.rs, on WebGPU in headless Chromium).
+//! Each case runs at least 200 random inputs through a shader and its CPU twin; integers (codes,
+//! packed words, accumulators, code sums) and scales must match bit for bit.
+
+use bitnet_wgpu::cpu::{self, QuantizedActivations, ScaleGranularity, WeightQuantOptions};
+use bitnet_wgpu::gpu::{self, GpuActivations, GpuContext, MatmulOutput, MatmulPath};
+use half::f16;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// Relative tolerance for float epilogues: WGSL lets a division be off by 2.5 ulp (~3e-7).
+pub const EPILOGUE_REL_TOL: f32 = 1e-5;
+
+const ODD_COLS: [usize; 12] = [1, 3, 4, 5, 15, 16, 17, 100, 127, 128, 129, 1000];
+const ODD_ROWS: [usize; 8] = [1, 2, 3, 5, 8, 9, 17, 33];
+
+/// The shader variants to test on this adapter: everything it offers, and the portable path.
+pub fn variants(ctx: &GpuContext) -> Vec<gpu::ShaderVariant> {
+    let best = ctx.capabilities().best_variant();
+    gpu::ShaderVariant::ALL
+        .into_iter()
+        .filter(|v| (!v.subgroups || best.subgroups) && (!v.dot4 || best.dot4))
+        .collect()
+}
+
+fn pick<T: Copy>(rng: &mut SmallRng, items: &[T]) -> T {
+    items[rng.random_range(0..items.len())]
+}
+
+/// Activations with the awkward values a real model produces and a few it should not.
+fn activations(rng: &mut SmallRng, rows: usize, cols: usize) -> Vec<f32> {
+    let mut x = Vec::with_capacity(rows * cols);
+    for _ in 0..rows {
+        let kind = rng.random_range(0..10);
+        let magnitude = pick(rng, &[1.0f32, 1e-30, 1e30, 3e-6, 50.0]);
+        for c in 0..cols {
+            let v = match kind {
+                // An all-zero row.
+                0 => 0.0,
+                // Exact half-way products: max 127 gives s = 1, so x.5 rounds half to even.
+                1 => {
+                    if c == 0 {
+                        127.0
+                    } else {
+                        rng.random_range(-60i32..60) as f32 + 0.5
+                    }
+                }
+                // One outlier among small values.
+                2 => {
+                    if c == cols / 2 {
+                        1e4
+                    } else {
+                        rng.random_range(-1.0f32..1.0)
+                    }
+                }
+                _ => rng.random_range(-1.0f32..1.0) * magnitude,
+            };
+            x.push(v);
+        }
+    }
+    x
+}
+
+/// Compares quantized activations bit for bit (a NaN scale must be a NaN scale).
+fn assert_activations_eq(gpu: &QuantizedActivations, cpu: &QuantizedActivations, what: &str) {
+    assert_eq!(gpu.codes, cpu.codes, "{what}: codes");
+    assert_eq!(gpu.sums, cpu.sums, "{what}: code sums");
+    for (row, (g, c)) in gpu.scales.iter().zip(&cpu.scales).enumerate() {
+        assert!(
+            g.to_bits() == c.to_bits() || (g.is_nan() && c.is_nan()),
+            "{what}: scale of row {row}: gpu {g:e} cpu {c:e}"
+        );
+    }
+}
+
+async fn gpu_act_quant(
+    ctx: &GpuContext,
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+) -> QuantizedActivations {
+    let input = ctx.upload("x", x).expect("upload");
+    let acts = GpuActivations::new(ctx, rows, cols).expect("activations");
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    gpu::act_quant::record(ctx, &mut encoder, &input, &acts).expect("record");
+    ctx.queue.submit([encoder.finish()]);
+    acts.read(ctx).await.expect("read back")
+}
+
+/// act_quant.wgsl == cpu::act_quant, bit for bit, on 200 random inputs per variant.
+pub async fn act_quant_matches_cpu(ctx: &mut GpuContext) {
+    for variant in variants(ctx) {
+        ctx.set_variant(variant).expect("variant");
+        let mut rng = SmallRng::seed_from_u64(1);
+        for case in 0..200 {
+            let rows = pick(&mut rng, &ODD_ROWS);
+            let cols = pick(&mut rng, &ODD_COLS);
+            let mut x = activations(&mut rng, rows, cols);
+            if case % 17 == 3 {
+                let i = rng.random_range(0..x.len());
+                x[i] = pick(&mut rng, &[f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
+            }
+            let expected = cpu::act_quant(&x, rows, cols).expect("cpu");
+            let got = gpu_act_quant(ctx, &x, rows, cols).await;
+            assert_activations_eq(
+                &got,
+                &expected,
+                &format!("{variant:?} case {case} ({rows}x{cols})"),
+            );
+        }
+    }
+}
+
+fn weight_options(rng: &mut SmallRng) -> WeightQuantOptions {
+    WeightQuantOptions {
+        granularity: if rng.random_bool(0.5) {
+            ScaleGranularity::PerChannel
+        } else {
+            ScaleGranularity::PerTensor
+        },
+        threshold: pick(rng, &[0.5f32, 0.5, 0.3, 0.75]),
+    }
+}
+
+fn weights(rng: &mut SmallRng, len: usize) -> Vec<f32> {
+    let magnitude = pick(rng, &[1.0f32, 0.02, 1e-20, 1e20, 1e-6]);
+    let zero_share = pick(rng, &[0.0f64, 0.3, 1.0]);
+    (0..len)
+        .map(|_| {
+            if rng.random_bool(zero_share) {
+                0.0
+            } else {
+                rng.random_range(-1.0f32..1.0) * magnitude
+            }
+        })
+        .collect()
+}
+
+async fn assert_pack_eq(
+    ctx: &GpuContext,
+    packed: gpu::GpuTernary,
+    expected: cpu::PackedTernary,
+    what: &str,
+) {
+    let got = packed.read(ctx).await.expect("read back");
+    assert_eq!(got.words, expected.words, "{what}: packed words");
+    let got_bits: Vec<u32> = got.scales.iter().map(|s| s.to_bits()).collect();
+    let want_bits: Vec<u32> = expected.scales.iter().map(|s| s.to_bits()).collect();
+    assert_eq!(
+        got_bits, want_bits,
+        "{what}: scales {:?} vs {:?}",
+        got.scales, expected.scales
+    );
+}
+
+/// ternary_pack.wgsl == cpu::ternary_pack for f32 and f16 weights: words and scales bit for bit.
+pub async fn ternary_pack_matches_cpu(ctx: &mut GpuContext) {
+    for variant in variants(ctx) {
+        ctx.set_variant(variant).expect("variant");
+        let mut rng = SmallRng::seed_from_u64(2);
+        for case in 0..200 {
+            let rows = pick(&mut rng, &ODD_ROWS);
+            let cols = pick(&mut rng, &ODD_COLS);
+            let opts = weight_options(&mut rng);
+            let what = format!("{variant:?} case {case} ({rows}x{cols}, {opts:?})");
+            let w = weights(&mut rng, rows * cols);
+            let mut encoder = ctx.device.create_command_encoder(&Default::default());
+            if case % 4 == 0 {
+                // f16 tops out at 65504; tiny magnitudes become f16 subnormals, which must widen exactly.
+                let halves: Vec<f16> = w
+                    .iter()
+                    .map(|&v| f16::from_f32(v.clamp(-6e4, 6e4)))
+                    .collect();
+                let widened: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
+                let expected = cpu::ternary_pack(&widened, rows, cols, opts).expect("cpu");
+                let packed =
+                    gpu::ternary_pack::record_f16(ctx, &mut encoder, &halves, rows, cols, opts)
+                        .expect("record");
+                ctx.queue.submit([encoder.finish()]);
+                assert_pack_eq(ctx, packed, expected, &format!("f16 {what}")).await;
+            } else {
+                let expected = cpu::ternary_pack(&w, rows, cols, opts).expect("cpu");
+                let packed = gpu::ternary_pack::record(ctx, &mut encoder, &w, rows, cols, opts)
+                    .expect("record");
+                ctx.queue.submit([encoder.finish()]);
+                assert_pack_eq(ctx, packed, expected, &what).await;
+            }
+        }
+    }
+}
+
+/// A matrix large enough for three levels of the GPU sum (over 2^20 elements).
+pub async fn ternary_pack_large_matches_cpu(ctx: &mut GpuContext) {
+    let mut rng = SmallRng::seed_from_u64(3);
+    let (rows, cols) = (1031, 1043);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|_| rng.random_range(-0.05f32..0.05))
+        .collect();
+    for granularity in [ScaleGranularity::PerTensor, ScaleGranularity::PerChannel] {
+        let opts = WeightQuantOptions {
+            granularity,
+            threshold: 0.5,
+        };
+        let expected = cpu::ternary_pack(&w, rows, cols, opts).expect("cpu");
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        let packed =
+            gpu::ternary_pack::record(ctx, &mut encoder, &w, rows, cols, opts).expect("record");
+        ctx.queue.submit([encoder.finish()]);
+        assert_pack_eq(
+            ctx,
+            packed,
+            expected,
+            &format!("{rows}x{cols} {granularity:?}"),
+        )
+        .await;
+    }
+}
+
+async fn gpu_matmul(
+    ctx: &GpuContext,
+    x: &[f32],
+    rows: usize,
+    packed: &cpu::PackedTernary,
+    bias: Option<&[f32]>,
+    path: MatmulPath,
+    output: MatmulOutput,
+) -> Vec<f32> {
+    let input = ctx.upload("x", x).expect("upload");
+    let acts = GpuActivations::new(ctx, rows, packed.cols).expect("activations");
+    let w = gpu::GpuTernary::upload(ctx, packed).expect("weights");
+    let bias = bias.map(|b| ctx.upload("bias", b).expect("bias"));
+    let y = ctx
+        .storage("y", (rows * packed.rows * 4) as u64)
+        .expect("y");
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    gpu::act_quant::record(ctx, &mut encoder, &input, &acts).expect("act_quant");
+    gpu::ternary_matmul::record(
+        ctx,
+        &mut encoder,
+        &acts,
+        &w,
+        bias.as_ref(),
+        &y,
+        path,
+        output,
+    )
+    .expect("matmul");
+    ctx.queue.submit([encoder.finish()]);
+    ctx.read(&y, rows * packed.rows).await.expect("read back")
+}
+
+/// ternary_matmul.wgsl == cpu::ternary_matmul on both paths: accumulators bit for bit, scaled
+/// outputs within EPILOGUE_REL_TOL, NaN rows where the activations held a NaN or infinity.
+pub async fn ternary_matmul_matches_cpu(ctx: &mut GpuContext) {
+    let ms = [1usize, 1, 2, 3, 7, 8, 9, 33, 40];
+    let ks = [1usize, 3, 4, 15, 16, 17, 100, 129, 300];
+    let ns = [1usize, 2, 3, 5, 31, 33, 64, 65];
+    for variant in variants(ctx) {
+        ctx.set_variant(variant).expect("variant");
+        let mut rng = SmallRng::seed_from_u64(4);
+        for case in 0..200 {
+            let (m, k, n) = (
+                pick(&mut rng, &ms),
+                pick(&mut rng, &ks),
+                pick(&mut rng, &ns),
+            );
+            let opts = weight_options(&mut rng);
+            let w = weights(&mut rng, n * k);
+            let packed = cpu::ternary_pack(&w, n, k, opts).expect("pack");
+            let ternary = cpu::TernaryWeights {
+                rows: n,
+                cols: k,
+                codes: bitnet_wgpu::packing::gpu_words::unpack(&packed.words, n, k)
+                    .expect("unpack"),
+                scales: packed.scales.clone(),
+            };
+            let mut x = activations(&mut rng, m, k);
+            if case % 23 == 5 {
+                let i = rng.random_range(0..x.len());
+                x[i] = f32::NAN;
+            }
+            let bias: Option<Vec<f32>> = rng
+                .random_bool(0.5)
+                .then(|| (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect());
+            let qx = cpu::act_quant(&x, m, k).expect("cpu act_quant");
+            let acc = cpu::ternary_matmul_acc(&qx, &ternary).expect("cpu acc");
+            let y = cpu::ternary_matmul(&qx, &ternary, bias.as_deref()).expect("cpu matmul");
+            for path in [MatmulPath::Gemv, MatmulPath::Gemm] {
+                let what =
+                    format!("{variant:?} {path:?} case {case} (m {m}, k {k}, n {n}, {opts:?})");
+                let got = gpu_matmul(
+                    ctx,
+                    &x,
+                    m,
+                    &packed,
+                    bias.as_deref(),
+                    path,
+                    MatmulOutput::Accumulator,
+                )
+                .await;
+                for (i, (g, c)) in got.iter().zip(&acc).enumerate() {
+                    let row_is_nan = qx.scales[i / n].is_nan();
+                    if !row_is_nan {
+                        assert_eq!(*g, *c as f32, "{what}: accumulator {i}");
+                    }
+                }
+                let got = gpu_matmul(
+                    ctx,
+                    &x,
+                    m,
+                    &packed,
+                    bias.as_deref(),
+                    path,
+                    MatmulOutput::Scaled,
+                )
+                .await;
+                for (i, (g, c)) in got.iter().zip(&y).enumerate() {
+                    if c.is_nan() {
+                        assert!(g.is_nan(), "{what}: output {i} should be NaN, got {g}");
+                        continue;
+                    }
+                    if c.is_infinite() {
+                        assert_eq!(g, c, "{what}: output {i}");
+                        continue;
+                    }
+                    let b = bias.as_ref().map_or(0.0, |b| b[i % n].abs());
+                    let tol = EPILOGUE_REL_TOL * (c.abs() + b) + f32::MIN_POSITIVE;
+                    assert!(
+                        (g - c).abs() <= tol,
+                        "{what}: output {i}: gpu {g:e} cpu {c:e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Weights quantized and packed on the GPU feed the GPU matmul and agree with the CPU pipeline.
+pub async fn gpu_pipeline_matches_cpu(ctx: &mut GpuContext) {
+    let mut rng = SmallRng::seed_from_u64(5);
+    for case in 0..20 {
+        let (m, k, n) = (
+            pick(&mut rng, &[1usize, 5, 12]),
+            pick(&mut rng, &[33usize, 160, 257]),
+            pick(&mut rng, &[7usize, 48]),
+        );
+        let opts = weight_options(&mut rng);
+        let w = weights(&mut rng, n * k);
+        let x = activations(&mut rng, m, k);
+        let expected = {
+            let t = cpu::weight_quant(&w, n, k, opts).expect("cpu quant");
+            cpu::ternary_matmul(&cpu::act_quant(&x, m, k).expect("cpu"), &t, None)
+                .expect("cpu matmul")
+        };
+        let input = ctx.upload("x", &x).expect("upload");
+        let acts = GpuActivations::new(ctx, m, k).expect("activations");
+        let y = ctx.storage("y", (m * n * 4) as u64).expect("y");
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        let packed = gpu::ternary_pack::record(ctx, &mut encoder, &w, n, k, opts).expect("pack");
+        gpu::act_quant::record(ctx, &mut encoder, &input, &acts).expect("act_quant");
+        gpu::ternary_matmul::record(
+            ctx,
+            &mut encoder,
+            &acts,
+            &packed,
+            None,
+            &y,
+            MatmulPath::Auto,
+            MatmulOutput::Scaled,
+        )
+        .expect("matmul");
+        ctx.queue.submit([encoder.finish()]);
+        let got: Vec<f32> = ctx.read(&y, m * n).await.expect("read back");
+        for (i, (g, c)) in got.iter().zip(&expected).enumerate() {
+            let tol = EPILOGUE_REL_TOL * c.abs() + f32::MIN_POSITIVE;
+            assert!(
+                (g - c).abs() <= tol || (g.is_nan() && c.is_nan()),
+                "case {case} output {i}: gpu {g:e} cpu {c:e}"
+            );
+        }
+    }
+}
+
+/// Shape errors are errors, not panics or hangs.
+pub async fn bad_shapes_are_errors(ctx: &mut GpuContext) {
+    let acts = GpuActivations::new(ctx, 2, 17).expect("activations");
+    let small = ctx.upload("x", &[0.0f32; 3]).expect("upload");
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    assert!(gpu::act_quant::record(ctx, &mut encoder, &small, &acts).is_err());
+    let packed =
+        cpu::ternary_pack(&[0.5; 16 * 3], 3, 16, WeightQuantOptions::default()).expect("pack");
+    let w = gpu::GpuTernary::upload(ctx, &packed).expect("upload");
+    let y = ctx.storage("y", 64).expect("y");
+    let r = gpu::ternary_matmul::record(
+        ctx,
+        &mut encoder,
+        &acts,
+        &w,
+        None,
+        &y,
+        MatmulPath::Auto,
+        MatmulOutput::Scaled,
+    );
+    assert!(r.is_err(), "17 columns against 16 must be an error");
+    assert!(GpuActivations::new(ctx, 1, 0).is_err());
+    assert!(
+        gpu::ternary_pack::record(
+            ctx,
+            &mut encoder,
+            &[f32::NAN; 4],
+            2,
+            2,
+            WeightQuantOptions::default()
+        )
+        .is_err()
+    );
+    assert!(
+        gpu::ternary_pack::record(
+            ctx,
+            &mut encoder,
+            &[1.0; 4],
+            2,
+            3,
+            WeightQuantOptions::default()
+        )
+        .is_err()
+    );
+    let limit = ctx.capabilities().max_storage_binding;
+    assert!(matches!(
+        ctx.storage("too big", limit + 4),
+        Err(bitnet_wgpu::Error::Limit { .. })
+    ));
+    ctx.check().expect("no device error was raised");
+}
