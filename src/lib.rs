@@ -16,3 +16,8 @@ pub mod packing;
 
 pub use bitlinear::{BitLinear, MemoryFootprint, StorageFormat};
 pub use error::{Error, Result};
+
+/// README.md's example runs as a doc test, so the README cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,4 +1,7 @@
 //! `bitnet`: the command-line program (native only; the browser uses the library directly).
+// The browser has no command line: on wasm32 this binary is empty.
+#![cfg_attr(target_arch = "wasm32", no_main)]
+#![cfg(not(target_arch = "wasm32"))]
 
 use std::process::ExitCode;
 

@@ -1,5 +1,6 @@
 //! `GpuBitLinear` against `BitLinear::forward_cpu`. Needs a GPU adapter (lavapipe will do) and
 //! fails loudly without one: a skipped GPU test proves nothing.
+#![cfg(not(target_arch = "wasm32"))]
 
 use bitnet_wgpu::cpu::{ScaleGranularity, WeightQuantOptions};
 use bitnet_wgpu::gpu::{GpuActivations, GpuContext};

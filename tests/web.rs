@@ -28,6 +28,11 @@ async fn ternary_pack_matches_cpu() {
 }
 
 #[wasm_bindgen_test]
+async fn ternary_pack_large_matches_cpu() {
+    common::ternary_pack_large_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
 async fn ternary_matmul_matches_cpu() {
     common::ternary_matmul_matches_cpu(&mut context().await).await;
 }

@@ -105,17 +105,14 @@ impl BitLinear {
     /// The layer as the bytes of a safetensors file (see the module docs for the tensors).
     pub fn to_safetensors_bytes(&self, format: StorageFormat) -> Result<Vec<u8>> {
         let (out, inp) = (self.out_features(), self.in_features());
+        let codes = self.ternary().codes;
         let layout = match format {
             StorageFormat::TwoBit if out % 4 == 0 => Layout::Hf,
             StorageFormat::TwoBit => Layout::Words,
             StorageFormat::Base3 => Layout::Base3,
         };
         let (weight_bytes, weight_dtype, weight_shape) = match layout {
-            Layout::Hf => (
-                hf::pack(&self.ternary().codes, out, inp)?,
-                Dtype::U8,
-                vec![out / 4, inp],
-            ),
+            Layout::Hf => (hf::pack(&codes, out, inp)?, Dtype::U8, vec![out / 4, inp]),
             Layout::Words => (
                 self.packed
                     .words
@@ -126,7 +123,7 @@ impl BitLinear {
                 vec![out, gpu_words::words_per_row(inp)],
             ),
             Layout::Base3 => {
-                let bytes = base3::pack(&self.ternary().codes)?;
+                let bytes = base3::pack(&codes)?;
                 let len = bytes.len();
                 (bytes, Dtype::U8, vec![len])
             }
@@ -154,7 +151,6 @@ impl BitLinear {
         let footprint = self.memory_footprint();
         let stored =
             weight_bytes.len() + scale_bytes.len() + bias_bytes.as_ref().map_or(0, Vec::len);
-        let codes = self.ternary().codes;
         let zeros = codes.iter().filter(|&&c| c == 0).count();
         let metadata: HashMap<String, String> = [
             ("format", "pt".to_string()),

@@ -1,7 +1,7 @@
 //! A [`BitLinear`] resident on the GPU.
 
 use super::{BitLinear, check_input};
-use crate::gpu::{self, GpuActivations, GpuContext, GpuTernary, MatmulOutput, MatmulPath};
+use crate::gpu::{self, GpuActivations, GpuContext, GpuTernary, MatmulOptions};
 use crate::{Error, Result};
 
 /// A [`BitLinear`] whose packed weights, scales and bias live on one GPU (uploaded once by
@@ -87,8 +87,7 @@ impl GpuBitLinear {
             &self.weights,
             self.bias.as_ref(),
             y,
-            MatmulPath::Auto,
-            MatmulOutput::Scaled,
+            MatmulOptions::default(),
         )
     }
 }

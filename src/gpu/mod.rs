@@ -24,7 +24,7 @@ pub mod ternary_pack;
 pub use act_quant::GpuActivations;
 pub use context::{AdapterSummary, Capabilities, GpuContext};
 pub use shaders::{Kernel, ShaderVariant};
-pub use ternary_matmul::{MatmulOutput, MatmulPath};
+pub use ternary_matmul::{MatmulOptions, MatmulOutput, MatmulPath};
 pub use ternary_pack::GpuTernary;
 
 /// Workgroups needed for `items` invocations of `per_group` each.

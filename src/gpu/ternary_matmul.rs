@@ -27,6 +27,13 @@ pub enum MatmulOutput {
     Accumulator,
 }
 
+/// How [`record`] computes and what it writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MatmulOptions {
+    pub path: MatmulPath,
+    pub output: MatmulOutput,
+}
+
 /// Largest inner dimension for which every accumulator fits f32 exactly (128 * K < 2^24).
 pub const MAX_EXACT_ACC_COLS: usize = 1 << 17;
 
@@ -49,9 +56,9 @@ pub fn record(
     w: &GpuTernary,
     bias: Option<&wgpu::Buffer>,
     y: &wgpu::Buffer,
-    path: MatmulPath,
-    output: MatmulOutput,
+    options: MatmulOptions,
 ) -> Result<()> {
+    let MatmulOptions { path, output } = options;
     if x.cols != w.cols {
         return Err(Error::shape(
             "ternary_matmul inner dimension",

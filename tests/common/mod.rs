@@ -4,13 +4,27 @@
 //! packed words, accumulators, code sums) and scales must match bit for bit.
 
 use bitnet_wgpu::cpu::{self, QuantizedActivations, ScaleGranularity, WeightQuantOptions};
-use bitnet_wgpu::gpu::{self, GpuActivations, GpuContext, MatmulOutput, MatmulPath};
+use bitnet_wgpu::gpu::{self, GpuActivations, GpuContext, MatmulOptions, MatmulOutput, MatmulPath};
 use half::f16;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 /// Relative tolerance for float epilogues: WGSL lets a division be off by 2.5 ulp (~3e-7).
 pub const EPILOGUE_REL_TOL: f32 = 1e-5;
+
+/// A float epilogue within EPILOGUE_REL_TOL of `scale`; NaN and infinities must match exactly
+/// (a scale product that underflows to zero gives infinities on both sides).
+fn assert_close(gpu: f32, cpu: f32, scale: f32, what: &str) {
+    if cpu.is_nan() || cpu.is_infinite() {
+        assert!(
+            gpu.to_bits() == cpu.to_bits() || (gpu.is_nan() && cpu.is_nan()),
+            "{what}: gpu {gpu:e} cpu {cpu:e}"
+        );
+        return;
+    }
+    let tol = EPILOGUE_REL_TOL * scale + f32::MIN_POSITIVE;
+    assert!((gpu - cpu).abs() <= tol, "{what}: gpu {gpu:e} cpu {cpu:e}");
+}
 
 const ODD_COLS: [usize; 12] = [1, 3, 4, 5, 15, 16, 17, 100, 127, 128, 129, 1000];
 const ODD_ROWS: [usize; 8] = [1, 2, 3, 5, 8, 9, 17, 33];
@@ -223,8 +237,7 @@ async fn gpu_matmul(
     rows: usize,
     packed: &cpu::PackedTernary,
     bias: Option<&[f32]>,
-    path: MatmulPath,
-    output: MatmulOutput,
+    options: MatmulOptions,
 ) -> Vec<f32> {
     let input = ctx.upload("x", x).expect("upload");
     let acts = GpuActivations::new(ctx, rows, packed.cols).expect("activations");
@@ -235,17 +248,8 @@ async fn gpu_matmul(
         .expect("y");
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
     gpu::act_quant::record(ctx, &mut encoder, &input, &acts).expect("act_quant");
-    gpu::ternary_matmul::record(
-        ctx,
-        &mut encoder,
-        &acts,
-        &w,
-        bias.as_ref(),
-        &y,
-        path,
-        output,
-    )
-    .expect("matmul");
+    gpu::ternary_matmul::record(ctx, &mut encoder, &acts, &w, bias.as_ref(), &y, options)
+        .expect("matmul");
     ctx.queue.submit([encoder.finish()]);
     ctx.read(&y, rows * packed.rows).await.expect("read back")
 }
@@ -295,8 +299,10 @@ pub async fn ternary_matmul_matches_cpu(ctx: &mut GpuContext) {
                     m,
                     &packed,
                     bias.as_deref(),
-                    path,
-                    MatmulOutput::Accumulator,
+                    MatmulOptions {
+                        path,
+                        output: MatmulOutput::Accumulator,
+                    },
                 )
                 .await;
                 for (i, (g, c)) in got.iter().zip(&acc).enumerate() {
@@ -311,25 +317,15 @@ pub async fn ternary_matmul_matches_cpu(ctx: &mut GpuContext) {
                     m,
                     &packed,
                     bias.as_deref(),
-                    path,
-                    MatmulOutput::Scaled,
+                    MatmulOptions {
+                        path,
+                        output: MatmulOutput::Scaled,
+                    },
                 )
                 .await;
                 for (i, (g, c)) in got.iter().zip(&y).enumerate() {
-                    if c.is_nan() {
-                        assert!(g.is_nan(), "{what}: output {i} should be NaN, got {g}");
-                        continue;
-                    }
-                    if c.is_infinite() {
-                        assert_eq!(g, c, "{what}: output {i}");
-                        continue;
-                    }
                     let b = bias.as_ref().map_or(0.0, |b| b[i % n].abs());
-                    let tol = EPILOGUE_REL_TOL * (c.abs() + b) + f32::MIN_POSITIVE;
-                    assert!(
-                        (g - c).abs() <= tol,
-                        "{what}: output {i}: gpu {g:e} cpu {c:e}"
-                    );
+                    assert_close(*g, *c, c.abs() + b, &format!("{what}: output {i}"));
                 }
             }
         }
@@ -366,18 +362,13 @@ pub async fn gpu_pipeline_matches_cpu(ctx: &mut GpuContext) {
             &packed,
             None,
             &y,
-            MatmulPath::Auto,
-            MatmulOutput::Scaled,
+            MatmulOptions::default(),
         )
         .expect("matmul");
         ctx.queue.submit([encoder.finish()]);
         let got: Vec<f32> = ctx.read(&y, m * n).await.expect("read back");
         for (i, (g, c)) in got.iter().zip(&expected).enumerate() {
-            let tol = EPILOGUE_REL_TOL * c.abs() + f32::MIN_POSITIVE;
-            assert!(
-                (g - c).abs() <= tol || (g.is_nan() && c.is_nan()),
-                "case {case} output {i}: gpu {g:e} cpu {c:e}"
-            );
+            assert_close(*g, *c, c.abs(), &format!("case {case} output {i}"));
         }
     }
 }
@@ -399,8 +390,7 @@ pub async fn bad_shapes_are_errors(ctx: &mut GpuContext) {
         &w,
         None,
         &y,
-        MatmulPath::Auto,
-        MatmulOutput::Scaled,
+        MatmulOptions::default(),
     );
     assert!(r.is_err(), "17 columns against 16 must be an error");
     assert!(GpuActivations::new(ctx, 1, 0).is_err());

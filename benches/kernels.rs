@@ -1,0 +1,177 @@
+//! Kernel timings on the adapter `GpuContext::new()` picks, for the linear shapes of BitNet b1.58
+//! 2B4T. Prints a Markdown table for BENCHMARKS.md. `cargo bench --bench kernels`.
+//!
+//! Each figure records ITERS dispatches into one command buffer, submits once and waits, so the
+//! per-call time includes the dispatch cost a real forward step pays, not a submit per call.
+#![cfg_attr(target_arch = "wasm32", no_main)]
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::time::Instant;
+
+use bitnet_wgpu::cpu::{self, WeightQuantOptions};
+use bitnet_wgpu::gpu::{self, GpuActivations, GpuContext, MatmulOptions};
+
+const ITERS: usize = 200;
+
+struct Shape {
+    name: &'static str,
+    m: usize,
+    k: usize,
+    n: usize,
+}
+
+const SHAPES: [Shape; 6] = [
+    Shape {
+        name: "q/o proj",
+        m: 1,
+        k: 2560,
+        n: 2560,
+    },
+    Shape {
+        name: "k/v proj",
+        m: 1,
+        k: 2560,
+        n: 640,
+    },
+    Shape {
+        name: "gate/up proj",
+        m: 1,
+        k: 2560,
+        n: 6912,
+    },
+    Shape {
+        name: "down proj",
+        m: 1,
+        k: 6912,
+        n: 2560,
+    },
+    Shape {
+        name: "gate/up proj, 512-token prompt",
+        m: 512,
+        k: 2560,
+        n: 6912,
+    },
+    Shape {
+        name: "down proj, 512-token prompt",
+        m: 512,
+        k: 6912,
+        n: 2560,
+    },
+];
+
+/// A deterministic stream of values in [-1, 1) (SplitMix64): benchmarks need no statistics.
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect()
+}
+
+fn wait(ctx: &GpuContext) {
+    ctx.device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .expect("device poll");
+}
+
+/// Seconds per iteration of `record`, recorded ITERS times into one submission.
+fn time(ctx: &GpuContext, mut record: impl FnMut(&mut wgpu::CommandEncoder)) -> f64 {
+    let mut run = |iters: usize| {
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        for _ in 0..iters {
+            record(&mut encoder);
+        }
+        let start = Instant::now();
+        ctx.queue.submit([encoder.finish()]);
+        wait(ctx);
+        start.elapsed().as_secs_f64()
+    };
+    run(3);
+    let total = run(ITERS);
+    ctx.check().expect("no device error");
+    total / ITERS as f64
+}
+
+fn main() {
+    let ctx = pollster::block_on(GpuContext::new()).expect("a GPU adapter");
+    let info = ctx.adapter_info();
+    println!(
+        "adapter: {} ({:?}, {:?}), variant {:?}",
+        info.name,
+        info.backend,
+        info.device_type,
+        ctx.variant()
+    );
+    println!();
+    println!(
+        "| shape (M x K -> N) | act_quant + matmul | matmul only | weight bytes/s | int8 ops/s |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    for shape in &SHAPES {
+        let w = values(shape.n * shape.k, 1);
+        let x = values(shape.m * shape.k, 2);
+        let packed =
+            cpu::ternary_pack(&w, shape.n, shape.k, WeightQuantOptions::default()).expect("pack");
+        let weights = gpu::GpuTernary::upload(&ctx, &packed).expect("upload weights");
+        let input = ctx.upload("x", &x).expect("upload x");
+        let acts = GpuActivations::new(&ctx, shape.m, shape.k).expect("activations");
+        let y = ctx.storage("y", (shape.m * shape.n * 4) as u64).expect("y");
+        let matmul = |encoder: &mut wgpu::CommandEncoder| {
+            gpu::ternary_matmul::record(
+                &ctx,
+                encoder,
+                &acts,
+                &weights,
+                None,
+                &y,
+                MatmulOptions::default(),
+            )
+            .expect("matmul");
+        };
+        let both = time(&ctx, |encoder| {
+            gpu::act_quant::record(&ctx, encoder, &input, &acts).expect("act_quant");
+            matmul(encoder);
+        });
+        let only = time(&ctx, matmul);
+        let bytes = (packed.words.len() * 4) as f64;
+        let ops = 2.0 * (shape.m * shape.k * shape.n) as f64;
+        println!(
+            "| {} ({} x {} -> {}) | {:.1} us | {:.1} us | {:.0} GB/s | {:.2} TOPS |",
+            shape.name,
+            shape.m,
+            shape.k,
+            shape.n,
+            both * 1e6,
+            only * 1e6,
+            bytes / only / 1e9,
+            ops / only / 1e12
+        );
+    }
+    let (rows, cols) = (6912, 2560);
+    let w = values(rows * cols, 3);
+    let start = Instant::now();
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    let packed = gpu::ternary_pack::record(
+        &ctx,
+        &mut encoder,
+        &w,
+        rows,
+        cols,
+        WeightQuantOptions::default(),
+    )
+    .expect("pack");
+    ctx.queue.submit([encoder.finish()]);
+    wait(&ctx);
+    let elapsed = start.elapsed().as_secs_f64();
+    drop(packed);
+    println!();
+    println!(
+        "ternary_pack of {rows} x {cols} f32 weights on the GPU, upload included: {:.1} ms",
+        elapsed * 1e3
+    );
+}
