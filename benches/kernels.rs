@@ -20,7 +20,13 @@ struct Shape {
     n: usize,
 }
 
-const SHAPES: [Shape; 6] = [
+const SHAPES: [Shape; 7] = [
+    Shape {
+        name: "smallest (the cost of a dependent dispatch)",
+        m: 1,
+        k: 16,
+        n: 4,
+    },
     Shape {
         name: "q/o proj",
         m: 1,
@@ -79,22 +85,46 @@ fn wait(ctx: &GpuContext) {
         .expect("device poll");
 }
 
-/// Seconds per iteration of `record`, recorded ITERS times into one submission.
-fn time(ctx: &GpuContext, mut record: impl FnMut(&mut wgpu::CommandEncoder)) -> f64 {
+/// How a benchmark lays out its ITERS calls.
+#[derive(Clone, Copy, PartialEq)]
+enum Passes {
+    /// All calls in one compute pass, as a recorded forward step does.
+    One,
+    /// A compute pass per call.
+    PerCall,
+}
+
+/// Per-call seconds of `record` recorded ITERS times into one command buffer: on the CPU
+/// (recording and `finish`, where wgpu encodes the commands), and on the GPU (submit to idle).
+fn time(
+    ctx: &GpuContext,
+    passes: Passes,
+    mut record: impl FnMut(&mut wgpu::ComputePass<'_>),
+) -> (f64, f64) {
     let mut run = |iters: usize| {
-        let mut encoder = ctx.device.create_command_encoder(&Default::default());
-        for _ in 0..iters {
-            record(&mut encoder);
-        }
         let start = Instant::now();
-        ctx.queue.submit([encoder.finish()]);
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        if passes == Passes::One {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            for _ in 0..iters {
+                record(&mut pass);
+            }
+        } else {
+            for _ in 0..iters {
+                record(&mut encoder.begin_compute_pass(&Default::default()));
+            }
+        }
+        let commands = encoder.finish();
+        let recorded = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        ctx.queue.submit([commands]);
         wait(ctx);
-        start.elapsed().as_secs_f64()
+        (recorded, start.elapsed().as_secs_f64())
     };
     run(3);
-    let total = run(ITERS);
+    let (cpu, gpu) = run(ITERS);
     ctx.check().expect("no device error");
-    total / ITERS as f64
+    (cpu / ITERS as f64, gpu / ITERS as f64)
 }
 
 fn main() {
@@ -109,9 +139,9 @@ fn main() {
     );
     println!();
     println!(
-        "| shape (M x K -> N) | act_quant + matmul | matmul only | weight bytes/s | int8 ops/s |"
+        "| shape (M x K -> N) | act_quant + matmul | matmul | matmul, a pass per call | weight bytes/s | int8 ops/s | CPU recording per act_quant + matmul |"
     );
-    println!("| --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for shape in &SHAPES {
         let w = values(shape.n * shape.k, 1);
         let x = values(shape.m * shape.k, 2);
@@ -121,10 +151,10 @@ fn main() {
         let input = ctx.upload("x", &x).expect("upload x");
         let acts = GpuActivations::new(&ctx, shape.m, shape.k).expect("activations");
         let y = ctx.storage("y", (shape.m * shape.n * 4) as u64).expect("y");
-        let matmul = |encoder: &mut wgpu::CommandEncoder| {
+        let matmul = |pass: &mut wgpu::ComputePass<'_>| {
             gpu::ternary_matmul::record(
                 &ctx,
-                encoder,
+                pass,
                 &acts,
                 &weights,
                 None,
@@ -133,38 +163,43 @@ fn main() {
             )
             .expect("matmul");
         };
-        let both = time(&ctx, |encoder| {
-            gpu::act_quant::record(&ctx, encoder, &input, &acts).expect("act_quant");
-            matmul(encoder);
+        let (record_cpu, both) = time(&ctx, Passes::One, |pass| {
+            gpu::act_quant::record(&ctx, pass, &input, &acts).expect("act_quant");
+            matmul(pass);
         });
-        let only = time(&ctx, matmul);
+        let (_, only) = time(&ctx, Passes::One, matmul);
+        let (_, per_pass) = time(&ctx, Passes::PerCall, matmul);
         let bytes = (packed.words.len() * 4) as f64;
         let ops = 2.0 * (shape.m * shape.k * shape.n) as f64;
         println!(
-            "| {} ({} x {} -> {}) | {:.1} us | {:.1} us | {:.0} GB/s | {:.2} TOPS |",
+            "| {} ({} x {} -> {}) | {:.1} us | {:.1} us | {:.1} us | {:.0} GB/s | {:.2} TOPS | {:.1} us |",
             shape.name,
             shape.m,
             shape.k,
             shape.n,
             both * 1e6,
             only * 1e6,
+            per_pass * 1e6,
             bytes / only / 1e9,
-            ops / only / 1e12
+            ops / only / 1e12,
+            record_cpu * 1e6
         );
     }
     let (rows, cols) = (6912, 2560);
     let w = values(rows * cols, 3);
     let start = Instant::now();
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    let mut pass = encoder.begin_compute_pass(&Default::default());
     let packed = gpu::ternary_pack::record(
         &ctx,
-        &mut encoder,
+        &mut pass,
         &w,
         rows,
         cols,
         WeightQuantOptions::default(),
     )
     .expect("pack");
+    drop(pass);
     ctx.queue.submit([encoder.finish()]);
     wait(&ctx);
     let elapsed = start.elapsed().as_secs_f64();

@@ -11,7 +11,9 @@
 pub mod bitlinear;
 pub mod cpu;
 mod error;
+pub mod formats;
 pub mod gpu;
+pub mod model;
 pub mod packing;
 
 pub use bitlinear::{BitLinear, MemoryFootprint, StorageFormat};

@@ -112,9 +112,11 @@ fn non_finite_input_is_an_error_and_a_nan_row_when_recorded() {
     let acts = GpuActivations::new(&ctx, 2, 17).unwrap();
     let y = ctx.storage("y", 2 * 5 * 4).unwrap();
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    let mut pass = encoder.begin_compute_pass(&Default::default());
     gpu_layer
-        .record(&ctx, &mut encoder, &input, &acts, &y)
+        .record(&ctx, &mut pass, &input, &acts, &y)
         .unwrap();
+    drop(pass);
     ctx.queue.submit([encoder.finish()]);
     let out: Vec<f32> = pollster::block_on(ctx.read(&y, 10)).unwrap();
     assert!(out[5..].iter().all(|v| v.is_nan()), "{out:?}");
@@ -138,8 +140,9 @@ fn shape_mismatches_are_errors() {
     let x = ctx.upload("x", &[0.0f32; 16]).unwrap();
     let y = ctx.storage("y", 20).unwrap();
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    let mut pass = encoder.begin_compute_pass(&Default::default());
     let err = gpu_layer
-        .record(&ctx, &mut encoder, &x, &acts, &y)
+        .record(&ctx, &mut pass, &x, &acts, &y)
         .unwrap_err();
     assert!(matches!(err, Error::Shape { .. }), "{err}");
 }

@@ -52,7 +52,9 @@ impl GpuBitLinear {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("bitlinear forward"),
             });
-        self.record(ctx, &mut encoder, &input, &acts, &y)?;
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        self.record(ctx, &mut pass, &input, &acts, &y)?;
+        drop(pass);
         ctx.queue.submit([encoder.finish()]);
         ctx.read(&y, out_len).await
     }
@@ -67,7 +69,7 @@ impl GpuBitLinear {
     pub fn record(
         &self,
         ctx: &GpuContext,
-        encoder: &mut wgpu::CommandEncoder,
+        pass: &mut wgpu::ComputePass<'_>,
         x: &wgpu::Buffer,
         acts: &GpuActivations,
         y: &wgpu::Buffer,
@@ -79,10 +81,10 @@ impl GpuBitLinear {
                 acts.cols,
             ));
         }
-        gpu::act_quant::record(ctx, encoder, x, acts)?;
+        gpu::act_quant::record(ctx, pass, x, acts)?;
         gpu::ternary_matmul::record(
             ctx,
-            encoder,
+            pass,
             acts,
             &self.weights,
             self.bias.as_ref(),

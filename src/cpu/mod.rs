@@ -2,12 +2,20 @@
 //! specification; each function here has a shader twin of the same name in `shaders/`.
 
 mod act_quant;
+mod attention;
+mod relu2_gate;
+mod rmsnorm;
+mod rope;
 mod ternary_matmul;
 mod ternary_pack;
 mod tree_sum;
 mod weight_quant;
 
 pub use act_quant::{QuantizedActivations, act_quant, quant_scale};
+pub use attention::{AttentionShape, attention};
+pub use relu2_gate::relu2_gate;
+pub use rmsnorm::rmsnorm;
+pub use rope::{rope, rope_inv_freq};
 pub use ternary_matmul::{ternary_matmul, ternary_matmul_acc};
 pub use ternary_pack::{PackedTernary, ternary_pack};
 pub use tree_sum::tree_sum;

@@ -69,7 +69,7 @@ impl GpuActivations {
 /// Records the quantization of `x` (f32, `out.rows x out.cols`, row-major) into `out`.
 pub fn record(
     ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
+    pass: &mut wgpu::ComputePass<'_>,
     x: &wgpu::Buffer,
     out: &GpuActivations,
 ) -> Result<()> {
@@ -91,7 +91,7 @@ pub fn record(
     );
     let pipeline = ctx.pipeline(Kernel::ActQuant, "act_quant", &[])?;
     ctx.dispatch(
-        encoder,
+        pass,
         &pipeline,
         &[
             params.as_entire_binding(),

@@ -59,7 +59,7 @@ pub struct AdapterSummary {
 
 /// An opened GPU: device, queue, capabilities and the pipeline cache.
 ///
-/// Kernels record into a caller's [`wgpu::CommandEncoder`]; the caller submits. Results come back
+/// Kernels record into a caller's [`wgpu::ComputePass`]; the caller submits. Results come back
 /// with [`GpuContext::read`], which never blocks on the web.
 pub struct GpuContext {
     pub device: wgpu::Device,
@@ -344,12 +344,13 @@ impl GpuContext {
         Ok(out)
     }
 
-    /// Records a compute pass dispatching `pipeline` over `groups` workgroups, spread over two
-    /// dimensions when one would exceed the adapter's limit. Shaders recover the flat workgroup
+    /// Records a dispatch of `pipeline` over `groups` workgroups into `pass`, spread over two
+    /// dimensions when one would exceed the adapter's limit. wgpu orders dispatches of one pass
+    /// that share a buffer, so a chain of kernels can live in a single pass. Shaders recover the flat workgroup
     /// index as `id.x + id.y * num.x` and ignore indices past their work.
     pub(crate) fn dispatch(
         &self,
-        encoder: &mut wgpu::CommandEncoder,
+        pass: &mut wgpu::ComputePass<'_>,
         pipeline: &wgpu::ComputePipeline,
         entries: &[wgpu::BindingResource<'_>],
         groups: u32,
@@ -374,7 +375,6 @@ impl GpuContext {
         } else {
             (max, groups.div_ceil(max))
         };
-        let mut pass = encoder.begin_compute_pass(&Default::default());
         pass.set_pipeline(pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(x, y, 1);

@@ -1,5 +1,6 @@
 //! The host layer: an opened adapter ([`GpuContext`]), GPU-resident tensors, and one module per
-//! shader file that knows its bindings and dispatch sizes and records into a command encoder.
+//! shader file that knows its bindings and dispatch sizes and records into a compute pass:
+//! a whole chain of kernels goes into one pass and one submission.
 //!
 //! ```
 //! use bitnet_wgpu::{cpu, gpu};
@@ -9,7 +10,9 @@
 //! let input = ctx.upload("x", &x).unwrap();
 //! let acts = gpu::GpuActivations::new(&ctx, 2, 3).unwrap();
 //! let mut encoder = ctx.device.create_command_encoder(&Default::default());
-//! gpu::act_quant::record(&ctx, &mut encoder, &input, &acts).unwrap();
+//! let mut pass = encoder.begin_compute_pass(&Default::default());
+//! gpu::act_quant::record(&ctx, &mut pass, &input, &acts).unwrap();
+//! drop(pass);
 //! ctx.queue.submit([encoder.finish()]);
 //! assert_eq!(acts.read(&ctx).await.unwrap(), cpu::act_quant(&x, 2, 3).unwrap());
 //! # });

@@ -14,6 +14,9 @@ pub enum MatmulPath {
     Gemm,
 }
 
+/// Tokens and output rows of one GEMM workgroup (TM and TN in the shader).
+const GEMM_TILE: usize = 32;
+
 /// From this many tokens on, `Auto` picks the tiled GEMM.
 pub const GEMM_MIN_ROWS: usize = 8;
 
@@ -51,7 +54,7 @@ struct Params {
 /// Records `y = x · wᵀ` (`[x.rows, w.rows]`, f32, row-major) into `y`.
 pub fn record(
     ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
+    pass: &mut wgpu::ComputePass<'_>,
     x: &GpuActivations,
     w: &GpuTernary,
     bias: Option<&wgpu::Buffer>,
@@ -105,7 +108,10 @@ pub fn record(
         MatmulPath::Gemm => true,
     };
     let (entry, groups) = if gemm {
-        ("gemm", x.rows.div_ceil(32) * w.rows.div_ceil(32))
+        (
+            "gemm",
+            x.rows.div_ceil(GEMM_TILE) * w.rows.div_ceil(GEMM_TILE),
+        )
     } else {
         ("gemv", x.rows * w.rows.div_ceil(4))
     };
@@ -114,7 +120,7 @@ pub fn record(
     // The shader reads bias only when has_bias is set; any buffer fills the binding otherwise.
     let bias = bias.unwrap_or(&w.scales);
     ctx.dispatch(
-        encoder,
+        pass,
         &pipeline,
         &[
             params.as_entire_binding(),

@@ -133,7 +133,7 @@ fn first_non_finite(values: impl Iterator<Item = f32>, cols: usize) -> Result<()
 /// Uploads f32 weights `[rows, cols]` and records their quantization and packing.
 pub fn record(
     ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
+    pass: &mut wgpu::ComputePass<'_>,
     weights: &[f32],
     rows: usize,
     cols: usize,
@@ -142,13 +142,13 @@ pub fn record(
     check_input(rows, cols, weights.len(), &opts)?;
     first_non_finite(weights.iter().copied(), cols)?;
     let input = ctx.upload("weights f32", weights)?;
-    record_from_buffer(ctx, encoder, &input, rows, cols, opts)
+    record_from_buffer(ctx, pass, &input, rows, cols, opts)
 }
 
 /// Uploads f16 weights `[rows, cols]`, widens them on the GPU and records their quantization.
 pub fn record_f16(
     ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
+    pass: &mut wgpu::ComputePass<'_>,
     weights: &[f16],
     rows: usize,
     cols: usize,
@@ -172,7 +172,7 @@ pub fn record_f16(
     );
     let pipeline = ctx.pipeline(Kernel::TernaryPack, "widen_f16", &[])?;
     ctx.dispatch(
-        encoder,
+        pass,
         &pipeline,
         &[
             params.as_entire_binding(),
@@ -181,13 +181,13 @@ pub fn record_f16(
         ],
         groups_for(count.div_ceil(2), WG)?,
     );
-    record_from_buffer(ctx, encoder, &widened, rows, cols, opts)
+    record_from_buffer(ctx, pass, &widened, rows, cols, opts)
 }
 
 /// Records quantization and packing of finite f32 weights already on the GPU.
 pub fn record_from_buffer(
     ctx: &GpuContext,
-    encoder: &mut wgpu::CommandEncoder,
+    pass: &mut wgpu::ComputePass<'_>,
     weights: &wgpu::Buffer,
     rows: usize,
     cols: usize,
@@ -227,7 +227,7 @@ pub fn record_from_buffer(
         );
         let input = src.as_ref().unwrap_or(weights);
         ctx.dispatch(
-            encoder,
+            pass,
             &reduce,
             &[
                 params.as_entire_binding(),
@@ -256,7 +256,7 @@ pub fn record_from_buffer(
     );
     let pipeline = ctx.pipeline(Kernel::TernaryPack, "finish_scales", &[])?;
     ctx.dispatch(
-        encoder,
+        pass,
         &pipeline,
         &[
             params.as_entire_binding(),
@@ -281,7 +281,7 @@ pub fn record_from_buffer(
     );
     let pipeline = ctx.pipeline(Kernel::TernaryPack, "pack_words", &[])?;
     ctx.dispatch(
-        encoder,
+        pass,
         &pipeline,
         &[
             params.as_entire_binding(),

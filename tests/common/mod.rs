@@ -97,7 +97,9 @@ async fn gpu_act_quant(
     let input = ctx.upload("x", x).expect("upload");
     let acts = GpuActivations::new(ctx, rows, cols).expect("activations");
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
-    gpu::act_quant::record(ctx, &mut encoder, &input, &acts).expect("record");
+    let mut pass = encoder.begin_compute_pass(&Default::default());
+    gpu::act_quant::record(ctx, &mut pass, &input, &acts).expect("record");
+    drop(pass);
     ctx.queue.submit([encoder.finish()]);
     acts.read(ctx).await.expect("read back")
 }
@@ -180,6 +182,7 @@ pub async fn ternary_pack_matches_cpu(ctx: &mut GpuContext) {
             let what = format!("{variant:?} case {case} ({rows}x{cols}, {opts:?})");
             let w = weights(&mut rng, rows * cols);
             let mut encoder = ctx.device.create_command_encoder(&Default::default());
+            let mut pass = encoder.begin_compute_pass(&Default::default());
             if case % 4 == 0 {
                 // f16 tops out at 65504; tiny magnitudes become f16 subnormals, which must widen exactly.
                 let halves: Vec<f16> = w
@@ -189,14 +192,16 @@ pub async fn ternary_pack_matches_cpu(ctx: &mut GpuContext) {
                 let widened: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
                 let expected = cpu::ternary_pack(&widened, rows, cols, opts).expect("cpu");
                 let packed =
-                    gpu::ternary_pack::record_f16(ctx, &mut encoder, &halves, rows, cols, opts)
+                    gpu::ternary_pack::record_f16(ctx, &mut pass, &halves, rows, cols, opts)
                         .expect("record");
+                drop(pass);
                 ctx.queue.submit([encoder.finish()]);
                 assert_pack_eq(ctx, packed, expected, &format!("f16 {what}")).await;
             } else {
                 let expected = cpu::ternary_pack(&w, rows, cols, opts).expect("cpu");
-                let packed = gpu::ternary_pack::record(ctx, &mut encoder, &w, rows, cols, opts)
+                let packed = gpu::ternary_pack::record(ctx, &mut pass, &w, rows, cols, opts)
                     .expect("record");
+                drop(pass);
                 ctx.queue.submit([encoder.finish()]);
                 assert_pack_eq(ctx, packed, expected, &what).await;
             }
@@ -218,8 +223,10 @@ pub async fn ternary_pack_large_matches_cpu(ctx: &mut GpuContext) {
         };
         let expected = cpu::ternary_pack(&w, rows, cols, opts).expect("cpu");
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        let mut pass = encoder.begin_compute_pass(&Default::default());
         let packed =
-            gpu::ternary_pack::record(ctx, &mut encoder, &w, rows, cols, opts).expect("record");
+            gpu::ternary_pack::record(ctx, &mut pass, &w, rows, cols, opts).expect("record");
+        drop(pass);
         ctx.queue.submit([encoder.finish()]);
         assert_pack_eq(
             ctx,
@@ -247,9 +254,11 @@ async fn gpu_matmul(
         .storage("y", (rows * packed.rows * 4) as u64)
         .expect("y");
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
-    gpu::act_quant::record(ctx, &mut encoder, &input, &acts).expect("act_quant");
-    gpu::ternary_matmul::record(ctx, &mut encoder, &acts, &w, bias.as_ref(), &y, options)
+    let mut pass = encoder.begin_compute_pass(&Default::default());
+    gpu::act_quant::record(ctx, &mut pass, &input, &acts).expect("act_quant");
+    gpu::ternary_matmul::record(ctx, &mut pass, &acts, &w, bias.as_ref(), &y, options)
         .expect("matmul");
+    drop(pass);
     ctx.queue.submit([encoder.finish()]);
     ctx.read(&y, rows * packed.rows).await.expect("read back")
 }
@@ -257,7 +266,7 @@ async fn gpu_matmul(
 /// ternary_matmul.wgsl == cpu::ternary_matmul on both paths: accumulators bit for bit, scaled
 /// outputs within EPILOGUE_REL_TOL, NaN rows where the activations held a NaN or infinity.
 pub async fn ternary_matmul_matches_cpu(ctx: &mut GpuContext) {
-    let ms = [1usize, 1, 2, 3, 7, 8, 9, 33, 40];
+    let ms = [1usize, 1, 2, 3, 7, 8, 9, 33, 40, 70];
     let ks = [1usize, 3, 4, 15, 16, 17, 100, 129, 300];
     let ns = [1usize, 2, 3, 5, 31, 33, 64, 65];
     for variant in variants(ctx) {
@@ -353,11 +362,12 @@ pub async fn gpu_pipeline_matches_cpu(ctx: &mut GpuContext) {
         let acts = GpuActivations::new(ctx, m, k).expect("activations");
         let y = ctx.storage("y", (m * n * 4) as u64).expect("y");
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
-        let packed = gpu::ternary_pack::record(ctx, &mut encoder, &w, n, k, opts).expect("pack");
-        gpu::act_quant::record(ctx, &mut encoder, &input, &acts).expect("act_quant");
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        let packed = gpu::ternary_pack::record(ctx, &mut pass, &w, n, k, opts).expect("pack");
+        gpu::act_quant::record(ctx, &mut pass, &input, &acts).expect("act_quant");
         gpu::ternary_matmul::record(
             ctx,
-            &mut encoder,
+            &mut pass,
             &acts,
             &packed,
             None,
@@ -365,6 +375,7 @@ pub async fn gpu_pipeline_matches_cpu(ctx: &mut GpuContext) {
             MatmulOptions::default(),
         )
         .expect("matmul");
+        drop(pass);
         ctx.queue.submit([encoder.finish()]);
         let got: Vec<f32> = ctx.read(&y, m * n).await.expect("read back");
         for (i, (g, c)) in got.iter().zip(&expected).enumerate() {
@@ -378,14 +389,15 @@ pub async fn bad_shapes_are_errors(ctx: &mut GpuContext) {
     let acts = GpuActivations::new(ctx, 2, 17).expect("activations");
     let small = ctx.upload("x", &[0.0f32; 3]).expect("upload");
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
-    assert!(gpu::act_quant::record(ctx, &mut encoder, &small, &acts).is_err());
+    let mut pass = encoder.begin_compute_pass(&Default::default());
+    assert!(gpu::act_quant::record(ctx, &mut pass, &small, &acts).is_err());
     let packed =
         cpu::ternary_pack(&[0.5; 16 * 3], 3, 16, WeightQuantOptions::default()).expect("pack");
     let w = gpu::GpuTernary::upload(ctx, &packed).expect("upload");
     let y = ctx.storage("y", 64).expect("y");
     let r = gpu::ternary_matmul::record(
         ctx,
-        &mut encoder,
+        &mut pass,
         &acts,
         &w,
         None,
@@ -397,7 +409,7 @@ pub async fn bad_shapes_are_errors(ctx: &mut GpuContext) {
     assert!(
         gpu::ternary_pack::record(
             ctx,
-            &mut encoder,
+            &mut pass,
             &[f32::NAN; 4],
             2,
             2,
@@ -408,7 +420,7 @@ pub async fn bad_shapes_are_errors(ctx: &mut GpuContext) {
     assert!(
         gpu::ternary_pack::record(
             ctx,
-            &mut encoder,
+            &mut pass,
             &[1.0; 4],
             2,
             3,

@@ -1,0 +1,595 @@
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+use super::model::{ARCHITECTURES, WRITE_ARCHITECTURE};
+use super::writer::{Tensor, bitnet_scale, encode, ternary_tensor};
+use super::*;
+use crate::cpu::{WeightQuantOptions, weight_quant};
+use crate::model::{LayerWeights, ModelConfig, ModelWeights};
+
+fn config(
+    hidden: usize,
+    inter: usize,
+    layers: usize,
+    heads: usize,
+    kv: usize,
+    vocab: usize,
+) -> ModelConfig {
+    ModelConfig {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: hidden / heads,
+        max_position_embeddings: 128,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500000.0,
+        tie_word_embeddings: true,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+    }
+}
+
+fn random_model(rng: &mut SmallRng, mut config: ModelConfig, tied: bool) -> ModelWeights {
+    config.tie_word_embeddings = tied;
+    let c = &config;
+    let mut floats = |n: usize| {
+        (0..n)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect::<Vec<_>>()
+    };
+    let linear = |out: usize, inp: usize, floats: &mut dyn FnMut(usize) -> Vec<f32>| {
+        weight_quant(&floats(out * inp), out, inp, WeightQuantOptions::default()).unwrap()
+    };
+    let (h, i, q, kv) = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let layers = (0..c.num_hidden_layers)
+        .map(|_| LayerWeights {
+            input_layernorm: floats(h),
+            q_proj: linear(q, h, &mut floats),
+            k_proj: linear(kv, h, &mut floats),
+            v_proj: linear(kv, h, &mut floats),
+            o_proj: linear(h, q, &mut floats),
+            attn_sub_norm: floats(h),
+            post_attention_layernorm: floats(h),
+            gate_proj: linear(i, h, &mut floats),
+            up_proj: linear(i, h, &mut floats),
+            down_proj: linear(h, i, &mut floats),
+            ffn_sub_norm: floats(i),
+        })
+        .collect();
+    ModelWeights {
+        embed_tokens: floats(c.vocab_size * h),
+        layers,
+        norm: floats(h),
+        lm_head: (!tied).then(|| floats(c.vocab_size * h)),
+        config,
+    }
+}
+
+fn tiny(seed: u64, tied: bool) -> ModelWeights {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    random_model(&mut rng, config(64, 128, 2, 4, 2, 50), tied)
+}
+
+fn small_tokenizer() -> GgufTokenizer {
+    GgufTokenizer {
+        model: "gpt2".into(),
+        tokens: ["<unk>", "<s>", "</s>", "a", "b", "ab"]
+            .map(String::from)
+            .to_vec(),
+        merges: vec!["a b".into()],
+        token_types: vec![2, 3, 3, 1, 1, 1],
+        bos: Some(1),
+        eos: Some(2),
+    }
+}
+
+/// Parses `bytes`, lets `edit` change metadata and tensors, and encodes the result again.
+fn rebuild(
+    bytes: &[u8],
+    edit: impl FnOnce(&mut Vec<(String, GgufValue)>, &mut Vec<Tensor>),
+) -> Vec<u8> {
+    let file = GgufFile::parse(bytes).unwrap();
+    let mut metadata = file.metadata.clone();
+    let mut tensors: Vec<Tensor> = file
+        .tensors
+        .iter()
+        .map(|t| Tensor {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ggml_type: t.ggml_type,
+            data: file.tensor_bytes(t).unwrap().to_vec(),
+        })
+        .collect();
+    edit(&mut metadata, &mut tensors);
+    encode(&metadata, &tensors)
+}
+
+fn model_error(bytes: &[u8]) -> String {
+    let file = GgufFile::parse(bytes).unwrap();
+    to_model(&file).unwrap_err().to_string()
+}
+
+#[test]
+fn round_trip_is_bit_exact() {
+    for (seed, tied) in [(1, true), (2, false)] {
+        let model = tiny(seed, tied);
+        let tok = small_tokenizer();
+        let bytes = write_model(&model, (!tied).then_some(&tok)).unwrap();
+        let file = GgufFile::parse(&bytes).unwrap();
+        assert_eq!(file.version, 3);
+        assert_eq!(
+            file.get_str("general.architecture").unwrap(),
+            Some(WRITE_ARCHITECTURE)
+        );
+        assert_eq!(file.tensor("output.weight").is_none(), tied);
+        assert_eq!(to_model(&file).unwrap(), model);
+        assert_eq!(tokenizer(&file).unwrap(), (!tied).then_some(tok));
+
+        // The stored scale follows bitnet.cpp (W ≈ code * s, s = mean|W| = 1 / weight_scale).
+        let info = file.tensor("blk.1.attn_k.weight").unwrap();
+        assert_eq!(info.dims, vec![64, 32]);
+        let data = file.tensor_bytes(info).unwrap();
+        let (_, stored) = crate::packing::i2s::unpack(data, 64 * 32).unwrap();
+        let hf = model.layers[1].k_proj.scales[0];
+        assert_eq!(1.0 / stored, hf);
+        assert!((stored * hf - 1.0).abs() < 1e-6);
+
+        let owned = GgufFile::from_vec(bytes.clone()).unwrap();
+        assert_eq!(to_model(&owned).unwrap(), model);
+    }
+}
+
+#[test]
+fn written_architecture_is_one_the_reader_accepts() {
+    assert!(ARCHITECTURES.contains(&WRITE_ARCHITECTURE));
+}
+
+#[test]
+fn bitnet_scale_inverts_every_weight_quant_scale() {
+    let mut rng = SmallRng::seed_from_u64(3);
+    for _ in 0..20_000 {
+        let gamma: f32 = 10f32.powf(rng.random_range(-5.0..3.0));
+        let s = 1.0f32 / gamma.max(1e-5);
+        let b = bitnet_scale(s);
+        assert_eq!(1.0 / b, s, "gamma {gamma}");
+        assert!((b * s - 1.0).abs() < 1e-6);
+    }
+}
+
+/// A little-endian byte builder for hand-written headers.
+#[derive(Default)]
+struct Bytes(Vec<u8>);
+
+impl Bytes {
+    fn raw(&mut self, b: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(b);
+        self
+    }
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.raw(&v.to_le_bytes())
+    }
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.raw(&v.to_le_bytes())
+    }
+    fn str(&mut self, s: &str) -> &mut Self {
+        self.u64(s.len() as u64).raw(s.as_bytes())
+    }
+    fn pad(&mut self, align: usize) -> &mut Self {
+        while !self.0.len().is_multiple_of(align) {
+            self.0.push(0);
+        }
+        self
+    }
+}
+
+#[test]
+fn minimal_hand_built_file() {
+    let mut b = Bytes::default();
+    b.raw(b"GGUF").u32(3).u64(1).u64(1);
+    b.str("general.name").u32(8).str("tiny");
+    b.str("w").u32(2).u64(3).u64(2).u32(0).u64(0);
+    b.pad(32);
+    let values = [1.0f32, -2.0, 3.5, 0.0, 0.25, 7.0];
+    for v in values {
+        b.raw(&v.to_le_bytes());
+    }
+    let file = GgufFile::parse(&b.0).unwrap();
+    assert_eq!(file.version, 3);
+    assert_eq!(file.alignment, 32);
+    assert_eq!(file.get_str("general.name").unwrap(), Some("tiny"));
+    assert_eq!(
+        file.tensors,
+        vec![GgufTensorInfo {
+            name: "w".into(),
+            dims: vec![3, 2],
+            ggml_type: GGML_TYPE_F32,
+            offset: 0,
+        }]
+    );
+    assert_eq!(file.data_offset % 32, 0);
+    assert_eq!(file.tensor_f32(&file.tensors[0]).unwrap(), values);
+}
+
+#[test]
+fn every_value_type_and_float_tensor_type() {
+    let mut b = Bytes::default();
+    b.raw(b"GGUF").u32(2).u64(3).u64(15);
+    b.str("general.alignment").u32(4).u32(64);
+    b.str("u8").u32(0).raw(&[200]);
+    b.str("i8").u32(1).raw(&(-5i8).to_le_bytes());
+    b.str("u16").u32(2).raw(&60000u16.to_le_bytes());
+    b.str("i16").u32(3).raw(&(-30000i16).to_le_bytes());
+    b.str("u32").u32(4).u32(4_000_000_000);
+    b.str("i32").u32(5).raw(&(-7i32).to_le_bytes());
+    b.str("f32").u32(6).raw(&1.5f32.to_le_bytes());
+    b.str("bool").u32(7).raw(&[1]);
+    b.str("str").u32(8).str("héllo");
+    b.str("u64").u32(10).u64(u64::MAX);
+    b.str("i64").u32(11).raw(&i64::MIN.to_le_bytes());
+    b.str("f64").u32(12).raw(&0.1f64.to_le_bytes());
+    b.str("ints")
+        .u32(9)
+        .u32(5)
+        .u64(2)
+        .raw(&3i32.to_le_bytes())
+        .raw(&(-4i32).to_le_bytes());
+    b.str("nested").u32(9).u32(9).u64(2);
+    b.u32(8).u64(1).str("x");
+    b.u32(6).u64(0);
+    b.str("f32t").u32(1).u64(2).u32(GGML_TYPE_F32).u64(0);
+    b.str("f16t").u32(1).u64(2).u32(GGML_TYPE_F16).u64(64);
+    b.str("bf16t").u32(1).u64(2).u32(GGML_TYPE_BF16).u64(128);
+    b.pad(64);
+    b.raw(&0.5f32.to_le_bytes())
+        .raw(&(-1.0f32).to_le_bytes())
+        .pad(64);
+    b.raw(&half::f16::from_f32(0.5).to_le_bytes())
+        .raw(&half::f16::from_f32(-3.0).to_le_bytes())
+        .pad(64);
+    b.raw(&half::bf16::from_f32(2.0).to_le_bytes())
+        .raw(&half::bf16::from_f32(-0.125).to_le_bytes());
+    let file = GgufFile::parse(&b.0).unwrap();
+    assert_eq!(
+        (file.version, file.alignment, file.data_offset % 64),
+        (2, 64, 0)
+    );
+    let get = |k: &str| file.get(k).unwrap().clone();
+    assert_eq!(get("u8"), GgufValue::U8(200));
+    assert_eq!(get("i8"), GgufValue::I8(-5));
+    assert_eq!(get("u16"), GgufValue::U16(60000));
+    assert_eq!(get("i16"), GgufValue::I16(-30000));
+    assert_eq!(get("u32"), GgufValue::U32(4_000_000_000));
+    assert_eq!(get("i32"), GgufValue::I32(-7));
+    assert_eq!(get("f32"), GgufValue::F32(1.5));
+    assert_eq!(get("bool"), GgufValue::Bool(true));
+    assert_eq!(get("str"), GgufValue::String("héllo".into()));
+    assert_eq!(get("u64"), GgufValue::U64(u64::MAX));
+    assert_eq!(get("i64"), GgufValue::I64(i64::MIN));
+    assert_eq!(get("f64"), GgufValue::F64(0.1));
+    assert_eq!(file.get_i32_array("ints").unwrap(), Some(vec![3, -4]));
+    assert_eq!(
+        get("nested"),
+        GgufValue::Array {
+            element_type: 9,
+            values: vec![
+                GgufValue::Array {
+                    element_type: 8,
+                    values: vec![GgufValue::String("x".into())]
+                },
+                GgufValue::Array {
+                    element_type: 6,
+                    values: vec![]
+                },
+            ],
+        }
+    );
+    assert_eq!(file.get_u32("u8").unwrap(), Some(200));
+    assert_eq!(file.get_u32("missing").unwrap(), None);
+    assert!(file.get_u32("i8").is_err());
+    assert!(file.get_u32("u64").is_err());
+    assert_eq!(file.get_f32("f64").unwrap(), Some(0.1));
+    assert!(file.get_str("u8").is_err());
+    assert!(file.get_string_array("ints").is_err());
+    let floats = |name: &str| file.tensor_f32(file.tensor(name).unwrap()).unwrap();
+    assert_eq!(floats("f32t"), [0.5, -1.0]);
+    assert_eq!(floats("f16t"), [0.5, -3.0]);
+    assert_eq!(floats("bf16t"), [2.0, -0.125]);
+}
+
+/// A file holding one I2_S tensor of `ne = [128, 2]` with the given bitnet.cpp scale.
+fn i2s_file(codes: &[i8], stored_scale: f32) -> Vec<u8> {
+    let data = crate::packing::i2s::pack(codes, stored_scale).unwrap();
+    let tensor = Tensor {
+        name: "m".into(),
+        dims: vec![128, 2],
+        ggml_type: GGML_TYPE_I2_S,
+        data,
+    };
+    encode(&[], &[tensor])
+}
+
+#[test]
+fn i2s_scale_is_converted_to_hugging_face_convention() {
+    let mut rng = SmallRng::seed_from_u64(4);
+    let codes: Vec<i8> = (0..256).map(|_| rng.random_range(-1..=1)).collect();
+    let bytes = i2s_file(&codes, 0.25);
+    let file = GgufFile::parse(&bytes).unwrap();
+    let w = file.tensor_ternary(&file.tensors[0]).unwrap();
+    assert_eq!((w.rows, w.cols, w.scales.clone()), (2, 128, vec![4.0]));
+    assert_eq!(w.codes, codes);
+
+    let zeros = i2s_file(&[0; 256], 0.0);
+    let file = GgufFile::parse(&zeros).unwrap();
+    assert_eq!(
+        file.tensor_ternary(&file.tensors[0]).unwrap().scales,
+        [1.0 / 1e-5f32]
+    );
+
+    for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let bytes = i2s_file(&codes, bad);
+        let file = GgufFile::parse(&bytes).unwrap();
+        let err = file
+            .tensor_ternary(&file.tensors[0])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tensor") && err.contains("m:"), "{err}");
+    }
+    assert!(file.tensor_f32(&file.tensors[0]).is_err());
+}
+
+#[test]
+fn every_truncation_is_an_error() {
+    let mut rng = SmallRng::seed_from_u64(5);
+    let model = random_model(&mut rng, config(32, 64, 1, 2, 1, 8), false);
+    let bytes = write_model(
+        &model,
+        Some(&GgufTokenizer {
+            tokens: (0..8).map(|i| format!("t{i}")).collect(),
+            token_types: vec![1; 8],
+            ..small_tokenizer()
+        }),
+    )
+    .unwrap();
+    let file = GgufFile::parse(&bytes).unwrap();
+    let data_end = file
+        .tensors
+        .iter()
+        .map(|t| file.data_offset + t.offset as usize + file.tensor_bytes(t).unwrap().len())
+        .max()
+        .unwrap();
+    assert_eq!(
+        data_end,
+        bytes.len(),
+        "no trailing padding, so every cut loses data"
+    );
+    assert_eq!(to_model(&file).unwrap(), model);
+    for cut in 0..bytes.len() {
+        let result = GgufFile::parse(&bytes[..cut]).and_then(|f| to_model(&f));
+        assert!(result.is_err(), "cut at {cut} of {}", bytes.len());
+    }
+}
+
+#[test]
+fn bad_headers_are_errors() {
+    let mut b = Bytes::default();
+    b.raw(b"GGUX").u32(3).u64(0).u64(0);
+    assert!(
+        GgufFile::parse(&b.0)
+            .unwrap_err()
+            .to_string()
+            .contains("magic")
+    );
+    for version in [1, 4] {
+        let mut b = Bytes::default();
+        b.raw(b"GGUF").u32(version).u64(0).u64(0);
+        let err = GgufFile::parse(&b.0).unwrap_err().to_string();
+        assert!(err.contains(&format!("version {version}")), "{err}");
+    }
+    let huge_counts = [(u64::MAX, 0), (0, u64::MAX), (1 << 40, 1 << 40)];
+    for (tensors, kvs) in huge_counts {
+        let mut b = Bytes::default();
+        b.raw(b"GGUF").u32(3).u64(tensors).u64(kvs);
+        assert!(GgufFile::parse(&b.0).is_err());
+    }
+    let mut b = Bytes::default();
+    b.raw(b"GGUF")
+        .u32(3)
+        .u64(0)
+        .u64(1)
+        .str("a")
+        .u32(9)
+        .u32(0)
+        .u64(u64::MAX);
+    assert!(GgufFile::parse(&b.0).is_err());
+    let mut b = Bytes::default();
+    b.raw(b"GGUF").u32(3).u64(0).u64(1).str("deep").u32(9);
+    for _ in 0..1000 {
+        b.u32(9).u64(1);
+    }
+    assert!(
+        GgufFile::parse(&b.0)
+            .unwrap_err()
+            .to_string()
+            .contains("nested")
+    );
+    let mut b = Bytes::default();
+    b.raw(b"GGUF").u32(3).u64(0).u64(1).str("k").u32(13);
+    assert!(
+        GgufFile::parse(&b.0)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown value type 13")
+    );
+    let mut b = Bytes::default();
+    b.raw(b"GGUF").u32(3).u64(1).u64(0).str("t").u32(5);
+    assert!(
+        GgufFile::parse(&b.0)
+            .unwrap_err()
+            .to_string()
+            .contains("5 dimensions")
+    );
+    let mut b = Bytes::default();
+    b.raw(b"GGUF")
+        .u32(3)
+        .u64(1)
+        .u64(0)
+        .str("t")
+        .u32(1)
+        .u64(4)
+        .u32(0)
+        .u64(8);
+    assert!(
+        GgufFile::parse(&b.0)
+            .unwrap_err()
+            .to_string()
+            .contains("alignment")
+    );
+}
+
+#[test]
+fn tensor_data_beyond_the_end_names_the_tensor() {
+    let mut b = Bytes::default();
+    b.raw(b"GGUF").u32(3).u64(1).u64(0);
+    b.str("far").u32(1).u64(4).u32(GGML_TYPE_F32).u64(1 << 20);
+    b.pad(32).raw(&[0; 16]);
+    let file = GgufFile::parse(&b.0).unwrap();
+    let err = file.tensor_f32(&file.tensors[0]).unwrap_err().to_string();
+    assert!(err.contains("tensor far"), "{err}");
+    let mut b = Bytes::default();
+    b.raw(b"GGUF").u32(3).u64(1).u64(0);
+    b.str("big")
+        .u32(2)
+        .u64(u64::MAX)
+        .u64(u64::MAX)
+        .u32(GGML_TYPE_F32)
+        .u64(0);
+    let file = GgufFile::parse(&b.0).unwrap();
+    let err = file.tensor_f32(&file.tensors[0]).unwrap_err().to_string();
+    assert!(err.contains("big"), "{err}");
+}
+
+#[test]
+fn model_errors_name_the_problem() {
+    let bytes = write_model(&tiny(6, true), None).unwrap();
+
+    let unknown_type = rebuild(&bytes, |_, t| {
+        t.iter_mut()
+            .find(|t| t.name == "blk.0.attn_q.weight")
+            .unwrap()
+            .ggml_type = 2;
+    });
+    let err = model_error(&unknown_type);
+    assert!(
+        err.contains("type 2 of tensor blk.0.attn_q.weight is not supported (supported: F32, F16, BF16, I2_S)"),
+        "{err}"
+    );
+
+    let llama = rebuild(&bytes, |m, _| {
+        m.iter_mut()
+            .find(|(k, _)| k == "general.architecture")
+            .unwrap()
+            .1 = GgufValue::String("llama".into());
+    });
+    let err = model_error(&llama);
+    assert!(err.contains("\"llama\""), "{err}");
+
+    let wrong_shape = rebuild(&bytes, |_, t| {
+        t.iter_mut()
+            .find(|t| t.name == "blk.1.attn_k.weight")
+            .unwrap()
+            .dims = vec![64, 64];
+    });
+    let err = model_error(&wrong_shape);
+    assert!(
+        err.contains("blk.1.attn_k.weight ne = [64, 32]") && err.contains("[64, 64]"),
+        "{err}"
+    );
+
+    let missing = rebuild(&bytes, |_, t| {
+        t.retain(|t| t.name != "blk.1.ffn_down.weight")
+    });
+    let err = model_error(&missing);
+    assert!(err.contains("blk.1.ffn_down.weight is missing"), "{err}");
+
+    let no_key = rebuild(&bytes, |m, _| {
+        m.retain(|(k, _)| !k.ends_with(".embedding_length"))
+    });
+    let err = model_error(&no_key);
+    assert!(err.contains("bitnet-b1.58.embedding_length"), "{err}");
+
+    let float_linear = rebuild(&bytes, |_, t| {
+        let q = t
+            .iter_mut()
+            .find(|t| t.name == "blk.0.attn_v.weight")
+            .unwrap();
+        q.ggml_type = GGML_TYPE_F32;
+        q.data = vec![0; 64 * 32 * 4];
+    });
+    let err = model_error(&float_linear);
+    assert!(
+        err.contains("blk.0.attn_v.weight is a float tensor"),
+        "{err}"
+    );
+
+    for arch in ARCHITECTURES {
+        let renamed = rebuild(&bytes, |m, _| {
+            for (k, v) in m.iter_mut() {
+                if let Some(rest) = k.strip_prefix("bitnet-b1.58.") {
+                    *k = format!("{arch}.{rest}");
+                }
+                if k == "general.architecture" {
+                    *v = GgufValue::String(arch.into());
+                }
+            }
+        });
+        assert_eq!(
+            to_model(&GgufFile::parse(&renamed).unwrap()).unwrap(),
+            tiny(6, true)
+        );
+    }
+}
+
+#[test]
+fn writer_rejects_what_i2s_cannot_hold() {
+    let odd = TernaryWeights {
+        rows: 3,
+        cols: 5,
+        codes: vec![0; 15],
+        scales: vec![1.0],
+    };
+    let err = ternary_tensor("x", (3, 5), &odd).unwrap_err().to_string();
+    assert!(err.contains("multiple of 128"), "{err}");
+    let per_channel = TernaryWeights {
+        rows: 2,
+        cols: 64,
+        codes: vec![0; 128],
+        scales: vec![1.0, 2.0],
+    };
+    let err = ternary_tensor("x", (2, 64), &per_channel)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("one scale per tensor"), "{err}");
+    assert!(ternary_tensor("x", (64, 2), &per_channel).is_err());
+
+    let mut model = tiny(7, true);
+    model.norm.pop();
+    assert!(
+        write_model(&model, None)
+            .unwrap_err()
+            .to_string()
+            .contains("output_norm.weight")
+    );
+    let model = tiny(7, true);
+    let tok = GgufTokenizer {
+        bos: Some(9),
+        ..small_tokenizer()
+    };
+    assert!(write_model(&model, Some(&tok)).is_err());
+}

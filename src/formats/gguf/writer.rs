@@ -1,0 +1,352 @@
+//! Writing a [`ModelWeights`] as a GGUF v3 file with I2_S linears.
+
+use super::model::{
+    GgufTokenizer, LINEARS, NORMS, WRITE_ARCHITECTURE, layer_linears, layer_norms, names,
+};
+use super::reader::{MAGIC, align_up};
+use super::{DEFAULT_ALIGNMENT, GGML_TYPE_F32, GGML_TYPE_I2_S, GgufValue};
+use crate::cpu::TernaryWeights;
+use crate::model::{ModelConfig, ModelWeights};
+use crate::packing::i2s;
+use crate::{Error, Result};
+
+/// One tensor to write: name, `ne`, ggml type and the encoded bytes.
+#[derive(Debug)]
+pub(super) struct Tensor {
+    pub(super) name: String,
+    pub(super) dims: Vec<u64>,
+    pub(super) ggml_type: u32,
+    pub(super) data: Vec<u8>,
+}
+
+/// Encodes a model as a GGUF v3 file (architecture `bitnet-b1.58`): linears as I2_S, norms and
+/// embeddings as F32, plus the tokenizer when given. [`super::to_model`] reads it back to an
+/// equal [`ModelWeights`].
+///
+/// Errors: a linear with per-channel scales (I2_S holds one scale per tensor), a linear whose
+/// `rows * cols` is not a multiple of 128, a tensor whose size disagrees with the config, a
+/// non-positive or non-finite scale, a config value above `u32::MAX`, and a tokenizer whose
+/// bos/eos ids disagree with the config's.
+///
+/// The I2_S scale is stored in bitnet.cpp's convention (`W ≈ code * s`, `s = mean|W|`), chosen
+/// as an f32 whose reciprocal is exactly the in-memory scale whenever one exists (it does for
+/// every scale [`crate::cpu::weight_quant`] computes, `1 / gamma`), so the round trip is
+/// bit-exact.
+pub fn write_model(weights: &ModelWeights, tokenizer: Option<&GgufTokenizer>) -> Result<Vec<u8>> {
+    let c = &weights.config;
+    let mut tensors = Vec::new();
+    let embedding_ne = [c.hidden_size, c.vocab_size];
+    tensors.push(float_tensor(
+        names::TOKEN_EMBD,
+        &embedding_ne,
+        &weights.embed_tokens,
+    )?);
+    if weights.layers.len() != c.num_hidden_layers {
+        return Err(Error::shape(
+            "model layers",
+            c.num_hidden_layers,
+            weights.layers.len(),
+        ));
+    }
+    for (layer, l) in weights.layers.iter().enumerate() {
+        let [attn_norm, attn_sub_norm, ffn_norm, ffn_sub_norm] = layer_norms(l);
+        let [q, k, v, o, gate, up, down] = layer_linears(l);
+        let norm = |i: usize, data: &[f32]| {
+            let (part, shape) = NORMS[i];
+            float_tensor(&names::block(layer, part), &[shape.len(c)], data)
+        };
+        let linear = |i: usize, w: &TernaryWeights| {
+            let (part, shape) = LINEARS[i];
+            ternary_tensor(&names::block(layer, part), shape.out_in(c), w)
+        };
+        tensors.extend([
+            norm(0, attn_norm)?,
+            linear(0, q)?,
+            linear(1, k)?,
+            linear(2, v)?,
+            linear(3, o)?,
+            norm(1, attn_sub_norm)?,
+            norm(2, ffn_norm)?,
+            linear(4, gate)?,
+            linear(5, up)?,
+            linear(6, down)?,
+            norm(3, ffn_sub_norm)?,
+        ]);
+    }
+    tensors.push(float_tensor(
+        names::OUTPUT_NORM,
+        &[c.hidden_size],
+        &weights.norm,
+    )?);
+    if let Some(head) = &weights.lm_head {
+        tensors.push(float_tensor(names::OUTPUT, &embedding_ne, head)?);
+    }
+    let metadata = metadata(c, tokenizer)?;
+    Ok(encode(&metadata, &tensors))
+}
+
+/// The metadata keys bitnet.cpp's loader reads, in its naming.
+fn metadata(
+    c: &ModelConfig,
+    tokenizer: Option<&GgufTokenizer>,
+) -> Result<Vec<(String, GgufValue)>> {
+    let arch = WRITE_ARCHITECTURE;
+    let u32_of = |what: &'static str, v: usize| {
+        u32::try_from(v)
+            .map(GgufValue::U32)
+            .map_err(|_| Error::invalid(what, format!("{v} does not fit GGUF's u32")))
+    };
+    let mut kv = vec![
+        (
+            "general.architecture".to_string(),
+            GgufValue::String(arch.to_string()),
+        ),
+        (
+            format!("{arch}.vocab_size"),
+            u32_of("vocab_size", c.vocab_size)?,
+        ),
+        (
+            format!("{arch}.context_length"),
+            u32_of("max_position_embeddings", c.max_position_embeddings)?,
+        ),
+        (
+            format!("{arch}.embedding_length"),
+            u32_of("hidden_size", c.hidden_size)?,
+        ),
+        (
+            format!("{arch}.block_count"),
+            u32_of("num_hidden_layers", c.num_hidden_layers)?,
+        ),
+        (
+            format!("{arch}.feed_forward_length"),
+            u32_of("intermediate_size", c.intermediate_size)?,
+        ),
+        (
+            format!("{arch}.attention.head_count"),
+            u32_of("num_attention_heads", c.num_attention_heads)?,
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            u32_of("num_key_value_heads", c.num_key_value_heads)?,
+        ),
+        (
+            format!("{arch}.attention.key_length"),
+            u32_of("head_dim", c.head_dim)?,
+        ),
+        (
+            format!("{arch}.attention.value_length"),
+            u32_of("head_dim", c.head_dim)?,
+        ),
+        (
+            format!("{arch}.rope.dimension_count"),
+            u32_of("head_dim", c.head_dim)?,
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            GgufValue::F32(c.rms_norm_eps),
+        ),
+        (
+            format!("{arch}.rope.freq_base"),
+            GgufValue::F32(c.rope_theta),
+        ),
+    ];
+    if let Some(t) = tokenizer {
+        if (t.bos, t.eos) != (c.bos_token_id, c.eos_token_id) {
+            return Err(Error::invalid(
+                "GGUF tokenizer",
+                format!(
+                    "bos/eos {:?}/{:?} disagree with the config's {:?}/{:?}",
+                    t.bos, t.eos, c.bos_token_id, c.eos_token_id
+                ),
+            ));
+        }
+        let strings = |v: &[String]| GgufValue::Array {
+            element_type: 8,
+            values: v.iter().cloned().map(GgufValue::String).collect(),
+        };
+        kv.push((
+            "tokenizer.ggml.model".to_string(),
+            GgufValue::String(t.model.clone()),
+        ));
+        kv.push(("tokenizer.ggml.tokens".to_string(), strings(&t.tokens)));
+        if !t.merges.is_empty() {
+            kv.push(("tokenizer.ggml.merges".to_string(), strings(&t.merges)));
+        }
+        if !t.token_types.is_empty() {
+            kv.push((
+                "tokenizer.ggml.token_type".to_string(),
+                GgufValue::Array {
+                    element_type: 5,
+                    values: t.token_types.iter().map(|&v| GgufValue::I32(v)).collect(),
+                },
+            ));
+        }
+    }
+    for (key, id) in [
+        ("tokenizer.ggml.bos_token_id", c.bos_token_id),
+        ("tokenizer.ggml.eos_token_id", c.eos_token_id),
+    ] {
+        if let Some(id) = id {
+            kv.push((key.to_string(), GgufValue::U32(id)));
+        }
+    }
+    Ok(kv)
+}
+
+/// An F32 tensor, after checking its length against `ne`.
+fn float_tensor(name: &str, ne: &[usize], data: &[f32]) -> Result<Tensor> {
+    let n = ne
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Error::invalid("GGUF tensor", format!("{name}: ne {ne:?} overflows")))?;
+    if data.len() != n {
+        return Err(Error::shape(
+            "GGUF tensor",
+            format!("{name} with ne = {ne:?} ({n} values)"),
+            format!("{} values", data.len()),
+        ));
+    }
+    Ok(Tensor {
+        name: name.to_string(),
+        dims: ne.iter().map(|&d| d as u64).collect(),
+        ggml_type: GGML_TYPE_F32,
+        data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    })
+}
+
+/// An I2_S tensor of shape `(out, in)`, with its scale converted to bitnet.cpp's convention.
+pub(super) fn ternary_tensor(
+    name: &str,
+    (out, inp): (usize, usize),
+    w: &TernaryWeights,
+) -> Result<Tensor> {
+    if (w.rows, w.cols) != (out, inp) {
+        return Err(Error::shape(
+            "GGUF tensor",
+            format!("{name} with [out, in] = [{out}, {inp}]"),
+            format!("[{}, {}]", w.rows, w.cols),
+        ));
+    }
+    let n = out
+        .checked_mul(inp)
+        .filter(|&n| n == w.codes.len())
+        .ok_or_else(|| {
+            Error::shape(
+                "GGUF tensor",
+                format!("{name} with {out} x {inp} codes"),
+                w.codes.len(),
+            )
+        })?;
+    if n % 128 != 0 {
+        return Err(Error::invalid(
+            "GGUF tensor",
+            format!("{name}: I2_S needs out * in = {out} * {inp} = {n} to be a multiple of 128"),
+        ));
+    }
+    let scale = match w.scales[..] {
+        [s] if s.is_finite() && s > 0.0 => bitnet_scale(s),
+        [s] => {
+            return Err(Error::invalid(
+                "GGUF tensor",
+                format!("{name}: scale {s} is not a positive finite number"),
+            ));
+        }
+        _ => {
+            return Err(Error::invalid(
+                "GGUF tensor",
+                format!(
+                    "{name}: I2_S holds one scale per tensor, the weights have {}",
+                    w.scales.len()
+                ),
+            ));
+        }
+    };
+    Ok(Tensor {
+        name: name.to_string(),
+        dims: vec![inp as u64, out as u64],
+        ggml_type: GGML_TYPE_I2_S,
+        data: i2s::pack(&w.codes, scale)?,
+    })
+}
+
+/// bitnet.cpp's scale for a Hugging Face scale `s`: the f32 nearest `1 / s` among those whose
+/// f32 reciprocal is exactly `s`, or plain `1 / s` where no f32 has that reciprocal.
+pub(super) fn bitnet_scale(s: f32) -> f32 {
+    let nearest = 1.0 / s;
+    [0i32, -1, 1, -2, 2]
+        .into_iter()
+        .filter_map(|step| {
+            nearest
+                .to_bits()
+                .checked_add_signed(step)
+                .map(f32::from_bits)
+        })
+        .find(|&b| b.is_finite() && b > 0.0 && 1.0 / b == s)
+        .unwrap_or(nearest)
+}
+
+/// Serializes header, metadata, tensor directory and tensor data, each tensor padded to the
+/// default alignment (as ggml's writers do).
+pub(super) fn encode(metadata: &[(String, GgufValue)], tensors: &[Tensor]) -> Vec<u8> {
+    let pad = |n: usize| align_up(n, DEFAULT_ALIGNMENT).unwrap_or(n);
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        write_string(&mut out, key);
+        out.extend_from_slice(&value.type_code().to_le_bytes());
+        write_payload(&mut out, value);
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        write_string(&mut out, &t.name);
+        out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&t.ggml_type.to_le_bytes());
+        out.extend_from_slice(&(offset as u64).to_le_bytes());
+        offset = pad(offset + t.data.len());
+    }
+    out.resize(pad(out.len()), 0);
+    for t in tensors {
+        out.extend_from_slice(&t.data);
+        out.resize(pad(out.len()), 0);
+    }
+    out
+}
+
+fn write_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A value without its type code (arrays carry their element type instead).
+fn write_payload(out: &mut Vec<u8>, value: &GgufValue) {
+    match value {
+        GgufValue::U8(v) => out.push(*v),
+        GgufValue::I8(v) => out.extend_from_slice(&v.to_le_bytes()),
+        GgufValue::U16(v) => out.extend_from_slice(&v.to_le_bytes()),
+        GgufValue::I16(v) => out.extend_from_slice(&v.to_le_bytes()),
+        GgufValue::U32(v) => out.extend_from_slice(&v.to_le_bytes()),
+        GgufValue::I32(v) => out.extend_from_slice(&v.to_le_bytes()),
+        GgufValue::F32(v) => out.extend_from_slice(&v.to_le_bytes()),
+        GgufValue::Bool(v) => out.push(u8::from(*v)),
+        GgufValue::String(s) => write_string(out, s),
+        GgufValue::Array {
+            element_type,
+            values,
+        } => {
+            out.extend_from_slice(&element_type.to_le_bytes());
+            out.extend_from_slice(&(values.len() as u64).to_le_bytes());
+            for v in values {
+                write_payload(out, v);
+            }
+        }
+        GgufValue::U64(v) => out.extend_from_slice(&v.to_le_bytes()),
+        GgufValue::I64(v) => out.extend_from_slice(&v.to_le_bytes()),
+        GgufValue::F64(v) => out.extend_from_slice(&v.to_le_bytes()),
+    }
+}

@@ -1,0 +1,401 @@
+//! config.json: reading Hugging Face's `BitNetConfig` (and LLaMA-style configs) into
+//! [`ModelConfig`], and writing one that transformers loads as an offline packed
+//! `BitNetForCausalLM`.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::model::ModelConfig;
+use crate::{Error, Result};
+
+/// How a checkpoint stores its linear weights, as its `quantization_config` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// `quant_method: "bitnet"`, `linear_class: "bitlinear"`, `quantization_mode: "offline"` (the
+    /// released `microsoft/bitnet-b1.58-2B-4T`): each `*_proj.weight` is uint8 `[out/4, in]` in
+    /// [`crate::packing::hf`]'s layout and `*_proj.weight_scale` holds one scale, divided by.
+    OfflinePacked,
+    /// No `quantization_config`, or `quantization_mode: "online"` (the `-bf16` master weights):
+    /// plain bf16/f16/f32 linears that are quantized to ternary at load, per tensor absmean, as
+    /// transformers' online `AutoBitLinear` does in every forward.
+    FullPrecision,
+}
+
+/// Everything config.json says that loading needs: the architecture and how weights are stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointConfig {
+    pub model: ModelConfig,
+    pub weight_format: WeightFormat,
+}
+
+/// Reads a config.json into a [`ModelConfig`]; see [`parse_checkpoint_config`] for what is checked.
+///
+/// ```
+/// let c = bitnet_wgpu::formats::hf::parse_config(r#"{"model_type": "bitnet", "hidden_size": 64,
+///     "num_attention_heads": 4, "num_key_value_heads": 2}"#)?;
+/// assert_eq!((c.head_dim, c.rope_theta, c.rms_norm_eps), (16, 500000.0, 1e-5));
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+pub fn parse_config(json: &str) -> Result<ModelConfig> {
+    parse_checkpoint_config(json).map(|c| c.model)
+}
+
+/// Reads a config.json, filling absent fields with the defaults of transformers' `BitNetConfig`
+/// (`model_type: "bitnet"`) or `LlamaConfig` (`"llama"`), so a file means here what it means there.
+///
+/// Rejected, with the field named: another `model_type`; a `hidden_act` other than `relu2` (a
+/// LLaMA config must say so explicitly, its default being `silu`); attention or MLP biases; RoPE
+/// scaling other than `default`; a `quantization_config` this runtime does not implement; zero sizes;
+/// `hidden_size` not divisible by `num_attention_heads`, heads not divisible by KV heads, an odd
+/// `head_dim`, or `head_dim * num_attention_heads != hidden_size` (BitNet's `attn_sub_norm` has
+/// `hidden_size` weights and normalizes the attention output). A list of `eos_token_id`s keeps the
+/// first.
+pub fn parse_checkpoint_config(json: &str) -> Result<CheckpointConfig> {
+    let map: Map<String, Value> = serde_json::from_str(json)
+        .map_err(|e| Error::invalid("config.json", format!("not a JSON object: {e}")))?;
+    let model_type: String = field(&map, "model_type")?.ok_or_else(|| {
+        Error::invalid(
+            "config.json",
+            "`model_type` is missing (expected \"bitnet\")",
+        )
+    })?;
+    let defaults = match model_type.as_str() {
+        "bitnet" => &BITNET_DEFAULTS,
+        "llama" => &LLAMA_DEFAULTS,
+        other => {
+            return Err(Error::invalid(
+                "config.json",
+                format!("model_type {other:?} is not supported (expected \"bitnet\" or \"llama\")"),
+            ));
+        }
+    };
+    let hidden_act = field::<String>(&map, "hidden_act")?.unwrap_or(defaults.hidden_act.into());
+    if hidden_act != "relu2" {
+        return Err(Error::invalid(
+            "config.json",
+            format!("hidden_act {hidden_act:?} is not supported (BitNet uses \"relu2\")"),
+        ));
+    }
+    for bias in ["attention_bias", "mlp_bias"] {
+        if field::<bool>(&map, bias)? == Some(true) {
+            return Err(Error::invalid(
+                "config.json",
+                format!("`{bias}: true` is not supported (BitNet linears have no bias)"),
+            ));
+        }
+    }
+
+    let size =
+        |name: &str, default: usize| -> Result<usize> { Ok(field(&map, name)?.unwrap_or(default)) };
+    let num_attention_heads = size("num_attention_heads", defaults.num_attention_heads)?;
+    let hidden_size = size("hidden_size", defaults.hidden_size)?;
+    let num_key_value_heads = field(&map, "num_key_value_heads")?
+        .or(defaults.num_key_value_heads)
+        .unwrap_or(num_attention_heads);
+    let head_dim = match field(&map, "head_dim")? {
+        Some(d) => d,
+        None => hidden_size.checked_div(num_attention_heads).unwrap_or(0),
+    };
+    let model = ModelConfig {
+        vocab_size: size("vocab_size", defaults.vocab_size)?,
+        hidden_size,
+        intermediate_size: size("intermediate_size", defaults.intermediate_size)?,
+        num_hidden_layers: size("num_hidden_layers", defaults.num_hidden_layers)?,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        max_position_embeddings: size("max_position_embeddings", defaults.max_position_embeddings)?,
+        rms_norm_eps: field::<f64>(&map, "rms_norm_eps")?.unwrap_or(defaults.rms_norm_eps) as f32,
+        rope_theta: rope_theta(&map, defaults.rope_theta)? as f32,
+        tie_word_embeddings: field(&map, "tie_word_embeddings")?
+            .unwrap_or(defaults.tie_word_embeddings),
+        bos_token_id: token_id(&map, "bos_token_id", defaults.bos_token_id)?,
+        eos_token_id: token_id(&map, "eos_token_id", defaults.eos_token_id)?,
+    };
+    validate(&model)?;
+    let weight_format = weight_format(map.get("quantization_config"))?;
+    Ok(CheckpointConfig {
+        model,
+        weight_format,
+    })
+}
+
+/// A config.json for `model` that transformers loads as an offline packed `BitNetForCausalLM`
+/// (the files [`super::save_dir`] writes). `head_dim` is left out: it is always
+/// `hidden_size / num_attention_heads` here, and newer transformers' strict `BitNetConfig` has no
+/// such field.
+pub fn config_json(model: &ModelConfig) -> String {
+    let out = ConfigOut {
+        architectures: ["BitNetForCausalLM"],
+        model_type: "bitnet",
+        vocab_size: model.vocab_size,
+        hidden_size: model.hidden_size,
+        intermediate_size: model.intermediate_size,
+        num_hidden_layers: model.num_hidden_layers,
+        num_attention_heads: model.num_attention_heads,
+        num_key_value_heads: model.num_key_value_heads,
+        hidden_act: "relu2",
+        max_position_embeddings: model.max_position_embeddings,
+        rms_norm_eps: model.rms_norm_eps,
+        rope_theta: model.rope_theta,
+        tie_word_embeddings: model.tie_word_embeddings,
+        bos_token_id: model.bos_token_id,
+        eos_token_id: model.eos_token_id,
+        attention_bias: false,
+        attention_dropout: 0.0,
+        initializer_range: 0.02,
+        use_cache: true,
+        torch_dtype: "bfloat16",
+        quantization_config: QuantOut {
+            quant_method: "bitnet",
+            linear_class: "bitlinear",
+            quantization_mode: "offline",
+        },
+    };
+    let mut json = serde_json::to_string_pretty(&out).expect("a plain struct serializes");
+    json.push('\n');
+    json
+}
+
+/// The consistency checks of [`parse_checkpoint_config`], also applied before writing.
+pub(super) fn validate(c: &ModelConfig) -> Result<()> {
+    let bad = |why: String| Err(Error::invalid("config.json", why));
+    for (name, value) in [
+        ("vocab_size", c.vocab_size),
+        ("hidden_size", c.hidden_size),
+        ("intermediate_size", c.intermediate_size),
+        ("num_hidden_layers", c.num_hidden_layers),
+        ("num_attention_heads", c.num_attention_heads),
+        ("num_key_value_heads", c.num_key_value_heads),
+        ("head_dim", c.head_dim),
+        ("max_position_embeddings", c.max_position_embeddings),
+    ] {
+        if value == 0 {
+            return bad(format!("`{name}` is 0"));
+        }
+    }
+    if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+        return bad(format!(
+            "hidden_size {} is not divisible by num_attention_heads {}",
+            c.hidden_size, c.num_attention_heads
+        ));
+    }
+    if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
+        return bad(format!(
+            "num_attention_heads {} is not divisible by num_key_value_heads {}",
+            c.num_attention_heads, c.num_key_value_heads
+        ));
+    }
+    if c.head_dim.checked_mul(c.num_attention_heads) != Some(c.hidden_size) {
+        return bad(format!(
+            "head_dim {} x num_attention_heads {} is not hidden_size {} (attn_sub_norm has \
+             hidden_size weights)",
+            c.head_dim, c.num_attention_heads, c.hidden_size
+        ));
+    }
+    if !c.head_dim.is_multiple_of(2) {
+        return bad(format!(
+            "head_dim {} is odd (RoPE rotates pairs of halves)",
+            c.head_dim
+        ));
+    }
+    if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
+        return bad(format!(
+            "rms_norm_eps {} is not a finite value >= 0",
+            c.rms_norm_eps
+        ));
+    }
+    if !(c.rope_theta.is_finite() && c.rope_theta > 0.0) {
+        return bad(format!(
+            "rope_theta {} is not a finite value > 0",
+            c.rope_theta
+        ));
+    }
+    Ok(())
+}
+
+/// The defaults of one transformers config class.
+struct Defaults {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    /// `None`: as many as attention heads.
+    num_key_value_heads: Option<usize>,
+    hidden_act: &'static str,
+    max_position_embeddings: usize,
+    rms_norm_eps: f64,
+    rope_theta: f64,
+    tie_word_embeddings: bool,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<u32>,
+}
+
+/// transformers' `BitNetConfig` (the 2B4T shape, but `max_position_embeddings` 2048 where the
+/// released config.json says 4096, and untied embeddings where it says tied).
+const BITNET_DEFAULTS: Defaults = Defaults {
+    vocab_size: 128256,
+    hidden_size: 2560,
+    intermediate_size: 6912,
+    num_hidden_layers: 30,
+    num_attention_heads: 20,
+    num_key_value_heads: Some(5),
+    hidden_act: "relu2",
+    max_position_embeddings: 2048,
+    rms_norm_eps: 1e-5,
+    rope_theta: 500000.0,
+    tie_word_embeddings: false,
+    bos_token_id: Some(128000),
+    eos_token_id: Some(128001),
+};
+
+/// transformers' `LlamaConfig` (LLaMA-2 7B).
+const LLAMA_DEFAULTS: Defaults = Defaults {
+    vocab_size: 32000,
+    hidden_size: 4096,
+    intermediate_size: 11008,
+    num_hidden_layers: 32,
+    num_attention_heads: 32,
+    num_key_value_heads: None,
+    hidden_act: "silu",
+    max_position_embeddings: 2048,
+    rms_norm_eps: 1e-6,
+    rope_theta: 10000.0,
+    tie_word_embeddings: false,
+    bos_token_id: Some(1),
+    eos_token_id: Some(2),
+};
+
+/// A field of a JSON object as `T`; absent or `null` is `None`.
+fn field<T: DeserializeOwned>(map: &Map<String, Value>, name: &str) -> Result<Option<T>> {
+    match map.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
+            .map_err(|e| Error::invalid("config.json", format!("field `{name}` = {v}: {e}"))),
+    }
+}
+
+/// `rope_parameters.rope_theta` (newer transformers) or `rope_theta`, refusing RoPE scaling.
+fn rope_theta(map: &Map<String, Value>, default: f64) -> Result<f64> {
+    let mut theta = field::<f64>(map, "rope_theta")?;
+    for key in ["rope_scaling", "rope_parameters"] {
+        let Some(params) = field::<Map<String, Value>>(map, key)? else {
+            continue;
+        };
+        let kind = field::<String>(&params, "rope_type")?.or(field::<String>(&params, "type")?);
+        if let Some(kind) = kind
+            && kind != "default"
+        {
+            return Err(Error::invalid(
+                "config.json",
+                format!("`{key}` with rope_type {kind:?} is not supported (only \"default\")"),
+            ));
+        }
+        if let Some(t) = field::<f64>(&params, "rope_theta")? {
+            theta = Some(t);
+        }
+    }
+    Ok(theta.unwrap_or(default))
+}
+
+/// A token id that may be absent (default), `null` (none) or a list (its first entry).
+fn token_id(map: &Map<String, Value>, name: &str, default: Option<u32>) -> Result<Option<u32>> {
+    match map.get(name) {
+        None => Ok(default),
+        Some(Value::Array(ids)) => match ids.first() {
+            None => Ok(None),
+            Some(first) => serde_json::from_value(first.clone())
+                .map(Some)
+                .map_err(|e| {
+                    Error::invalid("config.json", format!("field `{name}` = {first}: {e}"))
+                }),
+        },
+        Some(_) => field(map, name),
+    }
+}
+
+/// Interprets `quantization_config` (transformers' `BitNetQuantConfig`; absent means full
+/// precision).
+fn weight_format(quant: Option<&Value>) -> Result<WeightFormat> {
+    let q = match quant {
+        None | Some(Value::Null) => return Ok(WeightFormat::FullPrecision),
+        Some(Value::Object(q)) => q,
+        Some(other) => {
+            return Err(Error::invalid(
+                "config.json",
+                format!("`quantization_config` = {other} is not an object"),
+            ));
+        }
+    };
+    let unsupported = |why: String| Err(Error::invalid("config.json", why));
+    let method: Option<String> = field(q, "quant_method")?;
+    if method.as_deref() != Some("bitnet") {
+        return unsupported(format!(
+            "quantization_config.quant_method {method:?} is not supported (only \"bitnet\")"
+        ));
+    }
+    if field::<bool>(q, "use_rms_norm")? == Some(true) {
+        return unsupported(
+            "quantization_config.use_rms_norm (an extra norm inside each linear) is not supported"
+                .into(),
+        );
+    }
+    let kept: Vec<String> = field(q, "modules_to_not_convert")?.unwrap_or_default();
+    if let Some(module) = kept.iter().find(|m| m.as_str() != "lm_head") {
+        return unsupported(format!(
+            "quantization_config.modules_to_not_convert lists {module:?}; only \"lm_head\" may \
+             stay unquantized"
+        ));
+    }
+    let class = field::<String>(q, "linear_class")?.unwrap_or("bitlinear".into());
+    let mode = field::<String>(q, "quantization_mode")?.unwrap_or("offline".into());
+    match (class.as_str(), mode.as_str()) {
+        ("bitlinear", "offline") => Ok(WeightFormat::OfflinePacked),
+        ("bitlinear" | "autobitlinear", "online") => Ok(WeightFormat::FullPrecision),
+        ("autobitlinear", "offline") => unsupported(
+            "quantization_config linear_class \"autobitlinear\" in offline mode multiplies by \
+             weight_scale; only \"bitlinear\" (which divides, as the released checkpoint does) is \
+             supported"
+                .into(),
+        ),
+        _ => unsupported(format!(
+            "quantization_config linear_class {class:?} / quantization_mode {mode:?} is not \
+             supported"
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct ConfigOut {
+    architectures: [&'static str; 1],
+    model_type: &'static str,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    hidden_act: &'static str,
+    max_position_embeddings: usize,
+    rms_norm_eps: f32,
+    rope_theta: f32,
+    tie_word_embeddings: bool,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<u32>,
+    attention_bias: bool,
+    attention_dropout: f32,
+    initializer_range: f32,
+    use_cache: bool,
+    torch_dtype: &'static str,
+    quantization_config: QuantOut,
+}
+
+#[derive(Serialize)]
+struct QuantOut {
+    quant_method: &'static str,
+    linear_class: &'static str,
+    quantization_mode: &'static str,
+}

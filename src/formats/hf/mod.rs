@@ -1,0 +1,71 @@
+//! Hugging Face checkpoints: a folder with config.json and safetensors, offline packed
+//! (`microsoft/bitnet-b1.58-2B-4T`) or full precision (the `-bf16` master weights), read into
+//! [`ModelWeights`](crate::model::ModelWeights) and written back in the offline packed format.
+//!
+//! Tensors (`N` = layer):
+//!
+//! | name | offline packed | full precision |
+//! | --- | --- | --- |
+//! | `model.layers.N.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}.weight` | U8 `[out/4, in]` | BF16/F16/F32 `[out, in]` |
+//! | `…_proj.weight_scale` | BF16/F16/F32 `[1]` or `[]` | absent |
+//! | `model.embed_tokens.weight`, `lm_head.weight` | BF16/F16/F32 `[vocab, hidden]` | same |
+//! | `model.layers.N.{input_layernorm, post_attention_layernorm, self_attn.attn_sub_norm}.weight`, `model.norm.weight` | BF16/F16/F32 `[hidden]` | same |
+//! | `model.layers.N.mlp.ffn_sub_norm.weight` | BF16/F16/F32 `[intermediate]` | same |
+//!
+//! `lm_head.weight` is absent when `tie_word_embeddings` is true (a copy equal to the embedding is
+//! tolerated). Loading is strict: every tensor's presence, dtype, shape and values are checked
+//! against config.json, and a tensor nobody asked for is an error naming it (a file with more
+//! layers than the config, or biases, would otherwise load as a different model), except the
+//! recomputable RoPE buffers `*.inv_freq` that older exports saved.
+
+mod config;
+mod load;
+mod save;
+#[cfg(test)]
+mod tests;
+
+pub use config::{
+    CheckpointConfig, WeightFormat, config_json, parse_checkpoint_config, parse_config,
+};
+pub use load::{load_dir, load_from_bytes};
+pub use save::{save_dir, to_safetensors_bytes};
+
+use crate::model::ModelConfig;
+
+/// Name of the config file in a checkpoint folder.
+pub const CONFIG_FILE: &str = "config.json";
+/// Name of the single weights file.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Name of the index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The seven linears of a layer: name below `model.layers.N.`, `out` and `in` features.
+fn layer_linears(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let q = c.num_attention_heads * c.head_dim;
+    let kv = c.num_key_value_heads * c.head_dim;
+    [
+        ("self_attn.q_proj", q, h),
+        ("self_attn.k_proj", kv, h),
+        ("self_attn.v_proj", kv, h),
+        ("self_attn.o_proj", h, q),
+        ("mlp.gate_proj", i, h),
+        ("mlp.up_proj", i, h),
+        ("mlp.down_proj", h, i),
+    ]
+}
+
+/// The four norms of a layer: name below `model.layers.N.` and length.
+fn layer_norms(c: &ModelConfig) -> [(&'static str, usize); 4] {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    [
+        ("input_layernorm", h),
+        ("self_attn.attn_sub_norm", h),
+        ("post_attention_layernorm", h),
+        ("mlp.ffn_sub_norm", i),
+    ]
+}
+
+fn layer_prefix(layer: usize) -> String {
+    format!("model.layers.{layer}")
+}

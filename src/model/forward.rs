@@ -1,0 +1,541 @@
+//! The CPU reference forward pass of the BitNet transformer, with a KV cache.
+//!
+//! This is the specification the GPU forward is tested against: every step is one of the
+//! [`crate::cpu`] operations, in the order of Hugging Face's `BitNetForCausalLM`.
+
+use crate::cpu::{
+    AttentionShape, TernaryWeights, act_quant, attention, relu2_gate, rmsnorm, rope, ternary_matmul,
+};
+use crate::model::{LayerWeights, ModelConfig, ModelWeights};
+use crate::{Error, Result};
+
+/// The keys and values of every position seen so far, per layer, so that a new token costs one
+/// row of work instead of re-running the whole prefix.
+///
+/// Keys are stored after RoPE, as transformers caches them. Each layer holds two row-major
+/// matrices `[len, kv_heads * head_dim]`, growing one row per position up to
+/// `max_position_embeddings` (the positions the model was trained on; further ones are refused).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvCache {
+    /// Per layer, `[len, kv_width]` keys after RoPE.
+    keys: Vec<Vec<f32>>,
+    /// Per layer, `[len, kv_width]` values.
+    values: Vec<Vec<f32>>,
+    kv_width: usize,
+    len: usize,
+    max_len: usize,
+}
+
+impl KvCache {
+    /// An empty cache shaped for `config`; it allocates as positions arrive.
+    pub fn new(config: &ModelConfig) -> Self {
+        KvCache {
+            keys: vec![Vec::new(); config.num_hidden_layers],
+            values: vec![Vec::new(); config.num_hidden_layers],
+            kv_width: config.num_key_value_heads * config.head_dim,
+            len: 0,
+            max_len: config.max_position_embeddings,
+        }
+    }
+
+    /// Positions cached so far; the next token gets this position.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is cached (the next token starts a sequence).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The most positions the cache accepts (`max_position_embeddings`).
+    pub fn capacity(&self) -> usize {
+        self.max_len
+    }
+
+    /// Forgets every position, keeping the allocations, to start a new sequence.
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Layer `layer`'s keys (after RoPE) and values, each `[len, kv_heads * head_dim]`, so that a
+    /// GPU cache can be compared with this one.
+    pub fn layer(&self, layer: usize) -> Option<(&[f32], &[f32])> {
+        Some((self.keys.get(layer)?, self.values.get(layer)?))
+    }
+
+    /// Drops every position from `len` on.
+    fn truncate(&mut self, len: usize) {
+        for rows in self.keys.iter_mut().chain(&mut self.values) {
+            rows.truncate(len * self.kv_width);
+        }
+        self.len = len;
+    }
+
+    /// Refuses a cache made for another model shape.
+    fn check_fits(&self, config: &ModelConfig) -> Result<()> {
+        let expected = KvCache::new(config);
+        if (self.keys.len(), self.kv_width, self.max_len)
+            != (expected.keys.len(), expected.kv_width, expected.max_len)
+        {
+            return Err(Error::invalid(
+                "kv cache",
+                format!(
+                    "made for {} layers x {} kv columns x {} positions, the model has {} x {} x {}",
+                    self.keys.len(),
+                    self.kv_width,
+                    self.max_len,
+                    expected.keys.len(),
+                    expected.kv_width,
+                    expected.max_len
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ModelWeights {
+    /// Checks that the configuration is usable and every tensor has the shape it implies, so that
+    /// a bad file fails here with the tensor's name rather than deep inside a matmul.
+    ///
+    /// `lm_head: None` means tied to `embed_tokens`, whatever `tie_word_embeddings` says. The
+    /// sub-norms are checked against the attention width `heads * head_dim` and the intermediate
+    /// size (transformers sizes `attn_sub_norm` by `hidden_size`, equal to the attention width in
+    /// every released config).
+    pub fn validate(&self) -> Result<()> {
+        let c = &self.config;
+        let positive = [
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("num_attention_heads", c.num_attention_heads),
+            ("num_key_value_heads", c.num_key_value_heads),
+            ("head_dim", c.head_dim),
+            ("max_position_embeddings", c.max_position_embeddings),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::invalid("model config", format!("{name} is 0")));
+        }
+        if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
+            return Err(Error::invalid(
+                "model config",
+                format!(
+                    "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                    c.num_attention_heads, c.num_key_value_heads
+                ),
+            ));
+        }
+        if !c.head_dim.is_multiple_of(2) {
+            return Err(Error::invalid(
+                "model config",
+                format!("head_dim {} is odd (RoPE rotates pairs)", c.head_dim),
+            ));
+        }
+        if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
+            return Err(Error::invalid(
+                "model config",
+                format!(
+                    "rms_norm_eps {} is not a finite non-negative number",
+                    c.rms_norm_eps
+                ),
+            ));
+        }
+        if !(c.rope_theta.is_finite() && c.rope_theta > 0.0) {
+            return Err(Error::invalid(
+                "model config",
+                format!(
+                    "rope_theta {} is not a finite positive number",
+                    c.rope_theta
+                ),
+            ));
+        }
+        if self.layers.len() != c.num_hidden_layers {
+            return Err(Error::shape(
+                "decoder layers",
+                c.num_hidden_layers,
+                self.layers.len(),
+            ));
+        }
+        let table = c.vocab_size * c.hidden_size;
+        check_len("model.embed_tokens", table, self.embed_tokens.len())?;
+        check_len("model.norm", c.hidden_size, self.norm.len())?;
+        if let Some(head) = &self.lm_head {
+            check_len("lm_head", table, head.len())?;
+        }
+        self.layers
+            .iter()
+            .try_for_each(|layer| check_layer(c, layer))
+    }
+}
+
+/// Checks one decoder layer's tensors against the configuration.
+fn check_layer(c: &ModelConfig, layer: &LayerWeights) -> Result<()> {
+    let attn = c.num_attention_heads * c.head_dim;
+    let kv = c.num_key_value_heads * c.head_dim;
+    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
+    check_len("input_layernorm", hidden, layer.input_layernorm.len())?;
+    check_len("attn_sub_norm", attn, layer.attn_sub_norm.len())?;
+    check_len(
+        "post_attention_layernorm",
+        hidden,
+        layer.post_attention_layernorm.len(),
+    )?;
+    check_len("ffn_sub_norm", inter, layer.ffn_sub_norm.len())?;
+    let linears = [
+        ("self_attn.q_proj", &layer.q_proj, attn, hidden),
+        ("self_attn.k_proj", &layer.k_proj, kv, hidden),
+        ("self_attn.v_proj", &layer.v_proj, kv, hidden),
+        ("self_attn.o_proj", &layer.o_proj, hidden, attn),
+        ("mlp.gate_proj", &layer.gate_proj, inter, hidden),
+        ("mlp.up_proj", &layer.up_proj, inter, hidden),
+        ("mlp.down_proj", &layer.down_proj, hidden, inter),
+    ];
+    for (name, w, rows, cols) in linears {
+        let consistent =
+            w.codes.len() == w.rows * w.cols && (w.scales.len() == 1 || w.scales.len() == w.rows);
+        if (w.rows, w.cols) != (rows, cols) || !consistent {
+            return Err(Error::shape(
+                name,
+                format!("{rows} x {cols} codes with 1 or {rows} scales"),
+                format!(
+                    "{} x {} ({} codes, {} scales)",
+                    w.rows,
+                    w.cols,
+                    w.codes.len(),
+                    w.scales.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A named length check.
+fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(Error::shape(what, expected, got))
+    }
+}
+
+/// Runs `tokens` through the model after the positions `cache` holds, appends their keys and
+/// values to it, and returns their logits `[tokens.len(), vocab_size]`, row-major.
+///
+/// A prompt can go in at once or token by token: every step works on rows independently (causal
+/// attention aside), so both give the same logits bit for bit. Each decoder layer is
+///
+/// ```text
+/// h = input_layernorm(x)
+/// q, k, v = BitLinear(h)            (h quantized once, shared: HF's three BitLinears quantize
+///                                    the same h to the same codes; exact matmuls, no bias)
+/// q, k = rope(q, k) at positions cache.len() ..
+/// a = attention(q, cached k, cached v)
+/// x = x + o_proj(attn_sub_norm(a))  (every BitLinear quantizes its own input)
+/// h = post_attention_layernorm(x)
+/// x = x + down_proj(ffn_sub_norm(relu(gate_proj(h))² * up_proj(h)))
+/// ```
+///
+/// then `logits = norm(x) · lm_headᵀ` in plain f32 (`lm_head` or the tied `embed_tokens`; it is
+/// not a BitLinear). Errors, raised before the cache is touched: weights that fail
+/// [`ModelWeights::validate`], a cache made for another shape, no tokens, a token id not below
+/// `vocab_size`, and more positions than `max_position_embeddings`.
+pub fn forward(weights: &ModelWeights, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    weights.validate()?;
+    let c = &weights.config;
+    cache.check_fits(c)?;
+    if tokens.is_empty() {
+        return Err(Error::Empty("token sequence"));
+    }
+    if let Some((i, &id)) = tokens
+        .iter()
+        .enumerate()
+        .find(|&(_, &id)| id as usize >= c.vocab_size)
+    {
+        return Err(Error::invalid(
+            "token id",
+            format!(
+                "token {id} at index {i} is not below the vocabulary size {}",
+                c.vocab_size
+            ),
+        ));
+    }
+    let start = cache.len;
+    if tokens.len() > cache.max_len - start {
+        return Err(Error::invalid(
+            "kv cache",
+            format!(
+                "{start} cached + {} new positions exceed max_position_embeddings {}",
+                tokens.len(),
+                cache.max_len
+            ),
+        ));
+    }
+    let logits = run_layers(weights, tokens, cache);
+    match &logits {
+        Ok(_) => cache.len = start + tokens.len(),
+        Err(_) => cache.truncate(start),
+    }
+    logits
+}
+
+/// The forward proper, on checked inputs; it appends to the cache's rows but leaves its length
+/// to the caller, which rolls back on error.
+fn run_layers(weights: &ModelWeights, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    let c = &weights.config;
+    let (n, hidden, eps) = (tokens.len(), c.hidden_size, c.rms_norm_eps);
+    let positions: Vec<usize> = (cache.len..cache.len + n).collect();
+    let shape = AttentionShape {
+        heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+    };
+    let mut x: Vec<f32> = tokens
+        .iter()
+        .flat_map(|&id| embedding_row(&weights.embed_tokens, hidden, id as usize))
+        .copied()
+        .collect();
+    let caches = cache.keys.iter_mut().zip(&mut cache.values);
+    for (layer, (keys, values)) in weights.layers.iter().zip(caches) {
+        let h = rmsnorm(&x, n, &layer.input_layernorm, eps)?;
+        let h = act_quant(&h, n, hidden)?;
+        let mut q = ternary_matmul(&h, &layer.q_proj, None)?;
+        let mut k = ternary_matmul(&h, &layer.k_proj, None)?;
+        let v = ternary_matmul(&h, &layer.v_proj, None)?;
+        rope(
+            &mut q,
+            &positions,
+            shape.heads,
+            shape.head_dim,
+            c.rope_theta,
+        )?;
+        rope(
+            &mut k,
+            &positions,
+            shape.kv_heads,
+            shape.head_dim,
+            c.rope_theta,
+        )?;
+        keys.extend_from_slice(&k);
+        values.extend_from_slice(&v);
+        let a = attention(&q, keys, values, shape)?;
+        let a = rmsnorm(&a, n, &layer.attn_sub_norm, eps)?;
+        add_assign(&mut x, &bit_linear(&a, n, &layer.o_proj)?);
+
+        let h = rmsnorm(&x, n, &layer.post_attention_layernorm, eps)?;
+        let h = act_quant(&h, n, hidden)?;
+        let gate = ternary_matmul(&h, &layer.gate_proj, None)?;
+        let up = ternary_matmul(&h, &layer.up_proj, None)?;
+        let m = relu2_gate(&gate, &up)?;
+        let m = rmsnorm(&m, n, &layer.ffn_sub_norm, eps)?;
+        add_assign(&mut x, &bit_linear(&m, n, &layer.down_proj)?);
+    }
+    let x = rmsnorm(&x, n, &weights.norm, eps)?;
+    let head = weights.lm_head.as_deref().unwrap_or(&weights.embed_tokens);
+    Ok(x.chunks_exact(hidden)
+        .flat_map(|row| head.chunks_exact(hidden).map(move |w| dot(row, w)))
+        .collect())
+}
+
+/// Row `id` of a `[vocab, hidden]` table.
+fn embedding_row(table: &[f32], hidden: usize, id: usize) -> &[f32] {
+    &table[id * hidden..][..hidden]
+}
+
+/// A BitLinear without bias: per-token int8 quantization of `x` (`[rows, w.cols]`), then the exact
+/// ternary product, as Hugging Face's `BitLinear.forward`.
+fn bit_linear(x: &[f32], rows: usize, w: &TernaryWeights) -> Result<Vec<f32>> {
+    ternary_matmul(&act_quant(x, rows, w.cols)?, w, None)
+}
+
+/// The residual connection `x += delta`.
+fn add_assign(x: &mut [f32], delta: &[f32]) {
+    for (a, &d) in x.iter_mut().zip(delta) {
+        *a += d;
+    }
+}
+
+/// Left-to-right f32 dot product (the float `lm_head`).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(&x, &y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{WeightQuantOptions, weight_quant};
+    use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+    fn tiny_config(tied: bool) -> ModelConfig {
+        ModelConfig {
+            vocab_size: 37,
+            hidden_size: 40,
+            intermediate_size: 56,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 20,
+            max_position_embeddings: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: tied,
+            bos_token_id: Some(0),
+            eos_token_id: Some(1),
+        }
+    }
+
+    fn floats(rng: &mut SmallRng, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..len).map(|_| rng.random_range(lo..hi)).collect()
+    }
+
+    fn linear(rng: &mut SmallRng, rows: usize, cols: usize) -> TernaryWeights {
+        let w = floats(rng, rows * cols, -0.1, 0.1);
+        weight_quant(&w, rows, cols, WeightQuantOptions::default()).unwrap()
+    }
+
+    /// A random model: latent weights quantized with `weight_quant`, norms near 1.
+    fn tiny_model(tied: bool, seed: u64) -> ModelWeights {
+        let config = tiny_config(tied);
+        let rng = &mut SmallRng::seed_from_u64(seed);
+        let (hidden, inter, vocab, attn, kv) = (40, 56, 37, 40, 20);
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| LayerWeights {
+                input_layernorm: floats(rng, hidden, 0.8, 1.2),
+                q_proj: linear(rng, attn, hidden),
+                k_proj: linear(rng, kv, hidden),
+                v_proj: linear(rng, kv, hidden),
+                o_proj: linear(rng, hidden, attn),
+                attn_sub_norm: floats(rng, attn, 0.8, 1.2),
+                post_attention_layernorm: floats(rng, hidden, 0.8, 1.2),
+                gate_proj: linear(rng, inter, hidden),
+                up_proj: linear(rng, inter, hidden),
+                down_proj: linear(rng, hidden, inter),
+                ffn_sub_norm: floats(rng, inter, 0.8, 1.2),
+            })
+            .collect();
+        ModelWeights {
+            config,
+            embed_tokens: floats(rng, vocab * hidden, -1.0, 1.0),
+            layers,
+            norm: floats(rng, hidden, 0.8, 1.2),
+            lm_head: (!tied).then(|| floats(rng, vocab * hidden, -1.0, 1.0)),
+        }
+    }
+
+    const TOKENS: [u32; 7] = [3, 36, 0, 17, 17, 5, 29];
+
+    #[test]
+    fn token_by_token_equals_whole_sequence() {
+        // Every op is row-wise (attention reads only earlier rows, in the same order), so the
+        // tolerance is zero: the logits must be bit for bit equal.
+        for tied in [true, false] {
+            let model = tiny_model(tied, 11);
+            let mut cache = KvCache::new(&model.config);
+            let whole = forward(&model, &TOKENS, &mut cache).unwrap();
+            assert_eq!(whole.len(), TOKENS.len() * 37);
+            assert!(whole.iter().all(|v| v.is_finite()));
+            assert_eq!(cache.len(), TOKENS.len());
+
+            let mut stepped_cache = KvCache::new(&model.config);
+            let mut stepped = Vec::new();
+            for &t in &TOKENS {
+                stepped.extend(forward(&model, &[t], &mut stepped_cache).unwrap());
+            }
+            assert_eq!(stepped, whole, "tied = {tied}");
+            assert_eq!(stepped_cache, cache);
+
+            // A prompt chunk, then single tokens.
+            let mut chunked_cache = KvCache::new(&model.config);
+            let mut chunked = forward(&model, &TOKENS[..4], &mut chunked_cache).unwrap();
+            chunked.extend(forward(&model, &TOKENS[4..6], &mut chunked_cache).unwrap());
+            chunked.extend(forward(&model, &TOKENS[6..], &mut chunked_cache).unwrap());
+            assert_eq!(chunked, whole);
+        }
+    }
+
+    #[test]
+    fn tied_and_untied_heads_differ_and_cache_has_rows() {
+        let tied = tiny_model(true, 4);
+        let untied = tiny_model(false, 4);
+        let mut c1 = KvCache::new(&tied.config);
+        let mut c2 = KvCache::new(&untied.config);
+        let a = forward(&tied, &TOKENS, &mut c1).unwrap();
+        let b = forward(&untied, &TOKENS, &mut c2).unwrap();
+        assert_ne!(a, b);
+        let (k, v) = c1.layer(1).unwrap();
+        assert_eq!((k.len(), v.len()), (7 * 20, 7 * 20));
+        assert!(c1.layer(2).is_none());
+        c1.clear();
+        assert!(c1.is_empty());
+        assert_eq!(forward(&tied, &TOKENS, &mut c1).unwrap(), a);
+    }
+
+    #[test]
+    fn first_position_ignores_rope_theta() {
+        // At position 0 RoPE is the identity, so a different theta changes nothing there.
+        let model = tiny_model(true, 2);
+        let mut other = model.clone();
+        other.config.rope_theta = 123.0;
+        let a = forward(&model, &[9], &mut KvCache::new(&model.config)).unwrap();
+        let b = forward(&other, &[9], &mut KvCache::new(&other.config)).unwrap();
+        assert_eq!(a, b);
+        let a = forward(&model, &[9, 4], &mut KvCache::new(&model.config)).unwrap();
+        let b = forward(&other, &[9, 4], &mut KvCache::new(&other.config)).unwrap();
+        assert_eq!(a[..37], b[..37]);
+        assert_ne!(a[37..], b[37..]);
+    }
+
+    #[test]
+    fn errors_leave_the_cache_untouched() {
+        let model = tiny_model(true, 5);
+        let mut cache = KvCache::new(&model.config);
+        forward(&model, &[1, 2, 3], &mut cache).unwrap();
+        let before = cache.clone();
+
+        let err = forward(&model, &[4, 37], &mut cache).unwrap_err();
+        assert!(err.to_string().contains("token 37 at index 1"), "{err}");
+        assert!(matches!(
+            forward(&model, &[], &mut cache),
+            Err(Error::Empty(_))
+        ));
+        let err = forward(&model, &[1; 14], &mut cache).unwrap_err();
+        assert!(
+            err.to_string().contains("max_position_embeddings 16"),
+            "{err}"
+        );
+        assert_eq!(cache, before);
+
+        // Filling exactly to capacity works; one more position does not.
+        forward(&model, &[1; 13], &mut cache).unwrap();
+        assert_eq!(cache.len(), cache.capacity());
+        assert!(forward(&model, &[1], &mut cache).is_err());
+
+        let mut other = tiny_config(true);
+        other.num_hidden_layers = 3;
+        let err = forward(&model, &[1], &mut KvCache::new(&other)).unwrap_err();
+        assert!(err.to_string().contains("kv cache"), "{err}");
+    }
+
+    #[test]
+    fn bad_weights_are_named() {
+        let model = tiny_model(false, 6);
+        let mut cache = KvCache::new(&model.config);
+        type Corruption = fn(&mut ModelWeights);
+        let cases: [(&str, Corruption); 6] = [
+            ("self_attn.k_proj", |m| m.layers[1].k_proj.rows = 40),
+            ("ffn_sub_norm", |m| m.layers[0].ffn_sub_norm.truncate(3)),
+            ("lm_head", |m| m.lm_head = Some(vec![0.0; 3])),
+            ("decoder layers", |m| m.layers.truncate(1)),
+            ("num_key_value_heads", |m| m.config.num_key_value_heads = 3),
+            ("head_dim", |m| m.config.head_dim = 0),
+        ];
+        for (name, corrupt) in cases {
+            let mut bad = model.clone();
+            corrupt(&mut bad);
+            let err = forward(&bad, &[1], &mut cache).unwrap_err();
+            assert!(err.to_string().contains(name), "{name}: {err}");
+        }
+        assert!(cache.is_empty());
+    }
+}

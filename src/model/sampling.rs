@@ -1,0 +1,280 @@
+//! Choosing the next token from logits: greedy, or temperature / top-k / top-p sampling with a
+//! seeded generator, so that a run can be reproduced on any platform (the browser included).
+
+use crate::{Error, Result};
+
+/// How [`Sampler`] turns logits into a token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// Divides the logits before the softmax; 0 means greedy (argmax), larger is more random.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Then keep the fewest most likely tokens whose probability adds up to at least `top_p`
+    /// (nucleus sampling); 1 keeps all. Must be in `(0, 1]`.
+    pub top_p: f32,
+    /// Seed of the generator: the same seed and logits give the same tokens.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    /// Greedy decoding, the deterministic choice that needs no tuning.
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Samples tokens with [`SamplingParams`] and its own generator state.
+///
+/// The rules are applied in Hugging Face's order: temperature, then top-k, then top-p on the
+/// probabilities renormalized over the top-k survivors. Candidates are ranked by logit, ties by the
+/// lower token id, so the result never depends on a sort's stability.
+///
+/// ```
+/// use bitnet_wgpu::model::{Sampler, SamplingParams};
+/// let mut greedy = Sampler::new(SamplingParams::default())?;
+/// assert_eq!(greedy.sample(&[0.5, 2.0, 2.0, -1.0])?, 1); // ties go to the lowest id
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: SplitMix64,
+}
+
+impl Sampler {
+    /// A sampler seeded with `params.seed`; refuses a negative or non-finite temperature and a
+    /// `top_p` outside `(0, 1]`.
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        if !(params.temperature.is_finite() && params.temperature >= 0.0) {
+            return Err(Error::invalid(
+                "sampling temperature",
+                format!("{} is not a finite non-negative number", params.temperature),
+            ));
+        }
+        if !(params.top_p > 0.0 && params.top_p <= 1.0) {
+            return Err(Error::invalid(
+                "sampling top_p",
+                format!("{} is not in (0, 1]", params.top_p),
+            ));
+        }
+        Ok(Sampler {
+            params,
+            rng: SplitMix64(params.seed),
+        })
+    }
+
+    /// The next token id for one row of logits (`[vocab]`).
+    ///
+    /// `-inf` marks a forbidden token. Errors: empty logits, a NaN or `+inf` logit, or no token
+    /// allowed at all.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        if logits.is_empty() {
+            return Err(Error::Empty("logits"));
+        }
+        if let Some((col, &value)) = logits
+            .iter()
+            .enumerate()
+            .find(|&(_, &v)| v.is_nan() || v == f32::INFINITY)
+        {
+            return Err(Error::NonFinite {
+                what: "logits",
+                row: 0,
+                col,
+                value,
+            });
+        }
+        let mut ranked: Vec<usize> = (0..logits.len())
+            .filter(|&i| logits[i] > f32::NEG_INFINITY)
+            .collect();
+        if ranked.is_empty() {
+            return Err(Error::invalid("logits", "every token is -inf"));
+        }
+        // Descending logit, then ascending id: a total order, the same on every platform.
+        ranked.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        if self.params.temperature == 0.0 {
+            return Ok(ranked[0] as u32);
+        }
+        if self.params.top_k > 0 {
+            ranked.truncate(self.params.top_k);
+        }
+        // Softmax over the survivors, in f64: this runs once per token on the host, and the
+        // extra precision keeps tiny probabilities from rounding to zero.
+        let temperature = f64::from(self.params.temperature);
+        let max = f64::from(logits[ranked[0]]);
+        let weights: Vec<f64> = ranked
+            .iter()
+            .map(|&i| ((f64::from(logits[i]) - max) / temperature).exp())
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let top_p = f64::from(self.params.top_p);
+        let mut kept = 0;
+        let mut mass = 0.0;
+        while kept < weights.len() && (kept == 0 || mass < top_p * total) {
+            mass += weights[kept];
+            kept += 1;
+        }
+        let target = self.rng.next_f64() * mass;
+        let mut cumulative = 0.0;
+        for (&id, &w) in ranked.iter().zip(&weights[..kept]) {
+            cumulative += w;
+            if target < cumulative {
+                return Ok(id as u32);
+            }
+        }
+        // Rounding can leave `target` a hair above the last partial sum.
+        Ok(ranked[kept - 1] as u32)
+    }
+}
+
+/// SplitMix64 (Steele, Lea and Flood 2014): a tiny, well-mixed 64-bit generator that needs no
+/// dependency and gives the same stream on every target.
+#[derive(Clone, Debug)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)` with 53 random bits.
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> Sampler {
+        Sampler::new(SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        })
+        .unwrap()
+    }
+
+    /// How often each id comes out in `draws` samples.
+    fn histogram(s: &mut Sampler, logits: &[f32], draws: usize) -> Vec<usize> {
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..draws {
+            counts[s.sample(logits).unwrap() as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn splitmix_matches_reference_values() {
+        // The published first outputs of SplitMix64 seeded with 1234567.
+        let mut rng = SplitMix64(1_234_567);
+        assert_eq!(rng.next_u64(), 6_457_827_717_110_365_317);
+        assert_eq!(rng.next_u64(), 3_203_168_211_198_807_973);
+    }
+
+    #[test]
+    fn greedy_takes_argmax_and_lowest_id_on_ties() {
+        let mut s = sampler(0.0, 0, 1.0, 9);
+        assert_eq!(s.sample(&[0.1, 3.0, -2.0, 2.9]).unwrap(), 1);
+        assert_eq!(s.sample(&[1.0, 5.0, 5.0, 5.0]).unwrap(), 1);
+        assert_eq!(s.sample(&[f32::NEG_INFINITY, -7.0]).unwrap(), 1);
+    }
+
+    #[test]
+    fn temperature_follows_the_softmax() {
+        // Logits [0, ln 3]: probabilities 1/4, 3/4 at T = 1 and 1/(1+√3), √3/(1+√3) at T = 2.
+        let logits = [0.0, 3f32.ln()];
+        let n = 20_000;
+        let at_one = histogram(&mut sampler(1.0, 0, 1.0, 1), &logits, n);
+        assert!(
+            (at_one[1] as f64 / n as f64 - 0.75).abs() < 0.015,
+            "{at_one:?}"
+        );
+        let at_two = histogram(&mut sampler(2.0, 0, 1.0, 2), &logits, n);
+        let expect = 3f64.sqrt() / (1.0 + 3f64.sqrt());
+        assert!(
+            (at_two[1] as f64 / n as f64 - expect).abs() < 0.015,
+            "{at_two:?}"
+        );
+    }
+
+    #[test]
+    fn top_k_keeps_the_k_best() {
+        let logits = [1.0, 3.0, 2.0, 2.5, 0.0];
+        let counts = histogram(&mut sampler(5.0, 2, 1.0, 3), &logits, 2000);
+        assert_eq!((counts[0], counts[2], counts[4]), (0, 0, 0));
+        assert!(counts[1] > 0 && counts[3] > 0);
+        let counts = histogram(&mut sampler(5.0, 1, 1.0, 3), &logits, 100);
+        assert_eq!(counts[1], 100);
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // Probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.75 needs the first two (0.5 < 0.75 <= 0.8).
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.15f32.ln(), 0.05f32.ln()];
+        let counts = histogram(&mut sampler(1.0, 0, 0.75, 4), &logits, 4000);
+        assert_eq!((counts[2], counts[3]), (0, 0));
+        // Renormalized over the nucleus: 0.5 / 0.8 = 0.625.
+        assert!(
+            (counts[0] as f64 / 4000.0 - 0.625).abs() < 0.03,
+            "{counts:?}"
+        );
+        // A tiny top_p is greedy; top_p 1 keeps everyone.
+        let counts = histogram(&mut sampler(1.0, 0, 1e-6, 4), &logits, 100);
+        assert_eq!(counts[0], 100);
+        let counts = histogram(&mut sampler(1.0, 0, 1.0, 4), &logits, 4000);
+        assert!(counts.iter().all(|&c| c > 0), "{counts:?}");
+    }
+
+    #[test]
+    fn top_p_applies_after_top_k() {
+        // top_k 2 leaves probabilities 0.625, 0.375; top_p 0.6 then keeps only the first.
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.15f32.ln(), 0.05f32.ln()];
+        let counts = histogram(&mut sampler(1.0, 2, 0.6, 5), &logits, 200);
+        assert_eq!(counts[0], 200);
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |seed| {
+            let mut s = sampler(1.0, 0, 0.95, seed);
+            (0..64)
+                .map(|_| s.sample(&logits).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(42), run(42));
+        assert_ne!(run(42), run(43));
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let mut s = sampler(1.0, 0, 1.0, 0);
+        assert!(matches!(s.sample(&[]), Err(Error::Empty(_))));
+        assert!(matches!(
+            s.sample(&[0.0, f32::NAN]),
+            Err(Error::NonFinite { col: 1, .. })
+        ));
+        assert!(s.sample(&[f32::INFINITY]).is_err());
+        assert!(s.sample(&[f32::NEG_INFINITY; 3]).is_err());
+        for (temperature, top_p) in [(-1.0, 1.0), (f32::NAN, 1.0), (1.0, 0.0), (1.0, 1.5)] {
+            let params = SamplingParams {
+                temperature,
+                top_p,
+                ..SamplingParams::default()
+            };
+            assert!(Sampler::new(params).is_err());
+        }
+    }
+}
