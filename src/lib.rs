@@ -6,15 +6,18 @@
 //! - [`packing`]: ternary code layouts (the private GPU layout, Hugging Face's offline layout,
 //!   GGUF I2_S and 1.6-bit base-3 storage).
 //! - [`gpu`]: the host layer: adapter selection, pipeline cache, buffers, kernels that record.
+//! - [`model`]: the transformer, its CPU forward and engines; [`tokenizer`]: text <-> token ids.
 //! - [`BitLinear`]: the drop-in layer, on the CPU or the GPU, saved and loaded with safetensors.
 
 pub mod bitlinear;
+pub mod convert;
 pub mod cpu;
 mod error;
 pub mod formats;
 pub mod gpu;
 pub mod model;
 pub mod packing;
+pub mod tokenizer;
 
 pub use bitlinear::{BitLinear, MemoryFootprint, StorageFormat};
 pub use error::{Error, Result};

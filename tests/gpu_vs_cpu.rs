@@ -46,3 +46,64 @@ fn gpu_pipeline_matches_cpu() {
 fn bad_shapes_are_errors() {
     pollster::block_on(common::bad_shapes_are_errors(&mut context()));
 }
+
+#[test]
+fn attention_matches_cpu() {
+    pollster::block_on(common::attention_head::attention_matches_cpu(&mut context()));
+}
+
+#[test]
+fn attention_long_context_matches_cpu() {
+    pollster::block_on(common::attention_head::attention_long_context_matches_cpu(
+        &mut context(),
+    ));
+}
+
+#[test]
+fn embedding_matches_cpu() {
+    pollster::block_on(common::attention_head::embedding_matches_cpu(&mut context()));
+}
+
+#[test]
+fn lm_head_matches_cpu() {
+    pollster::block_on(common::attention_head::lm_head_matches_cpu(&mut context()));
+}
+
+#[test]
+fn attention_head_bad_shapes_are_errors() {
+    pollster::block_on(
+        common::attention_head::attention_head_bad_shapes_are_errors(&mut context()),
+    );
+}
+
+#[test]
+fn rmsnorm_matches_cpu() {
+    pollster::block_on(common::model_ops::rmsnorm_matches_cpu(&mut context()));
+}
+
+#[test]
+fn rope_matches_cpu() {
+    pollster::block_on(common::model_ops::rope_matches_cpu(&mut context()));
+}
+
+#[test]
+fn elementwise_matches_cpu() {
+    pollster::block_on(common::model_ops::elementwise_matches_cpu(&mut context()));
+}
+
+#[test]
+fn relu2_gate_matches_cpu() {
+    pollster::block_on(common::model_ops::relu2_gate_matches_cpu(&mut context()));
+}
+
+#[test]
+fn model_ops_bad_shapes_are_errors() {
+    pollster::block_on(common::model_ops::model_ops_bad_shapes_are_errors(
+        &mut context(),
+    ));
+}
+
+#[test]
+fn gpu_model_matches_cpu() {
+    pollster::block_on(common::model::gpu_model_matches_cpu(&context()));
+}

@@ -46,3 +46,58 @@ async fn gpu_pipeline_matches_cpu() {
 async fn bad_shapes_are_errors() {
     common::bad_shapes_are_errors(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn attention_matches_cpu() {
+    common::attention_head::attention_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn attention_long_context_matches_cpu() {
+    common::attention_head::attention_long_context_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn embedding_matches_cpu() {
+    common::attention_head::embedding_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn lm_head_matches_cpu() {
+    common::attention_head::lm_head_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn attention_head_bad_shapes_are_errors() {
+    common::attention_head::attention_head_bad_shapes_are_errors(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn rmsnorm_matches_cpu() {
+    common::model_ops::rmsnorm_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn rope_matches_cpu() {
+    common::model_ops::rope_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn elementwise_matches_cpu() {
+    common::model_ops::elementwise_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn relu2_gate_matches_cpu() {
+    common::model_ops::relu2_gate_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn model_ops_bad_shapes_are_errors() {
+    common::model_ops::model_ops_bad_shapes_are_errors(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn gpu_model_matches_cpu() {
+    common::model::gpu_model_matches_cpu(&context().await).await;
+}

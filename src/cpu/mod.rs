@@ -3,6 +3,8 @@
 
 mod act_quant;
 mod attention;
+mod embedding;
+mod lm_head;
 mod relu2_gate;
 mod rmsnorm;
 mod rope;
@@ -13,6 +15,8 @@ mod weight_quant;
 
 pub use act_quant::{QuantizedActivations, act_quant, quant_scale};
 pub use attention::{AttentionShape, attention};
+pub use embedding::embedding;
+pub use lm_head::lm_head;
 pub use relu2_gate::relu2_gate;
 pub use rmsnorm::rmsnorm;
 pub use rope::{rope, rope_inv_freq};

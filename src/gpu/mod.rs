@@ -19,16 +19,60 @@
 //! ```
 
 pub mod act_quant;
+pub mod attention;
 mod context;
+pub mod elementwise;
+pub mod embedding;
+pub mod lm_head;
+pub mod relu2_gate;
+pub mod rmsnorm;
+pub mod rope;
 pub mod shaders;
+pub mod table;
 pub mod ternary_matmul;
 pub mod ternary_pack;
 
 pub use act_quant::GpuActivations;
 pub use context::{AdapterSummary, Capabilities, GpuContext};
 pub use shaders::{Kernel, ShaderVariant};
+pub use table::{GpuTable, TableStorage};
 pub use ternary_matmul::{MatmulOptions, MatmulOutput, MatmulPath};
 pub use ternary_pack::GpuTernary;
+
+/// Checks that `buffer` holds at least `count` f32 values (`count` from a checked product).
+pub(crate) fn check_f32s(
+    what: &'static str,
+    buffer: &wgpu::Buffer,
+    count: Option<usize>,
+) -> Result<(), crate::Error> {
+    let needed = count
+        .and_then(|n| u64::try_from(n).ok()?.checked_mul(4))
+        .ok_or_else(|| crate::Error::invalid(what, "the shape overflows"))?;
+    if buffer.size() < needed {
+        return Err(crate::Error::shape(
+            what,
+            format!("{needed} bytes"),
+            buffer.size(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that a kernel's input and output are different buffers: one dispatch cannot bind a
+/// buffer both read-only and writable.
+pub(crate) fn check_distinct(
+    what: &'static str,
+    input: &wgpu::Buffer,
+    output: &wgpu::Buffer,
+) -> Result<(), crate::Error> {
+    if input == output {
+        return Err(crate::Error::invalid(
+            what,
+            "input and output are the same buffer",
+        ));
+    }
+    Ok(())
+}
 
 /// Workgroups needed for `items` invocations of `per_group` each.
 pub(crate) fn groups_for(items: usize, per_group: usize) -> Result<u32, crate::Error> {

@@ -45,16 +45,41 @@ pub enum Kernel {
     ActQuant,
     TernaryPack,
     TernaryMatmul,
+    Rmsnorm,
+    Rope,
+    Elementwise,
+    Relu2Gate,
+    Attention,
+    Embedding,
+    LmHead,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 3] = [Kernel::ActQuant, Kernel::TernaryPack, Kernel::TernaryMatmul];
+    pub const ALL: [Kernel; 10] = [
+        Kernel::ActQuant,
+        Kernel::TernaryPack,
+        Kernel::TernaryMatmul,
+        Kernel::Rmsnorm,
+        Kernel::Rope,
+        Kernel::Elementwise,
+        Kernel::Relu2Gate,
+        Kernel::Attention,
+        Kernel::Embedding,
+        Kernel::LmHead,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Kernel::ActQuant => "act_quant",
             Kernel::TernaryPack => "ternary_pack",
             Kernel::TernaryMatmul => "ternary_matmul",
+            Kernel::Rmsnorm => "rmsnorm",
+            Kernel::Rope => "rope",
+            Kernel::Elementwise => "elementwise",
+            Kernel::Relu2Gate => "relu2_gate",
+            Kernel::Attention => "attention",
+            Kernel::Embedding => "embedding",
+            Kernel::LmHead => "lm_head",
         }
     }
 
@@ -64,6 +89,13 @@ impl Kernel {
             Kernel::ActQuant => &["act_quant"],
             Kernel::TernaryPack => &["reduce_sum", "finish_scales", "pack_words", "widen_f16"],
             Kernel::TernaryMatmul => &["gemv", "gemm"],
+            Kernel::Rmsnorm => &["rmsnorm", "rmsnorm_quant"],
+            Kernel::Rope => &["rope"],
+            Kernel::Elementwise => &["add", "copy_rows"],
+            Kernel::Relu2Gate => &["relu2_gate", "relu2_gate_quant"],
+            Kernel::Attention => &["attention"],
+            Kernel::Embedding => &["embedding"],
+            Kernel::LmHead => &["lm_head"],
         }
     }
 
@@ -72,6 +104,19 @@ impl Kernel {
             Kernel::ActQuant => include_str!("../../shaders/act_quant.wgsl"),
             Kernel::TernaryPack => include_str!("../../shaders/ternary_pack.wgsl"),
             Kernel::TernaryMatmul => include_str!("../../shaders/ternary_matmul.wgsl"),
+            Kernel::Rmsnorm => include_str!("../../shaders/rmsnorm.wgsl"),
+            Kernel::Rope => include_str!("../../shaders/rope.wgsl"),
+            Kernel::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
+            Kernel::Relu2Gate => include_str!("../../shaders/relu2_gate.wgsl"),
+            Kernel::Attention => include_str!("../../shaders/attention.wgsl"),
+            Kernel::Embedding => concat!(
+                include_str!("../../shaders/common/table.wgsl"),
+                include_str!("../../shaders/embedding.wgsl")
+            ),
+            Kernel::LmHead => concat!(
+                include_str!("../../shaders/common/table.wgsl"),
+                include_str!("../../shaders/lm_head.wgsl")
+            ),
         }
     }
 

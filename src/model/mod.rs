@@ -2,11 +2,19 @@
 //! memory, and the CPU reference forward with its KV cache.
 
 mod config;
+mod engine;
 mod forward;
+mod gpu;
+#[cfg(not(target_arch = "wasm32"))]
+mod load;
 mod sampling;
 mod weights;
 
 pub use config::ModelConfig;
+pub use engine::{CpuEngine, nll, perplexity_windows};
 pub use forward::{KvCache, forward};
+pub use gpu::{GpuModel, Logits};
+#[cfg(not(target_arch = "wasm32"))]
+pub use load::load_model;
 pub use sampling::{Sampler, SamplingParams};
 pub use weights::{LayerWeights, ModelWeights};

@@ -9,6 +9,10 @@ use half::f16;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+pub mod attention_head;
+pub mod model;
+pub mod model_ops;
+
 /// Relative tolerance for float epilogues: WGSL lets a division be off by 2.5 ulp (~3e-7).
 pub const EPILOGUE_REL_TOL: f32 = 1e-5;
 

@@ -1,0 +1,87 @@
+// The gated squared ReLU (cpu::relu2_gate) on the output of the fused gate/up matmul:
+// gate_up is [rows, 2 * inter], gate in columns 0..inter, up in inter..2 * inter.
+//   relu2_gate        out[r, i] = (relu(g) * relu(g)) * u, the same two roundings as the CPU;
+//   relu2_gate_quant  the same values quantized exactly as act_quant.wgsl would, one workgroup
+//                     per row.
+
+const WG: u32 = 256u;
+
+struct Params {
+    rows: u32,
+    inter: u32,
+    row_words: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> gate_up: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+@group(0) @binding(2) var<storage, read_write> codes: array<u32>;
+// Bits, as in act_quant.wgsl: a NaN is not a value WGSL promises to carry through f32.
+@group(0) @binding(3) var<storage, read_write> scale_bits: array<u32>;
+@group(0) @binding(4) var<storage, read_write> sums: array<i32>;
+
+fn gated(row: u32, i: u32) -> f32 {
+    let base = row * 2u * params.inter;
+    let g = gate_up[base + i];
+    // Not max(g, 0.0): torch's relu keeps a NaN, and WGSL's max need not.
+    let r = select(g, 0.0, g < 0.0);
+    return (r * r) * gate_up[base + params.inter + i];
+}
+
+@compute @workgroup_size(WG)
+fn relu2_gate(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) num: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = (wid.x + wid.y * num.x) * WG + lid;
+    if idx >= params.rows * params.inter {
+        return;
+    }
+    out[idx] = gated(idx / params.inter, idx % params.inter);
+}
+
+@compute @workgroup_size(WG)
+fn relu2_gate_quant(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) num: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * num.x;
+    if row >= params.rows {
+        return;
+    }
+    // act_quant.wgsl on values recomputed rather than stored: the same products round alike.
+    var amax = 0u;
+    for (var k = lid; k < params.inter; k += WG) {
+        amax = max(amax, bitcast<u32>(gated(row, k)) & 0x7fffffffu);
+    }
+    let m = wg_max(amax, lid);
+    let finite = m < 0x7f800000u;
+    var s = 0.0;
+    if finite {
+        s = div_rn(127.0, max(bitcast<f32>(m), 1e-5));
+    }
+
+    var total = 0;
+    let out_base = row * params.row_words;
+    for (var w = lid; w < params.row_words; w += WG) {
+        var word = 0u;
+        for (var i = 0u; i < 4u; i++) {
+            let k = 4u * w + i;
+            if finite && k < params.inter {
+                let q = i32(clamp(round(gated(row, k) * s), -128.0, 127.0));
+                word |= (bitcast<u32>(q) & 0xffu) << (8u * i);
+                total += q;
+            }
+        }
+        codes[out_base + w] = word;
+    }
+    let sum = wg_sum(vec4<i32>(total, 0, 0, 0), lid).x;
+    if lid == 0u {
+        scale_bits[row] = select(0x7fc00000u, bitcast<u32>(s), finite);
+        sums[row] = sum;
+    }
+}

@@ -1,0 +1,210 @@
+// RMS normalization (cpu::rmsnorm), one workgroup per row, bit for bit:
+//   y = (x * (1 / sqrt(tree_sum(x²) / cols + eps))) * weight
+// The sum of squares folds in the order of cpu::tree_sum (float sums depend on their order); the
+// division and square root are correctly rounded by hand, as WGSL's are not.
+// rmsnorm_quant goes on to quantize the normalized row exactly as act_quant.wgsl would.
+// Exact for eps >= 1e-30 (the host checks it) and squares that are zero or normal.
+
+const WG: u32 = 256u;
+// Elements one fold of 256 leaves covers.
+const BLOCK: u32 = 4u * WG;
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    row_words: u32,
+    // Always 0, but unknown to the compiler: see `square`.
+    no_fuse: u32,
+    eps: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+@group(0) @binding(3) var<storage, read_write> codes: array<u32>;
+// Bits, as in act_quant.wgsl: a NaN is not a value WGSL promises to carry through f32.
+@group(0) @binding(4) var<storage, read_write> scale_bits: array<u32>;
+@group(0) @binding(5) var<storage, read_write> sums: array<i32>;
+
+var<workgroup> partial: array<f32, WG>;
+// One sum per block of the row: rows up to BLOCK * BLOCK columns need just one more fold.
+var<workgroup> block_sums: array<f32, BLOCK>;
+
+// x * x, opaque to the compiler: a driver may otherwise fuse the product into the sum that follows
+// (one fma, one rounding), where cpu::tree_sum adds the rounded square.
+fn square(v: f32) -> f32 {
+    return bitcast<f32>(bitcast<u32>(v * v) ^ params.no_fuse);
+}
+
+// The sum of one leaf per invocation in cpu::tree_sum's halving order.
+fn fold_leaves(leaf: f32, lid: u32) -> f32 {
+    partial[lid] = leaf;
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        workgroupBarrier();
+        if lid < s {
+            partial[lid] = partial[lid] + partial[lid + s];
+        }
+    }
+    let total = workgroupUniformLoad(&partial[0]);
+    workgroupBarrier();
+    return total;
+}
+
+fn sum_of_squares(base: u32, lid: u32) -> f32 {
+    let cols = params.cols;
+    let blocks = (cols + BLOCK - 1u) / BLOCK;
+    var total = 0.0;
+    for (var b = 0u; b < blocks; b++) {
+        // Missing elements are skipped where the reference adds 0.0: the same value for sums >= 0.
+        var leaf = 0.0;
+        for (var i = 0u; i < 4u; i++) {
+            let k = b * BLOCK + 4u * lid + i;
+            if k < cols {
+                leaf = leaf + square(x[base + k]);
+            }
+        }
+        total = fold_leaves(leaf, lid);
+        if lid == 0u {
+            block_sums[b] = total;
+        }
+    }
+    if blocks == 1u {
+        return total;
+    }
+    workgroupBarrier();
+    var leaf = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        let k = 4u * lid + i;
+        if k < blocks {
+            leaf = leaf + block_sums[k];
+        }
+    }
+    return fold_leaves(leaf, lid);
+}
+
+// Correctly rounded square root of a normal a > 0 (infinity and NaN pass through), by the digit
+// recurrence on the 24-bit mantissa: one result bit per step, plus one for rounding. A square root
+// is never exactly half-way between two floats, so that bit alone decides the rounding.
+fn sqrt_rn(a: f32) -> f32 {
+    let bits = bitcast<u32>(a);
+    let ea = bits >> 23u;
+    if ea == 255u {
+        return a;
+    }
+    let e = i32(ea) - 127;
+    var m = (bits & 0x7fffffu) | 0x800000u;
+    // An even exponent halves exactly; the odd one goes into the mantissa.
+    let odd = (e & 1) != 0;
+    if odd {
+        m = m << 1u;
+    }
+    var half_e = (e - select(0, 1, odd)) / 2;
+    // The radicand is m * 2^25; its bit pairs past the 13th are zero.
+    let radicand = m << 1u;
+    var q = 0u;
+    var r = 0u;
+    for (var j = 0u; j < 25u; j++) {
+        var pair = 0u;
+        if j < 13u {
+            pair = (radicand >> (24u - 2u * j)) & 3u;
+        }
+        r = (r << 2u) | pair;
+        let t = (q << 2u) | 1u;
+        q = q << 1u;
+        if r >= t {
+            r -= t;
+            q |= 1u;
+        }
+    }
+    var mant = (q + 1u) >> 1u;
+    if mant == 0x1000000u {
+        mant = 0x800000u;
+        half_e += 1;
+    }
+    return bitcast<f32>((u32(half_e + 127) << 23u) | (mant & 0x7fffffu));
+}
+
+// 1 / sqrt(sum / cols + eps) of the row, rounded as the CPU rounds each step.
+fn inv_rms(base: u32, lid: u32) -> f32 {
+    let sum = sum_of_squares(base, lid);
+    let n = f32(params.cols);
+    // div_rn does not produce subnormals; a mean that small vanishes into eps >= 1e-30 anyway.
+    var mean = 0.0;
+    if sum >= n * bitcast<f32>(0x00800000u) {
+        mean = div_rn(sum, n);
+    }
+    return div_rn(1.0, sqrt_rn(mean + params.eps));
+}
+
+fn normalized(base: u32, k: u32, inv: f32) -> f32 {
+    return (x[base + k] * inv) * weight[k];
+}
+
+@compute @workgroup_size(WG)
+fn rmsnorm(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) num: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * num.x;
+    if row >= params.rows {
+        return;
+    }
+    let base = row * params.cols;
+    let inv = inv_rms(base, lid);
+    for (var k = lid; k < params.cols; k += WG) {
+        y[base + k] = normalized(base, k, inv);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn rmsnorm_quant(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) num: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * num.x;
+    if row >= params.rows {
+        return;
+    }
+    let base = row * params.cols;
+    let inv = inv_rms(base, lid);
+
+    // From here on act_quant.wgsl, on values recomputed rather than stored: the same products
+    // round to the same floats.
+    var amax = 0u;
+    for (var k = lid; k < params.cols; k += WG) {
+        amax = max(amax, bitcast<u32>(normalized(base, k, inv)) & 0x7fffffffu);
+    }
+    let m = wg_max(amax, lid);
+    let finite = m < 0x7f800000u;
+    var s = 0.0;
+    if finite {
+        s = div_rn(127.0, max(bitcast<f32>(m), 1e-5));
+    }
+
+    var total = 0;
+    let out = row * params.row_words;
+    for (var w = lid; w < params.row_words; w += WG) {
+        var word = 0u;
+        for (var i = 0u; i < 4u; i++) {
+            let k = 4u * w + i;
+            if finite && k < params.cols {
+                let q = i32(clamp(round(normalized(base, k, inv) * s), -128.0, 127.0));
+                word |= (bitcast<u32>(q) & 0xffu) << (8u * i);
+                total += q;
+            }
+        }
+        codes[out + w] = word;
+    }
+    let sum = wg_sum(vec4<i32>(total, 0, 0, 0), lid).x;
+    if lid == 0u {
+        scale_bits[row] = select(0x7fc00000u, bitcast<u32>(s), finite);
+        sums[row] = sum;
+    }
+}

@@ -1,0 +1,102 @@
+//! Host side of `shaders/relu2_gate.wgsl`: `cpu::relu2_gate` on the fused gate/up matmul output,
+//! and `cpu::act_quant` of it fused, bit for bit.
+
+use crate::gpu::{GpuActivations, GpuContext, Kernel, check_distinct, check_f32s, groups_for};
+use crate::{Error, Result};
+
+const WG: usize = 256;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    inter: u32,
+    row_words: u32,
+    pad: u32,
+}
+
+fn params(
+    ctx: &GpuContext,
+    gate_up: &wgpu::Buffer,
+    rows: usize,
+    inter: usize,
+) -> Result<wgpu::Buffer> {
+    if inter == 0 {
+        return Err(Error::Empty("relu2_gate row"));
+    }
+    check_f32s(
+        "relu2_gate gate_up",
+        gate_up,
+        rows.checked_mul(inter).and_then(|n| n.checked_mul(2)),
+    )?;
+    Ok(ctx.uniform(
+        "relu2_gate params",
+        &Params {
+            rows: rows as u32,
+            inter: inter as u32,
+            row_words: GpuActivations::row_words(inter) as u32,
+            pad: 0,
+        },
+    ))
+}
+
+/// Records `out[r, i] = relu(gate_up[r, i])² * gate_up[r, inter + i]`, i.e. `cpu::relu2_gate` of
+/// the two halves of each row of `gate_up` (`[rows, 2 * inter]` f32, gate first, as the fused
+/// gate/up matmul writes it) into a different buffer `out` (`[rows, inter]` f32). Bit-exact
+/// where no intermediate is subnormal (a GPU may flush those to zero).
+pub fn record(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    gate_up: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    rows: usize,
+    inter: usize,
+) -> Result<()> {
+    let params = params(ctx, gate_up, rows, inter)?;
+    check_f32s("relu2_gate output", out, rows.checked_mul(inter))?;
+    check_distinct("relu2_gate", gate_up, out)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let pipeline = ctx.pipeline(Kernel::Relu2Gate, "relu2_gate", &[])?;
+    ctx.dispatch(
+        pass,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            gate_up.as_entire_binding(),
+            out.as_entire_binding(),
+        ],
+        groups_for(rows * inter, WG)?,
+    );
+    Ok(())
+}
+
+/// Records `acts = cpu::act_quant(cpu::relu2_gate(..))` of `gate_up` (`[acts.rows, 2 * acts.cols]`
+/// f32, laid out as for [`record`]) without writing the gated values anywhere. Bit-exact under
+/// the condition of [`record`].
+pub fn record_quant(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    gate_up: &wgpu::Buffer,
+    acts: &GpuActivations,
+) -> Result<()> {
+    let params = params(ctx, gate_up, acts.rows, acts.cols)?;
+    if acts.rows == 0 {
+        return Ok(());
+    }
+    let pipeline = ctx.pipeline(Kernel::Relu2Gate, "relu2_gate_quant", &[])?;
+    ctx.dispatch(
+        pass,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            gate_up.as_entire_binding(),
+            acts.codes.as_entire_binding(),
+            acts.scales.as_entire_binding(),
+            acts.sums.as_entire_binding(),
+        ],
+        groups_for(acts.rows, 1)?,
+    );
+    Ok(())
+}

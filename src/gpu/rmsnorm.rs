@@ -1,0 +1,125 @@
+//! Host side of `shaders/rmsnorm.wgsl`: `cpu::rmsnorm`, and `cpu::act_quant(cpu::rmsnorm(..))`
+//! fused, bit for bit.
+
+use crate::gpu::{GpuActivations, GpuContext, Kernel, check_distinct, check_f32s, groups_for};
+use crate::{Error, Result};
+
+/// The shader folds a row's block sums in one more level, so rows may hold this many columns.
+const MAX_COLS: usize = 1024 * 1024;
+/// The smallest eps for which the shader's mean agrees with the CPU's: below it a subnormal mean
+/// (which the shader's division does not produce) could still show in `mean + eps`.
+const MIN_EPS: f32 = 1e-30;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    cols: u32,
+    row_words: u32,
+    no_fuse: u32,
+    eps: f32,
+    pad: [u32; 3],
+}
+
+fn params(ctx: &GpuContext, rows: usize, cols: usize, eps: f32) -> Result<wgpu::Buffer> {
+    if cols == 0 {
+        return Err(Error::Empty("rmsnorm row"));
+    }
+    if cols > MAX_COLS {
+        return Err(Error::invalid(
+            "rmsnorm shape",
+            format!("{cols} columns; the shader takes at most {MAX_COLS}"),
+        ));
+    }
+    // Also rejects NaN.
+    if !(MIN_EPS..=f32::MAX).contains(&eps) {
+        return Err(Error::invalid(
+            "rmsnorm eps",
+            format!("{eps:e}; the GPU matches cpu::rmsnorm for eps in [{MIN_EPS:e}, f32::MAX]"),
+        ));
+    }
+    Ok(ctx.uniform(
+        "rmsnorm params",
+        &Params {
+            rows: rows as u32,
+            cols: cols as u32,
+            row_words: GpuActivations::row_words(cols) as u32,
+            no_fuse: 0,
+            eps,
+            pad: [0; 3],
+        },
+    ))
+}
+
+/// Records `y = cpu::rmsnorm(x, rows, weight, eps)`: `x` and `y` hold `rows x cols` f32
+/// (row-major), `weight` holds `cols`; `x` and `y` must be different buffers, `cols <= 2^20`.
+/// Bit-exact with the CPU for `eps >= 1e-30` where no square or output is subnormal (|x| between
+/// 2.6e-23 and 1.1e-19 squares to one), as a GPU may flush subnormals to zero.
+#[allow(clippy::too_many_arguments)]
+pub fn record(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    x: &wgpu::Buffer,
+    weight: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<()> {
+    let params = params(ctx, rows, cols, eps)?;
+    check_f32s("rmsnorm input", x, rows.checked_mul(cols))?;
+    check_f32s("rmsnorm weight", weight, Some(cols))?;
+    check_f32s("rmsnorm output", y, rows.checked_mul(cols))?;
+    check_distinct("rmsnorm", x, y)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let pipeline = ctx.pipeline(Kernel::Rmsnorm, "rmsnorm", &[])?;
+    ctx.dispatch(
+        pass,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            x.as_entire_binding(),
+            weight.as_entire_binding(),
+            y.as_entire_binding(),
+        ],
+        groups_for(rows, 1)?,
+    );
+    Ok(())
+}
+
+/// Records `acts = cpu::act_quant(cpu::rmsnorm(x, acts.rows, weight, eps))` without writing the
+/// normalized rows anywhere: `x` holds `acts.rows x acts.cols` f32, `weight` holds `acts.cols`.
+/// Bit-exact under the conditions of [`record`].
+pub fn record_quant(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    x: &wgpu::Buffer,
+    weight: &wgpu::Buffer,
+    acts: &GpuActivations,
+    eps: f32,
+) -> Result<()> {
+    let (rows, cols) = (acts.rows, acts.cols);
+    let params = params(ctx, rows, cols, eps)?;
+    check_f32s("rmsnorm input", x, rows.checked_mul(cols))?;
+    check_f32s("rmsnorm weight", weight, Some(cols))?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let pipeline = ctx.pipeline(Kernel::Rmsnorm, "rmsnorm_quant", &[])?;
+    ctx.dispatch(
+        pass,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            x.as_entire_binding(),
+            weight.as_entire_binding(),
+            acts.codes.as_entire_binding(),
+            acts.scales.as_entire_binding(),
+            acts.sums.as_entire_binding(),
+        ],
+        groups_for(rows, 1)?,
+    );
+    Ok(())
+}

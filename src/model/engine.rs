@@ -1,0 +1,210 @@
+//! Engines: a model together with the state a sequence needs (its KV cache), behind one
+//! `forward(tokens) -> logits` call, plus the scoring helpers every engine's callers share.
+
+use std::ops::Range;
+
+use crate::Result;
+use crate::model::{KvCache, ModelConfig, ModelWeights, forward};
+
+/// The CPU reference forward with its own KV cache: each [`CpuEngine::forward`] continues the
+/// sequence where the previous one stopped.
+///
+/// ```
+/// # use bitnet_wgpu::model::{CpuEngine, ModelWeights};
+/// # fn run(weights: ModelWeights) -> bitnet_wgpu::Result<()> {
+/// let mut engine = CpuEngine::new(weights)?;
+/// let prompt = engine.forward(&[1, 2, 3])?; // [3, vocab]
+/// let next = engine.forward(&[4])?; // [1, vocab], position 3
+/// engine.reset(); // a new sequence
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct CpuEngine {
+    weights: ModelWeights,
+    cache: KvCache,
+}
+
+impl CpuEngine {
+    /// An engine over `weights`, checked once here ([`ModelWeights::validate`]).
+    pub fn new(weights: ModelWeights) -> Result<Self> {
+        weights.validate()?;
+        let cache = KvCache::new(&weights.config);
+        Ok(CpuEngine { weights, cache })
+    }
+
+    /// Logits `[tokens.len(), vocab_size]` of `tokens` placed after the positions seen so far; the
+    /// cache advances by `tokens.len()`. Errors are those of [`forward`] (no tokens, an id outside
+    /// the vocabulary, past `max_position_embeddings`); the cache is unchanged after one.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        forward(&self.weights, tokens, &mut self.cache)
+    }
+
+    /// Forgets the sequence, to start a new one.
+    pub fn reset(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Positions seen so far: the next token's position.
+    pub fn position(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.weights.config
+    }
+
+    pub fn weights(&self) -> &ModelWeights {
+        &self.weights
+    }
+}
+
+/// Splits `n_tokens` into consecutive, non-overlapping windows of `context` tokens, the last one
+/// shorter when `context` does not divide `n_tokens`. Each window is scored on its own, so its
+/// first token is predicted from nothing and only the following ones count. `context == 0` gives
+/// no window.
+///
+/// ```
+/// use bitnet_wgpu::model::perplexity_windows;
+/// assert_eq!(perplexity_windows(10, 4), [0..4, 4..8, 8..10]);
+/// assert_eq!(perplexity_windows(8, 4), [0..4, 4..8]);
+/// ```
+pub fn perplexity_windows(n_tokens: usize, context: usize) -> Vec<Range<usize>> {
+    if context == 0 {
+        return Vec::new();
+    }
+    (0..n_tokens)
+        .step_by(context)
+        .map(|start| start..(start + context).min(n_tokens))
+        .collect()
+}
+
+/// The negative log-likelihood `-log softmax(logits_row)[target]`, in f64 so that a long sum of
+/// them (perplexity) does not drift. A target whose logit is `-inf` gives `+inf`.
+///
+/// Panics when `target` is not an index of `logits_row`.
+///
+/// ```
+/// use bitnet_wgpu::model::nll;
+/// // Two equal logits: probability 1/2.
+/// assert!((nll(&[3.0, 3.0], 1) - 2f64.ln()).abs() < 1e-12);
+/// ```
+pub fn nll(logits_row: &[f32], target: u32) -> f64 {
+    let max = logits_row
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+    let sum: f64 = logits_row.iter().map(|&v| (f64::from(v) - max).exp()).sum();
+    max + sum.ln() - f64::from(logits_row[target as usize])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{WeightQuantOptions, weight_quant};
+    use crate::model::LayerWeights;
+
+    fn tiny_weights() -> ModelWeights {
+        let config = ModelConfig {
+            vocab_size: 11,
+            hidden_size: 8,
+            intermediate_size: 12,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 4,
+            max_position_embeddings: 6,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_id: None,
+        };
+        // Deterministic, varied values without a generator: a scrambled sine.
+        let values = |len: usize, salt: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7919 + salt * 104_729) as f32 * 0.618).sin())
+                .collect()
+        };
+        let linear = |rows: usize, cols: usize, salt: usize| {
+            weight_quant(
+                &values(rows * cols, salt),
+                rows,
+                cols,
+                WeightQuantOptions::default(),
+            )
+            .unwrap()
+        };
+        let layer = LayerWeights {
+            input_layernorm: vec![1.0; 8],
+            q_proj: linear(8, 8, 1),
+            k_proj: linear(4, 8, 2),
+            v_proj: linear(4, 8, 3),
+            o_proj: linear(8, 8, 4),
+            attn_sub_norm: vec![1.0; 8],
+            post_attention_layernorm: vec![1.0; 8],
+            gate_proj: linear(12, 8, 5),
+            up_proj: linear(12, 8, 6),
+            down_proj: linear(8, 12, 7),
+            ffn_sub_norm: vec![1.0; 12],
+        };
+        ModelWeights {
+            config,
+            embed_tokens: values(11 * 8, 8),
+            layers: vec![layer],
+            norm: vec![1.0; 8],
+            lm_head: None,
+        }
+    }
+
+    #[test]
+    fn engine_continues_the_sequence_and_resets() {
+        let weights = tiny_weights();
+        let mut engine = CpuEngine::new(weights.clone()).unwrap();
+        let all = engine.forward(&[1, 2, 3]).unwrap();
+        assert_eq!((all.len(), engine.position()), (33, 3));
+        engine.reset();
+        engine.forward(&[1, 2]).unwrap();
+        let last = engine.forward(&[3]).unwrap();
+        assert_eq!(last, all[22..]);
+        // Past the context limit: an error, and the cache stays where it was.
+        assert!(engine.forward(&[1, 2, 3, 4]).is_err());
+        assert_eq!(engine.position(), 3);
+        assert!(engine.forward(&[11]).is_err());
+        assert_eq!(engine.config().vocab_size, 11);
+        assert_eq!(engine.weights(), &weights);
+    }
+
+    #[test]
+    fn engine_refuses_inconsistent_weights() {
+        let mut weights = tiny_weights();
+        weights.norm.pop();
+        assert!(CpuEngine::new(weights).is_err());
+    }
+
+    #[test]
+    fn windows_cover_every_token_once() {
+        assert_eq!(perplexity_windows(0, 4), Vec::<Range<usize>>::new());
+        assert_eq!(perplexity_windows(3, 4), [Range { start: 0, end: 3 }]);
+        assert_eq!(perplexity_windows(9, 4), [0..4, 4..8, 8..9]);
+        assert!(perplexity_windows(5, 0).is_empty());
+        for (n, c) in [(1000, 7), (1024, 256), (5, 1)] {
+            let w = perplexity_windows(n, c);
+            assert_eq!(w.len(), n.div_ceil(c));
+            assert!(w.windows(2).all(|p| p[0].end == p[1].start));
+            assert_eq!((w[0].start, w.last().unwrap().end), (0, n));
+        }
+    }
+
+    #[test]
+    fn nll_is_the_negative_log_softmax() {
+        let logits = [1.0f32, 2.0, 3.0];
+        let z: f64 = logits.iter().map(|&v| f64::from(v).exp()).sum();
+        for (i, &v) in logits.iter().enumerate() {
+            let expect = -(f64::from(v).exp() / z).ln();
+            assert!((nll(&logits, i as u32) - expect).abs() < 1e-12);
+        }
+        // Large logits would overflow a naive exp; the shift by the maximum keeps it finite.
+        assert!((nll(&[1000.0, 1000.0], 0) - 2f64.ln()).abs() < 1e-12);
+        assert_eq!(nll(&[0.0, f32::NEG_INFINITY], 1), f64::INFINITY);
+        assert_eq!(nll(&[5.0], 0), 0.0);
+    }
+}

@@ -1,0 +1,254 @@
+//! Opening a model from disk, whatever its format, with the tokenizer that goes with it.
+
+use std::path::Path;
+
+use crate::formats::{gguf, hf};
+use crate::model::ModelWeights;
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// Name of the tokenizer file in a Hugging Face checkpoint folder.
+const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Vocabularies up to this size are taken for the byte-level fallback ([`Tokenizer::bytes`]:
+/// 256 bytes and a few specials) when no tokenizer comes with the model; any larger one needs
+/// its real tokenizer.
+const BYTE_VOCAB_LIMIT: usize = 260;
+
+/// The GGUF magic, to recognize a GGUF file whatever its name.
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
+/// Loads a model and its tokenizer from `path`:
+///
+/// - a Hugging Face checkpoint folder (config.json, safetensors, see [`hf::load_dir`]) with its
+///   tokenizer.json; the bos/eos ids come from config.json;
+/// - a GGUF file (see [`gguf::to_model`]) with its embedded byte-level BPE vocabulary.
+///
+/// A model without a tokenizer gets [`Tokenizer::bytes`] if its vocabulary has at most 260
+/// tokens. Errors name the path: it does not exist, a folder without
+/// config.json, a file that is not GGUF, a missing tokenizer for a larger vocabulary, a
+/// tokenizer with more tokens than the model, and every error of the format readers.
+pub fn load_model(path: impl AsRef<Path>) -> Result<(ModelWeights, Tokenizer)> {
+    let path = path.as_ref();
+    let metadata = std::fs::metadata(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source: if source.kind() == std::io::ErrorKind::NotFound {
+            std::io::Error::new(
+                source.kind(),
+                "no such file or folder (expected a checkpoint folder with config.json, or a \
+                 .gguf file)",
+            )
+        } else {
+            source
+        },
+    })?;
+    let (weights, tokenizer) = if metadata.is_dir() {
+        load_hf_dir(path)?
+    } else {
+        load_gguf(path)?
+    };
+    if tokenizer.vocab_size() > weights.config.vocab_size {
+        return Err(Error::invalid(
+            "tokenizer",
+            format!(
+                "{}: the tokenizer has {} tokens but the model's vocabulary only {}",
+                path.display(),
+                tokenizer.vocab_size(),
+                weights.config.vocab_size
+            ),
+        ));
+    }
+    Ok((weights, tokenizer))
+}
+
+fn load_hf_dir(dir: &Path) -> Result<(ModelWeights, Tokenizer)> {
+    if !dir.join(hf::CONFIG_FILE).is_file() {
+        return Err(not_a_model(
+            dir,
+            format!(
+                "this folder has no {} (not a Hugging Face checkpoint)",
+                hf::CONFIG_FILE
+            ),
+        ));
+    }
+    let weights = hf::load_dir(dir)?;
+    let config = &weights.config;
+    let tokenizer_path = dir.join(TOKENIZER_FILE);
+    let tokenizer = match std::fs::read(&tokenizer_path) {
+        Ok(json) => Tokenizer::from_json(&json)
+            .map_err(|e| Error::invalid("tokenizer", format!("{}: {e}", tokenizer_path.display())))?
+            .with_special_ids(config.bos_token_id, config.eos_token_id)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            byte_fallback(dir, config.vocab_size, format!("no {TOKENIZER_FILE}"))?
+        }
+        Err(source) => {
+            return Err(Error::Io {
+                path: tokenizer_path.display().to_string(),
+                source,
+            });
+        }
+    };
+    Ok((weights, tokenizer))
+}
+
+fn load_gguf(path: &Path) -> Result<(ModelWeights, Tokenizer)> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if !bytes.starts_with(GGUF_MAGIC) {
+        return Err(not_a_model(
+            path,
+            "this file is not GGUF (no GGUF magic) and not a checkpoint folder".to_string(),
+        ));
+    }
+    let in_file = |e: Error| Error::invalid("GGUF file", format!("{}: {e}", path.display()));
+    let file = gguf::GgufFile::from_vec(bytes).map_err(in_file)?;
+    let weights = gguf::to_model(&file).map_err(in_file)?;
+    let tokenizer = match gguf::tokenizer(&file).map_err(in_file)? {
+        Some(t) => Tokenizer::from_gguf(&t).map_err(in_file)?,
+        None => byte_fallback(
+            path,
+            weights.config.vocab_size,
+            "no tokenizer.ggml.tokens".to_string(),
+        )?,
+    };
+    Ok((weights, tokenizer))
+}
+
+/// The byte-level tokenizer for a tiny vocabulary, or the error that `path` lacks its tokenizer.
+fn byte_fallback(path: &Path, vocab_size: usize, missing: String) -> Result<Tokenizer> {
+    if vocab_size <= BYTE_VOCAB_LIMIT {
+        Ok(Tokenizer::bytes(vocab_size))
+    } else {
+        Err(Error::invalid(
+            "tokenizer",
+            format!(
+                "{}: {missing}, and a vocabulary of {vocab_size} tokens needs its tokenizer \
+                 (only up to {BYTE_VOCAB_LIMIT} tokens fall back to bytes)",
+                path.display()
+            ),
+        ))
+    }
+}
+
+fn not_a_model(path: &Path, why: String) -> Error {
+    Error::invalid("model path", format!("{}: {why}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{WeightQuantOptions, weight_quant};
+    use crate::model::{LayerWeights, ModelConfig};
+
+    /// A model with every linear a multiple of 128 weights, as GGUF's I2_S needs.
+    fn weights(vocab_size: usize) -> ModelWeights {
+        let config = ModelConfig {
+            vocab_size,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 16,
+            max_position_embeddings: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_id: None,
+        };
+        let values = |len: usize| -> Vec<f32> { (0..len).map(|i| (i as f32).sin()).collect() };
+        let linear = |rows: usize, cols: usize| {
+            weight_quant(
+                &values(rows * cols),
+                rows,
+                cols,
+                WeightQuantOptions::default(),
+            )
+            .unwrap()
+        };
+        ModelWeights {
+            embed_tokens: values(vocab_size * 32),
+            layers: vec![LayerWeights {
+                input_layernorm: vec![1.0; 32],
+                q_proj: linear(32, 32),
+                k_proj: linear(16, 32),
+                v_proj: linear(16, 32),
+                o_proj: linear(32, 32),
+                attn_sub_norm: vec![1.0; 32],
+                post_attention_layernorm: vec![1.0; 32],
+                gate_proj: linear(64, 32),
+                up_proj: linear(64, 32),
+                down_proj: linear(32, 64),
+                ffn_sub_norm: vec![1.0; 64],
+            }],
+            norm: vec![1.0; 32],
+            lm_head: None,
+            config,
+        }
+    }
+
+    /// A fresh, empty folder under the system's temporary folder.
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "bitnet-load-{name}-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn tiny_models_fall_back_to_bytes() {
+        let dir = temp_dir("hf-bytes");
+        let model = weights(260);
+        hf::save_dir(&model, dir.join("ckpt"), &[]).unwrap();
+        let (loaded, tokenizer) = load_model(dir.join("ckpt")).unwrap();
+        assert_eq!(loaded, model);
+        assert_eq!(tokenizer.encode("A", true).unwrap(), [256, 65]);
+
+        let gguf_path = dir.join("tiny.gguf");
+        std::fs::write(&gguf_path, gguf::write_model(&model, None).unwrap()).unwrap();
+        let (loaded, tokenizer) = load_model(&gguf_path).unwrap();
+        assert_eq!(loaded, model);
+        assert_eq!(tokenizer.vocab_size(), 260);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_large_vocabulary_needs_its_tokenizer() {
+        let dir = temp_dir("hf-missing");
+        hf::save_dir(&weights(300), &dir, &[]).unwrap();
+        let e = load_model(&dir).unwrap_err().to_string();
+        assert!(e.contains(&dir.display().to_string()), "{e}");
+        assert!(e.contains("tokenizer.json"), "{e}");
+
+        let gguf_path = dir.join("big.gguf");
+        std::fs::write(&gguf_path, gguf::write_model(&weights(300), None).unwrap()).unwrap();
+        let e = load_model(&gguf_path).unwrap_err().to_string();
+        assert!(e.contains("tokenizer.ggml.tokens"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_paths_say_what_was_expected() {
+        let dir = temp_dir("bad");
+        let e = load_model(dir.join("absent")).unwrap_err().to_string();
+        assert!(e.contains("absent") && e.contains("no such file"), "{e}");
+        let e = load_model(&dir).unwrap_err().to_string();
+        assert!(e.contains("config.json"), "{e}");
+        let text = dir.join("notes.txt");
+        std::fs::write(&text, "hello").unwrap();
+        let e = load_model(&text).unwrap_err().to_string();
+        assert!(e.contains("notes.txt") && e.contains("not GGUF"), "{e}");
+        let truncated = dir.join("cut.gguf");
+        let bytes = gguf::write_model(&weights(260), None).unwrap();
+        std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+        let e = load_model(&truncated).unwrap_err().to_string();
+        assert!(e.contains("cut.gguf"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,454 @@
+//! Text to token ids and back: a Hugging Face `tokenizer.json`, the byte-level BPE vocabulary
+//! embedded in a GGUF file, or plain bytes for tiny test models that have no vocabulary.
+//!
+//! Every kind answers the same three questions: [`Tokenizer::encode`], [`Tokenizer::decode`] and,
+//! for streaming, [`StreamDecoder`], which holds back a token's text until it is complete UTF-8
+//! (one character can span several byte-level tokens).
+
+use std::collections::HashMap;
+
+use tokenizers::AddedToken;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+use crate::formats::gguf::GgufTokenizer;
+use crate::{Error, Result};
+
+/// GGUF `tokenizer.ggml.token_type` of a control token (`<|begin_of_text|>` and the like).
+const TOKEN_TYPE_CONTROL: i32 = 3;
+/// GGUF `tokenizer.ggml.token_type` of a user-defined token, matched whole in the input.
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// Byte-level fallback: ids 0..=255 are the bytes, 256 marks the beginning of a sequence, 257 its
+/// end; any further ids up to the model's vocabulary are specials that decode to nothing.
+const BYTE_BOS: u32 = 256;
+const BYTE_EOS: u32 = 257;
+
+/// A tokenizer with its beginning- and end-of-sequence ids.
+///
+/// ```
+/// use bitnet_wgpu::tokenizer::Tokenizer;
+/// let t = Tokenizer::bytes(258);
+/// let ids = t.encode("hé", true)?;
+/// assert_eq!(ids, [256, 104, 0xc3, 0xa9]);
+/// assert_eq!(t.decode(&ids)?, "hé");
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Tokenizer {
+    kind: Kind,
+    bos: Option<u32>,
+    eos: Option<u32>,
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    // Boxed: the tokenizers type is large and the byte kind is two words.
+    Hf(Box<tokenizers::Tokenizer>),
+    Bytes { vocab_size: usize },
+}
+
+impl Tokenizer {
+    /// A Hugging Face `tokenizer.json`, given as its bytes. It names no bos/eos ids (those live in
+    /// config.json): set them with [`Tokenizer::with_special_ids`].
+    pub fn from_json(json: &[u8]) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(json)
+            .map_err(|e| Error::invalid("tokenizer.json", e))?;
+        Ok(Tokenizer {
+            kind: Kind::Hf(Box::new(inner)),
+            bos: None,
+            eos: None,
+        })
+    }
+
+    /// The byte-level BPE vocabulary of a GGUF file (`tokenizer.ggml.model = "gpt2"`, the
+    /// 2B-4T model's): tokens and merges in GPT-2's byte-to-character alphabet, split by GPT-2's
+    /// pre-tokenizer regex. Control and user-defined tokens are matched whole in the input,
+    /// and control tokens are left out of decoded text.
+    ///
+    /// Errors: another tokenizer model (SentencePiece `llama` vocabularies carry scores, not
+    /// merges, and are not supported), a merge that is not two tokens separated by a space, or a
+    /// merge whose parts or result are not in the vocabulary.
+    pub fn from_gguf(t: &GgufTokenizer) -> Result<Self> {
+        if t.model != "gpt2" {
+            return Err(Error::invalid(
+                "GGUF tokenizer",
+                format!(
+                    "tokenizer.ggml.model {:?} is not supported (only \"gpt2\", byte-level BPE)",
+                    t.model
+                ),
+            ));
+        }
+        let mut vocab = HashMap::with_capacity(t.tokens.len());
+        for (id, token) in t.tokens.iter().enumerate() {
+            // The first of duplicated tokens keeps its id, as llama.cpp's lookup does.
+            vocab.entry(token.clone()).or_insert(id as u32);
+        }
+        let merges = t
+            .merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            "GGUF tokenizer",
+                            format!("merge {m:?} is not two tokens separated by a space"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(
+                vocab
+                    .into_iter()
+                    .collect::<tokenizers::models::bpe::Vocab>(),
+                merges,
+            )
+            .build()
+            .map_err(|e| Error::invalid("GGUF tokenizer", e))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner
+            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+            .with_decoder(Some(ByteLevelDecoder::default()));
+        let added: Vec<AddedToken> = t
+            .tokens
+            .iter()
+            .zip(&t.token_types)
+            .filter(|&(_, &kind)| kind == TOKEN_TYPE_CONTROL || kind == TOKEN_TYPE_USER_DEFINED)
+            .map(|(token, &kind)| AddedToken::from(token.clone(), kind == TOKEN_TYPE_CONTROL))
+            .collect();
+        inner.add_special_tokens(&added);
+        Tokenizer {
+            kind: Kind::Hf(Box::new(inner)),
+            bos: None,
+            eos: None,
+        }
+        .with_special_ids(t.bos, t.eos)
+    }
+
+    /// The byte-level fallback for a model of `vocab_size` tokens: bytes are ids 0..=255, bos is
+    /// 256 and eos 257 when the vocabulary reaches that far.
+    pub fn bytes(vocab_size: usize) -> Self {
+        let special = |id: u32| (vocab_size > id as usize).then_some(id);
+        Tokenizer {
+            kind: Kind::Bytes { vocab_size },
+            bos: special(BYTE_BOS),
+            eos: special(BYTE_EOS),
+        }
+    }
+
+    /// Sets the bos and eos ids (`None` for none), refusing ids outside the vocabulary.
+    pub fn with_special_ids(mut self, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
+        for (name, id) in [("bos", bos), ("eos", eos)] {
+            if let Some(id) = id.filter(|&id| id as usize >= self.vocab_size()) {
+                return Err(Error::invalid(
+                    "tokenizer",
+                    format!(
+                        "{name} id {id} is outside the vocabulary of {} tokens",
+                        self.vocab_size()
+                    ),
+                ));
+            }
+        }
+        self.bos = bos;
+        self.eos = eos;
+        Ok(self)
+    }
+
+    /// The id that starts a sequence, if the vocabulary has one.
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// The id that ends a sequence (generation stops there), if the vocabulary has one.
+    pub fn eos(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// How many ids the tokenizer can produce (added tokens included); every id is below it.
+    pub fn vocab_size(&self) -> usize {
+        match &self.kind {
+            Kind::Hf(t) => t.get_vocab_size(true),
+            Kind::Bytes { vocab_size } => *vocab_size,
+        }
+    }
+
+    /// The ids of `text`, after the bos id when `add_bos` is set and the vocabulary has one.
+    ///
+    /// A `tokenizer.json`'s own post-processor (which may add a bos of its own) is not applied,
+    /// so `add_bos` alone decides. Errors: a byte the byte-level fallback's vocabulary lacks, or a
+    /// failure inside the tokenizer.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos.filter(|_| add_bos).into_iter().collect();
+        match &self.kind {
+            Kind::Hf(t) => {
+                let encoding = t
+                    .encode(text, false)
+                    .map_err(|e| Error::invalid("tokenizer", e))?;
+                ids.extend_from_slice(encoding.get_ids());
+            }
+            Kind::Bytes { vocab_size } => {
+                if let Some(b) = text.bytes().find(|&b| usize::from(b) >= *vocab_size) {
+                    return Err(Error::invalid(
+                        "tokenizer",
+                        format!(
+                            "byte 0x{b:02x} has no token in the byte-level vocabulary of \
+                             {vocab_size} tokens"
+                        ),
+                    ));
+                }
+                ids.extend(text.bytes().map(u32::from));
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The text of `ids`, special tokens left out. Bytes that do not form valid UTF-8 become
+    /// U+FFFD. Errors: an id outside the vocabulary.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab_size()) {
+            return Err(Error::invalid(
+                "token id",
+                format!(
+                    "{id} is outside the tokenizer's vocabulary of {} tokens",
+                    self.vocab_size()
+                ),
+            ));
+        }
+        match &self.kind {
+            Kind::Hf(t) => t
+                .decode(ids, true)
+                .map_err(|e| Error::invalid("tokenizer", e)),
+            Kind::Bytes { .. } => {
+                let bytes: Vec<u8> = ids.iter().filter_map(|&id| u8::try_from(id).ok()).collect();
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+        }
+    }
+
+    /// A decoder for ids that arrive one at a time.
+    pub fn stream_decoder(&self) -> StreamDecoder<'_> {
+        StreamDecoder {
+            tokenizer: self,
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+        }
+    }
+}
+
+/// Turns ids into text as they arrive, emitting only complete characters.
+///
+/// Decoding one token at a time goes wrong twice: a multi-byte character split across tokens
+/// would come out as U+FFFD, and decoders that strip a leading space (SentencePiece's) would eat
+/// the space between words. So each step decodes the previous emitted token together with the
+/// pending ones and emits the part past that token's text, once it no longer ends in U+FFFD.
+///
+/// ```
+/// use bitnet_wgpu::tokenizer::Tokenizer;
+/// let t = Tokenizer::bytes(258);
+/// let mut stream = t.stream_decoder();
+/// assert_eq!(stream.step(b'a'.into())?, "a");
+/// assert_eq!(stream.step(0xc3)?, ""); // the first half of "é"
+/// assert_eq!(stream.step(0xa9)?, "é");
+/// assert_eq!(stream.finish()?, "");
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct StreamDecoder<'t> {
+    tokenizer: &'t Tokenizer,
+    ids: Vec<u32>,
+    /// Start of the context: the last token whose text was already emitted.
+    prefix: usize,
+    /// Ids before this one have been emitted.
+    read: usize,
+}
+
+impl StreamDecoder<'_> {
+    /// Adds one id; returns the text it completes (often empty). Errors: an id outside the
+    /// vocabulary.
+    pub fn step(&mut self, id: u32) -> Result<String> {
+        // Checked before it joins the pending ids, so one bad id does not poison the stream.
+        self.tokenizer.decode(&[id])?;
+        self.ids.push(id);
+        let (emitted, text) = self.pending()?;
+        if text.ends_with('\u{fffd}') || text.len() <= emitted {
+            return Ok(String::new());
+        }
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(text[emitted..].to_string())
+    }
+
+    /// The text still held back (an incomplete character, as U+FFFD), at the end of a stream.
+    pub fn finish(&mut self) -> Result<String> {
+        let (emitted, text) = self.pending()?;
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(text.get(emitted..).unwrap_or_default().to_string())
+    }
+
+    /// The byte length of the already emitted context and the text of context plus pending ids.
+    fn pending(&self) -> Result<(usize, String)> {
+        let context = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let text = self.tokenizer.decode(&self.ids[self.prefix..])?;
+        // Should a decoder rewrite the context once more tokens follow, emit from the first
+        // character boundary past it rather than split a character.
+        let mut emitted = context.len().min(text.len());
+        while !text.is_char_boundary(emitted) {
+            emitted += 1;
+        }
+        Ok((emitted, text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A character-level BPE with a few merges, written the way `tokenizers` saves one.
+    const BPE_JSON: &str = r#"{
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [
+            {"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false,
+             "normalized": false, "special": true},
+            {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false,
+             "normalized": false, "special": true},
+            {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false,
+             "normalized": false, "special": true}
+        ],
+        "normalizer": null,
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Fuse"},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": "<unk>",
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, " ": 3, "a": 4, "b": 5, "c": 6,
+                      "h": 7, "t": 8, "e": 9, "th": 10, "the": 11, "ab": 12},
+            "merges": ["t h", "th e", "a b"]
+        }
+    }"#;
+
+    /// A synthetic GPT-2 style vocabulary: the 256 byte characters, two merges, two controls.
+    fn gguf_tokenizer() -> GgufTokenizer {
+        let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        alphabet.sort_unstable();
+        let mut tokens: Vec<String> = alphabet.iter().map(char::to_string).collect();
+        tokens.extend(["he", "Ġt", "<|begin|>", "<|end|>"].map(String::from));
+        let mut token_types = vec![1; tokens.len()];
+        let n = tokens.len();
+        token_types[n - 2] = TOKEN_TYPE_CONTROL;
+        token_types[n - 1] = TOKEN_TYPE_CONTROL;
+        GgufTokenizer {
+            model: "gpt2".into(),
+            tokens,
+            merges: vec!["h e".into(), "Ġ t".into()],
+            token_types,
+            bos: Some(n as u32 - 2),
+            eos: Some(n as u32 - 1),
+        }
+    }
+
+    fn round_trip(t: &Tokenizer, text: &str) -> Vec<u32> {
+        let ids = t.encode(text, false).unwrap();
+        assert_eq!(t.decode(&ids).unwrap(), text);
+        let mut stream = t.stream_decoder();
+        let mut streamed = String::new();
+        for &id in &ids {
+            let piece = stream.step(id).unwrap();
+            assert!(!piece.contains('\u{fffd}'), "{piece:?}");
+            streamed += &piece;
+        }
+        streamed += &stream.finish().unwrap();
+        assert_eq!(streamed, text);
+        ids
+    }
+
+    #[test]
+    fn json_bpe_round_trips_and_merges() {
+        let t = Tokenizer::from_json(BPE_JSON.as_bytes())
+            .unwrap()
+            .with_special_ids(Some(1), Some(2))
+            .unwrap();
+        assert_eq!(t.vocab_size(), 13);
+        let ids = round_trip(&t, "the cab that");
+        assert_eq!(ids, [11, 3, 6, 12, 3, 10, 4, 8]);
+        assert_eq!(t.encode("ab", true).unwrap(), [1, 12]);
+        // Specials are left out of decoded text.
+        assert_eq!(t.decode(&[1, 11, 2]).unwrap(), "the");
+        assert!(t.decode(&[13]).is_err());
+        assert!(t.clone().with_special_ids(Some(99), None).is_err());
+    }
+
+    #[test]
+    fn bad_json_is_an_error() {
+        let e = Tokenizer::from_json(b"{\"model\": 3}").unwrap_err();
+        assert!(e.to_string().contains("tokenizer.json"), "{e}");
+    }
+
+    #[test]
+    fn gguf_byte_level_bpe_round_trips() {
+        let g = gguf_tokenizer();
+        let t = Tokenizer::from_gguf(&g).unwrap();
+        assert_eq!(t.vocab_size(), 260);
+        assert_eq!((t.bos(), t.eos()), (Some(258), Some(259)));
+        let ids = round_trip(&t, "he met them, 日本語 ✓ ok\n");
+        let he = g.tokens.iter().position(|s| s == "he").unwrap() as u32;
+        let space_t = g.tokens.iter().position(|s| s == "Ġt").unwrap() as u32;
+        assert_eq!(ids[0], he);
+        assert!(ids.contains(&space_t), "{ids:?}");
+        // Control tokens are matched whole in text and left out when decoding.
+        let ids = t.encode("<|begin|>he", true).unwrap();
+        assert_eq!(ids, [258, 258, he]);
+        assert_eq!(t.decode(&ids).unwrap(), "he");
+    }
+
+    #[test]
+    fn gguf_tokenizer_errors_name_the_problem() {
+        let mut g = gguf_tokenizer();
+        g.model = "llama".into();
+        let e = Tokenizer::from_gguf(&g).unwrap_err().to_string();
+        assert!(e.contains("llama"), "{e}");
+        let mut g = gguf_tokenizer();
+        g.merges.push("nospace".into());
+        let e = Tokenizer::from_gguf(&g).unwrap_err().to_string();
+        assert!(e.contains("nospace"), "{e}");
+        let mut g = gguf_tokenizer();
+        g.merges.push("x y".into());
+        assert!(Tokenizer::from_gguf(&g).is_err());
+    }
+
+    #[test]
+    fn bytes_round_trip_and_specials() {
+        let t = Tokenizer::bytes(260);
+        assert_eq!((t.bos(), t.eos()), (Some(256), Some(257)));
+        round_trip(&t, "héllo, 世界\0\u{1F600}");
+        assert_eq!(t.encode("", true).unwrap(), [256]);
+        assert_eq!(t.decode(&[256, 72, 105, 257, 259]).unwrap(), "Hi");
+        assert!(t.decode(&[260]).is_err());
+        let small = Tokenizer::bytes(100);
+        assert_eq!((small.bos(), small.eos()), (None, None));
+        assert_eq!(small.encode("a", true).unwrap(), [97]);
+        let e = small.encode("z", false).unwrap_err().to_string();
+        assert!(e.contains("0x7a"), "{e}");
+    }
+
+    #[test]
+    fn stream_holds_back_incomplete_characters() {
+        let t = Tokenizer::bytes(258);
+        let mut stream = t.stream_decoder();
+        let bytes = "✓".as_bytes();
+        assert_eq!(stream.step(bytes[0].into()).unwrap(), "");
+        assert_eq!(stream.step(bytes[1].into()).unwrap(), "");
+        // A stream cut inside a character ends with the replacement character.
+        assert_eq!(stream.finish().unwrap(), "\u{fffd}");
+        assert_eq!(stream.step(b'x'.into()).unwrap(), "x");
+        assert!(stream.step(300).is_err());
+    }
+}

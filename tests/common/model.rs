@@ -1,0 +1,176 @@
+//! The whole transformer on the GPU against the CPU reference forward, on a tiny random model
+//! with awkward sizes (hidden 40, head_dim 20, grouped-query attention).
+
+use bitnet_wgpu::cpu::{self, WeightQuantOptions};
+use bitnet_wgpu::gpu::GpuContext;
+use bitnet_wgpu::gpu::table::TableStorage;
+use bitnet_wgpu::model::{
+    self, GpuModel, KvCache, LayerWeights, Logits, ModelConfig, ModelWeights,
+};
+use half::f16;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// Logit tolerance, relative to the largest logit: the GPU's float ops (rope's cos/sin,
+/// attention's exp, summation orders) differ from the CPU's in the last bits, and an activation
+/// that lands on the other side of a rounding boundary changes its int8 code by one.
+pub const LOGIT_TOL: f32 = 2e-3;
+
+fn values(rng: &mut SmallRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+        .collect()
+}
+
+fn norm(rng: &mut SmallRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(0.8f32..1.2)).collect()
+}
+
+fn ternary(rng: &mut SmallRng, rows: usize, cols: usize) -> cpu::TernaryWeights {
+    cpu::weight_quant(
+        &values(rng, rows * cols, 0.1),
+        rows,
+        cols,
+        WeightQuantOptions::default(),
+    )
+    .expect("quantize")
+}
+
+/// f16 tables on the GPU: make the reference's tables f16 values so storage loses nothing.
+fn f16_values(rng: &mut SmallRng, n: usize) -> Vec<f32> {
+    values(rng, n, 1.0)
+        .into_iter()
+        .map(|v| f16::from_f32(v).to_f32())
+        .collect()
+}
+
+pub fn tiny_model(seed: u64, tied: bool) -> ModelWeights {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let config = ModelConfig {
+        vocab_size: 37,
+        hidden_size: 40,
+        intermediate_size: 56,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 20,
+        max_position_embeddings: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        tie_word_embeddings: tied,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+    };
+    let (h, i, kv) = (40, 56, 20);
+    let layers = (0..config.num_hidden_layers)
+        .map(|_| LayerWeights {
+            input_layernorm: norm(&mut rng, h),
+            q_proj: ternary(&mut rng, h, h),
+            k_proj: ternary(&mut rng, kv, h),
+            v_proj: ternary(&mut rng, kv, h),
+            o_proj: ternary(&mut rng, h, h),
+            attn_sub_norm: norm(&mut rng, h),
+            post_attention_layernorm: norm(&mut rng, h),
+            gate_proj: ternary(&mut rng, i, h),
+            up_proj: ternary(&mut rng, i, h),
+            down_proj: ternary(&mut rng, h, i),
+            ffn_sub_norm: norm(&mut rng, i),
+        })
+        .collect();
+    ModelWeights {
+        embed_tokens: f16_values(&mut rng, 37 * h),
+        lm_head: (!tied).then(|| f16_values(&mut rng, 37 * h)),
+        norm: norm(&mut rng, h),
+        layers,
+        config,
+    }
+}
+
+fn assert_logits_close(gpu: &[f32], cpu: &[f32], what: &str) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: logit count");
+    let scale = cpu.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        assert!(
+            (g - c).abs() <= LOGIT_TOL * scale,
+            "{what}: logit {i}: gpu {g} cpu {c} (scale {scale})"
+        );
+    }
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Prompt logits (the GEMM path), then token-by-token decoding (the GEMV path) with the KV cache,
+/// and greedy generation giving the same tokens, for tied and untied heads.
+pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
+    for (seed, tied) in [(11, true), (12, false)] {
+        let weights = tiny_model(seed, tied);
+        let prompt: Vec<u32> = vec![1, 5, 9, 30, 36, 0, 17, 22, 3, 8];
+        let mut cache = KvCache::new(&weights.config);
+        let cpu_prompt = model::forward(&weights, &prompt, &mut cache).expect("cpu forward");
+        let mut gpu = GpuModel::new(ctx, &weights, 64, TableStorage::F16).expect("upload model");
+        let gpu_prompt = gpu
+            .forward(ctx, &prompt, Logits::All)
+            .await
+            .expect("gpu forward");
+        assert_logits_close(&gpu_prompt, &cpu_prompt, &format!("seed {seed}: prompt"));
+
+        let vocab = weights.config.vocab_size;
+        let mut cpu_next = argmax(&cpu_prompt[cpu_prompt.len() - vocab..]);
+        let mut gpu_next = argmax(&gpu_prompt[gpu_prompt.len() - vocab..]);
+        for step in 0..12 {
+            assert_eq!(gpu_next, cpu_next, "seed {seed}: greedy token {step}");
+            let c = model::forward(&weights, &[cpu_next], &mut cache).expect("cpu step");
+            let g = gpu
+                .forward(ctx, &[gpu_next], Logits::Last)
+                .await
+                .expect("gpu step");
+            assert_logits_close(&g, &c, &format!("seed {seed}: decode step {step}"));
+            cpu_next = argmax(&c);
+            gpu_next = argmax(&g);
+        }
+        assert_eq!(gpu.len(), prompt.len() + 12);
+
+        // A whole sequence at once equals prompt + cached steps, on the GPU alone.
+        let mut fresh = GpuModel::new(ctx, &weights, 64, TableStorage::F16).expect("upload model");
+        let all: Vec<u32> = prompt.iter().copied().chain([4, 6]).collect();
+        let whole = fresh.forward(ctx, &all, Logits::Last).await.expect("whole");
+        gpu.reset();
+        gpu.forward(ctx, &prompt, Logits::Last)
+            .await
+            .expect("prompt");
+        gpu.forward(ctx, &[4], Logits::Last).await.expect("step");
+        let stepped = gpu.forward(ctx, &[6], Logits::Last).await.expect("step");
+        assert_logits_close(
+            &stepped,
+            &whole,
+            &format!("seed {seed}: cache vs recompute"),
+        );
+
+        assert!(
+            gpu.forward(ctx, &[37], Logits::Last).await.is_err(),
+            "token out of vocab"
+        );
+        assert!(
+            gpu.forward(ctx, &[], Logits::Last).await.is_err(),
+            "no tokens"
+        );
+        let too_many = vec![0u32; 64];
+        assert!(
+            gpu.forward(ctx, &too_many, Logits::Last).await.is_err(),
+            "past the context"
+        );
+        assert_eq!(
+            gpu.len(),
+            prompt.len() + 2,
+            "errors leave the cache as it was"
+        );
+    }
+}

@@ -1,0 +1,427 @@
+//! `bitnet generate` and `bitnet perplexity` on tiny random models written by the test, run as a
+//! user would run them.
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use bitnet_wgpu::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
+use bitnet_wgpu::formats::gguf::{GgufTokenizer, write_model};
+use bitnet_wgpu::formats::hf::save_dir;
+use bitnet_wgpu::model::{LayerWeights, ModelConfig, ModelWeights};
+use bitnet_wgpu::tokenizer::Tokenizer;
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+use serde_json::Value;
+
+const MAX_POSITIONS: usize = 48;
+
+/// A character-level BPE over lowercase letters and space, with a few merges.
+fn tokenizer_json() -> String {
+    let mut vocab = vec!["<unk>".to_string(), "<s>".into(), "</s>".into(), " ".into()];
+    vocab.extend(('a'..='z').map(String::from));
+    vocab.extend(["th", "the", "er", "in"].map(String::from));
+    let vocab: serde_json::Map<String, Value> = vocab
+        .into_iter()
+        .enumerate()
+        .map(|(id, token)| (token, Value::from(id)))
+        .collect();
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": null,
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Fuse"},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab,
+            "merges": ["t h", "th e", "e r", "i n"]}
+    })
+    .to_string()
+}
+
+/// A GPT-2 style byte-level vocabulary: the 256 byte characters, two merges and a bos.
+fn gguf_tokenizer() -> GgufTokenizer {
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+        .into_iter()
+        .collect();
+    alphabet.sort_unstable();
+    let mut tokens: Vec<String> = alphabet.iter().map(char::to_string).collect();
+    tokens.extend(["he", "Ġt", "<|begin|>"].map(String::from));
+    let mut token_types = vec![1; tokens.len()];
+    token_types[258] = 3;
+    GgufTokenizer {
+        model: "gpt2".into(),
+        tokens,
+        merges: vec!["h e".into(), "Ġ t".into()],
+        token_types,
+        bos: Some(258),
+        // No eos: generation can only stop at the token budget or the context limit.
+        eos: None,
+    }
+}
+
+fn random_model(vocab_size: usize, bos: Option<u32>, eos: Option<u32>, seed: u64) -> ModelWeights {
+    let config = ModelConfig {
+        vocab_size,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        max_position_embeddings: MAX_POSITIONS,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        tie_word_embeddings: true,
+        bos_token_id: bos,
+        eos_token_id: eos,
+    };
+    let rng = &mut SmallRng::seed_from_u64(seed);
+    let mut floats =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let mut linear = |rows: usize, cols: usize| -> TernaryWeights {
+        weight_quant(
+            &floats(rows * cols),
+            rows,
+            cols,
+            WeightQuantOptions::default(),
+        )
+        .unwrap()
+    };
+    let layers = (0..config.num_hidden_layers)
+        .map(|_| LayerWeights {
+            input_layernorm: vec![1.0; 64],
+            q_proj: linear(64, 64),
+            k_proj: linear(32, 64),
+            v_proj: linear(32, 64),
+            o_proj: linear(64, 64),
+            attn_sub_norm: vec![1.0; 64],
+            post_attention_layernorm: vec![1.0; 64],
+            gate_proj: linear(128, 64),
+            up_proj: linear(128, 64),
+            down_proj: linear(64, 128),
+            ffn_sub_norm: vec![1.0; 128],
+        })
+        .collect();
+    let rng = &mut SmallRng::seed_from_u64(seed + 1);
+    ModelWeights {
+        embed_tokens: (0..vocab_size * 64)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect(),
+        layers,
+        norm: vec![1.0; 64],
+        lm_head: None,
+        config,
+    }
+}
+
+/// A folder of its own under the system's temporary folder, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "bitnet-model-cli-{name}-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A Hugging Face checkpoint folder with the tokenizer above: 34 tokens of the model's 64, as
+/// in checkpoints whose embedding is padded past the vocabulary.
+fn hf_model(dir: &TempDir) -> PathBuf {
+    let path = dir.0.join("hf");
+    save_dir(&random_model(64, Some(1), Some(2), 7), &path, &[]).unwrap();
+    std::fs::write(path.join("tokenizer.json"), tokenizer_json()).unwrap();
+    path
+}
+
+/// A GGUF file with the byte-level vocabulary above embedded.
+fn gguf_model(dir: &TempDir) -> PathBuf {
+    let path = dir.0.join("tiny.gguf");
+    let bytes = write_model(
+        &random_model(259, Some(258), None, 11),
+        Some(&gguf_tokenizer()),
+    )
+    .unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn bitnet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(args)
+        .output()
+        .expect("the bitnet binary runs")
+}
+
+/// Runs `bitnet`, asserting success, and parses its stdout as exactly one line of JSON.
+fn bitnet_json(args: &[&str]) -> Value {
+    let output = bitnet(args);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "bitnet {args:?} failed:\n{stdout}\n{stderr}"
+    );
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn greedy_generation_is_reproducible_and_complete() {
+    let dir = TempDir::new("greedy");
+    let model = hf_model(&dir);
+    let args = [
+        "generate",
+        "--model",
+        path_str(&model),
+        "--prompt",
+        "the winter",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--json",
+    ];
+    let cpu_args = [&args[..], &["--device", "cpu"]].concat();
+    let first = bitnet_json(&cpu_args);
+    let second = bitnet_json(&cpu_args);
+    for key in [
+        "prompt_ids",
+        "generated_ids",
+        "text",
+        "prompt_tokens_per_s",
+        "tokens_per_s",
+        "adapter",
+    ] {
+        assert!(first.get(key).is_some(), "{key} missing from {first}");
+    }
+    assert_eq!(first["generated_ids"], second["generated_ids"]);
+    assert_eq!(first["adapter"], "cpu");
+
+    // The GPU engine (lavapipe in CI: the test command sets WGPU_BACKEND) generates the same
+    // tokens: the model's tables are small enough to stay f32 there.
+    let gpu = bitnet_json(&[&args[..], &["--device", "gpu"]].concat());
+    assert_ne!(gpu["adapter"], "cpu", "{gpu}");
+    assert_eq!(gpu["generated_ids"], first["generated_ids"]);
+    assert_eq!(gpu["text"], first["text"]);
+    assert!(first["prompt_tokens_per_s"].as_f64().unwrap() > 0.0);
+
+    let tokenizer = Tokenizer::from_json(tokenizer_json().as_bytes())
+        .unwrap()
+        .with_special_ids(Some(1), Some(2))
+        .unwrap();
+    assert_eq!(
+        ids(&first["prompt_ids"]),
+        tokenizer.encode("the winter", true).unwrap()
+    );
+    let generated = ids(&first["generated_ids"]);
+    assert!(
+        !generated.is_empty() && generated.len() <= 6,
+        "{generated:?}"
+    );
+    // Padding ids past the tokenizer's 34 are never sampled.
+    assert!(generated.iter().all(|&id| id < 34), "{generated:?}");
+    assert_eq!(first["text"], tokenizer.decode(&generated).unwrap());
+    if generated.len() < 6 {
+        assert_eq!(
+            generated.last(),
+            Some(&2),
+            "only eos stops early: {generated:?}"
+        );
+    }
+}
+
+#[test]
+fn generation_streams_text_and_stops_at_the_context_limit() {
+    let dir = TempDir::new("stream");
+    let model = gguf_model(&dir);
+    let sampled = bitnet_json(&[
+        "generate",
+        "--model",
+        path_str(&model),
+        "--prompt",
+        "he met the",
+        "--max-new-tokens",
+        "1000",
+        "--seed",
+        "3",
+        "--top-k",
+        "20",
+        "--json",
+    ]);
+    // Without an eos, only the context limit stops: every position holds a token, and the last
+    // sampled one is never fed back.
+    let prompt = ids(&sampled["prompt_ids"]);
+    assert_eq!(prompt[0], 258);
+    assert_eq!(
+        prompt.len() + ids(&sampled["generated_ids"]).len(),
+        MAX_POSITIONS + 1
+    );
+
+    let output = bitnet(&[
+        "generate",
+        "--model",
+        path_str(&model),
+        "--prompt",
+        "he met the",
+        "--max-new-tokens",
+        "5",
+        "--device",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("tokens/s") && stderr.contains("--max-new-tokens"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn perplexity_counts_every_predicted_token() {
+    let dir = TempDir::new("perplexity");
+    let model = hf_model(&dir);
+    let text_path = dir.0.join("text.txt");
+    let text = "the winter in the north is longer than the summer and there is snow ".repeat(3);
+    std::fs::write(&text_path, &text).unwrap();
+    let tokenizer = Tokenizer::from_json(tokenizer_json().as_bytes())
+        .unwrap()
+        .with_special_ids(Some(1), Some(2))
+        .unwrap();
+    let n = tokenizer.encode(&text, true).unwrap().len();
+    assert!(n > MAX_POSITIONS, "the text should need several windows");
+
+    for (context, arg) in [(16, Some("16")), (7, Some("7")), (MAX_POSITIONS, None)] {
+        let mut args = vec![
+            "perplexity",
+            "--model",
+            path_str(&model),
+            "--file",
+            path_str(&text_path),
+            "--json",
+        ];
+        args.extend(arg.map(|a| ["--context", a]).into_iter().flatten());
+        let result = bitnet_json(&args);
+        assert_eq!(result.as_object().unwrap().len(), 3, "{result}");
+        assert_eq!(result["context"], context);
+        // Each window's first token has nothing to be predicted from.
+        let windows = n.div_ceil(context);
+        assert_eq!(result["tokens"], n - windows, "{result}");
+        let perplexity = result["perplexity"].as_f64().unwrap();
+        assert!(perplexity.is_finite() && perplexity > 1.0, "{result}");
+    }
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let dir = TempDir::new("errors");
+    let model = gguf_model(&dir);
+    let failure = |args: &[&str]| {
+        let output = bitnet(args);
+        assert!(!output.status.success(), "bitnet {args:?} succeeded");
+        assert!(output.stdout.is_empty(), "{args:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+
+    let absent = dir.0.join("absent-model");
+    let stderr = failure(&["generate", "--model", path_str(&absent), "--prompt", "x"]);
+    assert!(stderr.contains("absent-model"), "{stderr}");
+
+    let no_adapter = |device: &str| {
+        Command::new(env!("CARGO_BIN_EXE_bitnet"))
+            .args(["generate", "--model", path_str(&model), "--prompt", "x"])
+            .args(["--max-new-tokens", "1", "--json", "--device", device])
+            .env("WGPU_ADAPTER_NAME", "no adapter has this name")
+            .output()
+            .unwrap()
+    };
+    let output = no_adapter("gpu");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--device gpu") && stderr.contains("WGPU_ADAPTER_NAME"),
+        "{stderr}"
+    );
+    // auto falls back to the CPU and says why.
+    let output = no_adapter("auto");
+    assert!(output.status.success());
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["adapter"], "cpu");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("running on the CPU"),
+        "{output:?}"
+    );
+
+    let bytes = std::fs::read(&model).unwrap();
+    let truncated = dir.0.join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let stderr = failure(&["generate", "--model", path_str(&truncated), "--prompt", "x"]);
+    assert!(stderr.contains("truncated.gguf"), "{stderr}");
+
+    let text = dir.0.join("short.txt");
+    std::fs::write(&text, "he").unwrap();
+    let stderr = failure(&[
+        "perplexity",
+        "--model",
+        path_str(&model),
+        "--file",
+        path_str(&text),
+        "--context",
+        "1000",
+    ]);
+    assert!(stderr.contains("--context 1000"), "{stderr}");
+    let stderr = failure(&[
+        "perplexity",
+        "--model",
+        path_str(&model),
+        "--file",
+        path_str(&dir.0.join("no-such.txt")),
+    ]);
+    assert!(stderr.contains("no-such.txt"), "{stderr}");
+    let stderr = failure(&["generate", "--prompt", "x"]);
+    assert!(stderr.contains("--model"), "{stderr}");
+    let stderr = failure(&[
+        "generate",
+        "--model",
+        path_str(&model),
+        "--prompt",
+        "x",
+        "--top-p",
+        "0",
+    ]);
+    assert!(stderr.contains("top_p"), "{stderr}");
+}
