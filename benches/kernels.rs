@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use bitnet_wgpu::cpu::{self, WeightQuantOptions};
 use bitnet_wgpu::gpu::{self, GpuActivations, GpuContext, MatmulOptions};
+use bitnet_wgpu::rng::SplitMix64;
 
 const ITERS: usize = 200;
 
@@ -65,18 +66,10 @@ const SHAPES: [Shape; 7] = [
     },
 ];
 
-/// A deterministic stream of values in [-1, 1) (SplitMix64): benchmarks need no statistics.
+/// Deterministic values in [-1, 1): benchmarks need no statistics.
 fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    (0..len)
-        .map(|_| {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        })
-        .collect()
+    let mut rng = SplitMix64(seed);
+    (0..len).map(|_| rng.uniform_f32()).collect()
 }
 
 fn wait(ctx: &GpuContext) {

@@ -17,6 +17,7 @@ pub mod formats;
 pub mod gpu;
 pub mod model;
 pub mod packing;
+pub mod rng;
 pub mod tokenizer;
 
 pub use bitlinear::{BitLinear, MemoryFootprint, StorageFormat};

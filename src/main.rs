@@ -14,8 +14,9 @@ use bitnet_wgpu::gpu::table::TableStorage;
 use bitnet_wgpu::gpu::{AdapterSummary, GpuContext};
 use bitnet_wgpu::model::{
     CpuEngine, GpuModel, Logits, ModelConfig, ModelWeights, Sampler, SamplingParams, load_model,
-    nll, perplexity_windows,
+    nll, perplexity_windows, synthetic,
 };
+use bitnet_wgpu::rng::SplitMix64;
 use bitnet_wgpu::tokenizer::Tokenizer;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -42,6 +43,41 @@ enum Command {
     /// Turn a full-precision Hugging Face checkpoint into the offline packed ternary format that
     /// transformers loads (2 bits per weight), with compression statistics.
     Convert(ConvertArgs),
+    /// Prompt and decoding speed, and GPU memory, of a model on the GPU.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A checkpoint folder or .gguf file (else --synthetic).
+    #[arg(
+        long,
+        conflicts_with = "synthetic",
+        required_unless_present = "synthetic"
+    )]
+    model: Option<PathBuf>,
+    /// Random ternary weights with the shapes of a known model.
+    #[arg(long, value_enum)]
+    synthetic: Option<Synthetic>,
+    /// Keep only this many layers (quick runs on slow adapters).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Tokens of the prompt, processed at once.
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens decoded one at a time after the prompt (greedy, each one read back).
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Synthetic {
+    /// microsoft/bitnet-b1.58-2B-4T: 30 layers, hidden 2560, vocabulary 128256.
+    #[value(name = "2b4t")]
+    B2b4t,
 }
 
 #[derive(Args)]
@@ -166,11 +202,105 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&*e),
         },
+        Command::Bench(args) => match pollster::block_on(bench(&args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&*e),
+        },
         Command::Convert(args) => match convert(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&*e),
         },
     }
+}
+
+async fn bench(args: &BenchArgs) -> CliResult<()> {
+    let mut weights = match (&args.model, args.synthetic) {
+        (Some(path), _) => load_model(path)?.0,
+        (None, Some(Synthetic::B2b4t)) => {
+            let mut config = ModelConfig::bitnet_b158_2b4t();
+            if let Some(layers) = args.layers {
+                config.num_hidden_layers = layers;
+            }
+            eprintln!("making a synthetic model with the shapes of bitnet-b1.58-2B-4T");
+            synthetic(&config, 1)
+        }
+        (None, None) => return Err("give --model PATH or --synthetic 2b4t".into()),
+    };
+    if let Some(layers) = args.layers {
+        weights.layers.truncate(layers);
+        weights.config.num_hidden_layers = weights.layers.len();
+    }
+    let c = weights.config.clone();
+    let context = args.prompt_tokens + args.decode_tokens;
+    if args.prompt_tokens == 0 || context > c.max_position_embeddings {
+        return Err(format!(
+            "--prompt-tokens {} + --decode-tokens {} must be 1 to {} positions",
+            args.prompt_tokens, args.decode_tokens, c.max_position_embeddings
+        )
+        .into());
+    }
+    let ctx = GpuContext::new().await?;
+    let mut model = GpuModel::new(&ctx, &weights, context, TableStorage::F16)?;
+    drop(weights);
+    let mut rng = SplitMix64(2);
+    let prompt: Vec<u32> = (0..args.prompt_tokens)
+        .map(|_| (rng.next_u64() % c.vocab_size as u64) as u32)
+        .collect();
+    // Pipelines compile on first use: one untimed step first.
+    model.forward(&ctx, &prompt[..1], Logits::Last).await?;
+    model.reset();
+
+    let started = Instant::now();
+    let mut logits = model.forward(&ctx, &prompt, Logits::Last).await?;
+    let prompt_time = started.elapsed();
+    let started = Instant::now();
+    for _ in 0..args.decode_tokens {
+        let next = logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 { (i, v) } else { best }
+            })
+            .0 as u32;
+        logits = model.forward(&ctx, &[next], Logits::Last).await?;
+    }
+    let decode_time = started.elapsed();
+    let prompt_rate = rate(args.prompt_tokens, prompt_time);
+    let decode_rate = rate(args.decode_tokens, decode_time);
+    let memory = model.weight_and_cache_bytes();
+    let adapter = ctx.adapter_info().name.clone();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "adapter": adapter,
+                "layers": c.num_hidden_layers,
+                "prompt_tokens": args.prompt_tokens,
+                "prompt_tokens_per_s": prompt_rate,
+                "decode_tokens": args.decode_tokens,
+                "decode_tokens_per_s": decode_rate,
+                "gpu_memory_bytes": memory,
+            })
+        );
+    } else {
+        println!("adapter: {adapter}, {} layers", c.num_hidden_layers);
+        println!(
+            "prompt: {} tokens in {:.1} ms, {prompt_rate:.1} tokens/s",
+            args.prompt_tokens,
+            prompt_time.as_secs_f64() * 1e3
+        );
+        println!(
+            "decode: {} tokens in {:.1} ms, {decode_rate:.1} tokens/s ({:.2} ms per token)",
+            args.decode_tokens,
+            decode_time.as_secs_f64() * 1e3,
+            decode_time.as_secs_f64() * 1e3 / args.decode_tokens.max(1) as f64
+        );
+        println!(
+            "GPU memory for weights and KV cache: {:.3} GB",
+            memory as f64 / 1e9
+        );
+    }
+    Ok(())
 }
 
 fn convert(args: &ConvertArgs) -> CliResult<()> {
@@ -529,9 +659,9 @@ async fn info(args: &InfoArgs) -> bitnet_wgpu::Result<ExitCode> {
 
     let (out, inp, rows) = (args.out_features, args.in_features, args.tokens);
     let mut rng = SplitMix64(args.seed);
-    let weights: Vec<f32> = (0..out * inp).map(|_| rng.uniform()).collect();
-    let bias: Vec<f32> = (0..out).map(|_| 0.1 * rng.uniform()).collect();
-    let x: Vec<f32> = (0..rows * inp).map(|_| 4.0 * rng.uniform()).collect();
+    let weights: Vec<f32> = (0..out * inp).map(|_| rng.uniform_f32()).collect();
+    let bias: Vec<f32> = (0..out).map(|_| 0.1 * rng.uniform_f32()).collect();
+    let x: Vec<f32> = (0..rows * inp).map(|_| 4.0 * rng.uniform_f32()).collect();
     let opts = WeightQuantOptions {
         granularity: if args.per_channel {
             ScaleGranularity::PerChannel
@@ -618,23 +748,4 @@ fn max_relative_difference(gpu: &[f32], cpu: &[f32]) -> f64 {
             }
         })
         .fold(0.0, f64::max)
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): a few lines of deterministic randomness, so the test
-/// layer is the same on every machine without a dependency.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1), from the top 24 bits (exactly representable in f32).
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
 }

@@ -8,6 +8,7 @@ mod gpu;
 #[cfg(not(target_arch = "wasm32"))]
 mod load;
 mod sampling;
+mod synthetic;
 mod weights;
 
 pub use config::ModelConfig;
@@ -17,4 +18,5 @@ pub use gpu::{GpuModel, Logits};
 #[cfg(not(target_arch = "wasm32"))]
 pub use load::load_model;
 pub use sampling::{Sampler, SamplingParams};
+pub use synthetic::synthetic;
 pub use weights::{LayerWeights, ModelWeights};
