@@ -265,6 +265,28 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
         logits = model.forward(&ctx, &[next], Logits::Last).await?;
     }
     let decode_time = started.elapsed();
+    if ctx.profiling() {
+        // Where one decode step and one prompt spend their GPU time.
+        ctx.profile().await?;
+        model.reset();
+        model.forward(&ctx, &prompt, Logits::Last).await?;
+        let prompt_profile = ctx.profile().await?;
+        model.forward(&ctx, &prompt[..1], Logits::Last).await?;
+        let step_profile = ctx.profile().await?;
+        for (what, profile) in [("decode step", step_profile), ("prompt", prompt_profile)] {
+            let total: f64 = profile.iter().map(|k| k.millis).sum();
+            eprintln!("GPU time of one {what}: {total:.3} ms");
+            for k in profile {
+                eprintln!(
+                    "  {:>16} {:>5} dispatches {:>9.3} ms {:>5.1}%",
+                    k.entry,
+                    k.dispatches,
+                    k.millis,
+                    100.0 * k.millis / total
+                );
+            }
+        }
+    }
     let prompt_rate = rate(args.prompt_tokens, prompt_time);
     let decode_rate = rate(args.decode_tokens, decode_time);
     let memory = model.weight_and_cache_bytes();

@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::gpu::profiler::{KernelTime, Profiler};
 use crate::gpu::shaders::{Kernel, ShaderVariant};
 use crate::{Error, Result};
 
@@ -68,7 +69,25 @@ pub struct GpuContext {
     capabilities: Capabilities,
     variant: ShaderVariant,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    /// Entry point of each cached pipeline, for the profiler's labels.
+    entries: Mutex<HashMap<wgpu::ComputePipeline, &'static str>>,
+    /// Uniform buffers by content and bind groups by pipeline and buffers: a decode step records
+    /// the same few hundred dispatches every time, and creating these anew costs more CPU time
+    /// than the GPU spends on many of the kernels.
+    uniforms: Mutex<HashMap<Vec<u8>, wgpu::Buffer>>,
+    bind_groups: Mutex<HashMap<BindGroupKey, wgpu::BindGroup>>,
     device_error: Arc<Mutex<Option<String>>>,
+    profiler: Option<Profiler>,
+}
+
+/// Cached entries stop being reused, and everything they hold is released, beyond this many:
+/// the caches keep buffers alive, so they must not grow with every temporary a caller makes.
+const CACHE_LIMIT: usize = 4096;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct BindGroupKey {
+    pipeline: wgpu::ComputePipeline,
+    buffers: Vec<(wgpu::Buffer, u64, Option<u64>)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -108,6 +127,12 @@ impl GpuContext {
         if capabilities.subgroups {
             required_features |= wgpu::Features::SUBGROUP;
         }
+        let profile = cfg!(not(target_arch = "wasm32"))
+            && std::env::var_os("BITNET_PROFILE").is_some()
+            && adapter.features().contains(Profiler::features());
+        if profile {
+            required_features |= Profiler::features();
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("bitnet"),
@@ -123,7 +148,12 @@ impl GpuContext {
             let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
             slot.get_or_insert_with(|| e.to_string());
         }));
+        let profiler = profile.then(|| Profiler::new(&device));
         Ok(GpuContext {
+            profiler,
+            entries: Mutex::new(HashMap::new()),
+            uniforms: Mutex::new(HashMap::new()),
+            bind_groups: Mutex::new(HashMap::new()),
             device,
             queue,
             info: adapter.get_info(),
@@ -215,6 +245,10 @@ impl GpuContext {
             });
         self.check()?;
         cache.insert(key, pipeline.clone());
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pipeline.clone(), entry);
         Ok(pipeline)
     }
 
@@ -285,19 +319,27 @@ impl GpuContext {
         }))
     }
 
-    /// A uniform buffer holding `data`.
+    /// A uniform buffer holding `data`, shared by every caller asking for the same bytes.
     pub(crate) fn uniform<T: bytemuck::Pod>(&self, label: &str, data: &T) -> wgpu::Buffer {
         let bytes = bytemuck::bytes_of(data);
+        let mut cache = self.uniforms.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(buffer) = cache.get(bytes) {
+            return buffer.clone();
+        }
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: (bytes.len() as u64).next_multiple_of(16),
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::UNIFORM,
             mapped_at_creation: true,
         });
         if let Ok(mut view) = buffer.slice(..).get_mapped_range_mut() {
             view.slice(..bytes.len()).copy_from_slice(bytes);
         }
         buffer.unmap();
+        cache.insert(bytes.to_vec(), buffer.clone());
         buffer
     }
 
@@ -355,20 +397,7 @@ impl GpuContext {
         entries: &[wgpu::BindingResource<'_>],
         groups: u32,
     ) {
-        let layout = pipeline.get_bind_group_layout(0);
-        let entries: Vec<wgpu::BindGroupEntry<'_>> = entries
-            .iter()
-            .enumerate()
-            .map(|(i, resource)| wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource: resource.clone(),
-            })
-            .collect();
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &layout,
-            entries: &entries,
-        });
+        let bind_group = self.bind_group(pipeline, entries);
         let max = self.capabilities.max_workgroups_per_dimension.max(1);
         let (x, y) = if groups <= max {
             (groups, 1)
@@ -378,6 +407,92 @@ impl GpuContext {
         pass.set_pipeline(pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(x, y, 1);
+        if let Some(profiler) = &self.profiler {
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            profiler.mark(pass, Some(entries.get(pipeline).copied().unwrap_or("?")));
+        }
+    }
+
+    /// The bind group of `pipeline` over `entries` (bindings 0, 1, ...), cached when they are
+    /// all buffers.
+    fn bind_group(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        entries: &[wgpu::BindingResource<'_>],
+    ) -> wgpu::BindGroup {
+        let buffers: Option<Vec<_>> = entries
+            .iter()
+            .map(|resource| match resource {
+                wgpu::BindingResource::Buffer(b) => {
+                    Some((b.buffer.clone(), b.offset, b.size.map(|s| s.get())))
+                }
+                _ => None,
+            })
+            .collect();
+        let Some(buffers) = buffers else {
+            return self.create_bind_group(pipeline, entries);
+        };
+        let key = BindGroupKey {
+            pipeline: pipeline.clone(),
+            buffers,
+        };
+        let mut cache = self.bind_groups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(group) = cache.get(&key) {
+            return group.clone();
+        }
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        let group = self.create_bind_group(pipeline, entries);
+        cache.insert(key, group.clone());
+        group
+    }
+
+    fn create_bind_group(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        entries: &[wgpu::BindingResource<'_>],
+    ) -> wgpu::BindGroup {
+        let layout = pipeline.get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, resource)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: resource.clone(),
+            })
+            .collect();
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &layout,
+            entries: &entries,
+        })
+    }
+
+    /// Whether `BITNET_PROFILE` turned the per-kernel profiler on (see [`GpuContext::profile`]).
+    pub fn profiling(&self) -> bool {
+        self.profiler.is_some()
+    }
+
+    /// Marks the start of profiled work in `pass` (nothing when not profiling).
+    pub fn profile_start(&self, pass: &mut wgpu::ComputePass<'_>) {
+        if let Some(profiler) = &self.profiler {
+            profiler.mark(pass, None);
+        }
+    }
+
+    /// GPU time per entry point of the dispatches recorded since the last call, after they have
+    /// been submitted. Empty when not profiling.
+    pub async fn profile(&self) -> Result<Vec<KernelTime>> {
+        match &self.profiler {
+            None => Ok(Vec::new()),
+            Some(p) => {
+                p.report(&self.device, &self.queue, async |b, n| {
+                    self.read::<u64>(b, n).await
+                })
+                .await
+            }
+        }
     }
 }
 

@@ -24,6 +24,7 @@ mod context;
 pub mod elementwise;
 pub mod embedding;
 pub mod lm_head;
+mod profiler;
 pub mod relu2_gate;
 pub mod rmsnorm;
 pub mod rope;
@@ -34,6 +35,7 @@ pub mod ternary_pack;
 
 pub use act_quant::GpuActivations;
 pub use context::{AdapterSummary, Capabilities, GpuContext};
+pub use profiler::KernelTime;
 pub use shaders::{Kernel, ShaderVariant};
 pub use table::{GpuTable, TableStorage};
 pub use ternary_matmul::{MatmulOptions, MatmulOutput, MatmulPath};

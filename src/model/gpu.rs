@@ -313,6 +313,7 @@ impl GpuModel {
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         {
             let pass = &mut encoder.begin_compute_pass(&Default::default());
+            ctx.profile_start(pass);
             embedding::record(ctx, pass, &self.embed, &s.tokens, &s.x, n)?;
             for l in &self.layers {
                 rmsnorm::record_quant(ctx, pass, &s.x, &l.input_layernorm, &s.normed, eps)?;
