@@ -31,13 +31,14 @@
 
 use std::collections::{HashMap, HashSet};
 
-use half::{bf16, f16};
+use half::f16;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::Serialize;
 
 use crate::cpu::{ScaleGranularity, TernaryWeights, WeightQuantOptions, weight_quant};
 use crate::formats::hf::{
-    WeightFormat, config_json, parse_checkpoint_config, to_safetensors_bytes,
+    WeightFormat, config_json, layer_linears, layer_norms, parse_checkpoint_config,
+    to_safetensors_bytes, widen,
 };
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
 use crate::{Error, Result};
@@ -479,34 +480,6 @@ fn pattern_matches(pattern: &str, name: &str) -> bool {
     true
 }
 
-/// The seven linears of a layer: name below `model.layers.N.`, `out` and `in` features, in the
-/// order of [`LayerWeights`].
-fn layer_linears(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    let q = c.num_attention_heads * c.head_dim;
-    let kv = c.num_key_value_heads * c.head_dim;
-    [
-        ("self_attn.q_proj", q, h),
-        ("self_attn.k_proj", kv, h),
-        ("self_attn.v_proj", kv, h),
-        ("self_attn.o_proj", h, q),
-        ("mlp.gate_proj", i, h),
-        ("mlp.up_proj", i, h),
-        ("mlp.down_proj", h, i),
-    ]
-}
-
-/// The four norms of a layer: name below `model.layers.N.` and length.
-fn layer_norms(c: &ModelConfig) -> [(&'static str, usize); 4] {
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    [
-        ("input_layernorm", h),
-        ("self_attn.attn_sub_norm", h),
-        ("post_attention_layernorm", h),
-        ("mlp.ffn_sub_norm", i),
-    ]
-}
-
 fn linears_of(l: &LayerWeights) -> [&TernaryWeights; 7] {
     [
         &l.q_proj,
@@ -638,26 +611,11 @@ impl<'a> Input<'a> {
                 ),
             ));
         }
-        let data = view.data();
-        Ok(match view.dtype() {
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            other => {
-                return Err(self.error(
-                    name,
-                    format!("has dtype {other:?}, expected BF16, F16 or F32"),
-                ));
-            }
+        widen(view.dtype(), view.data()).ok_or_else(|| {
+            self.error(
+                name,
+                format!("has dtype {:?}, expected BF16, F16 or F32", view.dtype()),
+            )
         })
     }
 

@@ -3,12 +3,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
-use half::{bf16, f16};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::Deserialize;
 
 use super::config::{CheckpointConfig, WeightFormat, parse_checkpoint_config};
-use super::{CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, layer_linears, layer_norms, layer_prefix};
+use super::{
+    CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, layer_linears, layer_norms, layer_prefix, widen,
+};
 use crate::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
 use crate::packing::hf;
@@ -375,22 +376,9 @@ impl Tensor<'_> {
     /// The values as f32 (BF16 and F16 widen exactly), checking the shape and finiteness.
     fn floats(&self, shape: &[usize]) -> Result<Vec<f32>> {
         let data = self.view.data();
-        let values: Vec<f32> = match self.view.dtype() {
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            other => {
-                return Err(self.error(format!("has dtype {other:?}, expected BF16, F16 or F32")));
-            }
+        let dtype = self.view.dtype();
+        let Some(values) = widen(dtype, data) else {
+            return Err(self.error(format!("has dtype {dtype:?}, expected BF16, F16 or F32")));
         };
         self.check_shape(shape)?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {

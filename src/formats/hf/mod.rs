@@ -40,7 +40,7 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// The seven linears of a layer: name below `model.layers.N.`, `out` and `in` features.
-fn layer_linears(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
+pub(crate) fn layer_linears(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let q = c.num_attention_heads * c.head_dim;
     let kv = c.num_key_value_heads * c.head_dim;
@@ -56,7 +56,7 @@ fn layer_linears(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
 }
 
 /// The four norms of a layer: name below `model.layers.N.` and length.
-fn layer_norms(c: &ModelConfig) -> [(&'static str, usize); 4] {
+pub(crate) fn layer_norms(c: &ModelConfig) -> [(&'static str, usize); 4] {
     let (h, i) = (c.hidden_size, c.intermediate_size);
     [
         ("input_layernorm", h),
@@ -68,4 +68,26 @@ fn layer_norms(c: &ModelConfig) -> [(&'static str, usize); 4] {
 
 fn layer_prefix(layer: usize) -> String {
     format!("model.layers.{layer}")
+}
+
+/// The values of a BF16, F16 or F32 tensor as f32 (the 16-bit types widen exactly); `None` for
+/// any other dtype.
+pub(crate) fn widen(dtype: safetensors::Dtype, data: &[u8]) -> Option<Vec<f32>> {
+    use half::{bf16, f16};
+    use safetensors::Dtype;
+    Some(match dtype {
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        _ => return None,
+    })
 }
