@@ -32,7 +32,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> sums: array<i32>;
 
 var<workgroup> partial: array<f32, WG>;
-// One sum per block of the row: rows up to BLOCK * BLOCK columns need just one more fold.
+// The folds of four blocks side by side.
 var<workgroup> block_sums: array<f32, BLOCK>;
 
 // x * x, opaque to the compiler: a driver may otherwise fuse the product into the sum that follows
@@ -55,36 +55,48 @@ fn fold_leaves(leaf: f32, lid: u32) -> f32 {
     return total;
 }
 
+// cpu::tree_sum of the squares of a row. Four blocks of 1024 fold at once (the same halving
+// order per block, a quarter of the barriers), and each group of four block sums is exactly one
+// leaf of the next level: rows up to 4096 wide need one fold, 2B4T's 6912-wide rows three.
 fn sum_of_squares(base: u32, lid: u32) -> f32 {
     let cols = params.cols;
     let blocks = (cols + BLOCK - 1u) / BLOCK;
+    let groups = (blocks + 3u) / 4u;
+    var group_leaf = 0.0;
     var total = 0.0;
-    for (var b = 0u; b < blocks; b++) {
-        // Missing elements are skipped where the reference adds 0.0: the same value for sums >= 0.
-        var leaf = 0.0;
-        for (var i = 0u; i < 4u; i++) {
-            let k = b * BLOCK + 4u * lid + i;
-            if k < cols {
-                leaf = leaf + square(x[base + k]);
+    for (var g = 0u; g < groups; g++) {
+        for (var j = 0u; j < 4u; j++) {
+            let b = 4u * g + j;
+            var leaf = 0.0;
+            for (var i = 0u; i < 4u; i++) {
+                let k = b * BLOCK + 4u * lid + i;
+                if b < blocks && k < cols {
+                    leaf = leaf + square(x[base + k]);
+                }
+            }
+            block_sums[j * WG + lid] = leaf;
+        }
+        for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+            workgroupBarrier();
+            if lid < s {
+                for (var j = 0u; j < 4u; j++) {
+                    block_sums[j * WG + lid] = block_sums[j * WG + lid] + block_sums[j * WG + lid + s];
+                }
             }
         }
-        total = fold_leaves(leaf, lid);
-        if lid == 0u {
-            block_sums[b] = total;
+        workgroupBarrier();
+        // Absent blocks add +0.0, which changes no sum: one block gives its own sum, as
+        // tree_sum returns it.
+        total = ((block_sums[0] + block_sums[WG]) + block_sums[2u * WG]) + block_sums[3u * WG];
+        if lid == g {
+            group_leaf = total;
         }
+        workgroupBarrier();
     }
-    if blocks == 1u {
+    if groups == 1u {
         return total;
     }
-    workgroupBarrier();
-    var leaf = 0.0;
-    for (var i = 0u; i < 4u; i++) {
-        let k = 4u * lid + i;
-        if k < blocks {
-            leaf = leaf + block_sums[k];
-        }
-    }
-    return fold_leaves(leaf, lid);
+    return fold_leaves(group_leaf, lid);
 }
 
 // Correctly rounded square root of a normal a > 0 (infinity and NaN pass through), by the digit
