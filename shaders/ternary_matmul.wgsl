@@ -17,6 +17,9 @@ const TK: u32 = 4u;
 // When true, y holds the exact accumulator as f32 (exact while |acc| < 2^24) instead of the
 // scaled output: it lets tests compare the integer core bit for bit.
 override ACC_ONLY: bool = false;
+// When true, the output is added to what y holds (a residual stream) instead of replacing it:
+// one dispatch fewer than a separate add, and the same single f32 addition.
+override ADD_TO_Y: bool = false;
 
 struct Params {
     m: u32,
@@ -61,6 +64,14 @@ fn epilogue(m: u32, n: u32, biased: i32) -> f32 {
     return v;
 }
 
+fn store(i: u32, v: f32) {
+    if ADD_TO_Y {
+        y[i] = y[i] + v;
+    } else {
+        y[i] = v;
+    }
+}
+
 // Decoding (few tokens): a workgroup computes ROWS outputs of one token, its invocations striding
 // over the columns, then one exact integer reduction.
 @compute @workgroup_size(WG)
@@ -94,7 +105,7 @@ fn gemv(
     }
     let total = wg_sum(acc, lid);
     if lid < rows {
-        y[m * params.n + n0 + lid] = epilogue(m, n0 + lid, total[lid]);
+        store(m * params.n + n0 + lid, epilogue(m, n0 + lid, total[lid]));
     }
 }
 
@@ -162,7 +173,7 @@ fn gemm(
         for (var r = 0u; r < 4u; r++) {
             let gn = n0 + tx * 4u + r;
             if gm < params.m && gn < params.n {
-                y[gm * params.n + gn] = epilogue(gm, gn, acc[i][r]);
+                store(gm * params.n + gn, epilogue(gm, gn, acc[i][r]));
             }
         }
     }

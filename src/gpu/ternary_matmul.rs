@@ -28,6 +28,8 @@ pub enum MatmulOutput {
     Scaled,
     /// The int32 accumulator as f32, exact because `cols <= MAX_EXACT_ACC_COLS`.
     Accumulator,
+    /// `y += acc / (s_x * s_w) + bias`: a residual connection without a separate add.
+    AddScaled,
 }
 
 /// How [`record`] computes and what it writes.
@@ -115,7 +117,10 @@ pub fn record(
     } else {
         ("gemv", x.rows * w.rows.div_ceil(4))
     };
-    let constants = [("ACC_ONLY", (output == MatmulOutput::Accumulator) as u64)];
+    let constants = [
+        ("ACC_ONLY", (output == MatmulOutput::Accumulator) as u64),
+        ("ADD_TO_Y", (output == MatmulOutput::AddScaled) as u64),
+    ];
     let pipeline = ctx.pipeline(Kernel::TernaryMatmul, entry, &constants)?;
     // The shader reads bias only when has_bias is set; any buffer fills the binding otherwise.
     let bias = bias.unwrap_or(&w.scales);

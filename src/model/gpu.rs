@@ -5,8 +5,8 @@
 use crate::cpu::{AttentionShape, PackedTernary, TernaryWeights};
 use crate::gpu::table::{GpuTable, TableStorage};
 use crate::gpu::{
-    self, GpuActivations, GpuContext, GpuTernary, MatmulOptions, attention, elementwise, embedding,
-    lm_head, relu2_gate, rmsnorm, rope,
+    self, GpuActivations, GpuContext, GpuTernary, MatmulOptions, MatmulOutput, attention,
+    elementwise, embedding, lm_head, relu2_gate, rmsnorm, rope,
 };
 use crate::model::{ModelConfig, ModelWeights};
 use crate::packing::gpu_words;
@@ -310,6 +310,11 @@ impl GpuModel {
         };
         let kv_dim = shape.kv_heads * shape.head_dim;
         let matmul = MatmulOptions::default();
+        // o_proj and down_proj add straight into the residual stream.
+        let residual = MatmulOptions {
+            output: MatmulOutput::AddScaled,
+            ..matmul
+        };
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         {
             let pass = &mut encoder.begin_compute_pass(&Default::default());
@@ -363,10 +368,9 @@ impl GpuModel {
                     &s.attn_acts,
                     &l.o_proj,
                     None,
-                    &s.proj,
-                    matmul,
+                    &s.x,
+                    residual,
                 )?;
-                elementwise::add(ctx, pass, &s.x, &s.proj, n * hidden)?;
                 rmsnorm::record_quant(
                     ctx,
                     pass,
@@ -386,10 +390,9 @@ impl GpuModel {
                     &s.mlp_acts,
                     &l.down_proj,
                     None,
-                    &s.proj,
-                    matmul,
+                    &s.x,
+                    residual,
                 )?;
-                elementwise::add(ctx, pass, &s.x, &s.proj, n * hidden)?;
             }
             rmsnorm::record(ctx, pass, &s.x, &self.norm, &s.final_norm, n, hidden, eps)?;
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);

@@ -249,14 +249,13 @@ async fn gpu_matmul(
     packed: &cpu::PackedTernary,
     bias: Option<&[f32]>,
     options: MatmulOptions,
+    y_before: &[f32],
 ) -> Vec<f32> {
     let input = ctx.upload("x", x).expect("upload");
     let acts = GpuActivations::new(ctx, rows, packed.cols).expect("activations");
     let w = gpu::GpuTernary::upload(ctx, packed).expect("weights");
     let bias = bias.map(|b| ctx.upload("bias", b).expect("bias"));
-    let y = ctx
-        .storage("y", (rows * packed.rows * 4) as u64)
-        .expect("y");
+    let y = ctx.upload("y", y_before).expect("y");
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
     let mut pass = encoder.begin_compute_pass(&Default::default());
     gpu::act_quant::record(ctx, &mut pass, &input, &acts).expect("act_quant");
@@ -303,6 +302,7 @@ pub async fn ternary_matmul_matches_cpu(ctx: &mut GpuContext) {
             let qx = cpu::act_quant(&x, m, k).expect("cpu act_quant");
             let acc = cpu::ternary_matmul_acc(&qx, &ternary).expect("cpu acc");
             let y = cpu::ternary_matmul(&qx, &ternary, bias.as_deref()).expect("cpu matmul");
+            let zeros = vec![0.0f32; m * n];
             for path in [MatmulPath::Gemv, MatmulPath::Gemm] {
                 let what =
                     format!("{variant:?} {path:?} case {case} (m {m}, k {k}, n {n}, {opts:?})");
@@ -316,6 +316,7 @@ pub async fn ternary_matmul_matches_cpu(ctx: &mut GpuContext) {
                         path,
                         output: MatmulOutput::Accumulator,
                     },
+                    &zeros,
                 )
                 .await;
                 for (i, (g, c)) in got.iter().zip(&acc).enumerate() {
@@ -334,11 +335,38 @@ pub async fn ternary_matmul_matches_cpu(ctx: &mut GpuContext) {
                         path,
                         output: MatmulOutput::Scaled,
                     },
+                    &zeros,
                 )
                 .await;
                 for (i, (g, c)) in got.iter().zip(&y).enumerate() {
                     let b = bias.as_ref().map_or(0.0, |b| b[i % n].abs());
                     assert_close(*g, *c, c.abs() + b, &format!("{what}: output {i}"));
+                }
+                // Added to a residual stream: one more f32 addition per output.
+                let residual: Vec<f32> =
+                    (0..m * n).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+                let got = gpu_matmul(
+                    ctx,
+                    &x,
+                    m,
+                    &packed,
+                    bias.as_deref(),
+                    MatmulOptions {
+                        path,
+                        output: MatmulOutput::AddScaled,
+                    },
+                    &residual,
+                )
+                .await;
+                for (i, g) in got.iter().enumerate() {
+                    let (c, r) = (y[i], residual[i]);
+                    let b = bias.as_ref().map_or(0.0, |b| b[i % n].abs());
+                    assert_close(
+                        *g,
+                        r + c,
+                        c.abs() + b + r.abs(),
+                        &format!("{what}: residual {i}"),
+                    );
                 }
             }
         }
