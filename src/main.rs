@@ -375,11 +375,8 @@ fn fail(e: &dyn std::error::Error) -> ExitCode {
 
 /// A model ready to run one sequence, on the CPU reference or resident on a GPU.
 enum Engine {
-    Cpu(CpuEngine),
-    Gpu {
-        ctx: Box<GpuContext>,
-        model: Box<GpuModel>,
-    },
+    Cpu(Box<CpuEngine>),
+    Gpu(Box<(GpuContext, GpuModel)>),
 }
 
 impl Engine {
@@ -387,7 +384,7 @@ impl Engine {
     /// stderr before falling back to the CPU; `gpu` makes either failure an error.
     async fn new(device: Device, weights: ModelWeights) -> CliResult<Self> {
         if device == Device::Cpu {
-            return Ok(Engine::Cpu(CpuEngine::new(weights)?));
+            return Ok(Engine::Cpu(Box::new(CpuEngine::new(weights)?)));
         }
         let on_gpu = async {
             let ctx = GpuContext::new().await?;
@@ -399,17 +396,14 @@ impl Engine {
                 TableStorage::F32
             };
             let model = GpuModel::new(&ctx, &weights, c.max_position_embeddings, tables)?;
-            Ok::<_, bitnet_wgpu::Error>(Engine::Gpu {
-                ctx: Box::new(ctx),
-                model: Box::new(model),
-            })
+            Ok::<_, bitnet_wgpu::Error>(Engine::Gpu(Box::new((ctx, model))))
         };
         match (on_gpu.await, device) {
             (Ok(engine), _) => Ok(engine),
             (Err(e), Device::Gpu) => Err(format!("--device gpu: {e}").into()),
             (Err(e), _) => {
                 eprintln!("running on the CPU: {e}");
-                Ok(Engine::Cpu(CpuEngine::new(weights)?))
+                Ok(Engine::Cpu(Box::new(CpuEngine::new(weights)?)))
             }
         }
     }
@@ -419,7 +413,7 @@ impl Engine {
     async fn forward(&mut self, tokens: &[u32], which: Logits) -> bitnet_wgpu::Result<Vec<f32>> {
         match self {
             Engine::Cpu(e) => e.forward(tokens),
-            Engine::Gpu { ctx, model } => model.forward(ctx, tokens, which).await,
+            Engine::Gpu(gpu) => gpu.1.forward(&gpu.0, tokens, which).await,
         }
     }
 
@@ -427,7 +421,7 @@ impl Engine {
     fn reset(&mut self) {
         match self {
             Engine::Cpu(e) => e.reset(),
-            Engine::Gpu { model, .. } => model.reset(),
+            Engine::Gpu(gpu) => gpu.1.reset(),
         }
     }
 
@@ -435,14 +429,14 @@ impl Engine {
     fn position(&self) -> usize {
         match self {
             Engine::Cpu(e) => e.position(),
-            Engine::Gpu { model, .. } => model.len(),
+            Engine::Gpu(gpu) => gpu.1.len(),
         }
     }
 
     fn config(&self) -> &ModelConfig {
         match self {
             Engine::Cpu(e) => e.config(),
-            Engine::Gpu { model, .. } => model.config(),
+            Engine::Gpu(gpu) => gpu.1.config(),
         }
     }
 
@@ -450,7 +444,7 @@ impl Engine {
     fn adapter(&self) -> String {
         match self {
             Engine::Cpu(_) => "cpu".into(),
-            Engine::Gpu { ctx, .. } => ctx.adapter_info().name.clone(),
+            Engine::Gpu(gpu) => gpu.0.adapter_info().name.clone(),
         }
     }
 }

@@ -4,9 +4,19 @@ use crate::cpu::AttentionShape;
 use crate::gpu::{GpuContext, Kernel, check_distinct, groups_for};
 use crate::{Error, Result};
 
-/// The invocations of one workgroup, which is also the largest head_dim: each dimension of the
-/// output needs at least one invocation.
-const WG: usize = 256;
+/// The largest head_dim (`MAX_HEAD_DIM` in the shader).
+const MAX_HEAD_DIM: usize = 256;
+/// Query rows up to which the decode path (`attention_split`) runs.
+const SPLIT_ROWS: usize = 4;
+/// Keys per `attention_split` workgroup (`SPLIT_KEYS` in the shader).
+const SPLIT_KEYS: usize = 64;
+/// `attention_tiles` workgroup memory, in floats (`Q_FLOATS`, `KV_FLOATS`, ... in the shader).
+const Q_FLOATS: usize = 1056;
+const KV_FLOATS: usize = 2112;
+const MAX_BLOCK_ROWS: usize = 16;
+const MAX_TILE_KEYS: usize = 32;
+/// `attention_tiles` splits the keys until about this many workgroups run.
+const TARGET_GROUPS: usize = 512;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -17,14 +27,62 @@ struct Params {
     kv_heads: u32,
     head_dim: u32,
     scaling: f32,
-    pad: [u32; 2],
+    splits: u32,
+    split_keys: u32,
+    block_rows: u32,
+    tile_keys: u32,
+    stats_offset: u32,
+    pad: u32,
+}
+
+/// How one call is cut into workgroups.
+struct Plan {
+    entry: &'static str,
+    splits: usize,
+    split_keys: usize,
+    block_rows: usize,
+    tile_keys: usize,
+    groups: usize,
+}
+
+fn plan(new_rows: usize, total_rows: usize, heads: usize, head_dim: usize) -> Plan {
+    if new_rows <= SPLIT_ROWS {
+        let splits = total_rows.div_ceil(SPLIT_KEYS);
+        return Plan {
+            entry: "attention_split",
+            splits,
+            split_keys: SPLIT_KEYS,
+            block_rows: 1,
+            tile_keys: SPLIT_KEYS,
+            groups: new_rows * heads * splits,
+        };
+    }
+    let block_rows = (Q_FLOATS / (head_dim + 1)).min(MAX_BLOCK_ROWS);
+    let tile_keys = (KV_FLOATS / (head_dim + 1)).min(MAX_TILE_KEYS);
+    let base = new_rows.div_ceil(block_rows) * heads;
+    let wanted = TARGET_GROUPS
+        .div_ceil(base)
+        .clamp(1, total_rows.div_ceil(tile_keys));
+    let split_keys = total_rows.div_ceil(wanted).next_multiple_of(tile_keys);
+    let splits = total_rows.div_ceil(split_keys);
+    Plan {
+        entry: "attention_tiles",
+        splits,
+        split_keys,
+        block_rows,
+        tile_keys,
+        groups: base * splits,
+    }
 }
 
 /// Records causal grouped-query attention (`cpu::attention`) of the `new_rows` query rows `q`
 /// (`[new_rows, heads * head_dim]` f32, already rotated) over the first `total_rows` rows of the
 /// caches (`[capacity, kv_heads * head_dim]` f32, keys already rotated) into `out`
 /// (`[new_rows, heads * head_dim]`). Query row `r` sits at position `total_rows - new_rows + r`.
-/// One workgroup per (row, head); `head_dim` may be up to 256, `total_rows` anything.
+/// `head_dim` may be up to 256, `total_rows` anything. A few query rows (decode) split the keys
+/// of each (row, head) over workgroups of 64 keys; more rows (prefill) share staged key and value
+/// tiles between blocks of rows, splitting the keys too when there are few blocks. Split results
+/// are merged by a second dispatch into the same pass.
 #[allow(clippy::too_many_arguments)]
 pub fn record(
     ctx: &GpuContext,
@@ -46,13 +104,13 @@ pub fn record(
         || kv_heads == 0
         || head_dim == 0
         || !heads.is_multiple_of(kv_heads)
-        || head_dim > WG
+        || head_dim > MAX_HEAD_DIM
     {
         return Err(Error::invalid(
             "attention shape",
             format!(
                 "{heads} heads, {kv_heads} kv heads, head_dim {head_dim}: all must be positive, \
-                 heads a multiple of kv heads and head_dim at most {WG}"
+                 heads a multiple of kv heads and head_dim at most {MAX_HEAD_DIM}"
             ),
         ));
     }
@@ -81,31 +139,66 @@ pub fn record(
     if new_rows == 0 {
         return Ok(());
     }
+    let total = u32::try_from(total_rows)
+        .map_err(|_| Error::invalid("attention cache rows", total_rows))?;
+    let plan = plan(new_rows, total_rows, heads, head_dim);
+    // The partials of a split call: outputs, then a (max, sum) pair each.
+    let partials = new_rows * heads * plan.splits;
+    let (scratch_bytes, stats_offset) = if plan.splits > 1 {
+        (partials * (head_dim + 2) * 4, partials * head_dim)
+    } else {
+        (4, 0)
+    };
+    if u32::try_from(scratch_bytes / 4).is_err() {
+        return Err(Error::invalid(
+            "attention",
+            format!("{new_rows} rows over {total_rows} keys need too many partials"),
+        ));
+    }
+    let scratch = ctx.storage("attention partials", scratch_bytes as u64)?;
     let params = ctx.uniform(
         "attention params",
         &Params {
             new_rows: new_rows as u32,
-            total_rows: u32::try_from(total_rows)
-                .map_err(|_| Error::invalid("attention cache rows", total_rows))?,
+            total_rows: total,
             heads: heads as u32,
             kv_heads: kv_heads as u32,
             head_dim: head_dim as u32,
             scaling: 1.0 / (head_dim as f32).sqrt(),
-            pad: [0; 2],
+            splits: plan.splits as u32,
+            split_keys: plan.split_keys as u32,
+            block_rows: plan.block_rows as u32,
+            tile_keys: plan.tile_keys as u32,
+            stats_offset: stats_offset as u32,
+            pad: 0,
         },
     );
-    let pipeline = ctx.pipeline(Kernel::Attention, "attention", &[])?;
+    let pipeline = ctx.pipeline(Kernel::Attention, plan.entry, &[])?;
     ctx.dispatch(
         pass,
         &pipeline,
         &[
             params.as_entire_binding(),
+            scratch.as_entire_binding(),
+            out.as_entire_binding(),
             q.as_entire_binding(),
             k_cache.as_entire_binding(),
             v_cache.as_entire_binding(),
-            out.as_entire_binding(),
         ],
-        groups_for(new_rows * heads, 1)?,
+        groups_for(plan.groups, 1)?,
     );
+    if plan.splits > 1 {
+        let merge = ctx.pipeline(Kernel::Attention, "attention_merge", &[])?;
+        ctx.dispatch(
+            pass,
+            &merge,
+            &[
+                params.as_entire_binding(),
+                scratch.as_entire_binding(),
+                out.as_entire_binding(),
+            ],
+            groups_for(new_rows * heads, 1)?,
+        );
+    }
     Ok(())
 }

@@ -4,8 +4,8 @@ use crate::gpu::table::GpuTable;
 use crate::gpu::{GpuContext, Kernel, check_distinct, groups_for};
 use crate::{Error, Result};
 
-/// Table rows per workgroup.
-const VROWS: usize = 4;
+/// Table rows per workgroup (`VROWS` in the shader).
+const VROWS: usize = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

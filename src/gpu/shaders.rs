@@ -93,7 +93,7 @@ impl Kernel {
             Kernel::Rope => &["rope"],
             Kernel::Elementwise => &["add", "copy_rows"],
             Kernel::Relu2Gate => &["relu2_gate", "relu2_gate_quant"],
-            Kernel::Attention => &["attention"],
+            Kernel::Attention => &["attention_split", "attention_tiles", "attention_merge"],
             Kernel::Embedding => &["embedding"],
             Kernel::LmHead => &["lm_head"],
         }

@@ -9,7 +9,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 const ROWS: [usize; 4] = [1, 2, 3, 7];
-const COLS: [usize; 13] = [1, 3, 15, 16, 17, 40, 127, 129, 1000, 1025, 2600, 6912, 17000];
+const COLS: [usize; 13] = [
+    1, 3, 15, 16, 17, 40, 127, 129, 1000, 1025, 2600, 6912, 17000,
+];
 
 /// Sentinel for destination rows a kernel must not touch.
 const UNTOUCHED: f32 = -7.25;
