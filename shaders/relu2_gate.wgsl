@@ -60,10 +60,7 @@ fn relu2_gate_quant(
     }
     let m = wg_max(amax, lid);
     let finite = m < 0x7f800000u;
-    var s = 0.0;
-    if finite {
-        s = div_rn(127.0, max(bitcast<f32>(m), 1e-5));
-    }
+    let s = quant_scale(m);
 
     var total = 0;
     let out_base = row * params.row_words;
@@ -72,8 +69,8 @@ fn relu2_gate_quant(
         for (var i = 0u; i < 4u; i++) {
             let k = 4u * w + i;
             if finite && k < params.inter {
-                let q = i32(clamp(round(gated(row, k) * s), -128.0, 127.0));
-                word |= (bitcast<u32>(q) & 0xffu) << (8u * i);
+                let q = quant_code(gated(row, k), s);
+                word = pack_code(word, q, i);
                 total += q;
             }
         }
@@ -81,7 +78,7 @@ fn relu2_gate_quant(
     }
     let sum = wg_sum(vec4<i32>(total, 0, 0, 0), lid).x;
     if lid == 0u {
-        scale_bits[row] = select(0x7fc00000u, bitcast<u32>(s), finite);
+        scale_bits[row] = scale_bits_of(s, m);
         sums[row] = sum;
     }
 }

@@ -195,10 +195,7 @@ fn rmsnorm_quant(
     }
     let m = wg_max(amax, lid);
     let finite = m < 0x7f800000u;
-    var s = 0.0;
-    if finite {
-        s = div_rn(127.0, max(bitcast<f32>(m), 1e-5));
-    }
+    let s = quant_scale(m);
 
     var total = 0;
     let out = row * params.row_words;
@@ -207,8 +204,8 @@ fn rmsnorm_quant(
         for (var i = 0u; i < 4u; i++) {
             let k = 4u * w + i;
             if finite && k < params.cols {
-                let q = i32(clamp(round(normalized(base, k, inv) * s), -128.0, 127.0));
-                word |= (bitcast<u32>(q) & 0xffu) << (8u * i);
+                let q = quant_code(normalized(base, k, inv), s);
+                word = pack_code(word, q, i);
                 total += q;
             }
         }
@@ -216,7 +213,7 @@ fn rmsnorm_quant(
     }
     let sum = wg_sum(vec4<i32>(total, 0, 0, 0), lid).x;
     if lid == 0u {
-        scale_bits[row] = select(0x7fc00000u, bitcast<u32>(s), finite);
+        scale_bits[row] = scale_bits_of(s, m);
         sums[row] = sum;
     }
 }

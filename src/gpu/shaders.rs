@@ -142,6 +142,7 @@ impl Kernel {
             include_str!("../../shaders/common/reduce_shared.wgsl")
         });
         text.push_str(include_str!("../../shaders/common/exact_div.wgsl"));
+        text.push_str(include_str!("../../shaders/common/quantize.wgsl"));
         text.push_str(self.body());
         text
     }
