@@ -16,3 +16,26 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
 }
+
+impl ModelConfig {
+    /// Errors unless `tokens` is a non-empty run of ids below the vocabulary size.
+    pub fn check_tokens(&self, tokens: &[u32]) -> crate::Result<()> {
+        if tokens.is_empty() {
+            return Err(crate::Error::Empty("token sequence"));
+        }
+        match tokens
+            .iter()
+            .enumerate()
+            .find(|&(_, &id)| id as usize >= self.vocab_size)
+        {
+            Some((i, id)) => Err(crate::Error::invalid(
+                "token id",
+                format!(
+                    "token {id} at index {i} is not below the vocabulary size {}",
+                    self.vocab_size
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+}

@@ -245,22 +245,7 @@ pub fn forward(weights: &ModelWeights, tokens: &[u32], cache: &mut KvCache) -> R
     weights.validate()?;
     let c = &weights.config;
     cache.check_fits(c)?;
-    if tokens.is_empty() {
-        return Err(Error::Empty("token sequence"));
-    }
-    if let Some((i, &id)) = tokens
-        .iter()
-        .enumerate()
-        .find(|&(_, &id)| id as usize >= c.vocab_size)
-    {
-        return Err(Error::invalid(
-            "token id",
-            format!(
-                "token {id} at index {i} is not below the vocabulary size {}",
-                c.vocab_size
-            ),
-        ));
-    }
+    c.check_tokens(tokens)?;
     let start = cache.len;
     if tokens.len() > cache.max_len - start {
         return Err(Error::invalid(

@@ -269,22 +269,7 @@ impl GpuModel {
         which: Logits,
     ) -> Result<Vec<f32>> {
         let c = self.config.clone();
-        if tokens.is_empty() {
-            return Err(Error::Empty("token sequence"));
-        }
-        if let Some((i, &id)) = tokens
-            .iter()
-            .enumerate()
-            .find(|&(_, &id)| id as usize >= c.vocab_size)
-        {
-            return Err(Error::invalid(
-                "token id",
-                format!(
-                    "token {id} at index {i} is not below the vocabulary size {}",
-                    c.vocab_size
-                ),
-            ));
-        }
+        c.check_tokens(tokens)?;
         if tokens.len() > self.capacity - self.len {
             return Err(Error::invalid(
                 "kv cache",
