@@ -665,10 +665,7 @@ async fn info(args: &InfoArgs) -> bitnet_wgpu::Result<ExitCode> {
                 other => other.to_string(),
             };
             println!("no GPU adapter was found: {why}");
-            println!(
-                "hint: install a Vulkan driver (Debian/Ubuntu: apt-get install mesa-vulkan-drivers \
-                 gives the lavapipe software adapter); continuing on the CPU only"
-            );
+            println!("continuing on the CPU only");
             None
         }
     };
