@@ -155,7 +155,7 @@ pub fn record(
             format!("{new_rows} rows over {total_rows} keys need too many partials"),
         ));
     }
-    let scratch = ctx.storage("attention partials", scratch_bytes as u64)?;
+    let scratch = ctx.scratch("attention partials", scratch_bytes as u64)?;
     let params = ctx.uniform(
         "attention params",
         &Params {

@@ -76,6 +76,11 @@ pub struct GpuContext {
     /// than the GPU spends on many of the kernels.
     uniforms: Mutex<HashMap<Vec<u8>, wgpu::Buffer>>,
     bind_groups: Mutex<HashMap<BindGroupKey, wgpu::BindGroup>>,
+    /// Read-only tables by content (rope's cos/sin: one per step, shared by every layer).
+    tables: Mutex<HashMap<Vec<u8>, wgpu::Buffer>>,
+    /// Scratch buffers by purpose and size, reused by every dispatch that asks for one: wgpu
+    /// orders the dispatches of a pass that share a buffer.
+    scratch: Mutex<HashMap<(&'static str, u64), wgpu::Buffer>>,
     device_error: Arc<Mutex<Option<String>>>,
     profiler: Option<Profiler>,
 }
@@ -83,6 +88,8 @@ pub struct GpuContext {
 /// Cached entries stop being reused, and everything they hold is released, beyond this many:
 /// the caches keep buffers alive, so they must not grow with every temporary a caller makes.
 const CACHE_LIMIT: usize = 4096;
+/// The same for cached tables and scratch buffers, which can be large.
+const BUFFER_CACHE_LIMIT: usize = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct BindGroupKey {
@@ -154,6 +161,8 @@ impl GpuContext {
             entries: Mutex::new(HashMap::new()),
             uniforms: Mutex::new(HashMap::new()),
             bind_groups: Mutex::new(HashMap::new()),
+            tables: Mutex::new(HashMap::new()),
+            scratch: Mutex::new(HashMap::new()),
             device,
             queue,
             info: adapter.get_info(),
@@ -317,6 +326,41 @@ impl GpuContext {
                 | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         }))
+    }
+
+    /// A read-only storage buffer holding `data`, shared by every caller asking for the same
+    /// bytes (which must never be written).
+    pub(crate) fn upload_shared<T: bytemuck::Pod>(
+        &self,
+        label: &str,
+        data: &[T],
+    ) -> Result<wgpu::Buffer> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let mut cache = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(buffer) = cache.get(bytes) {
+            return Ok(buffer.clone());
+        }
+        if cache.len() >= BUFFER_CACHE_LIMIT {
+            cache.clear();
+        }
+        let buffer = self.upload(label, data)?;
+        cache.insert(bytes.to_vec(), buffer.clone());
+        Ok(buffer)
+    }
+
+    /// A storage buffer of `bytes` for intermediate results, the same one for every caller
+    /// asking with the same `purpose` and size.
+    pub(crate) fn scratch(&self, purpose: &'static str, bytes: u64) -> Result<wgpu::Buffer> {
+        let mut cache = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(buffer) = cache.get(&(purpose, bytes)) {
+            return Ok(buffer.clone());
+        }
+        if cache.len() >= BUFFER_CACHE_LIMIT {
+            cache.clear();
+        }
+        let buffer = self.storage(purpose, bytes)?;
+        cache.insert((purpose, bytes), buffer.clone());
+        Ok(buffer)
     }
 
     /// A uniform buffer holding `data`, shared by every caller asking for the same bytes.

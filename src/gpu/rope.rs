@@ -65,7 +65,7 @@ pub fn record(
             cos_sin.extend([angle.cos(), angle.sin()]);
         }
     }
-    let table = ctx.upload("rope cos/sin", &cos_sin)?;
+    let table = ctx.upload_shared("rope cos/sin", &cos_sin)?;
     let params = ctx.uniform(
         "rope params",
         &Params {
