@@ -327,7 +327,7 @@ pub fn dequantized_f16(weights: &ModelWeights) -> Result<DequantizedF16> {
         &mut weights.embed_tokens.iter().copied(),
     )?;
     for (l, layer) in weights.layers.iter().enumerate() {
-        for ((name, _, _), w) in layer_linears(c).into_iter().zip(linears_of(layer)) {
+        for ((name, _, _), w) in layer_linears(c).into_iter().zip(layer.linears()) {
             let per_row = match w.scales.len() {
                 1 => false,
                 n if n == w.rows => true,
@@ -348,7 +348,7 @@ pub fn dequantized_f16(weights: &ModelWeights) -> Result<DequantizedF16> {
                 }),
             )?;
         }
-        for ((name, len), values) in layer_norms(c).into_iter().zip(norms_of(layer)) {
+        for ((name, len), values) in layer_norms(c).into_iter().zip(layer.norms()) {
             push(
                 format!("model.layers.{l}.{name}.weight"),
                 vec![len],
@@ -478,27 +478,6 @@ fn pattern_matches(pattern: &str, name: &str) -> bool {
         }
     }
     true
-}
-
-fn linears_of(l: &LayerWeights) -> [&TernaryWeights; 7] {
-    [
-        &l.q_proj,
-        &l.k_proj,
-        &l.v_proj,
-        &l.o_proj,
-        &l.gate_proj,
-        &l.up_proj,
-        &l.down_proj,
-    ]
-}
-
-fn norms_of(l: &LayerWeights) -> [&[f32]; 4] {
-    [
-        &l.input_layernorm,
-        &l.attn_sub_norm,
-        &l.post_attention_layernorm,
-        &l.ffn_sub_norm,
-    ]
 }
 
 /// Tensor data bytes of the packed model.safetensors, all and linears only, measured on the bytes

@@ -18,6 +18,31 @@ pub struct LayerWeights {
     pub ffn_sub_norm: Vec<f32>,
 }
 
+impl LayerWeights {
+    /// The seven linears in the order q, k, v, o, gate, up, down (as checkpoints name them).
+    pub fn linears(&self) -> [&TernaryWeights; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+
+    /// The four norms in the order input, attention sub-norm, post-attention, MLP sub-norm.
+    pub fn norms(&self) -> [&[f32]; 4] {
+        [
+            &self.input_layernorm,
+            &self.attn_sub_norm,
+            &self.post_attention_layernorm,
+            &self.ffn_sub_norm,
+        ]
+    }
+}
+
 /// A whole model in memory, whatever file it came from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelWeights {

@@ -10,7 +10,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use super::config::{config_json, validate};
 use super::{CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, layer_linears, layer_norms, layer_prefix};
 use crate::cpu::TernaryWeights;
-use crate::model::{LayerWeights, ModelWeights};
+use crate::model::ModelWeights;
 use crate::packing::hf;
 use crate::{Error, Result};
 
@@ -103,10 +103,10 @@ pub fn to_safetensors_bytes(
     )?);
     for (l, layer) in weights.layers.iter().enumerate() {
         let prefix = layer_prefix(l);
-        for ((name, out, inp), w) in layer_linears(c).into_iter().zip(linears_of(layer)) {
+        for ((name, out, inp), w) in layer_linears(c).into_iter().zip(layer.linears()) {
             tensors.extend(linear(&format!("{prefix}.{name}"), w, out, inp)?);
         }
-        for ((name, len), values) in layer_norms(c).into_iter().zip(norms_of(layer)) {
+        for ((name, len), values) in layer_norms(c).into_iter().zip(layer.norms()) {
             tensors.push(floats(
                 &format!("{prefix}.{name}.weight"),
                 values,
@@ -160,27 +160,6 @@ struct Stored {
     dtype: Dtype,
     shape: Vec<usize>,
     bytes: Vec<u8>,
-}
-
-fn linears_of(l: &LayerWeights) -> [&TernaryWeights; 7] {
-    [
-        &l.q_proj,
-        &l.k_proj,
-        &l.v_proj,
-        &l.o_proj,
-        &l.gate_proj,
-        &l.up_proj,
-        &l.down_proj,
-    ]
-}
-
-fn norms_of(l: &LayerWeights) -> [&[f32]; 4] {
-    [
-        &l.input_layernorm,
-        &l.attn_sub_norm,
-        &l.post_attention_layernorm,
-        &l.ffn_sub_norm,
-    ]
 }
 
 fn linear(name: &str, w: &TernaryWeights, out: usize, inp: usize) -> Result<[Stored; 2]> {
