@@ -189,7 +189,8 @@ impl GpuTable {
     }
 }
 
-fn row_words(cols: usize, storage: TableStorage) -> usize {
+/// u32 words a row of `cols` values takes on the GPU.
+pub(crate) fn row_words(cols: usize, storage: TableStorage) -> usize {
     let words = match storage {
         TableStorage::F32 => cols,
         TableStorage::F16 => cols.div_ceil(2),

@@ -3,7 +3,7 @@
 //! The only readback is the logits.
 
 use crate::cpu::{AttentionShape, PackedTernary, TernaryWeights};
-use crate::gpu::table::{GpuTable, TableStorage};
+use crate::gpu::table::{GpuTable, TableStorage, row_words};
 use crate::gpu::{
     self, GpuActivations, GpuContext, GpuTernary, MatmulOptions, MatmulOutput, attention,
     elementwise, embedding, lm_head, relu2_gate, rmsnorm, rope,
@@ -158,7 +158,16 @@ impl GpuModel {
             )?),
             None => None,
         };
-        ctx.check()?;
+        // Out of memory surfaces as a device error: say how much the model asked for.
+        ctx.check().map_err(|e| {
+            let needed = Self::required_bytes(c, context, tables);
+            Error::Gpu(format!(
+                "the model needs {:.2} GB of GPU memory (weights, embedding tables and a KV cache \
+                 of {context} positions) on {}: {e}",
+                needed as f64 / 1e9,
+                ctx.adapter_info().name
+            ))
+        })?;
         Ok(GpuModel {
             config: c.clone(),
             capacity: context,
@@ -192,6 +201,32 @@ impl GpuModel {
     /// Forgets the cached positions (the next forward starts at position 0).
     pub fn reset(&mut self) {
         self.len = 0;
+    }
+
+    /// GPU memory a model of `config` takes for its weights, tables and a KV cache of `context`
+    /// positions, from the shapes alone (one scale per linear, as checkpoints have): what
+    /// [`GpuModel::weight_and_cache_bytes`] reports once it is loaded.
+    pub fn required_bytes(config: &ModelConfig, context: usize, tables: TableStorage) -> u64 {
+        let c = config;
+        let words = |rows: usize, cols: usize| (rows * gpu_words::words_per_row(cols) * 4) as u64;
+        let floats = |n: usize| (n.max(1) * 4) as u64;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let q = c.num_attention_heads * c.head_dim;
+        let kv = c.num_key_value_heads * c.head_dim;
+        let layer = words(q, h)
+            + 2 * words(kv, h)
+            + words(h, q)
+            + words(2 * i, h)
+            + words(h, i)
+            + 5 * floats(1)
+            + floats(2 * i)
+            + 2 * floats(h)
+            + floats(q)
+            + floats(i)
+            + 2 * floats(context * kv);
+        let table = (c.vocab_size * row_words(h, tables) * 4) as u64;
+        let tables = if c.tie_word_embeddings { 1 } else { 2 };
+        c.num_hidden_layers as u64 * layer + tables * table + floats(h)
     }
 
     /// GPU memory held by weights and the KV cache, in bytes (per-step scratch excluded).

@@ -116,6 +116,11 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
         let mut cache = KvCache::new(&weights.config);
         let cpu_prompt = model::forward(&weights, &prompt, &mut cache).expect("cpu forward");
         let mut gpu = GpuModel::new(ctx, &weights, 64, TableStorage::F16).expect("upload model");
+        assert_eq!(
+            GpuModel::required_bytes(&weights.config, 64, TableStorage::F16),
+            gpu.weight_and_cache_bytes(),
+            "the memory estimate is what the upload takes"
+        );
         let gpu_prompt = gpu
             .forward(ctx, &prompt, Logits::All)
             .await
