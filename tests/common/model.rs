@@ -1,51 +1,26 @@
 //! The whole transformer on the GPU against the CPU reference forward, on a tiny random model
 //! with awkward sizes (hidden 40, head_dim 20, grouped-query attention).
 
-use bitnet_wgpu::cpu::{self, WeightQuantOptions};
 use bitnet_wgpu::gpu::GpuContext;
 use bitnet_wgpu::gpu::table::TableStorage;
-use bitnet_wgpu::model::{
-    self, GpuModel, KvCache, LayerWeights, Logits, ModelConfig, ModelWeights,
-};
+use bitnet_wgpu::model::{self, GpuModel, KvCache, Logits, ModelConfig, ModelWeights};
 use half::f16;
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
 
 /// Logit tolerance, relative to the largest logit: the GPU's float ops (rope's cos/sin,
 /// attention's exp, summation orders) differ from the CPU's in the last bits, and an activation
 /// that lands on the other side of a rounding boundary changes its int8 code by one.
 pub const LOGIT_TOL: f32 = 2e-3;
 
-fn values(rng: &mut SmallRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| rng.random_range(-1.0f32..1.0) * scale)
-        .collect()
-}
-
-fn norm(rng: &mut SmallRng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(0.8f32..1.2)).collect()
-}
-
-fn ternary(rng: &mut SmallRng, rows: usize, cols: usize) -> cpu::TernaryWeights {
-    cpu::weight_quant(
-        &values(rng, rows * cols, 0.1),
-        rows,
-        cols,
-        WeightQuantOptions::default(),
-    )
-    .expect("quantize")
-}
-
-/// f16 tables on the GPU: make the reference's tables f16 values so storage loses nothing.
-fn f16_values(rng: &mut SmallRng, n: usize) -> Vec<f32> {
-    values(rng, n, 1.0)
-        .into_iter()
-        .map(|v| f16::from_f32(v).to_f32())
+/// The tables as the GPU stores them (f16), so that the reference loses nothing to storage;
+/// scaled up so that logits spread enough for greedy choices to be clear.
+fn f16_table(values: &[f32]) -> Vec<f32> {
+    values
+        .iter()
+        .map(|&v| f16::from_f32(50.0 * v).to_f32())
         .collect()
 }
 
 pub fn tiny_model(seed: u64, tied: bool) -> ModelWeights {
-    let mut rng = SmallRng::seed_from_u64(seed);
     let config = ModelConfig {
         vocab_size: 37,
         hidden_size: 40,
@@ -55,35 +30,18 @@ pub fn tiny_model(seed: u64, tied: bool) -> ModelWeights {
         num_key_value_heads: 1,
         head_dim: 20,
         max_position_embeddings: 64,
-        rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
         tie_word_embeddings: tied,
         bos_token_id: Some(1),
         eos_token_id: Some(2),
+        ..ModelConfig::bitnet_b158_2b4t()
     };
-    let (h, i, kv) = (40, 56, 20);
-    let layers = (0..config.num_hidden_layers)
-        .map(|_| LayerWeights {
-            input_layernorm: norm(&mut rng, h),
-            q_proj: ternary(&mut rng, h, h),
-            k_proj: ternary(&mut rng, kv, h),
-            v_proj: ternary(&mut rng, kv, h),
-            o_proj: ternary(&mut rng, h, h),
-            attn_sub_norm: norm(&mut rng, h),
-            post_attention_layernorm: norm(&mut rng, h),
-            gate_proj: ternary(&mut rng, i, h),
-            up_proj: ternary(&mut rng, i, h),
-            down_proj: ternary(&mut rng, h, i),
-            ffn_sub_norm: norm(&mut rng, i),
-        })
-        .collect();
-    ModelWeights {
-        embed_tokens: f16_values(&mut rng, 37 * h),
-        lm_head: (!tied).then(|| f16_values(&mut rng, 37 * h)),
-        norm: norm(&mut rng, h),
-        layers,
-        config,
+    let mut weights = model::synthetic(&config, seed);
+    weights.embed_tokens = f16_table(&weights.embed_tokens);
+    if !tied {
+        weights.lm_head = Some(f16_table(&model::synthetic(&config, seed + 1).embed_tokens));
     }
+    weights
 }
 
 fn assert_logits_close(gpu: &[f32], cpu: &[f32], what: &str) {
