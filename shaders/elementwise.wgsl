@@ -1,15 +1,7 @@
-// Element-wise helpers of the forward pass that a compute pass cannot do with a buffer copy:
-//   add        acc += b (the residual stream), one f32 addition per element, as the CPU does;
+// Element-wise steps of the forward pass that a compute pass cannot do with a buffer copy:
 //   copy_rows  rows of src into dst from row dst_row on (appending V rows to a KV cache).
 
 const WG: u32 = 256u;
-
-struct AddParams {
-    n: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
 
 struct CopyParams {
     // Elements to copy and the element offsets of the first one in dst and in src.
@@ -17,22 +9,6 @@ struct CopyParams {
     dst_offset: u32,
     src_offset: u32,
     _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> add_params: AddParams;
-@group(0) @binding(1) var<storage, read_write> acc: array<f32>;
-@group(0) @binding(2) var<storage, read> addend: array<f32>;
-
-@compute @workgroup_size(WG)
-fn add(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) num: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let i = (wid.x + wid.y * num.x) * WG + lid;
-    if i < add_params.n {
-        acc[i] = acc[i] + addend[i];
-    }
 }
 
 @group(0) @binding(0) var<uniform> copy_params: CopyParams;

@@ -1,5 +1,5 @@
-//! Host side of `shaders/elementwise.wgsl`: the residual addition and row copies into a KV cache,
-//! the two steps of a forward pass a compute pass has no built-in command for.
+//! Host side of `shaders/elementwise.wgsl`: row copies (into a KV cache, or a token's row to the
+//! front of a buffer), which a compute pass has no built-in command for.
 
 use crate::gpu::{GpuContext, Kernel, check_distinct, check_f32s, groups_for};
 use crate::{Error, Result};
@@ -13,44 +13,6 @@ struct Params {
     dst_offset: u32,
     src_offset: u32,
     pad: u32,
-}
-
-/// Records `acc[i] += b[i]` for `i < n` (f32, one rounding per element, as the CPU adds).
-/// `acc` and `b` must be different buffers.
-pub fn add(
-    ctx: &GpuContext,
-    pass: &mut wgpu::ComputePass<'_>,
-    acc: &wgpu::Buffer,
-    b: &wgpu::Buffer,
-    n: usize,
-) -> Result<()> {
-    check_f32s("add accumulator", acc, Some(n))?;
-    check_f32s("add operand", b, Some(n))?;
-    check_distinct("add", b, acc)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let params = ctx.uniform(
-        "add params",
-        &Params {
-            n: n as u32,
-            dst_offset: 0,
-            src_offset: 0,
-            pad: 0,
-        },
-    );
-    let pipeline = ctx.pipeline(Kernel::Elementwise, "add", &[])?;
-    ctx.dispatch(
-        pass,
-        &pipeline,
-        &[
-            params.as_entire_binding(),
-            acc.as_entire_binding(),
-            b.as_entire_binding(),
-        ],
-        groups_for(n, WG)?,
-    );
-    Ok(())
 }
 
 /// Records the copy of `rows` rows of `cols` f32 from row `src_row` of `src` into `dst` from row

@@ -91,7 +91,7 @@ impl Kernel {
             Kernel::TernaryMatmul => &["gemv", "gemm"],
             Kernel::Rmsnorm => &["rmsnorm", "rmsnorm_quant"],
             Kernel::Rope => &["rope"],
-            Kernel::Elementwise => &["add", "copy_rows"],
+            Kernel::Elementwise => &["copy_rows"],
             Kernel::Relu2Gate => &["relu2_gate", "relu2_gate_quant"],
             Kernel::Attention => &["attention_split", "attention_tiles", "attention_merge"],
             Kernel::Embedding => &["embedding"],
