@@ -107,3 +107,13 @@ fn model_ops_bad_shapes_are_errors() {
 fn gpu_model_matches_cpu() {
     pollster::block_on(common::model::gpu_model_matches_cpu(&context()));
 }
+
+#[test]
+fn norm_matmul_matches_cpu() {
+    pollster::block_on(common::fused_ops::norm_matmul_matches_cpu(&mut context()));
+}
+
+#[test]
+fn rope_qkv_matches_cpu() {
+    pollster::block_on(common::fused_ops::rope_qkv_matches_cpu(&mut context()));
+}

@@ -101,3 +101,13 @@ async fn model_ops_bad_shapes_are_errors() {
 async fn gpu_model_matches_cpu() {
     common::model::gpu_model_matches_cpu(&context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn norm_matmul_matches_cpu() {
+    common::fused_ops::norm_matmul_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn rope_qkv_matches_cpu() {
+    common::fused_ops::rope_qkv_matches_cpu(&mut context().await).await;
+}

@@ -22,6 +22,8 @@ pub struct Capabilities {
     pub max_buffer: u64,
     /// Largest number of workgroups along one dispatch dimension.
     pub max_workgroups_per_dimension: u32,
+    /// Workgroup memory one workgroup may use, in bytes.
+    pub max_workgroup_memory: u32,
 }
 
 impl Capabilities {
@@ -39,6 +41,7 @@ impl Capabilities {
             max_storage_binding: limits.max_storage_buffer_binding_size,
             max_buffer: limits.max_buffer_size,
             max_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
+            max_workgroup_memory: limits.max_compute_workgroup_storage_size,
         }
     }
 

@@ -24,6 +24,7 @@ mod context;
 pub mod elementwise;
 pub mod embedding;
 pub mod lm_head;
+pub mod norm_matmul;
 mod profiler;
 pub mod relu2_gate;
 pub mod rmsnorm;

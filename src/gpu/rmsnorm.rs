@@ -21,6 +21,17 @@ struct Params {
     pad: [u32; 3],
 }
 
+/// Rejects an eps for which the GPU's norm would not match `cpu::rmsnorm` (NaN included).
+pub(crate) fn check_eps(eps: f32) -> Result<()> {
+    if !(MIN_EPS..=f32::MAX).contains(&eps) {
+        return Err(Error::invalid(
+            "rmsnorm eps",
+            format!("{eps:e}; the GPU matches cpu::rmsnorm for eps in [{MIN_EPS:e}, f32::MAX]"),
+        ));
+    }
+    Ok(())
+}
+
 fn params(ctx: &GpuContext, rows: usize, cols: usize, eps: f32) -> Result<wgpu::Buffer> {
     if cols == 0 {
         return Err(Error::Empty("rmsnorm row"));
@@ -31,13 +42,7 @@ fn params(ctx: &GpuContext, rows: usize, cols: usize, eps: f32) -> Result<wgpu::
             format!("{cols} columns; the shader takes at most {MAX_COLS}"),
         ));
     }
-    // Also rejects NaN.
-    if !(MIN_EPS..=f32::MAX).contains(&eps) {
-        return Err(Error::invalid(
-            "rmsnorm eps",
-            format!("{eps:e}; the GPU matches cpu::rmsnorm for eps in [{MIN_EPS:e}, f32::MAX]"),
-        ));
-    }
+    check_eps(eps)?;
     Ok(ctx.uniform(
         "rmsnorm params",
         &Params {

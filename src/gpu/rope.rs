@@ -1,7 +1,8 @@
 //! Host side of `shaders/rope.wgsl`: `cpu::rope`, bit for bit, from a source buffer into rows of a
-//! destination (a KV cache, or a query buffer).
+//! destination (a KV cache, or a query buffer), or from a fused q/k/v projection into the query
+//! buffer and the KV cache at once.
 
-use crate::cpu::rope_inv_freq;
+use crate::cpu::{AttentionShape, rope_inv_freq};
 use crate::gpu::{GpuContext, Kernel, check_distinct, check_f32s, groups_for};
 use crate::{Error, Result};
 
@@ -15,7 +16,47 @@ struct Params {
     half_dim: u32,
     dst_row: u32,
     no_fuse: u32,
-    pad: [u32; 3],
+    kv_heads: u32,
+    pad: [u32; 2],
+}
+
+/// The (cos, sin) of every angle of `rows` positions from `first_position`, computed with the
+/// CPU's own expressions (WGSL's cos and sin are far from correctly rounded at large angles):
+/// what the rope kernels read. Positions share a table across calls with the same content.
+pub fn cos_sin(
+    ctx: &GpuContext,
+    first_position: usize,
+    rows: usize,
+    head_dim: usize,
+    theta: f32,
+) -> Result<wgpu::Buffer> {
+    check_head_dim(head_dim)?;
+    let inv_freq = rope_inv_freq(head_dim, theta);
+    let mut table = Vec::with_capacity(rows.max(1) * head_dim);
+    for pos in first_position..first_position + rows {
+        for &f in &inv_freq {
+            let angle = pos as f32 * f;
+            table.extend([angle.cos(), angle.sin()]);
+        }
+    }
+    if table.is_empty() {
+        table.extend([1.0, 0.0]);
+    }
+    ctx.upload_shared("rope cos/sin", &table)
+}
+
+fn check_head_dim(head_dim: usize) -> Result<()> {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(Error::invalid(
+            "rope head_dim",
+            format!("{head_dim} is not a positive even number"),
+        ));
+    }
+    Ok(())
+}
+
+fn cache_row(dst_row: usize) -> Result<u32> {
+    u32::try_from(dst_row).map_err(|_| Error::invalid("rope dst_row", "overflows u32"))
 }
 
 /// Records the rotation of row `r < rows` of `src` (`[rows, heads * head_dim]` f32) by position
@@ -35,12 +76,7 @@ pub fn record(
     theta: f32,
     first_position: usize,
 ) -> Result<()> {
-    if head_dim == 0 || !head_dim.is_multiple_of(2) {
-        return Err(Error::invalid(
-            "rope head_dim",
-            format!("{head_dim} is not a positive even number"),
-        ));
-    }
+    check_head_dim(head_dim)?;
     let row_len = heads.checked_mul(head_dim);
     check_f32s(
         "rope source",
@@ -57,25 +93,17 @@ pub fn record(
     if rows == 0 || heads == 0 {
         return Ok(());
     }
-    let inv_freq = rope_inv_freq(head_dim, theta);
-    let mut cos_sin = Vec::with_capacity(rows * head_dim);
-    for pos in first_position..first_position + rows {
-        for &f in &inv_freq {
-            let angle = pos as f32 * f;
-            cos_sin.extend([angle.cos(), angle.sin()]);
-        }
-    }
-    let table = ctx.upload_shared("rope cos/sin", &cos_sin)?;
+    let table = cos_sin(ctx, first_position, rows, head_dim, theta)?;
     let params = ctx.uniform(
         "rope params",
         &Params {
             rows: rows as u32,
             heads: heads as u32,
             half_dim: (head_dim / 2) as u32,
-            dst_row: u32::try_from(dst_row)
-                .map_err(|_| Error::invalid("rope dst_row", "overflows u32"))?,
+            dst_row: cache_row(dst_row)?,
             no_fuse: 0,
-            pad: [0; 3],
+            kv_heads: 0,
+            pad: [0; 2],
         },
     );
     let pipeline = ctx.pipeline(Kernel::Rope, "rope", &[])?;
@@ -89,6 +117,95 @@ pub fn record(
             dst.as_entire_binding(),
         ],
         groups_for(rows * heads * head_dim / 2, WG)?,
+    );
+    Ok(())
+}
+
+/// Records the fused form: `qkv` holds `rows` rows of `[q | k | v]`
+/// (`(heads + 2 * kv_heads) * head_dim` f32 each, q_proj, k_proj and v_proj stacked). Row `r`'s
+/// queries are rotated into row `r` of `q` (`[rows, heads * head_dim]`), its keys rotated into row
+/// `cache_row + r` of `k_cache` and its values copied into the same row of `v_cache`
+/// (`kv_heads * head_dim` wide), all in one dispatch. `table` is [`cos_sin`] of the `rows`
+/// positions. The same bits as `record` on each part.
+#[allow(clippy::too_many_arguments)]
+pub fn record_qkv(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    qkv: &wgpu::Buffer,
+    table: &wgpu::Buffer,
+    q: &wgpu::Buffer,
+    k_cache: &wgpu::Buffer,
+    v_cache: &wgpu::Buffer,
+    cache_row: usize,
+    rows: usize,
+    shape: AttentionShape,
+) -> Result<()> {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    check_head_dim(head_dim)?;
+    let all_heads = heads
+        .checked_add(kv_heads.checked_mul(2).unwrap_or(usize::MAX))
+        .unwrap_or(usize::MAX);
+    let width = |h: usize| h.checked_mul(head_dim);
+    check_f32s(
+        "rope q/k/v source",
+        qkv,
+        width(all_heads).and_then(|w| w.checked_mul(rows)),
+    )?;
+    check_f32s("rope cos/sin table", table, rows.checked_mul(head_dim))?;
+    check_f32s(
+        "rope query destination",
+        q,
+        width(heads).and_then(|w| w.checked_mul(rows)),
+    )?;
+    let end = cache_row.checked_add(rows);
+    for (what, cache) in [("rope key cache", k_cache), ("rope value cache", v_cache)] {
+        check_f32s(
+            what,
+            cache,
+            width(kv_heads).and_then(|w| w.checked_mul(end?)),
+        )?;
+    }
+    for dst in [q, k_cache, v_cache] {
+        check_distinct("rope", qkv, dst)?;
+    }
+    if q == k_cache || q == v_cache || k_cache == v_cache {
+        return Err(Error::invalid(
+            "rope",
+            "the query, key and value destinations must be different buffers",
+        ));
+    }
+    if rows == 0 || all_heads == 0 {
+        return Ok(());
+    }
+    let params = ctx.uniform(
+        "rope params",
+        &Params {
+            rows: rows as u32,
+            heads: heads as u32,
+            half_dim: (head_dim / 2) as u32,
+            dst_row: self::cache_row(cache_row)?,
+            no_fuse: 0,
+            kv_heads: kv_heads as u32,
+            pad: [0; 2],
+        },
+    );
+    let pipeline = ctx.pipeline(Kernel::Rope, "rope_qkv", &[])?;
+    ctx.dispatch(
+        pass,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            qkv.as_entire_binding(),
+            table.as_entire_binding(),
+            q.as_entire_binding(),
+            k_cache.as_entire_binding(),
+            v_cache.as_entire_binding(),
+        ],
+        groups_for(rows * all_heads * head_dim / 2, WG)?,
     );
     Ok(())
 }

@@ -46,6 +46,7 @@ pub enum Kernel {
     TernaryPack,
     TernaryMatmul,
     Rmsnorm,
+    NormMatmul,
     Rope,
     Elementwise,
     Relu2Gate,
@@ -55,11 +56,12 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::ActQuant,
         Kernel::TernaryPack,
         Kernel::TernaryMatmul,
         Kernel::Rmsnorm,
+        Kernel::NormMatmul,
         Kernel::Rope,
         Kernel::Elementwise,
         Kernel::Relu2Gate,
@@ -74,6 +76,7 @@ impl Kernel {
             Kernel::TernaryPack => "ternary_pack",
             Kernel::TernaryMatmul => "ternary_matmul",
             Kernel::Rmsnorm => "rmsnorm",
+            Kernel::NormMatmul => "norm_matmul",
             Kernel::Rope => "rope",
             Kernel::Elementwise => "elementwise",
             Kernel::Relu2Gate => "relu2_gate",
@@ -90,7 +93,8 @@ impl Kernel {
             Kernel::TernaryPack => &["reduce_sum", "finish_scales", "pack_words", "widen_f16"],
             Kernel::TernaryMatmul => &["gemv", "gemm"],
             Kernel::Rmsnorm => &["rmsnorm", "rmsnorm_quant"],
-            Kernel::Rope => &["rope"],
+            Kernel::NormMatmul => &["norm_gemv"],
+            Kernel::Rope => &["rope", "rope_qkv"],
             Kernel::Elementwise => &["copy_rows"],
             Kernel::Relu2Gate => &["relu2_gate", "relu2_gate_quant"],
             Kernel::Attention => &["attention_split", "attention_tiles", "attention_merge"],
@@ -104,7 +108,14 @@ impl Kernel {
             Kernel::ActQuant => include_str!("../../shaders/act_quant.wgsl"),
             Kernel::TernaryPack => include_str!("../../shaders/ternary_pack.wgsl"),
             Kernel::TernaryMatmul => include_str!("../../shaders/ternary_matmul.wgsl"),
-            Kernel::Rmsnorm => include_str!("../../shaders/rmsnorm.wgsl"),
+            Kernel::Rmsnorm => concat!(
+                include_str!("../../shaders/common/rms.wgsl"),
+                include_str!("../../shaders/rmsnorm.wgsl")
+            ),
+            Kernel::NormMatmul => concat!(
+                include_str!("../../shaders/common/rms.wgsl"),
+                include_str!("../../shaders/norm_matmul.wgsl")
+            ),
             Kernel::Rope => include_str!("../../shaders/rope.wgsl"),
             Kernel::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
             Kernel::Relu2Gate => include_str!("../../shaders/relu2_gate.wgsl"),

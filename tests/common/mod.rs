@@ -10,6 +10,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 pub mod attention_head;
+pub mod fused_ops;
 pub mod model;
 pub mod model_ops;
 

@@ -14,10 +14,10 @@ const COLS: [usize; 13] = [
 ];
 
 /// Sentinel for destination rows a kernel must not touch.
-const UNTOUCHED: f32 = -7.25;
+pub const UNTOUCHED: f32 = -7.25;
 
 /// Uniform values scaled by one of `magnitudes`.
-fn values(rng: &mut SmallRng, n: usize, magnitudes: &[f32]) -> Vec<f32> {
+pub fn values(rng: &mut SmallRng, n: usize, magnitudes: &[f32]) -> Vec<f32> {
     let magnitude = pick(rng, magnitudes);
     (0..n)
         .map(|_| rng.random_range(-1.0f32..1.0) * magnitude)
@@ -26,7 +26,7 @@ fn values(rng: &mut SmallRng, n: usize, magnitudes: &[f32]) -> Vec<f32> {
 
 /// Rows at the magnitudes a residual stream reaches (one row in ten all zero); the squares stay
 /// zero or normal, as the rmsnorm shader's exactness requires.
-fn residual_rows(rng: &mut SmallRng, rows: usize, cols: usize) -> Vec<f32> {
+pub fn residual_rows(rng: &mut SmallRng, rows: usize, cols: usize) -> Vec<f32> {
     let mut x = Vec::with_capacity(rows * cols);
     for _ in 0..rows {
         if rng.random_range(0..10) == 0 {
@@ -38,7 +38,7 @@ fn residual_rows(rng: &mut SmallRng, rows: usize, cols: usize) -> Vec<f32> {
     x
 }
 
-fn assert_bits_eq(got: &[f32], want: &[f32], what: &str) {
+pub fn assert_bits_eq(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!(

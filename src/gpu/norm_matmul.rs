@@ -1,0 +1,121 @@
+//! Host side of `shaders/norm_matmul.wgsl`: `cpu::norm_matmul` for decoding, one dispatch where
+//! `rmsnorm::record_quant` and `ternary_matmul::record` take two.
+
+use crate::gpu::{GpuContext, GpuTernary, Kernel, check_distinct, check_f32s, groups_for, rmsnorm};
+use crate::packing::gpu_words;
+use crate::{Error, Result};
+
+/// Matrix rows one workgroup computes (`ROWS` in the shader).
+const ROWS: usize = 16;
+/// The widest input row the shader holds in workgroup memory (`4 * MAX_CODE_WORDS`).
+pub const MAX_COLS: usize = 8192;
+/// Workgroup memory the shader may use (codes, lane sums, the rms fold and the workgroup-memory
+/// reductions), rounded up: adapters that offer less take the two-dispatch path.
+const WORKGROUP_BYTES: u32 = 20 * 1024;
+
+/// What [`record`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormMatmulOutput {
+    /// `y = x' · wᵀ`.
+    Replace,
+    /// `y += x' · wᵀ`: a residual connection.
+    Add,
+    /// `w` is gate_proj stacked on up_proj: `y = relu2_gate(gate, up)`, half as wide.
+    Gated,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    cols: u32,
+    n: u32,
+    k_words: u32,
+    no_fuse: u32,
+    eps: f32,
+    per_channel: u32,
+    pad: u32,
+}
+
+/// Whether this adapter runs the fused kernel for rows of `cols` inputs.
+pub fn supported(ctx: &GpuContext, cols: usize) -> bool {
+    cols <= MAX_COLS && ctx.capabilities().max_workgroup_memory >= WORKGROUP_BYTES
+}
+
+/// Records `cpu::norm_matmul(x, rows, norm, eps, w, output == Gated)` into `y` (added to what `y`
+/// holds with `Add`). `x` holds `rows x w.cols` f32 and `norm` `w.cols`; needs
+/// [`supported`]`(ctx, w.cols)`. Bit-exact with the two-dispatch path; the float epilogue is
+/// [`crate::gpu::ternary_matmul::record`]'s.
+#[allow(clippy::too_many_arguments)]
+pub fn record(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    x: &wgpu::Buffer,
+    rows: usize,
+    norm: &wgpu::Buffer,
+    eps: f32,
+    w: &GpuTernary,
+    y: &wgpu::Buffer,
+    output: NormMatmulOutput,
+) -> Result<()> {
+    let cols = w.cols;
+    if !supported(ctx, cols) {
+        return Err(Error::invalid(
+            "norm_matmul",
+            format!(
+                "{cols} columns on an adapter with {} bytes of workgroup memory (needs at most \
+                 {MAX_COLS} columns and {WORKGROUP_BYTES} bytes)",
+                ctx.capabilities().max_workgroup_memory
+            ),
+        ));
+    }
+    rmsnorm::check_eps(eps)?;
+    let gated = output == NormMatmulOutput::Gated;
+    if gated && !w.rows.is_multiple_of(2) {
+        return Err(Error::invalid(
+            "gated norm_matmul",
+            format!("{} stacked gate and up rows is odd", w.rows),
+        ));
+    }
+    let n = if gated { w.rows / 2 } else { w.rows };
+    check_f32s("norm_matmul input", x, rows.checked_mul(cols))?;
+    check_f32s("norm_matmul norm weight", norm, Some(cols))?;
+    check_f32s("norm_matmul output", y, rows.checked_mul(n))?;
+    check_distinct("norm_matmul", x, y)?;
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    let params = ctx.uniform(
+        "norm_matmul params",
+        &Params {
+            rows: rows as u32,
+            cols: cols as u32,
+            n: n as u32,
+            k_words: gpu_words::words_per_row(cols) as u32,
+            no_fuse: 0,
+            eps,
+            per_channel: w.per_channel as u32,
+            pad: 0,
+        },
+    );
+    let per_group = if gated { ROWS / 2 } else { ROWS };
+    let constants = [
+        ("ADD_TO_Y", (output == NormMatmulOutput::Add) as u64),
+        ("GATED", gated as u64),
+    ];
+    let pipeline = ctx.pipeline(Kernel::NormMatmul, "norm_gemv", &constants)?;
+    ctx.dispatch(
+        pass,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            x.as_entire_binding(),
+            norm.as_entire_binding(),
+            w.words.as_entire_binding(),
+            w.scales.as_entire_binding(),
+            y.as_entire_binding(),
+        ],
+        groups_for(rows * n.div_ceil(per_group), 1)?,
+    );
+    Ok(())
+}

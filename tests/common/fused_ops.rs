@@ -1,0 +1,225 @@
+//! GPU-vs-CPU cases for decoding's fused kernels: norm_matmul (rmsnorm + act_quant + gemv, plain,
+//! added to a residual, or gated) and rope_qkv (rope of the stacked q/k/v projection into the
+//! query buffer and the KV cache). Each must give the same bits as the separate kernels it
+//! replaces on the same adapter, and match the CPU.
+
+use super::model_ops::{UNTOUCHED, assert_bits_eq, residual_rows, values};
+use super::{assert_close, pick, variants};
+use bitnet_wgpu::cpu::{self, AttentionShape, PackedTernary, TernaryWeights};
+use bitnet_wgpu::gpu::norm_matmul::NormMatmulOutput;
+use bitnet_wgpu::gpu::{
+    self, GpuActivations, GpuContext, GpuTernary, MatmulOptions, MatmulOutput, MatmulPath,
+};
+use bitnet_wgpu::packing::gpu_words;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const COLS: [usize; 13] = [1, 3, 15, 16, 17, 40, 127, 129, 1000, 1025, 2600, 6912, 8192];
+const OUTPUTS: [usize; 8] = [1, 2, 3, 8, 16, 17, 33, 100];
+
+/// Random ternary rows; gated matrices get one scale per half (gate and up), others one scale
+/// or one per row.
+fn ternary(rng: &mut SmallRng, rows: usize, cols: usize, gated: bool) -> TernaryWeights {
+    let codes = (0..rows * cols)
+        .map(|_| rng.random_range(-1i8..=1))
+        .collect();
+    let scale = |rng: &mut SmallRng| pick(rng, &[0.5f32, 1.7, 3e-3, 40.0]);
+    let scales = if gated {
+        let (g, u) = (scale(rng), scale(rng));
+        (0..rows)
+            .map(|r| if r < rows / 2 { g } else { u })
+            .collect()
+    } else if rng.random_bool(0.5) {
+        (0..rows).map(|_| scale(rng)).collect()
+    } else {
+        vec![scale(rng)]
+    };
+    TernaryWeights {
+        rows,
+        cols,
+        codes,
+        scales,
+    }
+}
+
+fn upload(ctx: &GpuContext, w: &TernaryWeights) -> GpuTernary {
+    let packed = PackedTernary {
+        rows: w.rows,
+        cols: w.cols,
+        words: gpu_words::pack(&w.codes, w.rows, w.cols).expect("pack"),
+        scales: w.scales.clone(),
+    };
+    GpuTernary::upload(ctx, &packed).expect("upload")
+}
+
+/// norm_matmul.wgsl gives the bits of rmsnorm_quant + gemv (+ relu2_gate) and matches
+/// cpu::norm_matmul within the epilogue's division tolerance.
+pub async fn norm_matmul_matches_cpu(ctx: &mut GpuContext) {
+    for variant in variants(ctx) {
+        ctx.set_variant(variant).expect("variant");
+        let mut rng = SmallRng::seed_from_u64(15);
+        for case in 0..200 {
+            let rows = pick(&mut rng, &[1usize, 1, 2, 3]);
+            let cols = pick(&mut rng, &COLS);
+            let n = pick(&mut rng, &OUTPUTS);
+            let output = pick(
+                &mut rng,
+                &[
+                    NormMatmulOutput::Replace,
+                    NormMatmulOutput::Add,
+                    NormMatmulOutput::Gated,
+                ],
+            );
+            let gated = output == NormMatmulOutput::Gated;
+            let eps = pick(&mut rng, &[1e-5f32, 1e-6]);
+            let what = format!("{variant:?} case {case} ({rows}x{cols} -> {n}, {output:?})");
+            let mut x = residual_rows(&mut rng, rows, cols);
+            if case % 29 == 3 {
+                let i = rng.random_range(0..x.len());
+                x[i] = f32::NAN;
+            }
+            let norm: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let w = ternary(&mut rng, if gated { 2 * n } else { n }, cols, gated);
+            let before: Vec<f32> = (0..rows * n)
+                .map(|_| rng.random_range(-4.0f32..4.0))
+                .collect();
+            let cpu_out = cpu::norm_matmul(&x, rows, &norm, eps, &w, gated).expect("cpu");
+
+            let input = ctx.upload("x", &x).expect("upload");
+            let norm_buf = ctx.upload("norm", &norm).expect("upload");
+            let gw = upload(ctx, &w);
+            let fused = ctx.upload("fused", &before).expect("upload");
+            let split = ctx.upload("split", &before).expect("upload");
+            let acts = GpuActivations::new(ctx, rows, cols).expect("activations");
+            let gate_up = ctx
+                .storage("gate_up", (rows * w.rows * 4) as u64)
+                .expect("gate_up");
+            let mut encoder = ctx.device.create_command_encoder(&Default::default());
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            gpu::norm_matmul::record(
+                ctx, &mut pass, &input, rows, &norm_buf, eps, &gw, &fused, output,
+            )
+            .expect("record fused");
+            gpu::rmsnorm::record_quant(ctx, &mut pass, &input, &norm_buf, &acts, eps)
+                .expect("record rmsnorm_quant");
+            let options = |output| MatmulOptions {
+                path: MatmulPath::Gemv,
+                output,
+            };
+            match output {
+                NormMatmulOutput::Replace => gpu::ternary_matmul::record(
+                    ctx,
+                    &mut pass,
+                    &acts,
+                    &gw,
+                    None,
+                    &split,
+                    options(MatmulOutput::Scaled),
+                ),
+                NormMatmulOutput::Add => gpu::ternary_matmul::record(
+                    ctx,
+                    &mut pass,
+                    &acts,
+                    &gw,
+                    None,
+                    &split,
+                    options(MatmulOutput::AddScaled),
+                ),
+                NormMatmulOutput::Gated => gpu::ternary_matmul::record(
+                    ctx,
+                    &mut pass,
+                    &acts,
+                    &gw,
+                    None,
+                    &gate_up,
+                    options(MatmulOutput::Scaled),
+                )
+                .and_then(|()| gpu::relu2_gate::record(ctx, &mut pass, &gate_up, &split, rows, n)),
+            }
+            .expect("record split");
+            drop(pass);
+            ctx.queue.submit([encoder.finish()]);
+            let got: Vec<f32> = ctx.read(&fused, rows * n).await.expect("read back");
+            let want: Vec<f32> = ctx.read(&split, rows * n).await.expect("read back");
+            for (i, (g, s)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    g.to_bits() == s.to_bits() || (g.is_nan() && s.is_nan()),
+                    "{what}: output {i}: fused {g:e}, separate kernels {s:e}"
+                );
+            }
+            for (i, (g, c)) in got.iter().zip(&cpu_out).enumerate() {
+                if output == NormMatmulOutput::Add {
+                    let r = before[i];
+                    assert_close(*g, r + c, c.abs() + r.abs(), &format!("{what}: {i}"));
+                } else {
+                    assert_close(*g, *c, c.abs(), &format!("{what}: {i}"));
+                }
+            }
+        }
+    }
+}
+
+/// rope_qkv gives cpu::rope of the query and key parts, and the value part unchanged, in the
+/// right rows of the query buffer and the caches, touching no other row.
+pub async fn rope_qkv_matches_cpu(ctx: &mut GpuContext) {
+    let mut rng = SmallRng::seed_from_u64(16);
+    for case in 0..200 {
+        let rows = pick(&mut rng, &[1usize, 2, 3, 7]);
+        let kv_heads = pick(&mut rng, &[1usize, 2, 3]);
+        let heads = kv_heads * pick(&mut rng, &[1usize, 2, 4]);
+        let head_dim = pick(&mut rng, &[2usize, 20, 64, 128]);
+        let theta = pick(&mut rng, &[10_000.0f32, 500_000.0]);
+        let first_position = pick(&mut rng, &[0usize, 1, 17, 4000]);
+        let cache_row = pick(&mut rng, &[0usize, 1, 5]);
+        let capacity = cache_row + rows + pick(&mut rng, &[0usize, 3]);
+        let what = format!(
+            "case {case} ({rows} rows, {heads}/{kv_heads} heads of {head_dim}, position \
+             {first_position}, cache row {cache_row} of {capacity})"
+        );
+        let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+        let width = q_width + 2 * kv_width;
+        let qkv = values(&mut rng, rows * width, &[1.0f32, 30.0]);
+        let part = |start: usize, len: usize| -> Vec<f32> {
+            qkv.chunks_exact(width)
+                .flat_map(|row| row[start..start + len].to_vec())
+                .collect()
+        };
+        let positions: Vec<usize> = (first_position..first_position + rows).collect();
+        let mut q = part(0, q_width);
+        cpu::rope(&mut q, &positions, heads, head_dim, theta).expect("cpu");
+        let mut k = part(q_width, kv_width);
+        cpu::rope(&mut k, &positions, kv_heads, head_dim, theta).expect("cpu");
+        let v = part(q_width + kv_width, kv_width);
+        let in_cache = |rows_data: &[f32]| {
+            let mut cache = vec![UNTOUCHED; capacity * kv_width];
+            cache[cache_row * kv_width..(cache_row + rows) * kv_width].copy_from_slice(rows_data);
+            cache
+        };
+
+        let src = ctx.upload("qkv", &qkv).expect("upload");
+        let table = gpu::rope::cos_sin(ctx, first_position, rows, head_dim, theta).expect("table");
+        let q_out = ctx.storage("q", (rows * q_width * 4) as u64).expect("q");
+        let untouched = vec![UNTOUCHED; capacity * kv_width];
+        let keys = ctx.upload("keys", &untouched).expect("upload");
+        let vals = ctx.upload("values", &untouched).expect("upload");
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        gpu::rope::record_qkv(
+            ctx, &mut pass, &src, &table, &q_out, &keys, &vals, cache_row, rows, shape,
+        )
+        .expect("record");
+        drop(pass);
+        ctx.queue.submit([encoder.finish()]);
+        let got_q: Vec<f32> = ctx.read(&q_out, rows * q_width).await.expect("read");
+        assert_bits_eq(&got_q, &q, &format!("{what}: queries"));
+        let got_k: Vec<f32> = ctx.read(&keys, capacity * kv_width).await.expect("read");
+        assert_bits_eq(&got_k, &in_cache(&k), &format!("{what}: keys"));
+        let got_v: Vec<f32> = ctx.read(&vals, capacity * kv_width).await.expect("read");
+        assert_bits_eq(&got_v, &in_cache(&v), &format!("{what}: values"));
+    }
+}
