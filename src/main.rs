@@ -13,8 +13,8 @@ use bitnet_wgpu::cpu::{ScaleGranularity, WeightQuantOptions};
 use bitnet_wgpu::gpu::table::TableStorage;
 use bitnet_wgpu::gpu::{AdapterSummary, GpuContext};
 use bitnet_wgpu::model::{
-    CpuEngine, GpuModel, Logits, ModelConfig, ModelWeights, Sampler, SamplingParams, load_model,
-    nll, perplexity_windows, synthetic,
+    CpuEngine, DecodePath, GpuModel, Logits, ModelConfig, ModelWeights, Sampler, SamplingParams,
+    load_model, nll, perplexity_windows, synthetic,
 };
 use bitnet_wgpu::rng::SplitMix64;
 use bitnet_wgpu::tokenizer::Tokenizer;
@@ -68,9 +68,20 @@ struct BenchArgs {
     /// Tokens decoded one at a time after the prompt (greedy, each one read back).
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
+    /// How decoding steps run [default: the faster on this kind of adapter].
+    #[arg(long, value_enum)]
+    decode_path: Option<DecodePathArg>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DecodePathArg {
+    /// Each linear with its input's norm in one dispatch (GPUs).
+    Fused,
+    /// Norm and quantization, then the matmul (CPU adapters).
+    Separate,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -242,6 +253,14 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
     let ctx = GpuContext::new().await?;
     let mut model = GpuModel::new(&ctx, &weights, context, TableStorage::F16)?;
     drop(weights);
+    if let Some(path) = args.decode_path {
+        let path = match path {
+            DecodePathArg::Fused => DecodePath::Fused,
+            DecodePathArg::Separate => DecodePath::Separate,
+        };
+        model.set_decode_path(&ctx, path)?;
+    }
+    let decode_path = format!("{:?}", model.decode_path()).to_lowercase();
     let mut rng = SplitMix64(2);
     let prompt: Vec<u32> = (0..args.prompt_tokens)
         .map(|_| (rng.next_u64() % c.vocab_size as u64) as u32)
@@ -301,6 +320,7 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
                 "prompt_tokens_per_s": prompt_rate,
                 "decode_tokens": args.decode_tokens,
                 "decode_tokens_per_s": decode_rate,
+                "decode_path": decode_path,
                 "gpu_memory_bytes": memory,
             })
         );
@@ -312,7 +332,8 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
             prompt_time.as_secs_f64() * 1e3
         );
         println!(
-            "decode: {} tokens in {:.1} ms, {decode_rate:.1} tokens/s ({:.2} ms per token)",
+            "decode ({decode_path}): {} tokens in {:.1} ms, {decode_rate:.1} tokens/s \
+             ({:.2} ms per token)",
             args.decode_tokens,
             decode_time.as_secs_f64() * 1e3,
             decode_time.as_secs_f64() * 1e3 / args.decode_tokens.max(1) as f64

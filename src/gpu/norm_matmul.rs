@@ -11,7 +11,7 @@ const ROWS: usize = 16;
 pub const MAX_COLS: usize = 8192;
 /// Workgroup memory the shader may use (codes, lane sums, the rms fold and the workgroup-memory
 /// reductions), rounded up: adapters that offer less take the two-dispatch path.
-const WORKGROUP_BYTES: u32 = 20 * 1024;
+pub const WORKGROUP_BYTES: u32 = 20 * 1024;
 
 /// What [`record`] writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

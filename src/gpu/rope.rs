@@ -146,9 +146,7 @@ pub fn record_qkv(
         head_dim,
     } = shape;
     check_head_dim(head_dim)?;
-    let all_heads = heads
-        .checked_add(kv_heads.checked_mul(2).unwrap_or(usize::MAX))
-        .unwrap_or(usize::MAX);
+    let all_heads = heads.saturating_add(kv_heads.saturating_mul(2));
     let width = |h: usize| h.checked_mul(head_dim);
     check_f32s(
         "rope q/k/v source",

@@ -3,10 +3,12 @@
 //! The only readback is the logits.
 
 use crate::cpu::{AttentionShape, PackedTernary, TernaryWeights};
+use crate::gpu::norm_matmul::NormMatmulOutput;
 use crate::gpu::table::{GpuTable, TableStorage, row_words};
+use crate::gpu::ternary_matmul::GEMM_MIN_ROWS;
 use crate::gpu::{
     self, GpuActivations, GpuContext, GpuTernary, MatmulOptions, MatmulOutput, attention,
-    elementwise, embedding, lm_head, relu2_gate, rmsnorm, rope,
+    elementwise, embedding, lm_head, norm_matmul, relu2_gate, rmsnorm, rope,
 };
 use crate::model::{ModelConfig, ModelWeights};
 use crate::packing::gpu_words;
@@ -22,16 +24,53 @@ pub enum Logits {
     All,
 }
 
+/// How a GPU model runs the linear layers of a decoding step (prompts always take the GEMM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodePath {
+    /// Each linear with its input's norm and quantization in one dispatch (norm_matmul): 7
+    /// dispatches per layer instead of 12. On GPUs, where each dependent dispatch costs more
+    /// than the work it does, the fewer the faster.
+    Fused,
+    /// A norm-and-quantize dispatch, then the GEMV: less work in all (the fused kernel repeats
+    /// the norm in every workgroup). On CPU adapters (lavapipe, SwiftShader, WARP) work dominates.
+    Separate,
+}
+
+impl DecodePath {
+    /// Whether `ctx` can run a model of `config` on this path.
+    pub fn supported(self, ctx: &GpuContext, config: &ModelConfig) -> bool {
+        let c = config;
+        self == DecodePath::Separate
+            || [
+                c.hidden_size,
+                c.num_attention_heads * c.head_dim,
+                c.intermediate_size,
+            ]
+            .into_iter()
+            .all(|cols| norm_matmul::supported(ctx, cols))
+    }
+
+    /// The faster path on `ctx`'s kind of adapter, among those it supports.
+    pub fn for_adapter(ctx: &GpuContext, config: &ModelConfig) -> Self {
+        let cpu = ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
+        if !cpu && DecodePath::Fused.supported(ctx, config) {
+            DecodePath::Fused
+        } else {
+            DecodePath::Separate
+        }
+    }
+}
+
 struct GpuLayer {
     input_layernorm: wgpu::Buffer,
-    q_proj: GpuTernary,
-    k_proj: GpuTernary,
-    v_proj: GpuTernary,
+    /// q_proj, k_proj and v_proj stacked, each row with its own tensor's scale: one matmul, and
+    /// rope_qkv's input layout.
+    qkv: GpuTernary,
     o_proj: GpuTernary,
     attn_sub_norm: wgpu::Buffer,
     post_attention_layernorm: wgpu::Buffer,
-    /// gate_proj and up_proj as one matrix (gate rows first), each row with its own tensor's
-    /// scale: one matmul instead of two, and its output is relu2_gate's input layout.
+    /// gate_proj and up_proj stacked likewise: relu2_gate's (and the gated norm_matmul's)
+    /// input layout.
     gate_up: GpuTernary,
     down_proj: GpuTernary,
     ffn_sub_norm: wgpu::Buffer,
@@ -46,10 +85,8 @@ struct Scratch {
     tokens: wgpu::Buffer,
     x: wgpu::Buffer,
     normed: GpuActivations,
-    q: wgpu::Buffer,
+    qkv: wgpu::Buffer,
     q_rot: wgpu::Buffer,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
     attn: wgpu::Buffer,
     attn_acts: GpuActivations,
     proj: wgpu::Buffer,
@@ -65,6 +102,7 @@ pub struct GpuModel {
     config: ModelConfig,
     capacity: usize,
     len: usize,
+    decode_path: DecodePath,
     embed: GpuTable,
     lm_head: Option<GpuTable>,
     norm: wgpu::Buffer,
@@ -81,8 +119,8 @@ fn packed(t: &TernaryWeights) -> Result<PackedTernary> {
     })
 }
 
-/// `a` stacked on `b` as one matrix, each row keeping its own tensor's scale.
-fn stacked(a: &TernaryWeights, b: &TernaryWeights) -> Result<PackedTernary> {
+/// `parts` stacked into one matrix, each row keeping its own tensor's scale.
+fn stacked(parts: &[&TernaryWeights]) -> Result<PackedTernary> {
     let row_scales = |t: &TernaryWeights| -> Vec<f32> {
         if t.scales.len() == 1 {
             vec![t.scales[0]; t.rows]
@@ -90,13 +128,14 @@ fn stacked(a: &TernaryWeights, b: &TernaryWeights) -> Result<PackedTernary> {
             t.scales.clone()
         }
     };
-    let codes = [a.codes.as_slice(), b.codes.as_slice()].concat();
-    let rows = a.rows + b.rows;
+    let codes: Vec<i8> = parts.iter().flat_map(|t| t.codes.iter().copied()).collect();
+    let rows = parts.iter().map(|t| t.rows).sum();
+    let cols = parts[0].cols;
     Ok(PackedTernary {
         rows,
-        cols: a.cols,
-        words: gpu_words::pack(&codes, rows, a.cols)?,
-        scales: [row_scales(a), row_scales(b)].concat(),
+        cols,
+        words: gpu_words::pack(&codes, rows, cols)?,
+        scales: parts.iter().flat_map(|t| row_scales(t)).collect(),
     })
 }
 
@@ -127,14 +166,12 @@ impl GpuModel {
         for l in &weights.layers {
             layers.push(GpuLayer {
                 input_layernorm: ctx.upload("input_layernorm", &l.input_layernorm)?,
-                q_proj: GpuTernary::upload(ctx, &packed(&l.q_proj)?)?,
-                k_proj: GpuTernary::upload(ctx, &packed(&l.k_proj)?)?,
-                v_proj: GpuTernary::upload(ctx, &packed(&l.v_proj)?)?,
+                qkv: GpuTernary::upload(ctx, &stacked(&[&l.q_proj, &l.k_proj, &l.v_proj])?)?,
                 o_proj: GpuTernary::upload(ctx, &packed(&l.o_proj)?)?,
                 attn_sub_norm: ctx.upload("attn_sub_norm", &l.attn_sub_norm)?,
                 post_attention_layernorm: ctx
                     .upload("post_attention_layernorm", &l.post_attention_layernorm)?,
-                gate_up: GpuTernary::upload(ctx, &stacked(&l.gate_proj, &l.up_proj)?)?,
+                gate_up: GpuTernary::upload(ctx, &stacked(&[&l.gate_proj, &l.up_proj])?)?,
                 down_proj: GpuTernary::upload(ctx, &packed(&l.down_proj)?)?,
                 ffn_sub_norm: ctx.upload("ffn_sub_norm", &l.ffn_sub_norm)?,
                 keys: ctx.storage("keys", (context * kv_row * 4) as u64)?,
@@ -172,6 +209,7 @@ impl GpuModel {
             config: c.clone(),
             capacity: context,
             len: 0,
+            decode_path: DecodePath::for_adapter(ctx, c),
             embed,
             lm_head,
             norm: ctx.upload("norm", &weights.norm)?,
@@ -198,13 +236,35 @@ impl GpuModel {
         self.capacity
     }
 
+    /// How decoding steps run: [`DecodePath::for_adapter`] unless set.
+    pub fn decode_path(&self) -> DecodePath {
+        self.decode_path
+    }
+
+    /// Runs decoding steps on `path` from now on; both give the same bits.
+    pub fn set_decode_path(&mut self, ctx: &GpuContext, path: DecodePath) -> Result<()> {
+        if !path.supported(ctx, &self.config) {
+            return Err(Error::invalid(
+                "decode path",
+                format!(
+                    "{path:?} needs rows of at most {} columns and {} bytes of workgroup memory",
+                    norm_matmul::MAX_COLS,
+                    norm_matmul::WORKGROUP_BYTES
+                ),
+            ));
+        }
+        self.decode_path = path;
+        Ok(())
+    }
+
     /// Forgets the cached positions (the next forward starts at position 0).
     pub fn reset(&mut self) {
         self.len = 0;
     }
 
     /// GPU memory a model of `config` takes for its weights, tables and a KV cache of `context`
-    /// positions, from the shapes alone (one scale per linear, as checkpoints have): what
+    /// positions, from the shapes alone (one scale per linear, as checkpoints have; stacked
+    /// matrices keep one per row): what
     /// [`GpuModel::weight_and_cache_bytes`] reports once it is loaded.
     pub fn required_bytes(config: &ModelConfig, context: usize, tables: TableStorage) -> u64 {
         let c = config;
@@ -213,12 +273,12 @@ impl GpuModel {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let q = c.num_attention_heads * c.head_dim;
         let kv = c.num_key_value_heads * c.head_dim;
-        let layer = words(q, h)
-            + 2 * words(kv, h)
+        let layer = words(q + 2 * kv, h)
             + words(h, q)
             + words(2 * i, h)
             + words(h, i)
-            + 5 * floats(1)
+            + 2 * floats(1)
+            + floats(q + 2 * kv)
             + floats(2 * i)
             + 2 * floats(h)
             + floats(q)
@@ -236,17 +296,10 @@ impl GpuModel {
             .layers
             .iter()
             .map(|l| {
-                [
-                    &l.q_proj,
-                    &l.k_proj,
-                    &l.v_proj,
-                    &l.o_proj,
-                    &l.gate_up,
-                    &l.down_proj,
-                ]
-                .into_iter()
-                .map(ternary)
-                .sum::<u64>()
+                [&l.qkv, &l.o_proj, &l.gate_up, &l.down_proj]
+                    .into_iter()
+                    .map(ternary)
+                    .sum::<u64>()
                     + [
                         &l.input_layernorm,
                         &l.attn_sub_norm,
@@ -279,10 +332,8 @@ impl GpuModel {
             tokens: f32s("tokens", rows)?,
             x: f32s("residual", rows * c.hidden_size)?,
             normed: GpuActivations::new(ctx, rows, c.hidden_size)?,
-            q: f32s("q", rows * q_dim)?,
+            qkv: f32s("qkv", rows * (q_dim + 2 * kv_dim))?,
             q_rot: f32s("q rotated", rows * q_dim)?,
-            k: f32s("k", rows * kv_dim)?,
-            v: f32s("v", rows * kv_dim)?,
             attn: f32s("attention", rows * q_dim)?,
             attn_acts: GpuActivations::new(ctx, rows, q_dim)?,
             proj: f32s("projection", rows * c.hidden_size)?,
@@ -328,7 +379,9 @@ impl GpuModel {
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
         };
-        let kv_dim = shape.kv_heads * shape.head_dim;
+        // Prompts run the tiled GEMM on codes quantized once.
+        let fused = n < GEMM_MIN_ROWS && self.decode_path == DecodePath::Fused;
+        let cos_sin = rope::cos_sin(ctx, start, n, shape.head_dim, c.rope_theta)?;
         let matmul = MatmulOptions::default();
         // o_proj and down_proj add straight into the residual stream.
         let residual = MatmulOptions {
@@ -341,35 +394,27 @@ impl GpuModel {
             ctx.profile_start(pass);
             embedding::record(ctx, pass, &self.embed, &s.tokens, &s.x, n)?;
             for l in &self.layers {
-                rmsnorm::record_quant(ctx, pass, &s.x, &l.input_layernorm, &s.normed, eps)?;
-                gpu::ternary_matmul::record(ctx, pass, &s.normed, &l.q_proj, None, &s.q, matmul)?;
-                gpu::ternary_matmul::record(ctx, pass, &s.normed, &l.k_proj, None, &s.k, matmul)?;
-                gpu::ternary_matmul::record(ctx, pass, &s.normed, &l.v_proj, None, &s.v, matmul)?;
-                rope::record(
-                    ctx,
-                    pass,
-                    &s.q,
-                    &s.q_rot,
-                    0,
-                    n,
-                    shape.heads,
-                    shape.head_dim,
-                    c.rope_theta,
-                    start,
+                if fused {
+                    norm_matmul::record(
+                        ctx,
+                        pass,
+                        &s.x,
+                        n,
+                        &l.input_layernorm,
+                        eps,
+                        &l.qkv,
+                        &s.qkv,
+                        NormMatmulOutput::Replace,
+                    )?;
+                } else {
+                    rmsnorm::record_quant(ctx, pass, &s.x, &l.input_layernorm, &s.normed, eps)?;
+                    gpu::ternary_matmul::record(
+                        ctx, pass, &s.normed, &l.qkv, None, &s.qkv, matmul,
+                    )?;
+                }
+                rope::record_qkv(
+                    ctx, pass, &s.qkv, &cos_sin, &s.q_rot, &l.keys, &l.values, start, n, shape,
                 )?;
-                rope::record(
-                    ctx,
-                    pass,
-                    &s.k,
-                    &l.keys,
-                    start,
-                    n,
-                    shape.kv_heads,
-                    shape.head_dim,
-                    c.rope_theta,
-                    start,
-                )?;
-                elementwise::copy_rows(ctx, pass, &s.v, 0, &l.values, start, n, kv_dim)?;
                 attention::record(
                     ctx,
                     pass,
@@ -381,6 +426,33 @@ impl GpuModel {
                     start + n,
                     shape,
                 )?;
+                if fused {
+                    let mut step = |x, norm, w, y, output| {
+                        norm_matmul::record(ctx, pass, x, n, norm, eps, w, y, output)
+                    };
+                    step(
+                        &s.attn,
+                        &l.attn_sub_norm,
+                        &l.o_proj,
+                        &s.x,
+                        NormMatmulOutput::Add,
+                    )?;
+                    step(
+                        &s.x,
+                        &l.post_attention_layernorm,
+                        &l.gate_up,
+                        &s.mlp,
+                        NormMatmulOutput::Gated,
+                    )?;
+                    step(
+                        &s.mlp,
+                        &l.ffn_sub_norm,
+                        &l.down_proj,
+                        &s.x,
+                        NormMatmulOutput::Add,
+                    )?;
+                    continue;
+                }
                 rmsnorm::record_quant(ctx, pass, &s.attn, &l.attn_sub_norm, &s.attn_acts, eps)?;
                 gpu::ternary_matmul::record(
                     ctx,

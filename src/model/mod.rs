@@ -14,7 +14,7 @@ mod weights;
 pub use config::ModelConfig;
 pub use engine::{CpuEngine, nll, perplexity_windows};
 pub use forward::{KvCache, forward};
-pub use gpu::{GpuModel, Logits};
+pub use gpu::{DecodePath, GpuModel, Logits};
 #[cfg(not(target_arch = "wasm32"))]
 pub use load::load_model;
 pub use sampling::{Sampler, SamplingParams};

@@ -3,7 +3,7 @@
 
 use bitnet_wgpu::gpu::GpuContext;
 use bitnet_wgpu::gpu::table::TableStorage;
-use bitnet_wgpu::model::{self, GpuModel, KvCache, Logits, ModelConfig, ModelWeights};
+use bitnet_wgpu::model::{self, DecodePath, GpuModel, KvCache, Logits, ModelConfig, ModelWeights};
 use half::f16;
 
 /// Logit tolerance, relative to the largest logit: the GPU's float ops (rope's cos/sin,
@@ -88,6 +88,7 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
         let vocab = weights.config.vocab_size;
         let mut cpu_next = argmax(&cpu_prompt[cpu_prompt.len() - vocab..]);
         let mut gpu_next = argmax(&gpu_prompt[gpu_prompt.len() - vocab..]);
+        let mut steps = Vec::new();
         for step in 0..12 {
             assert_eq!(gpu_next, cpu_next, "seed {seed}: greedy token {step}");
             let c = model::forward(&weights, &[cpu_next], &mut cache).expect("cpu step");
@@ -96,10 +97,36 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
                 .await
                 .expect("gpu step");
             assert_logits_close(&g, &c, &format!("seed {seed}: decode step {step}"));
+            steps.push((gpu_next, g.clone()));
             cpu_next = argmax(&c);
             gpu_next = argmax(&g);
         }
         assert_eq!(gpu.len(), prompt.len() + 12);
+
+        // The other decode path gives the same bits.
+        let mut other = GpuModel::new(ctx, &weights, 64, TableStorage::F16).expect("upload model");
+        let path = match other.decode_path() {
+            DecodePath::Fused => DecodePath::Separate,
+            DecodePath::Separate => DecodePath::Fused,
+        };
+        other
+            .set_decode_path(ctx, path)
+            .expect("both paths run here");
+        other
+            .forward(ctx, &prompt, Logits::Last)
+            .await
+            .expect("prompt");
+        for (step, (token, logits)) in steps.iter().enumerate() {
+            let got = other
+                .forward(ctx, &[*token], Logits::Last)
+                .await
+                .expect("step");
+            let same = got
+                .iter()
+                .zip(logits)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "seed {seed}: {path:?} decode step {step} differs");
+        }
 
         // A whole sequence at once equals prompt + cached steps, on the GPU alone.
         let mut fresh = GpuModel::new(ctx, &weights, 64, TableStorage::F16).expect("upload model");
