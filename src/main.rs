@@ -753,11 +753,16 @@ fn print_adapter(i: usize, adapter: &AdapterSummary, picked: bool) {
     );
     println!(
         "      subgroups: {subgroups}, shader_f16: {}, dot4: {}, max_storage_buffer_binding_size: {}, \
-         max_buffer_size: {}",
+         max_buffer_size: {}, memory: {}",
         yes_no(caps.shader_f16),
         yes_no(caps.dot4),
         caps.max_storage_binding,
-        caps.max_buffer
+        caps.max_buffer,
+        caps.device_memory
+            .map_or("not reported".to_string(), |b| format!(
+                "{:.2} GB",
+                b as f64 / 1e9
+            ))
     );
 }
 

@@ -117,3 +117,8 @@ fn norm_matmul_matches_cpu() {
 fn rope_qkv_matches_cpu() {
     pollster::block_on(common::fused_ops::rope_qkv_matches_cpu(&mut context()));
 }
+
+#[test]
+fn too_big_model_is_refused() {
+    pollster::block_on(common::model::too_big_model_is_refused(&context()));
+}

@@ -111,3 +111,8 @@ async fn norm_matmul_matches_cpu() {
 async fn rope_qkv_matches_cpu() {
     common::fused_ops::rope_qkv_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn too_big_model_is_refused() {
+    common::model::too_big_model_is_refused(&context().await).await;
+}

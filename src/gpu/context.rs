@@ -24,6 +24,9 @@ pub struct Capabilities {
     pub max_workgroups_per_dimension: u32,
     /// Workgroup memory one workgroup may use, in bytes.
     pub max_workgroup_memory: u32,
+    /// The adapter's own memory in bytes, where the backend tells (Vulkan: its device-local
+    /// heaps); WebGPU, Metal, DX12 and GL do not.
+    pub device_memory: Option<u64>,
 }
 
 impl Capabilities {
@@ -42,6 +45,7 @@ impl Capabilities {
             max_buffer: limits.max_buffer_size,
             max_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
             max_workgroup_memory: limits.max_compute_workgroup_storage_size,
+            device_memory: device_memory(adapter),
         }
     }
 
@@ -52,6 +56,30 @@ impl Capabilities {
             dot4: self.dot4,
         }
     }
+}
+
+#[cfg(not(any(target_arch = "wasm32", target_vendor = "apple")))]
+fn device_memory(adapter: &wgpu::Adapter) -> Option<u64> {
+    // SAFETY: only reads the physical device's properties through the instance wgpu keeps
+    // alive; nothing is created or destroyed.
+    let hal = unsafe { adapter.as_hal::<wgpu::hal::api::Vulkan>() }?;
+    let instance = hal.shared_instance().raw_instance();
+    // SAFETY: the physical device belongs to that instance.
+    let props =
+        unsafe { instance.get_physical_device_memory_properties(hal.raw_physical_device()) };
+    let heaps = props.memory_heaps_as_slice();
+    Some(
+        heaps
+            .iter()
+            .filter(|h| h.flags.contains(ash::vk::MemoryHeapFlags::DEVICE_LOCAL))
+            .map(|h| h.size)
+            .sum(),
+    )
+}
+
+#[cfg(any(target_arch = "wasm32", target_vendor = "apple"))]
+fn device_memory(_adapter: &wgpu::Adapter) -> Option<u64> {
+    None
 }
 
 /// One line describing an adapter, for listings.

@@ -161,6 +161,7 @@ impl GpuModel {
                 ),
             ));
         }
+        Self::check_fits(ctx, c, context, tables)?;
         let kv_row = c.num_key_value_heads * c.head_dim;
         let mut layers = Vec::with_capacity(weights.layers.len());
         for l in &weights.layers {
@@ -197,12 +198,9 @@ impl GpuModel {
         };
         // Out of memory surfaces as a device error: say how much the model asked for.
         ctx.check().map_err(|e| {
-            let needed = Self::required_bytes(c, context, tables);
             Error::Gpu(format!(
-                "the model needs {:.2} GB of GPU memory (weights, embedding tables and a KV cache \
-                 of {context} positions) on {}: {e}",
-                needed as f64 / 1e9,
-                ctx.adapter_info().name
+                "{}: {e}",
+                Self::memory_summary(ctx, c, context, tables)
             ))
         })?;
         Ok(GpuModel {
@@ -260,6 +258,56 @@ impl GpuModel {
     /// Forgets the cached positions (the next forward starts at position 0).
     pub fn reset(&mut self) {
         self.len = 0;
+    }
+
+    /// Fails, before anything is uploaded, when a model of `config` with a KV cache of `context`
+    /// positions needs more memory than `ctx`'s adapter has (where the backend reports it:
+    /// [`crate::gpu::Capabilities::device_memory`]); the error gives both figures.
+    ///
+    /// ```
+    /// use bitnet_wgpu::gpu::{GpuContext, TableStorage};
+    /// use bitnet_wgpu::model::{GpuModel, ModelConfig};
+    /// # pollster::block_on(async {
+    /// let ctx = GpuContext::new().await.expect("a GPU adapter");
+    /// let mut config = ModelConfig::bitnet_b158_2b4t();
+    /// config.num_hidden_layers = 1_000_000;
+    /// let fits = GpuModel::check_fits(&ctx, &config, 4096, TableStorage::F16);
+    /// // 13 TB: no adapter that reports its memory has that much.
+    /// assert_eq!(fits.is_err(), ctx.capabilities().device_memory.is_some());
+    /// # });
+    /// ```
+    pub fn check_fits(
+        ctx: &GpuContext,
+        config: &ModelConfig,
+        context: usize,
+        tables: TableStorage,
+    ) -> Result<()> {
+        let needed = Self::required_bytes(config, context, tables);
+        match ctx.capabilities().device_memory {
+            Some(offered) if needed > offered => Err(Error::Gpu(Self::memory_summary(
+                ctx, config, context, tables,
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn memory_summary(
+        ctx: &GpuContext,
+        config: &ModelConfig,
+        context: usize,
+        tables: TableStorage,
+    ) -> String {
+        let needed = Self::required_bytes(config, context, tables);
+        let offered = match ctx.capabilities().device_memory {
+            Some(bytes) => format!("{:.2} GB", bytes as f64 / 1e9),
+            None => "an unreported amount".to_string(),
+        };
+        format!(
+            "the model needs {:.2} GB of GPU memory (weights, embedding tables and a KV cache of \
+             {context} positions); {} has {offered}",
+            needed as f64 / 1e9,
+            ctx.adapter_info().name
+        )
     }
 
     /// GPU memory a model of `config` takes for its weights, tables and a KV cache of `context`

@@ -164,3 +164,27 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
         );
     }
 }
+
+/// A model bigger than the adapter's memory is refused before anything is uploaded, with what it
+/// needs and what the adapter has; Vulkan adapters always report their memory.
+pub async fn too_big_model_is_refused(ctx: &GpuContext) {
+    let mut config = ModelConfig::bitnet_b158_2b4t();
+    config.num_hidden_layers = 1_000_000;
+    let fits = GpuModel::check_fits(ctx, &config, 4096, TableStorage::F16);
+    match ctx.capabilities().device_memory {
+        Some(bytes) => {
+            let message = fits.expect_err("13 TB fits no adapter").to_string();
+            let has = format!("has {:.2} GB", bytes as f64 / 1e9);
+            assert!(
+                message.contains("needs") && message.contains(&has),
+                "{message}"
+            );
+        }
+        None => {
+            assert_ne!(ctx.adapter_info().backend, wgpu::Backend::Vulkan);
+            assert!(fits.is_ok(), "without a figure nothing is refused early");
+        }
+    }
+    let tiny = tiny_model(1, true);
+    GpuModel::check_fits(ctx, &tiny.config, 64, TableStorage::F16).expect("a tiny model fits");
+}
