@@ -122,3 +122,10 @@ fn rope_qkv_matches_cpu() {
 fn too_big_model_is_refused() {
     pollster::block_on(common::model::too_big_model_is_refused(&context()));
 }
+
+#[test]
+fn norm_matmul_rope_matches_cpu() {
+    pollster::block_on(common::fused_ops::norm_matmul_rope_matches_cpu(
+        &mut context(),
+    ));
+}

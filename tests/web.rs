@@ -116,3 +116,8 @@ async fn rope_qkv_matches_cpu() {
 async fn too_big_model_is_refused() {
     common::model::too_big_model_is_refused(&context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn norm_matmul_rope_matches_cpu() {
+    common::fused_ops::norm_matmul_rope_matches_cpu(&mut context().await).await;
+}

@@ -1,6 +1,8 @@
 //! Host side of `shaders/norm_matmul.wgsl`: `cpu::norm_matmul` for decoding, one dispatch where
-//! `rmsnorm::record_quant` and `ternary_matmul::record` take two.
+//! `rmsnorm::record_quant` and `ternary_matmul::record` take two (and, for the stacked q/k/v
+//! projection, `rope::record_qkv` a third).
 
+use crate::cpu::AttentionShape;
 use crate::gpu::{GpuContext, GpuTernary, Kernel, check_distinct, check_f32s, groups_for, rmsnorm};
 use crate::packing::gpu_words;
 use crate::{Error, Result};
@@ -34,12 +36,30 @@ struct Params {
     no_fuse: u32,
     eps: f32,
     per_channel: u32,
+    heads: u32,
+    kv_heads: u32,
+    half_dim: u32,
+    cache_row: u32,
     pad: u32,
 }
 
 /// Whether this adapter runs the fused kernel for rows of `cols` inputs.
 pub fn supported(ctx: &GpuContext, cols: usize) -> bool {
     cols <= MAX_COLS && ctx.capabilities().max_workgroup_memory >= WORKGROUP_BYTES
+}
+
+fn check_supported(ctx: &GpuContext, cols: usize) -> Result<()> {
+    if !supported(ctx, cols) {
+        return Err(Error::invalid(
+            "norm_matmul",
+            format!(
+                "{cols} columns on an adapter with {} bytes of workgroup memory (needs at most \
+                 {MAX_COLS} columns and {WORKGROUP_BYTES} bytes)",
+                ctx.capabilities().max_workgroup_memory
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Records `cpu::norm_matmul(x, rows, norm, eps, w, output == Gated)` into `y` (added to what `y`
@@ -59,16 +79,7 @@ pub fn record(
     output: NormMatmulOutput,
 ) -> Result<()> {
     let cols = w.cols;
-    if !supported(ctx, cols) {
-        return Err(Error::invalid(
-            "norm_matmul",
-            format!(
-                "{cols} columns on an adapter with {} bytes of workgroup memory (needs at most \
-                 {MAX_COLS} columns and {WORKGROUP_BYTES} bytes)",
-                ctx.capabilities().max_workgroup_memory
-            ),
-        ));
-    }
+    check_supported(ctx, cols)?;
     rmsnorm::check_eps(eps)?;
     let gated = output == NormMatmulOutput::Gated;
     if gated && !w.rows.is_multiple_of(2) {
@@ -95,6 +106,10 @@ pub fn record(
             no_fuse: 0,
             eps,
             per_channel: w.per_channel as u32,
+            heads: 0,
+            kv_heads: 0,
+            half_dim: 0,
+            cache_row: 0,
             pad: 0,
         },
     );
@@ -116,6 +131,109 @@ pub fn record(
             y.as_entire_binding(),
         ],
         groups_for(rows * n.div_ceil(per_group), 1)?,
+    );
+    Ok(())
+}
+
+/// Records the stacked q/k/v projection of decoding with rope applied (`cpu::norm_matmul` of
+/// `w` = q_proj, k_proj and v_proj stacked, then what `rope::record_qkv` does with that output):
+/// row `m`'s queries rotated into row `m` of `q`, its keys rotated and its values copied into row
+/// `cache_row + m` of `k_cache` and `v_cache`. `table` is `rope::cos_sin` of the `rows`
+/// positions. Needs [`supported`]`(ctx, w.cols)`; the same bits as the three dispatches.
+#[allow(clippy::too_many_arguments)]
+pub fn record_qkv(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    x: &wgpu::Buffer,
+    rows: usize,
+    norm: &wgpu::Buffer,
+    eps: f32,
+    w: &GpuTernary,
+    table: &wgpu::Buffer,
+    q: &wgpu::Buffer,
+    k_cache: &wgpu::Buffer,
+    v_cache: &wgpu::Buffer,
+    cache_row: usize,
+    shape: AttentionShape,
+) -> Result<()> {
+    let cols = w.cols;
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(Error::invalid(
+            "rope head_dim",
+            format!("{head_dim} is not a positive even number"),
+        ));
+    }
+    let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+    if w.rows != q_width + 2 * kv_width {
+        return Err(Error::shape(
+            "stacked q/k/v rows",
+            q_width + 2 * kv_width,
+            w.rows,
+        ));
+    }
+    check_supported(ctx, cols)?;
+    rmsnorm::check_eps(eps)?;
+    check_f32s("norm_matmul input", x, rows.checked_mul(cols))?;
+    check_f32s("norm_matmul norm weight", norm, Some(cols))?;
+    check_f32s("rope cos/sin table", table, rows.checked_mul(head_dim))?;
+    check_f32s("rope query destination", q, rows.checked_mul(q_width))?;
+    let end = cache_row.checked_add(rows);
+    for (what, cache) in [("rope key cache", k_cache), ("rope value cache", v_cache)] {
+        check_f32s(what, cache, end.and_then(|e| e.checked_mul(kv_width)))?;
+    }
+    for out in [q, k_cache, v_cache] {
+        check_distinct("norm_matmul", x, out)?;
+    }
+    if q == k_cache || q == v_cache || k_cache == v_cache {
+        return Err(Error::invalid(
+            "norm_matmul",
+            "the query, key and value destinations must be different buffers",
+        ));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let params = ctx.uniform(
+        "norm_matmul params",
+        &Params {
+            rows: rows as u32,
+            cols: cols as u32,
+            n: w.rows as u32,
+            k_words: gpu_words::words_per_row(cols) as u32,
+            no_fuse: 0,
+            eps,
+            per_channel: w.per_channel as u32,
+            heads: heads as u32,
+            kv_heads: kv_heads as u32,
+            half_dim: (head_dim / 2) as u32,
+            cache_row: u32::try_from(cache_row)
+                .map_err(|_| Error::invalid("cache row", "overflows u32"))?,
+            pad: 0,
+        },
+    );
+    let half = ROWS / 2;
+    let blocks = (heads + kv_heads) * (head_dim / 2).div_ceil(half) + kv_width.div_ceil(ROWS);
+    let pipeline = ctx.pipeline(Kernel::NormMatmul, "norm_gemv_rope", &[])?;
+    ctx.dispatch(
+        pass,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            x.as_entire_binding(),
+            norm.as_entire_binding(),
+            w.words.as_entire_binding(),
+            w.scales.as_entire_binding(),
+            q.as_entire_binding(),
+            table.as_entire_binding(),
+            k_cache.as_entire_binding(),
+            v_cache.as_entire_binding(),
+        ],
+        groups_for(rows * blocks, 1)?,
     );
     Ok(())
 }

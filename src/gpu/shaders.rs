@@ -93,7 +93,7 @@ impl Kernel {
             Kernel::TernaryPack => &["reduce_sum", "finish_scales", "pack_words", "widen_f16"],
             Kernel::TernaryMatmul => &["gemv", "gemm"],
             Kernel::Rmsnorm => &["rmsnorm", "rmsnorm_quant"],
-            Kernel::NormMatmul => &["norm_gemv"],
+            Kernel::NormMatmul => &["norm_gemv", "norm_gemv_rope"],
             Kernel::Rope => &["rope", "rope_qkv"],
             Kernel::Elementwise => &["copy_rows"],
             Kernel::Relu2Gate => &["relu2_gate", "relu2_gate_quant"],

@@ -27,8 +27,8 @@ pub enum Logits {
 /// How a GPU model runs the linear layers of a decoding step (prompts always take the GEMM).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodePath {
-    /// Each linear with its input's norm and quantization in one dispatch (norm_matmul): 7
-    /// dispatches per layer instead of 12. On GPUs, where each dependent dispatch costs more
+    /// Each linear with its input's norm and quantization in one dispatch (norm_matmul, rope
+    /// included for q/k/v): 6 dispatches per layer instead of 12. On GPUs, where each dependent dispatch costs more
     /// than the work it does, the fewer the faster.
     Fused,
     /// A norm-and-quantize dispatch, then the GEMV: less work in all (the fused kernel repeats
@@ -443,7 +443,7 @@ impl GpuModel {
             embedding::record(ctx, pass, &self.embed, &s.tokens, &s.x, n)?;
             for l in &self.layers {
                 if fused {
-                    norm_matmul::record(
+                    norm_matmul::record_qkv(
                         ctx,
                         pass,
                         &s.x,
@@ -451,18 +451,22 @@ impl GpuModel {
                         &l.input_layernorm,
                         eps,
                         &l.qkv,
-                        &s.qkv,
-                        NormMatmulOutput::Replace,
+                        &cos_sin,
+                        &s.q_rot,
+                        &l.keys,
+                        &l.values,
+                        start,
+                        shape,
                     )?;
                 } else {
                     rmsnorm::record_quant(ctx, pass, &s.x, &l.input_layernorm, &s.normed, eps)?;
                     gpu::ternary_matmul::record(
                         ctx, pass, &s.normed, &l.qkv, None, &s.qkv, matmul,
                     )?;
+                    rope::record_qkv(
+                        ctx, pass, &s.qkv, &cos_sin, &s.q_rot, &l.keys, &l.values, start, n, shape,
+                    )?;
                 }
-                rope::record_qkv(
-                    ctx, pass, &s.qkv, &cos_sin, &s.q_rot, &l.keys, &l.values, start, n, shape,
-                )?;
                 attention::record(
                     ctx,
                     pass,

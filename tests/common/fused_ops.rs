@@ -1,6 +1,6 @@
 //! GPU-vs-CPU cases for decoding's fused kernels: norm_matmul (rmsnorm + act_quant + gemv, plain,
-//! added to a residual, or gated) and rope_qkv (rope of the stacked q/k/v projection into the
-//! query buffer and the KV cache). Each must give the same bits as the separate kernels it
+//! added to a residual, gated, or with rope into the KV cache) and rope_qkv (rope of the stacked
+//! q/k/v projection into the query buffer and the KV cache). Each must give the same bits as the separate kernels it
 //! replaces on the same adapter, and match the CPU.
 
 use super::model_ops::{UNTOUCHED, assert_bits_eq, residual_rows, values};
@@ -221,5 +221,125 @@ pub async fn rope_qkv_matches_cpu(ctx: &mut GpuContext) {
         assert_bits_eq(&got_k, &in_cache(&k), &format!("{what}: keys"));
         let got_v: Vec<f32> = ctx.read(&vals, capacity * kv_width).await.expect("read");
         assert_bits_eq(&got_v, &in_cache(&v), &format!("{what}: values"));
+    }
+}
+
+/// norm_gemv_rope gives the bits of rmsnorm_quant + gemv + rope_qkv (queries, keys in the cache,
+/// values in the cache, other cache rows untouched) and matches the CPU.
+pub async fn norm_matmul_rope_matches_cpu(ctx: &mut GpuContext) {
+    for variant in variants(ctx) {
+        ctx.set_variant(variant).expect("variant");
+        let mut rng = SmallRng::seed_from_u64(17);
+        for case in 0..100 {
+            let rows = pick(&mut rng, &[1usize, 1, 2, 3]);
+            let cols = pick(&mut rng, &[1usize, 17, 40, 129, 1025, 2600]);
+            let kv_heads = pick(&mut rng, &[1usize, 2, 3]);
+            let heads = kv_heads * pick(&mut rng, &[1usize, 2, 4]);
+            let head_dim = pick(&mut rng, &[2usize, 20, 64, 128]);
+            let theta = pick(&mut rng, &[10_000.0f32, 500_000.0]);
+            let position = pick(&mut rng, &[0usize, 1, 17, 4000]);
+            let cache_row = pick(&mut rng, &[0usize, 1, 5]);
+            let capacity = cache_row + rows + pick(&mut rng, &[0usize, 3]);
+            let eps = 1e-5;
+            let what = format!(
+                "{variant:?} case {case} ({rows}x{cols}, {heads}/{kv_heads} heads of {head_dim}, \
+                 position {position}, cache row {cache_row} of {capacity})"
+            );
+            let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+            let width = q_width + 2 * kv_width;
+            let x = residual_rows(&mut rng, rows, cols);
+            let norm: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let mut w = ternary(&mut rng, width, cols, false);
+            let part_scales = [0.5f32, 1.7, 40.0];
+            w.scales = (0..width)
+                .map(|r| part_scales[(r >= q_width) as usize + (r >= q_width + kv_width) as usize])
+                .collect();
+
+            let projected = cpu::norm_matmul(&x, rows, &norm, eps, &w, false).expect("cpu");
+            let part = |start: usize, len: usize| -> Vec<f32> {
+                projected
+                    .chunks_exact(width)
+                    .flat_map(|row| row[start..start + len].to_vec())
+                    .collect()
+            };
+            let positions: Vec<usize> = (position..position + rows).collect();
+            let mut cpu_q = part(0, q_width);
+            cpu::rope(&mut cpu_q, &positions, heads, head_dim, theta).expect("cpu rope");
+            let mut cpu_k = part(q_width, kv_width);
+            cpu::rope(&mut cpu_k, &positions, kv_heads, head_dim, theta).expect("cpu rope");
+            let cpu_v = part(q_width + kv_width, kv_width);
+
+            let input = ctx.upload("x", &x).expect("upload");
+            let norm_buf = ctx.upload("norm", &norm).expect("upload");
+            let gw = upload(ctx, &w);
+            let table = gpu::rope::cos_sin(ctx, position, rows, head_dim, theta).expect("table");
+            let untouched = vec![UNTOUCHED; capacity * kv_width];
+            let buffers = |label| {
+                (
+                    ctx.storage(label, (rows * q_width * 4) as u64).expect("q"),
+                    ctx.upload("keys", &untouched).expect("upload"),
+                    ctx.upload("values", &untouched).expect("upload"),
+                )
+            };
+            let fused = buffers("fused q");
+            let split = buffers("split q");
+            let acts = GpuActivations::new(ctx, rows, cols).expect("activations");
+            let qkv = ctx.storage("qkv", (rows * width * 4) as u64).expect("qkv");
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+            };
+            let mut encoder = ctx.device.create_command_encoder(&Default::default());
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            gpu::norm_matmul::record_qkv(
+                ctx, &mut pass, &input, rows, &norm_buf, eps, &gw, &table, &fused.0, &fused.1,
+                &fused.2, cache_row, shape,
+            )
+            .expect("record fused");
+            gpu::rmsnorm::record_quant(ctx, &mut pass, &input, &norm_buf, &acts, eps)
+                .expect("record");
+            let gemv = MatmulOptions {
+                path: MatmulPath::Gemv,
+                output: MatmulOutput::Scaled,
+            };
+            gpu::ternary_matmul::record(ctx, &mut pass, &acts, &gw, None, &qkv, gemv)
+                .expect("record");
+            gpu::rope::record_qkv(
+                ctx, &mut pass, &qkv, &table, &split.0, &split.1, &split.2, cache_row, rows, shape,
+            )
+            .expect("record");
+            drop(pass);
+            ctx.queue.submit([encoder.finish()]);
+
+            let cpu_cache = |data: &[f32]| {
+                let mut cache = untouched.clone();
+                cache[cache_row * kv_width..(cache_row + rows) * kv_width].copy_from_slice(data);
+                cache
+            };
+            for (name, (f, s), len, cpu_values) in [
+                ("queries", (&fused.0, &split.0), rows * q_width, cpu_q),
+                (
+                    "keys",
+                    (&fused.1, &split.1),
+                    capacity * kv_width,
+                    cpu_cache(&cpu_k),
+                ),
+                (
+                    "values",
+                    (&fused.2, &split.2),
+                    capacity * kv_width,
+                    cpu_cache(&cpu_v),
+                ),
+            ] {
+                let got: Vec<f32> = ctx.read(f, len).await.expect("read back");
+                let want: Vec<f32> = ctx.read(s, len).await.expect("read back");
+                assert_bits_eq(&got, &want, &format!("{what}: {name}, fused vs separate"));
+                let scale = cpu_values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                for (i, (g, c)) in got.iter().zip(&cpu_values).enumerate() {
+                    assert_close(*g, *c, scale, &format!("{what}: {name} {i}"));
+                }
+            }
+        }
     }
 }
