@@ -542,6 +542,9 @@ impl GpuModel {
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
             match which {
                 Logits::All => lm_head::record(ctx, pass, &s.final_norm, head, &s.logits, n)?,
+                Logits::Last if n == 1 => {
+                    lm_head::record(ctx, pass, &s.final_norm, head, &s.logits, 1)?
+                }
                 Logits::Last => {
                     // The last row alone: copy it to the front, then one lm_head row.
                     elementwise::copy_rows(ctx, pass, &s.final_norm, n - 1, &s.proj, 0, 1, hidden)?;
