@@ -156,22 +156,30 @@ fn attention_split(
     workgroupBarrier();
 
     // Scores: PARTS teams, team `part` takes keys part, part + PARTS, ...; invocation t of a
-    // team sums dimensions t, t + TEAM, ... of the key.
+    // team sums dimensions t, t + TEAM, ... of the key. Four keys at a time, their loads issued
+    // together: a cache row is a memory round trip, and one key after the other would wait for
+    // each in turn. Keys past n read row n - 1 and are discarded.
     let t = lid % TEAM;
     let part = lid / TEAM;
-    for (var i = 0u; i < SPLIT_KEYS / PARTS; i++) {
-        let kk = part + i * PARTS;
-        var dot = 0.0;
-        if kk < n {
-            let kr = (j0 + kk) * kv_width + k_base;
-            for (var m = 0u; m < DIM_STEPS; m++) {
-                let d = t + m * TEAM;
-                if d < hd {
-                    dot += split_q[d] * k_cache[kr + d];
-                }
+    for (var i = 0u; i < SPLIT_KEYS / PARTS; i += 4u) {
+        let kk = part + vec4<u32>(i, i + 1u, i + 2u, i + 3u) * PARTS;
+        let kr = (j0 + min(kk, vec4<u32>(n - 1u))) * kv_width + k_base;
+        var dots = vec4<f32>(0.0);
+        for (var m = 0u; m < DIM_STEPS; m++) {
+            let d = t + m * TEAM;
+            if d < hd {
+                let qd = split_q[d];
+                dots.x += qd * k_cache[kr.x + d];
+                dots.y += qd * k_cache[kr.y + d];
+                dots.z += qd * k_cache[kr.z + d];
+                dots.w += qd * k_cache[kr.w + d];
             }
         }
-        split_dots[kk * DOT_STRIDE + t] = dot;
+        let kept = select(vec4<f32>(0.0), dots, kk < vec4<u32>(n));
+        split_dots[kk.x * DOT_STRIDE + t] = kept.x;
+        split_dots[kk.y * DOT_STRIDE + t] = kept.y;
+        split_dots[kk.z * DOT_STRIDE + t] = kept.z;
+        split_dots[kk.w * DOT_STRIDE + t] = kept.w;
     }
     workgroupBarrier();
     var score = lowest();
@@ -197,15 +205,37 @@ fn attention_split(
     for (var m = 0u; m < DIM_STEPS; m++) {
         acc[m] = 0.0;
     }
-    for (var i = 0u; i < SPLIT_KEYS / PARTS; i++) {
-        let kk = part + i * PARTS;
-        if kk < n {
-            let w = split_weights[kk];
-            let vr = (j0 + kk) * kv_width + k_base;
-            for (var m = 0u; m < DIM_STEPS; m++) {
-                let d = t + m * TEAM;
-                if d < hd {
-                    acc[m] += w * v_cache[vr + d];
+    // Four keys at a time, as for the scores; the sums run in key order.
+    for (var i = 0u; i < SPLIT_KEYS / PARTS; i += 4u) {
+        let kk = part + vec4<u32>(i, i + 1u, i + 2u, i + 3u) * PARTS;
+        let live = kk < vec4<u32>(n);
+        let vr = (j0 + min(kk, vec4<u32>(n - 1u))) * kv_width + k_base;
+        let w = vec4<f32>(
+            split_weights[kk.x],
+            split_weights[kk.y],
+            split_weights[kk.z],
+            split_weights[kk.w],
+        );
+        for (var m = 0u; m < DIM_STEPS; m++) {
+            let d = t + m * TEAM;
+            if d < hd {
+                let v = vec4<f32>(
+                    v_cache[vr.x + d],
+                    v_cache[vr.y + d],
+                    v_cache[vr.z + d],
+                    v_cache[vr.w + d],
+                );
+                if live.x {
+                    acc[m] += w.x * v.x;
+                }
+                if live.y {
+                    acc[m] += w.y * v.y;
+                }
+                if live.z {
+                    acc[m] += w.z * v.z;
+                }
+                if live.w {
+                    acc[m] += w.w * v.w;
                 }
             }
         }

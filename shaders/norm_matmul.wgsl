@@ -109,8 +109,20 @@ fn block_outputs(quantized: vec2<u32>, lane_row: u32, own_row: u32, lid: u32) {
     var acc = 0;
     if lane_row != NO_ROW {
         let kw = params.k_words;
-        for (var j = lid % LANES; j < kw; j += LANES) {
-            acc += dot_word(j, w[lane_row * kw + j]);
+        let base = lane_row * kw;
+        var j = lid % LANES;
+        // Four weight words at a time, their loads issued together: one after the other, each
+        // would wait for its own memory round trip.
+        for (; j + 3u * LANES < kw; j += 4u * LANES) {
+            let w0 = w[base + j];
+            let w1 = w[base + j + LANES];
+            let w2 = w[base + j + 2u * LANES];
+            let w3 = w[base + j + 3u * LANES];
+            acc += dot_word(j, w0) + dot_word(j + LANES, w1) + dot_word(j + 2u * LANES, w2)
+                + dot_word(j + 3u * LANES, w3);
+        }
+        for (; j < kw; j += LANES) {
+            acc += dot_word(j, w[base + j]);
         }
     }
     lane_sums[lid] = acc;
