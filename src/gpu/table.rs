@@ -1,7 +1,7 @@
 //! Big float matrices on the GPU (token embeddings, the lm_head), split into row chunks that
 //! each fit one storage binding: 128256 x 2560 f32 values are 1.3 GB, over ten times lavapipe's
 //! 128 MiB binding limit. Layout (shared by `shaders/common/table.wgsl`): row-major, each row
-//! padded with zeros to whole vec4<u32>; f32 one value per u32, f16 two (column 2i low).
+//! padded with zeros to whole `vec4<u32>`; f32 one value per u32, f16 two (column 2i low).
 
 use half::f16;
 
