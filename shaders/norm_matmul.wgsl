@@ -19,6 +19,7 @@ const LANES: u32 = WG / ROWS;
 const HALF: u32 = ROWS / 2u;
 // Codes of the largest row, in u32 words of four (8192 columns).
 const MAX_CODE_WORDS: u32 = 2048u;
+const WORDS_PER_INVOCATION: u32 = MAX_CODE_WORDS / WG;
 const NO_ROW: u32 = 0xffffffffu;
 
 override ADD_TO_Y: bool = false;
@@ -74,28 +75,47 @@ fn product(a: f32, b: f32) -> f32 {
 }
 
 // rmsnorm_quant (rmsnorm.wgsl) of token m into `codes`: returns (code sum, scale bits).
+// Invocation lid takes the words lid, lid + WG, ... (four columns each), loads all of them at
+// once and keeps the normalized values in registers from the max to the quantization: loops of
+// constant length unroll, so the loads go out together instead of one round trip each.
 fn quantize_row(m: u32, lid: u32) -> vec2<u32> {
     let base = m * params.cols;
     let inv = inv_rms(base, lid);
+    let words = 4u * params.k_words;
+    var values: array<vec4<f32>, WORDS_PER_INVOCATION>;
     var amax = 0u;
-    for (var k = lid; k < params.cols; k += WG) {
-        amax = max(amax, bitcast<u32>(normalized(base, k, inv)) & 0x7fffffffu);
+    for (var i = 0u; i < WORDS_PER_INVOCATION; i++) {
+        let c = lid + i * WG;
+        var v = vec4<f32>(0.0);
+        if c < words {
+            for (var l = 0u; l < 4u; l++) {
+                let k = 4u * c + l;
+                if k < params.cols {
+                    v[l] = normalized(base, k, inv);
+                }
+            }
+        }
+        values[i] = v;
+        let b = bitcast<vec4<u32>>(v) & vec4<u32>(0x7fffffffu);
+        amax = max(amax, max(max(b.x, b.y), max(b.z, b.w)));
     }
     let top = wg_max(amax, lid);
     let finite = top < 0x7f800000u;
     let s = quant_scale(top);
     var total = 0;
-    for (var c = lid; c < 4u * params.k_words; c += WG) {
-        var word = 0u;
-        for (var i = 0u; i < 4u; i++) {
-            let k = 4u * c + i;
-            if finite && k < params.cols {
-                let q = quant_code(normalized(base, k, inv), s);
-                word = pack_code(word, q, i);
-                total += q;
+    for (var i = 0u; i < WORDS_PER_INVOCATION; i++) {
+        let c = lid + i * WG;
+        if c < words {
+            var word = 0u;
+            for (var l = 0u; l < 4u; l++) {
+                if finite && 4u * c + l < params.cols {
+                    let q = quant_code(values[i][l], s);
+                    word = pack_code(word, q, l);
+                    total += q;
+                }
             }
+            codes[c] = word;
         }
-        codes[c] = word;
     }
     let code_sum = wg_sum(vec4<i32>(total, 0, 0, 0), lid).x;
     workgroupBarrier();
@@ -110,19 +130,19 @@ fn block_outputs(quantized: vec2<u32>, lane_row: u32, own_row: u32, lid: u32) {
     if lane_row != NO_ROW {
         let kw = params.k_words;
         let base = lane_row * kw;
-        var j = lid % LANES;
-        // Four weight words at a time, their loads issued together: one after the other, each
-        // would wait for its own memory round trip.
-        for (; j + 3u * LANES < kw; j += 4u * LANES) {
-            let w0 = w[base + j];
-            let w1 = w[base + j + LANES];
-            let w2 = w[base + j + 2u * LANES];
-            let w3 = w[base + j + 3u * LANES];
-            acc += dot_word(j, w0) + dot_word(j + LANES, w1) + dot_word(j + 2u * LANES, w2)
-                + dot_word(j + 3u * LANES, w3);
-        }
-        for (; j < kw; j += LANES) {
-            acc += dot_word(j, w[base + j]);
+        // Four weight words at a time, their loads issued together (one after the other, each
+        // would wait for its own memory round trip); words past the row read its last word and
+        // count for nothing.
+        for (var j = lid % LANES; j < kw; j += 4u * LANES) {
+            let jj = vec4<u32>(j, j + LANES, j + 2u * LANES, j + 3u * LANES);
+            let at = base + min(jj, vec4<u32>(kw - 1u));
+            let ws = vec4<u32>(w[at.x], w[at.y], w[at.z], w[at.w]);
+            acc += dot_word(jj.x, ws.x);
+            for (var u = 1u; u < 4u; u++) {
+                if jj[u] < kw {
+                    acc += dot_word(jj[u], ws[u]);
+                }
+            }
         }
     }
     lane_sums[lid] = acc;
