@@ -129,3 +129,8 @@ fn norm_matmul_rope_matches_cpu() {
         &mut context(),
     ));
 }
+
+#[test]
+fn argmax_matches_cpu() {
+    pollster::block_on(common::argmax::argmax_matches_cpu(&mut context()));
+}

@@ -121,3 +121,8 @@ async fn too_big_model_is_refused() {
 async fn norm_matmul_rope_matches_cpu() {
     common::fused_ops::norm_matmul_rope_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn argmax_matches_cpu() {
+    common::argmax::argmax_matches_cpu(&mut context().await).await;
+}

@@ -2,6 +2,7 @@
 //! specification; each function here has a shader twin of the same name in `shaders/`.
 
 mod act_quant;
+mod argmax;
 mod attention;
 mod embedding;
 mod lm_head;
@@ -15,6 +16,7 @@ mod tree_sum;
 mod weight_quant;
 
 pub use act_quant::{QuantizedActivations, act_quant, quant_scale};
+pub use argmax::argmax;
 pub use attention::{AttentionShape, attention};
 pub use embedding::embedding;
 pub use lm_head::lm_head;

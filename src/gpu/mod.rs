@@ -19,6 +19,7 @@
 //! ```
 
 pub mod act_quant;
+pub mod argmax;
 pub mod attention;
 mod context;
 pub mod elementwise;

@@ -43,6 +43,7 @@ impl ShaderVariant {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
     ActQuant,
+    Argmax,
     TernaryPack,
     TernaryMatmul,
     Rmsnorm,
@@ -56,8 +57,9 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 12] = [
         Kernel::ActQuant,
+        Kernel::Argmax,
         Kernel::TernaryPack,
         Kernel::TernaryMatmul,
         Kernel::Rmsnorm,
@@ -73,6 +75,7 @@ impl Kernel {
     pub fn name(self) -> &'static str {
         match self {
             Kernel::ActQuant => "act_quant",
+            Kernel::Argmax => "argmax",
             Kernel::TernaryPack => "ternary_pack",
             Kernel::TernaryMatmul => "ternary_matmul",
             Kernel::Rmsnorm => "rmsnorm",
@@ -90,6 +93,7 @@ impl Kernel {
     pub fn entries(self) -> &'static [&'static str] {
         match self {
             Kernel::ActQuant => &["act_quant"],
+            Kernel::Argmax => &["argmax_partial", "argmax_final"],
             Kernel::TernaryPack => &["reduce_sum", "finish_scales", "pack_words", "widen_f16"],
             Kernel::TernaryMatmul => &["gemv", "gemm"],
             Kernel::Rmsnorm => &["rmsnorm", "rmsnorm_quant"],
@@ -106,6 +110,7 @@ impl Kernel {
     fn body(self) -> &'static str {
         match self {
             Kernel::ActQuant => include_str!("../../shaders/act_quant.wgsl"),
+            Kernel::Argmax => include_str!("../../shaders/argmax.wgsl"),
             Kernel::TernaryPack => include_str!("../../shaders/ternary_pack.wgsl"),
             Kernel::TernaryMatmul => include_str!("../../shaders/ternary_matmul.wgsl"),
             Kernel::Rmsnorm => concat!(

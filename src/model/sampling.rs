@@ -1,6 +1,7 @@
 //! Choosing the next token from logits: greedy, or temperature / top-k / top-p sampling with a
 //! seeded generator, so that a run can be reproduced on any platform (the browser included).
 
+use crate::cpu::argmax;
 use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
@@ -75,6 +76,9 @@ impl Sampler {
     /// `-inf` marks a forbidden token. Errors: empty logits, a NaN or `+inf` logit, or no token
     /// allowed at all.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        if self.params.temperature == 0.0 {
+            return argmax(logits);
+        }
         if logits.is_empty() {
             return Err(Error::Empty("logits"));
         }
@@ -98,9 +102,6 @@ impl Sampler {
         }
         // Descending logit, then ascending id: a total order, the same on every platform.
         ranked.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        if self.params.temperature == 0.0 {
-            return Ok(ranked[0] as u32);
-        }
         if self.params.top_k > 0 {
             ranked.truncate(self.params.top_k);
         }

@@ -9,6 +9,7 @@ use half::f16;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+pub mod argmax;
 pub mod attention_head;
 pub mod fused_ops;
 pub mod model;
