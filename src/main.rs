@@ -510,42 +510,72 @@ async fn generate(args: &GenerateArgs) -> CliResult<()> {
         .into());
     }
     let vocab = engine.config().vocab_size;
+    // Ids past the tokenizer's vocabulary (an embedding padded for speed) spell nothing.
+    let allowed = tokenizer.vocab_size().min(vocab);
     let mut out = std::io::stdout().lock();
-
-    let started = Instant::now();
-    let mut logits = engine.forward(&prompt_ids, Logits::Last).await?;
-    let prompt_time = started.elapsed();
-
-    let started = Instant::now();
     let mut stream = tokenizer.stream_decoder();
     let mut generated = Vec::new();
     let mut text = String::new();
-    let stop = loop {
-        if generated.len() == args.max_new_tokens {
-            break Stop::MaxNewTokens;
-        }
-        let last = logits.len() - vocab;
-        // Ids past the tokenizer's vocabulary (an embedding padded for speed) spell nothing.
-        logits[last + tokenizer.vocab_size()..].fill(f32::NEG_INFINITY);
-        let id = sampler.sample(&logits[last..])?;
+    let mut failure: Option<Box<dyn std::error::Error>> = None;
+    // Takes one new token: shows it and says whether to go on.
+    let mut accept = |id: u32, generated: &mut Vec<u32>| -> bool {
         generated.push(id);
-        let piece = stream.step(id)?;
-        if !args.model.json {
-            out.write_all(piece.as_bytes())?;
-            out.flush()?;
+        let shown = stream.step(id).map_err(Into::into).and_then(|piece| {
+            if !args.model.json {
+                out.write_all(piece.as_bytes())?;
+                out.flush()?;
+            }
+            text += &piece;
+            Ok::<_, Box<dyn std::error::Error>>(())
+        });
+        if let Err(e) = shown {
+            failure.get_or_insert(e);
+            return false;
         }
-        text += &piece;
-        if tokenizer.eos() == Some(id) {
-            break Stop::EndOfSequence;
-        }
-        if generated.len() == args.max_new_tokens {
-            break Stop::MaxNewTokens;
-        }
-        if engine.position() >= limit {
-            break Stop::ContextFull;
-        }
-        logits = engine.forward(&[id], Logits::Last).await?;
+        tokenizer.eos() != Some(id) && generated.len() < args.max_new_tokens
     };
+
+    let started = Instant::now();
+    let mut prompt_time = None;
+    if let (Engine::Gpu(gpu), true) = (&mut engine, args.temperature == 0.0) {
+        // Greedy on a GPU: the choice is made there and only the token comes back.
+        let (ctx, model) = &mut **gpu;
+        if args.max_new_tokens > 0 {
+            model
+                .greedy(ctx, &prompt_ids, args.max_new_tokens, allowed, |id| {
+                    prompt_time.get_or_insert_with(|| started.elapsed());
+                    accept(id, &mut generated)
+                })
+                .await?;
+        }
+    } else {
+        let mut logits = engine.forward(&prompt_ids, Logits::Last).await?;
+        prompt_time = Some(started.elapsed());
+        while generated.len() < args.max_new_tokens {
+            let last = logits.len() - vocab;
+            logits[last + allowed..].fill(f32::NEG_INFINITY);
+            let id = sampler.sample(&logits[last..])?;
+            if !accept(id, &mut generated) || engine.position() >= limit {
+                break;
+            }
+            logits = engine.forward(&[id], Logits::Last).await?;
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let stop = if tokenizer
+        .eos()
+        .is_some_and(|eos| generated.last() == Some(&eos))
+    {
+        Stop::EndOfSequence
+    } else if generated.len() == args.max_new_tokens {
+        Stop::MaxNewTokens
+    } else {
+        Stop::ContextFull
+    };
+    let prompt_time = prompt_time.unwrap_or_else(|| started.elapsed());
+    let started = started + prompt_time;
     let piece = stream.finish()?;
     text += &piece;
     let generation_time = started.elapsed();

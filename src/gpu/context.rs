@@ -461,6 +461,52 @@ impl GpuContext {
         Ok(out)
     }
 
+    /// A buffer the host maps to read what a copy put there (see [`GpuContext::read_staging`]).
+    pub(crate) fn staging(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Reads `count` u32 from `staging` (see [`GpuContext::staging`]) once `submission`, which
+    /// filled it, has finished; later submissions may still be running (natively this waits for
+    /// that one only). Leaves the buffer unmapped, ready for the next copy.
+    pub(crate) async fn read_staging(
+        &self,
+        staging: &wgpu::Buffer,
+        submission: wgpu::SubmissionIndex,
+        count: usize,
+    ) -> Result<Vec<u32>> {
+        let (tx, rx) = futures_channel::oneshot::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |result| {
+            let _ = tx.send(result);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(submission),
+                timeout: None,
+            })
+            .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+        #[cfg(target_arch = "wasm32")]
+        let _ = submission;
+        let mapped = rx
+            .await
+            .map_err(|_| Error::Gpu("the device was lost before the readback finished".into()))?;
+        mapped.map_err(|e| Error::Gpu(format!("map_async: {e}")))?;
+        self.check()?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        let out = bytemuck::pod_collect_to_vec(&view[..count * 4]);
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
     /// Records a dispatch of `pipeline` over `groups` workgroups into `pass`, spread over two
     /// dimensions when one would exceed the adapter's limit. wgpu orders dispatches of one pass
     /// that share a buffer, so a chain of kernels can live in a single pass. Shaders recover the flat workgroup

@@ -7,7 +7,7 @@ use crate::gpu::norm_matmul::NormMatmulOutput;
 use crate::gpu::table::{GpuTable, TableStorage, row_words};
 use crate::gpu::ternary_matmul::GEMM_MIN_ROWS;
 use crate::gpu::{
-    self, GpuActivations, GpuContext, GpuTernary, MatmulOptions, MatmulOutput, attention,
+    self, GpuActivations, GpuContext, GpuTernary, MatmulOptions, MatmulOutput, argmax, attention,
     elementwise, embedding, lm_head, norm_matmul, relu2_gate, rmsnorm, rope,
 };
 use crate::model::{ModelConfig, ModelWeights};
@@ -108,6 +108,15 @@ pub struct GpuModel {
     norm: wgpu::Buffer,
     layers: Vec<GpuLayer>,
     scratch: Option<Scratch>,
+    choice: Option<Choice>,
+}
+
+/// Where greedy steps leave their token: `result` (argmax.wgsl's four words, the token first,
+/// which the next step embeds) and two staging buffers the host reads them from, one per step in
+/// flight.
+struct Choice {
+    result: wgpu::Buffer,
+    staging: [wgpu::Buffer; 2],
 }
 
 fn packed(t: &TernaryWeights) -> Result<PackedTernary> {
@@ -213,6 +222,7 @@ impl GpuModel {
             norm: ctx.upload("norm", &weights.norm)?,
             layers,
             scratch: None,
+            choice: None,
         })
     }
 
@@ -402,8 +412,125 @@ impl GpuModel {
         tokens: &[u32],
         which: Logits,
     ) -> Result<Vec<f32>> {
-        let c = self.config.clone();
-        c.check_tokens(tokens)?;
+        self.check_tokens(tokens)?;
+        let n = tokens.len();
+        self.scratch(ctx, n)?;
+        let s = self.scratch.as_ref().expect("scratch was just made");
+        ctx.queue
+            .write_buffer(&s.tokens, 0, bytemuck::cast_slice(tokens));
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        {
+            let pass = &mut encoder.begin_compute_pass(&Default::default());
+            ctx.profile_start(pass);
+            self.record_step(ctx, pass, &s.tokens, n, which)?;
+        }
+        ctx.queue.submit([encoder.finish()]);
+        let rows = if which == Logits::All { n } else { 1 };
+        let logits = ctx.read(&s.logits, rows * self.config.vocab_size).await?;
+        self.len += n;
+        Ok(logits)
+    }
+
+    /// Greedy generation with each choice made on the GPU (`cpu::argmax` over the ids below
+    /// `allowed`): runs `tokens` after the cached positions, then feeds each chosen token back,
+    /// until `max_new` tokens are chosen, `on_token` returns false or the cache is full. Only
+    /// the token is read back, and each step is submitted before the previous one's token is
+    /// read, so the host's recording and readback overlap the GPU's work. As with
+    /// [`GpuModel::forward`] and sampling, the last token chosen is not fed: the cache then holds
+    /// `tokens` and every chosen token but the last. Returns the chosen tokens. The same tokens
+    /// as [`GpuModel::forward`] with `cpu::argmax` on the host.
+    pub async fn greedy(
+        &mut self,
+        ctx: &GpuContext,
+        tokens: &[u32],
+        max_new: usize,
+        allowed: usize,
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<Vec<u32>> {
+        self.check_tokens(tokens)?;
+        if !(1..=self.config.vocab_size).contains(&allowed) {
+            return Err(Error::invalid(
+                "allowed tokens",
+                format!("{allowed}; the vocabulary has {}", self.config.vocab_size),
+            ));
+        }
+        let mut chosen = Vec::new();
+        if max_new == 0 {
+            return Ok(chosen);
+        }
+        if self.choice.is_none() {
+            self.choice = Some(Choice {
+                result: ctx.storage("greedy choice", argmax::RESULT_BYTES)?,
+                staging: [
+                    ctx.staging("greedy choice readback", argmax::RESULT_BYTES),
+                    ctx.staging("greedy choice readback", argmax::RESULT_BYTES),
+                ],
+            });
+        }
+        self.scratch(ctx, tokens.len())?;
+        let s = self.scratch.as_ref().expect("scratch was just made");
+        ctx.queue
+            .write_buffer(&s.tokens, 0, bytemuck::cast_slice(tokens));
+        let prompt_tokens = s.tokens.clone();
+        let mut in_flight = self.submit_choice(ctx, &prompt_tokens, tokens.len(), allowed, 0)?;
+        self.len += tokens.len();
+        loop {
+            let step = chosen.len();
+            // The next step embeds this step's token straight from `result`.
+            let next = if step + 1 < max_new && self.len < self.capacity {
+                self.scratch(ctx, 1)?;
+                let result = self.choice.as_ref().expect("made above").result.clone();
+                Some(self.submit_choice(ctx, &result, 1, allowed, (step + 1) % 2)?)
+            } else {
+                None
+            };
+            let staging = &self.choice.as_ref().expect("made above").staging[step % 2];
+            let words = ctx.read_staging(staging, in_flight, 4).await?;
+            let token = argmax::interpret([words[0], words[1], words[2], words[3]])?;
+            chosen.push(token);
+            let go_on = on_token(token);
+            match next {
+                // That step fed this token: it is in the cache now.
+                Some(index) if go_on => {
+                    self.len += 1;
+                    in_flight = index;
+                }
+                _ => return Ok(chosen),
+            }
+        }
+    }
+
+    /// Submits one step of the `n` tokens in `tokens` at the cached positions, its argmax into
+    /// the choice buffer and a copy of that into staging buffer `slot`.
+    fn submit_choice(
+        &self,
+        ctx: &GpuContext,
+        tokens: &wgpu::Buffer,
+        n: usize,
+        allowed: usize,
+        slot: usize,
+    ) -> Result<wgpu::SubmissionIndex> {
+        let choice = self.choice.as_ref().expect("the caller made it");
+        let s = self.scratch.as_ref().expect("the caller sized the scratch");
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        {
+            let pass = &mut encoder.begin_compute_pass(&Default::default());
+            ctx.profile_start(pass);
+            self.record_step(ctx, pass, tokens, n, Logits::Last)?;
+            argmax::record(ctx, pass, &s.logits, allowed, &choice.result)?;
+        }
+        encoder.copy_buffer_to_buffer(
+            &choice.result,
+            0,
+            &choice.staging[slot],
+            0,
+            argmax::RESULT_BYTES,
+        );
+        Ok(ctx.queue.submit([encoder.finish()]))
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        self.config.check_tokens(tokens)?;
         if tokens.len() > self.capacity - self.len {
             return Err(Error::invalid(
                 "kv cache",
@@ -415,12 +542,22 @@ impl GpuModel {
                 ),
             ));
         }
-        let n = tokens.len();
-        self.scratch(ctx, n)?;
-        let s = self.scratch.as_ref().expect("scratch was just made");
-        ctx.queue
-            .write_buffer(&s.tokens, 0, bytemuck::cast_slice(tokens));
+        Ok(())
+    }
 
+    /// Records one forward step of the `n` tokens in `tokens` at the cached positions into
+    /// `pass`, with the logits `which` asks for in the scratch's logits buffer. The scratch must
+    /// be sized for `n`; the cache length is the caller's to advance.
+    fn record_step(
+        &self,
+        ctx: &GpuContext,
+        pass: &mut wgpu::ComputePass<'_>,
+        tokens: &wgpu::Buffer,
+        n: usize,
+        which: Logits,
+    ) -> Result<()> {
+        let c = &self.config;
+        let s = self.scratch.as_ref().expect("the caller sized the scratch");
         let (hidden, eps, start) = (c.hidden_size, c.rms_norm_eps, self.len);
         let shape = AttentionShape {
             heads: c.num_attention_heads,
@@ -436,126 +573,100 @@ impl GpuModel {
             output: MatmulOutput::AddScaled,
             ..matmul
         };
-        let mut encoder = ctx.device.create_command_encoder(&Default::default());
-        {
-            let pass = &mut encoder.begin_compute_pass(&Default::default());
-            ctx.profile_start(pass);
-            embedding::record(ctx, pass, &self.embed, &s.tokens, &s.x, n)?;
-            for l in &self.layers {
-                if fused {
-                    norm_matmul::record_qkv(
-                        ctx,
-                        pass,
-                        &s.x,
-                        n,
-                        &l.input_layernorm,
-                        eps,
-                        &l.qkv,
-                        &cos_sin,
-                        &s.q_rot,
-                        &l.keys,
-                        &l.values,
-                        start,
-                        shape,
-                    )?;
-                } else {
-                    rmsnorm::record_quant(ctx, pass, &s.x, &l.input_layernorm, &s.normed, eps)?;
-                    gpu::ternary_matmul::record(
-                        ctx, pass, &s.normed, &l.qkv, None, &s.qkv, matmul,
-                    )?;
-                    rope::record_qkv(
-                        ctx, pass, &s.qkv, &cos_sin, &s.q_rot, &l.keys, &l.values, start, n, shape,
-                    )?;
-                }
-                attention::record(
+        embedding::record(ctx, pass, &self.embed, tokens, &s.x, n)?;
+        for l in &self.layers {
+            if fused {
+                norm_matmul::record_qkv(
                     ctx,
                     pass,
+                    &s.x,
+                    n,
+                    &l.input_layernorm,
+                    eps,
+                    &l.qkv,
+                    &cos_sin,
                     &s.q_rot,
                     &l.keys,
                     &l.values,
-                    &s.attn,
-                    n,
-                    start + n,
+                    start,
                     shape,
                 )?;
-                if fused {
-                    let mut step = |x, norm, w, y, output| {
-                        norm_matmul::record(ctx, pass, x, n, norm, eps, w, y, output)
-                    };
-                    step(
-                        &s.attn,
-                        &l.attn_sub_norm,
-                        &l.o_proj,
-                        &s.x,
-                        NormMatmulOutput::Add,
-                    )?;
-                    step(
-                        &s.x,
-                        &l.post_attention_layernorm,
-                        &l.gate_up,
-                        &s.mlp,
-                        NormMatmulOutput::Gated,
-                    )?;
-                    step(
-                        &s.mlp,
-                        &l.ffn_sub_norm,
-                        &l.down_proj,
-                        &s.x,
-                        NormMatmulOutput::Add,
-                    )?;
-                    continue;
-                }
-                rmsnorm::record_quant(ctx, pass, &s.attn, &l.attn_sub_norm, &s.attn_acts, eps)?;
-                gpu::ternary_matmul::record(
-                    ctx,
-                    pass,
-                    &s.attn_acts,
-                    &l.o_proj,
-                    None,
-                    &s.x,
-                    residual,
+            } else {
+                rmsnorm::record_quant(ctx, pass, &s.x, &l.input_layernorm, &s.normed, eps)?;
+                gpu::ternary_matmul::record(ctx, pass, &s.normed, &l.qkv, None, &s.qkv, matmul)?;
+                rope::record_qkv(
+                    ctx, pass, &s.qkv, &cos_sin, &s.q_rot, &l.keys, &l.values, start, n, shape,
                 )?;
-                rmsnorm::record_quant(
-                    ctx,
-                    pass,
+            }
+            attention::record(
+                ctx,
+                pass,
+                &s.q_rot,
+                &l.keys,
+                &l.values,
+                &s.attn,
+                n,
+                start + n,
+                shape,
+            )?;
+            if fused {
+                let mut step = |x, norm, w, y, output| {
+                    norm_matmul::record(ctx, pass, x, n, norm, eps, w, y, output)
+                };
+                step(
+                    &s.attn,
+                    &l.attn_sub_norm,
+                    &l.o_proj,
+                    &s.x,
+                    NormMatmulOutput::Add,
+                )?;
+                step(
                     &s.x,
                     &l.post_attention_layernorm,
-                    &s.normed,
-                    eps,
+                    &l.gate_up,
+                    &s.mlp,
+                    NormMatmulOutput::Gated,
                 )?;
-                gpu::ternary_matmul::record(
-                    ctx, pass, &s.normed, &l.gate_up, None, &s.gate_up, matmul,
-                )?;
-                relu2_gate::record(ctx, pass, &s.gate_up, &s.mlp, n, c.intermediate_size)?;
-                rmsnorm::record_quant(ctx, pass, &s.mlp, &l.ffn_sub_norm, &s.mlp_acts, eps)?;
-                gpu::ternary_matmul::record(
-                    ctx,
-                    pass,
-                    &s.mlp_acts,
+                step(
+                    &s.mlp,
+                    &l.ffn_sub_norm,
                     &l.down_proj,
-                    None,
                     &s.x,
-                    residual,
+                    NormMatmulOutput::Add,
                 )?;
+                continue;
             }
-            rmsnorm::record(ctx, pass, &s.x, &self.norm, &s.final_norm, n, hidden, eps)?;
-            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-            match which {
-                Logits::All => lm_head::record(ctx, pass, &s.final_norm, head, &s.logits, n)?,
-                Logits::Last if n == 1 => {
-                    lm_head::record(ctx, pass, &s.final_norm, head, &s.logits, 1)?
-                }
-                Logits::Last => {
-                    // The last row alone: copy it to the front, then one lm_head row.
-                    elementwise::copy_rows(ctx, pass, &s.final_norm, n - 1, &s.proj, 0, 1, hidden)?;
-                    lm_head::record(ctx, pass, &s.proj, head, &s.logits, 1)?;
-                }
+            rmsnorm::record_quant(ctx, pass, &s.attn, &l.attn_sub_norm, &s.attn_acts, eps)?;
+            gpu::ternary_matmul::record(ctx, pass, &s.attn_acts, &l.o_proj, None, &s.x, residual)?;
+            rmsnorm::record_quant(ctx, pass, &s.x, &l.post_attention_layernorm, &s.normed, eps)?;
+            gpu::ternary_matmul::record(
+                ctx, pass, &s.normed, &l.gate_up, None, &s.gate_up, matmul,
+            )?;
+            relu2_gate::record(ctx, pass, &s.gate_up, &s.mlp, n, c.intermediate_size)?;
+            rmsnorm::record_quant(ctx, pass, &s.mlp, &l.ffn_sub_norm, &s.mlp_acts, eps)?;
+            gpu::ternary_matmul::record(
+                ctx,
+                pass,
+                &s.mlp_acts,
+                &l.down_proj,
+                None,
+                &s.x,
+                residual,
+            )?;
+        }
+        rmsnorm::record(ctx, pass, &s.x, &self.norm, &s.final_norm, n, hidden, eps)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        match which {
+            Logits::All => lm_head::record(ctx, pass, &s.final_norm, head, &s.logits, n)?,
+            Logits::Last if n == 1 => {
+                lm_head::record(ctx, pass, &s.final_norm, head, &s.logits, 1)?
+            }
+            Logits::Last => {
+                // The last row alone: copy it to the front, then one lm_head row.
+                elementwise::copy_rows(ctx, pass, &s.final_norm, n - 1, &s.proj, 0, 1, hidden)?;
+                lm_head::record(ctx, pass, &s.proj, head, &s.logits, 1)?;
             }
         }
-        ctx.queue.submit([encoder.finish()]);
-        let rows = if which == Logits::All { n } else { 1 };
-        let logits = ctx.read(&s.logits, rows * c.vocab_size).await?;
-        self.len = start + n;
-        Ok(logits)
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! The whole transformer on the GPU against the CPU reference forward, on a tiny random model
 //! with awkward sizes (hidden 40, head_dim 20, grouped-query attention).
 
+use bitnet_wgpu::cpu;
 use bitnet_wgpu::gpu::GpuContext;
 use bitnet_wgpu::gpu::table::TableStorage;
 use bitnet_wgpu::model::{self, DecodePath, GpuModel, KvCache, Logits, ModelConfig, ModelWeights};
@@ -102,6 +103,54 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
             gpu_next = argmax(&g);
         }
         assert_eq!(gpu.len(), prompt.len() + 12);
+
+        // Greedy on the GPU, each step submitted before the last token is read: the tokens
+        // the host's argmax picks from the same logits.
+        let first = cpu::argmax(&gpu_prompt[gpu_prompt.len() - vocab..]).expect("argmax");
+        let mut expected = vec![first];
+        expected.extend(steps.iter().map(|(_, l)| cpu::argmax(l).expect("argmax")));
+        let mut piped = GpuModel::new(ctx, &weights, 64, TableStorage::F16).expect("upload model");
+        let mut streamed = Vec::new();
+        let chosen = piped
+            .greedy(ctx, &prompt, expected.len(), vocab, |t| {
+                streamed.push(t);
+                true
+            })
+            .await
+            .expect("greedy");
+        assert_eq!(chosen, expected, "seed {seed}: pipelined greedy");
+        assert_eq!(streamed, expected, "seed {seed}: streamed tokens");
+        assert_eq!(piped.len(), prompt.len() + expected.len() - 1);
+        // Stopping early leaves the last token unfed; feeding it goes on where the loop was.
+        piped.reset();
+        let mut seen = 0;
+        let chosen = piped
+            .greedy(ctx, &prompt, 10, vocab, |_| {
+                seen += 1;
+                seen < 3
+            })
+            .await
+            .expect("greedy");
+        assert_eq!(chosen, expected[..3], "seed {seed}: stopped greedy");
+        assert_eq!(piped.len(), prompt.len() + 2);
+        let resumed = piped
+            .forward(ctx, &[chosen[2]], Logits::Last)
+            .await
+            .expect("step");
+        assert!(
+            resumed
+                .iter()
+                .zip(&steps[2].1)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "seed {seed}: resuming after a stop"
+        );
+        // Only the allowed ids are chosen.
+        piped.reset();
+        let few = piped
+            .greedy(ctx, &prompt, 4, 3, |_| true)
+            .await
+            .expect("greedy");
+        assert!(few.iter().all(|&t| t < 3), "{few:?}");
 
         // The other decode path gives the same bits.
         let mut other = GpuModel::new(ctx, &weights, 64, TableStorage::F16).expect("upload model");
