@@ -94,43 +94,89 @@ impl Sampler {
                 value,
             });
         }
-        let mut ranked: Vec<usize> = (0..logits.len())
-            .filter(|&i| logits[i] > f32::NEG_INFINITY)
+        let mut survivors: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| logits[i as usize] > f32::NEG_INFINITY)
             .collect();
-        if ranked.is_empty() {
+        if survivors.is_empty() {
             return Err(Error::invalid("logits", "every token is -inf"));
         }
         // Descending logit, then ascending id: a total order, the same on every platform.
-        ranked.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        if self.params.top_k > 0 {
-            ranked.truncate(self.params.top_k);
+        let by_rank = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        // Survivors stay in id order, or in rank order once top-k cut them: either way an order
+        // fixed by the logits alone, which every sum below follows. A full sort of a 128k
+        // vocabulary would cost milliseconds per token; selection costs a pass.
+        let mut ranked = false;
+        let k = self.params.top_k;
+        if k > 0 && k < survivors.len() {
+            survivors.select_nth_unstable_by(k - 1, by_rank);
+            survivors.truncate(k);
+            survivors.sort_unstable_by(by_rank);
+            ranked = true;
         }
-        // Softmax over the survivors, in f64: this runs once per token on the host, and the
-        // extra precision keeps tiny probabilities from rounding to zero.
+        // Softmax over the survivors, in f64: the extra precision keeps tiny probabilities from
+        // rounding to zero.
         let temperature = f64::from(self.params.temperature);
-        let max = f64::from(logits[ranked[0]]);
-        let weights: Vec<f64> = ranked
+        let max = survivors
             .iter()
-            .map(|&i| ((f64::from(logits[i]) - max) / temperature).exp())
-            .collect();
-        let total: f64 = weights.iter().sum();
-        let top_p = f64::from(self.params.top_p);
-        let mut kept = 0;
-        let mut mass = 0.0;
-        while kept < weights.len() && (kept == 0 || mass < top_p * total) {
-            mass += weights[kept];
-            kept += 1;
-        }
+            .map(|&i| f64::from(logits[i as usize]))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let weight = |i: u32| ((f64::from(logits[i as usize]) - max) / temperature).exp();
+        let total: f64 = survivors.iter().map(|&i| weight(i)).sum();
+        let threshold = f64::from(self.params.top_p) * total;
+        let (kept, mass) = if self.params.top_p >= 1.0 {
+            (survivors, total)
+        } else {
+            nucleus(survivors, ranked, by_rank, weight, threshold)
+        };
         let target = self.rng.next_f64() * mass;
         let mut cumulative = 0.0;
-        for (&id, &w) in ranked.iter().zip(&weights[..kept]) {
-            cumulative += w;
+        for &id in &kept {
+            cumulative += weight(id);
             if target < cumulative {
-                return Ok(id as u32);
+                return Ok(id);
             }
         }
         // Rounding can leave `target` a hair above the last partial sum.
-        Ok(ranked[kept - 1] as u32)
+        Ok(kept[kept.len() - 1])
+    }
+}
+
+/// The fewest best-ranked of `survivors` whose weights add up to at least `threshold` (one at
+/// least), in rank order, and their total weight. Ranks the best 256 first and four times more
+/// each time that is not enough: a peaked distribution's nucleus is small.
+fn nucleus(
+    mut survivors: Vec<u32>,
+    ranked: bool,
+    by_rank: impl Fn(&u32, &u32) -> std::cmp::Ordering,
+    weight: impl Fn(u32) -> f64,
+    threshold: f64,
+) -> (Vec<u32>, f64) {
+    let mut best = if ranked { survivors.len() } else { 256 };
+    loop {
+        if !ranked {
+            if best < survivors.len() {
+                survivors.select_nth_unstable_by(best - 1, &by_rank);
+                survivors[..best].sort_unstable_by(&by_rank);
+            } else {
+                survivors.sort_unstable_by(&by_rank);
+            }
+        }
+        let mut mass = 0.0;
+        for (n, &id) in survivors.iter().take(best).enumerate() {
+            if n > 0 && mass >= threshold {
+                survivors.truncate(n);
+                return (survivors, mass);
+            }
+            mass += weight(id);
+        }
+        if ranked || best >= survivors.len() {
+            return (survivors, mass);
+        }
+        best *= 4;
     }
 }
 
@@ -209,6 +255,23 @@ mod tests {
         assert_eq!(counts[0], 100);
         let counts = histogram(&mut sampler(1.0, 0, 1.0, 4), &logits, 4000);
         assert!(counts.iter().all(|&c| c > 0), "{counts:?}");
+    }
+
+    #[test]
+    fn a_wide_nucleus_is_ranked_past_the_first_round() {
+        // 3000 equal logits in shuffled order with top_p 0.5: the nucleus is the 1500 lowest ids
+        // (ties rank by id), more than the first ranking round holds.
+        let n = 3000;
+        let mut logits = vec![f32::NEG_INFINITY; 2 * n];
+        for i in 0..n {
+            logits[(i * 7919) % (2 * n)] = 1.0;
+        }
+        let live: Vec<usize> = (0..2 * n).filter(|&i| logits[i] == 1.0).collect();
+        let counts = histogram(&mut sampler(0.7, 0, 0.5, 5), &logits, 4000);
+        let (inside, outside) = live.split_at(n / 2);
+        assert!(outside.iter().all(|&i| counts[i] == 0));
+        assert!(inside[1000..].iter().any(|&i| counts[i] > 0));
+        assert_eq!(counts.iter().sum::<usize>(), 4000);
     }
 
     #[test]
