@@ -9,12 +9,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use bitnet_wgpu::BitLinear;
+use bitnet_wgpu::cpu::nll;
 use bitnet_wgpu::cpu::{ScaleGranularity, WeightQuantOptions};
 use bitnet_wgpu::gpu::table::TableStorage;
 use bitnet_wgpu::gpu::{AdapterSummary, GpuContext};
 use bitnet_wgpu::model::{
     CpuEngine, DecodePath, GpuModel, Logits, ModelConfig, ModelWeights, Sampler, SamplingParams,
-    load_model, nll, perplexity_windows, synthetic,
+    load_model, perplexity_windows, synthetic,
 };
 use bitnet_wgpu::rng::SplitMix64;
 use bitnet_wgpu::tokenizer::Tokenizer;
@@ -459,6 +460,27 @@ impl Engine {
     }
 
     /// Positions seen so far.
+    /// The negative log-likelihood of each token of `tokens` after the first, given those
+    /// before it (after the positions already seen). The GPU computes them there and reads back
+    /// only these numbers.
+    async fn nll(&mut self, tokens: &[u32]) -> bitnet_wgpu::Result<Vec<f64>> {
+        match self {
+            Engine::Cpu(e) => {
+                let vocab = e.config().vocab_size;
+                let logits = e.forward(tokens)?;
+                Ok(logits
+                    .chunks_exact(vocab)
+                    .zip(&tokens[1..])
+                    .map(|(row, &next)| nll(row, next))
+                    .collect())
+            }
+            Engine::Gpu(gpu) => {
+                let nll = gpu.1.nll(&gpu.0, tokens).await?;
+                Ok(nll.into_iter().map(f64::from).collect())
+            }
+        }
+    }
+
     fn position(&self) -> usize {
         match self {
             Engine::Cpu(e) => e.position(),
@@ -663,17 +685,10 @@ async fn perplexity(args: &PerplexityArgs) -> CliResult<()> {
             "{bar:40} {pos}/{len} tokens, {per_sec}, eta {eta}",
         )?)
     };
-    let vocab = engine.config().vocab_size;
     let mut total = 0.0;
     for window in windows.iter().filter(|w| w.len() >= 2) {
         engine.reset();
-        let tokens = &ids[window.clone()];
-        let logits = engine.forward(tokens, Logits::All).await?;
-        total += logits
-            .chunks_exact(vocab)
-            .zip(&tokens[1..])
-            .map(|(row, &target)| nll(row, target))
-            .sum::<f64>();
+        total += engine.nll(&ids[window.clone()]).await?.iter().sum::<f64>();
         bar.inc(window.len() as u64 - 1);
     }
     bar.finish_and_clear();

@@ -134,3 +134,8 @@ fn norm_matmul_rope_matches_cpu() {
 fn argmax_matches_cpu() {
     pollster::block_on(common::argmax::argmax_matches_cpu(&mut context()));
 }
+
+#[test]
+fn gpu_nll_matches_cpu() {
+    pollster::block_on(common::model::gpu_nll_matches_cpu(&context()));
+}

@@ -344,6 +344,25 @@ fn perplexity_counts_every_predicted_token() {
         let perplexity = result["perplexity"].as_f64().unwrap();
         assert!(perplexity.is_finite() && perplexity > 1.0, "{result}");
     }
+    // The GPU scores the tokens itself (only the likelihoods come back); the CPU agrees.
+    let on = |device: &str| {
+        bitnet_json(&[
+            "perplexity",
+            "--model",
+            path_str(&model),
+            "--file",
+            path_str(&text_path),
+            "--context",
+            "16",
+            "--device",
+            device,
+            "--json",
+        ])["perplexity"]
+            .as_f64()
+            .unwrap()
+    };
+    let (gpu, cpu) = (on("gpu"), on("cpu"));
+    assert!((gpu - cpu).abs() <= 1e-3 * cpu, "gpu {gpu}, cpu {cpu}");
 }
 
 #[test]

@@ -126,3 +126,8 @@ async fn norm_matmul_rope_matches_cpu() {
 async fn argmax_matches_cpu() {
     common::argmax::argmax_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn gpu_nll_matches_cpu() {
+    common::model::gpu_nll_matches_cpu(&context().await).await;
+}

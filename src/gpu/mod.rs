@@ -25,6 +25,7 @@ mod context;
 pub mod elementwise;
 pub mod embedding;
 pub mod lm_head;
+pub mod nll;
 pub mod norm_matmul;
 mod profiler;
 pub mod relu2_gate;

@@ -54,10 +54,11 @@ pub enum Kernel {
     Attention,
     Embedding,
     LmHead,
+    Nll,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 13] = [
         Kernel::ActQuant,
         Kernel::Argmax,
         Kernel::TernaryPack,
@@ -70,6 +71,7 @@ impl Kernel {
         Kernel::Attention,
         Kernel::Embedding,
         Kernel::LmHead,
+        Kernel::Nll,
     ];
 
     pub fn name(self) -> &'static str {
@@ -86,6 +88,7 @@ impl Kernel {
             Kernel::Attention => "attention",
             Kernel::Embedding => "embedding",
             Kernel::LmHead => "lm_head",
+            Kernel::Nll => "nll",
         }
     }
 
@@ -104,6 +107,7 @@ impl Kernel {
             Kernel::Attention => &["attention_split", "attention_tiles", "attention_merge"],
             Kernel::Embedding => &["embedding"],
             Kernel::LmHead => &["lm_head"],
+            Kernel::Nll => &["nll"],
         }
     }
 
@@ -133,6 +137,7 @@ impl Kernel {
                 include_str!("../../shaders/common/table.wgsl"),
                 include_str!("../../shaders/lm_head.wgsl")
             ),
+            Kernel::Nll => include_str!("../../shaders/nll.wgsl"),
         }
     }
 

@@ -14,6 +14,9 @@ use crate::model::{ModelConfig, ModelWeights};
 use crate::packing::gpu_words;
 use crate::{Error, Result};
 
+/// Rows of logits [`GpuModel::nll`] makes at a time.
+pub const NLL_BLOCK: usize = 64;
+
 /// Which logits a forward step reads back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -78,10 +81,11 @@ struct GpuLayer {
     values: wgpu::Buffer,
 }
 
-/// Per-step buffers, sized for a number of tokens and kept while that number repeats (decoding
-/// asks for one token at a time).
+/// Per-step buffers, sized for a number of tokens and of logit rows, and kept while those repeat
+/// (decoding asks for one token at a time).
 struct Scratch {
     rows: usize,
+    logit_rows: usize,
     tokens: wgpu::Buffer,
     x: wgpu::Buffer,
     normed: GpuActivations,
@@ -95,6 +99,7 @@ struct Scratch {
     mlp_acts: GpuActivations,
     final_norm: wgpu::Buffer,
     logits: wgpu::Buffer,
+    nll: wgpu::Buffer,
 }
 
 /// A model resident on one GPU, with its KV cache.
@@ -377,8 +382,12 @@ impl GpuModel {
             + self.norm.size()
     }
 
-    fn scratch(&mut self, ctx: &GpuContext, rows: usize) -> Result<()> {
-        if self.scratch.as_ref().is_some_and(|s| s.rows == rows) {
+    fn scratch(&mut self, ctx: &GpuContext, rows: usize, logit_rows: usize) -> Result<()> {
+        if self
+            .scratch
+            .as_ref()
+            .is_some_and(|s| (s.rows, s.logit_rows) == (rows, logit_rows))
+        {
             return Ok(());
         }
         let c = &self.config;
@@ -387,6 +396,7 @@ impl GpuModel {
         let kv_dim = c.num_key_value_heads * c.head_dim;
         self.scratch = Some(Scratch {
             rows,
+            logit_rows,
             tokens: f32s("tokens", rows)?,
             x: f32s("residual", rows * c.hidden_size)?,
             normed: GpuActivations::new(ctx, rows, c.hidden_size)?,
@@ -399,7 +409,8 @@ impl GpuModel {
             mlp: f32s("mlp", rows * c.intermediate_size)?,
             mlp_acts: GpuActivations::new(ctx, rows, c.intermediate_size)?,
             final_norm: f32s("final norm", rows * c.hidden_size)?,
-            logits: f32s("logits", rows * c.vocab_size)?,
+            logits: f32s("logits", logit_rows * c.vocab_size)?,
+            nll: f32s("nll", rows)?,
         });
         Ok(())
     }
@@ -414,7 +425,8 @@ impl GpuModel {
     ) -> Result<Vec<f32>> {
         self.check_tokens(tokens)?;
         let n = tokens.len();
-        self.scratch(ctx, n)?;
+        let logit_rows = if which == Logits::All { n } else { 1 };
+        self.scratch(ctx, n, logit_rows)?;
         let s = self.scratch.as_ref().expect("scratch was just made");
         ctx.queue
             .write_buffer(&s.tokens, 0, bytemuck::cast_slice(tokens));
@@ -422,13 +434,70 @@ impl GpuModel {
         {
             let pass = &mut encoder.begin_compute_pass(&Default::default());
             ctx.profile_start(pass);
-            self.record_step(ctx, pass, &s.tokens, n, which)?;
+            self.record_step(ctx, pass, &s.tokens, n, Some(which))?;
         }
         ctx.queue.submit([encoder.finish()]);
-        let rows = if which == Logits::All { n } else { 1 };
-        let logits = ctx.read(&s.logits, rows * self.config.vocab_size).await?;
+        let logits = ctx
+            .read(&s.logits, logit_rows * self.config.vocab_size)
+            .await?;
         self.len += n;
         Ok(logits)
+    }
+
+    /// Runs `tokens` after the cached positions and returns, for each of them but the last,
+    /// the negative log-likelihood of the token that follows it (`cpu::nll` of its logits, in
+    /// f32): what perplexity sums. Only those numbers are read back, and the logits are made
+    /// [`NLL_BLOCK`] rows at a time, so a long window needs no `[tokens, vocab]` buffer.
+    pub async fn nll(&mut self, ctx: &GpuContext, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_tokens(tokens)?;
+        let n = tokens.len();
+        let scored = n - 1;
+        self.scratch(ctx, n, scored.clamp(1, NLL_BLOCK))?;
+        let s = self.scratch.as_ref().expect("scratch was just made");
+        ctx.queue
+            .write_buffer(&s.tokens, 0, bytemuck::cast_slice(tokens));
+        let (hidden, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        {
+            let pass = &mut encoder.begin_compute_pass(&Default::default());
+            ctx.profile_start(pass);
+            self.record_step(ctx, pass, &s.tokens, n, None)?;
+            for first in (0..scored).step_by(NLL_BLOCK) {
+                let rows = (scored - first).min(NLL_BLOCK);
+                let x = if first == 0 {
+                    &s.final_norm
+                } else {
+                    elementwise::copy_rows(
+                        ctx,
+                        pass,
+                        &s.final_norm,
+                        first,
+                        &s.proj,
+                        0,
+                        rows,
+                        hidden,
+                    )?;
+                    &s.proj
+                };
+                lm_head::record(ctx, pass, x, head, &s.logits, rows)?;
+                gpu::nll::record(
+                    ctx,
+                    pass,
+                    &s.logits,
+                    rows,
+                    vocab,
+                    &s.tokens,
+                    first + 1,
+                    &s.nll,
+                    first,
+                )?;
+            }
+        }
+        ctx.queue.submit([encoder.finish()]);
+        let nll = ctx.read(&s.nll, scored).await?;
+        self.len += n;
+        Ok(nll)
     }
 
     /// Greedy generation with each choice made on the GPU (`cpu::argmax` over the ids below
@@ -467,7 +536,7 @@ impl GpuModel {
                 ],
             });
         }
-        self.scratch(ctx, tokens.len())?;
+        self.scratch(ctx, tokens.len(), 1)?;
         let s = self.scratch.as_ref().expect("scratch was just made");
         ctx.queue
             .write_buffer(&s.tokens, 0, bytemuck::cast_slice(tokens));
@@ -478,7 +547,7 @@ impl GpuModel {
             let step = chosen.len();
             // The next step embeds this step's token straight from `result`.
             let next = if step + 1 < max_new && self.len < self.capacity {
-                self.scratch(ctx, 1)?;
+                self.scratch(ctx, 1, 1)?;
                 let result = self.choice.as_ref().expect("made above").result.clone();
                 Some(self.submit_choice(ctx, &result, 1, allowed, (step + 1) % 2)?)
             } else {
@@ -516,7 +585,7 @@ impl GpuModel {
         {
             let pass = &mut encoder.begin_compute_pass(&Default::default());
             ctx.profile_start(pass);
-            self.record_step(ctx, pass, tokens, n, Logits::Last)?;
+            self.record_step(ctx, pass, tokens, n, Some(Logits::Last))?;
             argmax::record(ctx, pass, &s.logits, allowed, &choice.result)?;
         }
         encoder.copy_buffer_to_buffer(
@@ -546,15 +615,16 @@ impl GpuModel {
     }
 
     /// Records one forward step of the `n` tokens in `tokens` at the cached positions into
-    /// `pass`, with the logits `which` asks for in the scratch's logits buffer. The scratch must
-    /// be sized for `n`; the cache length is the caller's to advance.
+    /// `pass`, up to the final norm, then the logits `which` asks for (if any) into the scratch's
+    /// logits buffer. The scratch must be sized for them; the cache length is the caller's to
+    /// advance.
     fn record_step(
         &self,
         ctx: &GpuContext,
         pass: &mut wgpu::ComputePass<'_>,
         tokens: &wgpu::Buffer,
         n: usize,
-        which: Logits,
+        which: Option<Logits>,
     ) -> Result<()> {
         let c = &self.config;
         let s = self.scratch.as_ref().expect("the caller sized the scratch");
@@ -657,11 +727,12 @@ impl GpuModel {
         rmsnorm::record(ctx, pass, &s.x, &self.norm, &s.final_norm, n, hidden, eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         match which {
-            Logits::All => lm_head::record(ctx, pass, &s.final_norm, head, &s.logits, n)?,
-            Logits::Last if n == 1 => {
+            None => {}
+            Some(Logits::All) => lm_head::record(ctx, pass, &s.final_norm, head, &s.logits, n)?,
+            Some(Logits::Last) if n == 1 => {
                 lm_head::record(ctx, pass, &s.final_norm, head, &s.logits, 1)?
             }
-            Logits::Last => {
+            Some(Logits::Last) => {
                 // The last row alone: copy it to the front, then one lm_head row.
                 elementwise::copy_rows(ctx, pass, &s.final_norm, n - 1, &s.proj, 0, 1, hidden)?;
                 lm_head::record(ctx, pass, &s.proj, head, &s.logits, 1)?;

@@ -12,7 +12,7 @@ mod synthetic;
 mod weights;
 
 pub use config::ModelConfig;
-pub use engine::{CpuEngine, nll, perplexity_windows};
+pub use engine::{CpuEngine, perplexity_windows};
 pub use forward::{KvCache, forward};
 pub use gpu::{DecodePath, GpuModel, Logits};
 #[cfg(not(target_arch = "wasm32"))]

@@ -237,3 +237,37 @@ pub async fn too_big_model_is_refused(ctx: &GpuContext) {
     let tiny = tiny_model(1, true);
     GpuModel::check_fits(ctx, &tiny.config, 64, TableStorage::F16).expect("a tiny model fits");
 }
+
+/// `GpuModel::nll` over a window of three logit blocks: `cpu::nll` of the GPU's own logits (f32
+/// against f64), and of the CPU reference's within the logit tolerance.
+pub async fn gpu_nll_matches_cpu(ctx: &GpuContext) {
+    let mut weights = tiny_model(13, false);
+    weights.config.max_position_embeddings = 160;
+    let tokens: Vec<u32> = (0..150).map(|i| (i * 7 + 3) % 37).collect();
+    let vocab = weights.config.vocab_size;
+    let mut gpu = GpuModel::new(ctx, &weights, 160, TableStorage::F16).expect("upload model");
+    let got = gpu.nll(ctx, &tokens).await.expect("gpu nll");
+    assert_eq!(got.len(), tokens.len() - 1);
+    assert_eq!(gpu.len(), tokens.len());
+    gpu.reset();
+    let logits = gpu
+        .forward(ctx, &tokens, Logits::All)
+        .await
+        .expect("gpu forward");
+    let mut cache = KvCache::new(&weights.config);
+    let cpu_logits = model::forward(&weights, &tokens, &mut cache).expect("cpu forward");
+    for (i, &g) in got.iter().enumerate() {
+        let row = |l: &[f32]| l[i * vocab..(i + 1) * vocab].to_vec();
+        let same_logits = cpu::nll(&row(&logits), tokens[i + 1]);
+        assert!(
+            (f64::from(g) - same_logits).abs() <= 1e-4 * (1.0 + same_logits.abs()),
+            "token {i}: gpu {g}, cpu::nll of the same logits {same_logits}"
+        );
+        let scale = row(&cpu_logits).iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let reference = cpu::nll(&row(&cpu_logits), tokens[i + 1]);
+        assert!(
+            (f64::from(g) - reference).abs() <= f64::from(2.0 * LOGIT_TOL * scale),
+            "token {i}: gpu {g}, cpu reference {reference}"
+        );
+    }
+}

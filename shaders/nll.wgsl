@@ -1,0 +1,83 @@
+// Negative log-likelihoods of the next tokens (cpu::nll), one workgroup per row of logits:
+//   out[out_offset + r] = max + log(sum(exp(logit - max))) - logit[target]
+// with target = targets[target_offset + r]. In f32, where the twin works in f64: a tolerance, not
+// bits. The sum runs in a fixed order (each invocation's strided elements, then a halving tree),
+// so the result never depends on scheduling; a NaN logit makes the row NaN.
+
+const WG: u32 = 256u;
+
+struct Params {
+    rows: u32,
+    vocab: u32,
+    target_offset: u32,
+    out_offset: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> targets: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+var<workgroup> slots: array<f32, WG>;
+
+// By its bits: a compiler may assume that v != v is false.
+fn is_nan(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+}
+
+// max(a, b), but NaN when either is: WGSL's max need not keep a NaN.
+fn max_or_nan(a: f32, b: f32) -> f32 {
+    return select(max(a, b), a + b, is_nan(a) || is_nan(b));
+}
+
+fn fold_max(v: f32, lid: u32) -> f32 {
+    slots[lid] = v;
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        workgroupBarrier();
+        if lid < s {
+            slots[lid] = max_or_nan(slots[lid], slots[lid + s]);
+        }
+    }
+    return workgroupUniformLoad(&slots[0]);
+}
+
+fn fold_sum(v: f32, lid: u32) -> f32 {
+    workgroupBarrier();
+    slots[lid] = v;
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        workgroupBarrier();
+        if lid < s {
+            slots[lid] = slots[lid] + slots[lid + s];
+        }
+    }
+    return workgroupUniformLoad(&slots[0]);
+}
+
+@compute @workgroup_size(WG)
+fn nll(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) num: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * num.x;
+    if row >= params.rows {
+        return;
+    }
+    let base = row * params.vocab;
+    var top = bitcast<f32>(0xff800000u);
+    for (var k = lid; k < params.vocab; k += WG) {
+        top = max_or_nan(top, logits[base + k]);
+    }
+    top = fold_max(top, lid);
+    // exp(-inf - -inf) would be NaN: a row of -inf only has no finite max to subtract.
+    let shift = select(top, 0.0, top == bitcast<f32>(0xff800000u));
+    var sum = 0.0;
+    for (var k = lid; k < params.vocab; k += WG) {
+        sum += exp(logits[base + k] - shift);
+    }
+    sum = fold_sum(sum, lid);
+    if lid == 0u {
+        let next = targets[params.target_offset + row];
+        out[params.out_offset + row] = (shift + log(sum)) - logits[base + next];
+    }
+}
