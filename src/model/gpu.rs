@@ -1,6 +1,7 @@
 //! The BitNet transformer on the GPU: weights uploaded once into the private layout, a KV cache
 //! in GPU memory, and a whole forward step recorded into one compute pass and one submission.
-//! The only readback is the logits.
+//! The only readback is what the caller asked for: logits, a greedily chosen token, or the
+//! likelihoods of the tokens that followed.
 
 use crate::cpu::{AttentionShape, PackedTernary, TernaryWeights};
 use crate::gpu::norm_matmul::NormMatmulOutput;
