@@ -118,43 +118,50 @@ impl Sampler {
             ranked = true;
         }
         // Softmax over the survivors, in f64: the extra precision keeps tiny probabilities from
-        // rounding to zero.
+        // rounding to zero. Each weight is computed once, beside its id.
         let temperature = f64::from(self.params.temperature);
         let max = survivors
             .iter()
             .map(|&i| f64::from(logits[i as usize]))
             .fold(f64::NEG_INFINITY, f64::max);
-        let weight = |i: u32| ((f64::from(logits[i as usize]) - max) / temperature).exp();
-        let total: f64 = survivors.iter().map(|&i| weight(i)).sum();
+        let weighted: Vec<(u32, f64)> = survivors
+            .into_iter()
+            .map(|i| {
+                (
+                    i,
+                    ((f64::from(logits[i as usize]) - max) / temperature).exp(),
+                )
+            })
+            .collect();
+        let total: f64 = weighted.iter().map(|&(_, w)| w).sum();
         let threshold = f64::from(self.params.top_p) * total;
         let (kept, mass) = if self.params.top_p >= 1.0 {
-            (survivors, total)
+            (weighted, total)
         } else {
-            nucleus(survivors, ranked, by_rank, weight, threshold)
+            nucleus(weighted, ranked, |a, b| by_rank(&a.0, &b.0), threshold)
         };
         let target = self.rng.next_f64() * mass;
         let mut cumulative = 0.0;
-        for &id in &kept {
-            cumulative += weight(id);
+        for &(id, w) in &kept {
+            cumulative += w;
             if target < cumulative {
                 return Ok(id);
             }
         }
         // Rounding can leave `target` a hair above the last partial sum.
-        Ok(kept[kept.len() - 1])
+        Ok(kept[kept.len() - 1].0)
     }
 }
 
-/// The fewest best-ranked of `survivors` whose weights add up to at least `threshold` (one at
-/// least), in rank order, and their total weight. Ranks the best 256 first and four times more
-/// each time that is not enough: a peaked distribution's nucleus is small.
+/// The fewest best-ranked of the weighted `survivors` whose weights add up to at least
+/// `threshold` (one at least), in rank order, and their total weight. Ranks the best 256 first
+/// and four times more each time that is not enough: a peaked distribution's nucleus is small.
 fn nucleus(
-    mut survivors: Vec<u32>,
+    mut survivors: Vec<(u32, f64)>,
     ranked: bool,
-    by_rank: impl Fn(&u32, &u32) -> std::cmp::Ordering,
-    weight: impl Fn(u32) -> f64,
+    by_rank: impl Fn(&(u32, f64), &(u32, f64)) -> std::cmp::Ordering,
     threshold: f64,
-) -> (Vec<u32>, f64) {
+) -> (Vec<(u32, f64)>, f64) {
     let mut best = if ranked { survivors.len() } else { 256 };
     loop {
         if !ranked {
@@ -166,12 +173,12 @@ fn nucleus(
             }
         }
         let mut mass = 0.0;
-        for (n, &id) in survivors.iter().take(best).enumerate() {
+        for (n, &(_, w)) in survivors.iter().take(best).enumerate() {
             if n > 0 && mass >= threshold {
                 survivors.truncate(n);
                 return (survivors, mass);
             }
-            mass += weight(id);
+            mass += w;
         }
         if ranked || best >= survivors.len() {
             return (survivors, mass);
