@@ -430,35 +430,11 @@ impl GpuContext {
             return Ok(Vec::new());
         }
         let padded = bytes.next_multiple_of(4);
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size: padded,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let staging = self.staging("readback", padded);
         let mut encoder = self.device.create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, padded);
-        self.queue.submit([encoder.finish()]);
-        let (tx, rx) = futures_channel::oneshot::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |result| {
-            let _ = tx.send(result);
-        });
-        #[cfg(not(target_arch = "wasm32"))]
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
-        let mapped = rx
-            .await
-            .map_err(|_| Error::Gpu("the device was lost before the readback finished".into()))?;
-        mapped.map_err(|e| Error::Gpu(format!("map_async: {e}")))?;
-        self.check()?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| Error::Gpu(e.to_string()))?;
-        let out = bytemuck::pod_collect_to_vec(&view[..bytes as usize]);
-        drop(view);
-        staging.unmap();
-        Ok(out)
+        let submission = self.queue.submit([encoder.finish()]);
+        self.read_staging(&staging, submission, count).await
     }
 
     /// A buffer the host maps to read what a copy put there (see [`GpuContext::read_staging`]).
@@ -471,15 +447,16 @@ impl GpuContext {
         })
     }
 
-    /// Reads `count` u32 from `staging` (see [`GpuContext::staging`]) once `submission`, which
-    /// filled it, has finished; later submissions may still be running (natively this waits for
-    /// that one only). Leaves the buffer unmapped, ready for the next copy.
-    pub(crate) async fn read_staging(
+    /// Reads `count` elements of `T` from `staging` (see [`GpuContext::staging`]) once
+    /// `submission`, which filled it, has finished; later submissions may still be running
+    /// (natively this waits for that one only). Leaves the buffer unmapped, ready for the next
+    /// copy.
+    pub(crate) async fn read_staging<T: bytemuck::Pod>(
         &self,
         staging: &wgpu::Buffer,
         submission: wgpu::SubmissionIndex,
         count: usize,
-    ) -> Result<Vec<u32>> {
+    ) -> Result<Vec<T>> {
         let (tx, rx) = futures_channel::oneshot::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |result| {
             let _ = tx.send(result);
@@ -501,7 +478,7 @@ impl GpuContext {
         let view = staging
             .get_mapped_range(..)
             .map_err(|e| Error::Gpu(e.to_string()))?;
-        let out = bytemuck::pod_collect_to_vec(&view[..count * 4]);
+        let out = bytemuck::pod_collect_to_vec(&view[..count * size_of::<T>()]);
         drop(view);
         staging.unmap();
         Ok(out)

@@ -3,7 +3,9 @@
 //! projection, `rope::record_qkv` a third).
 
 use crate::cpu::AttentionShape;
-use crate::gpu::{GpuContext, GpuTernary, Kernel, check_distinct, check_f32s, groups_for, rmsnorm};
+use crate::gpu::{
+    GpuContext, GpuTernary, Kernel, check_distinct, check_f32s, groups_for, rmsnorm, rope,
+};
 use crate::packing::gpu_words;
 use crate::{Error, Result};
 
@@ -48,6 +50,37 @@ pub fn supported(ctx: &GpuContext, cols: usize) -> bool {
     cols <= MAX_COLS && ctx.capabilities().max_workgroup_memory >= WORKGROUP_BYTES
 }
 
+/// Checks the input side that both entry points share (`x`: `rows x w.cols` f32, `norm`:
+/// `w.cols`) and fills in its parameters.
+fn input_params(
+    ctx: &GpuContext,
+    x: &wgpu::Buffer,
+    rows: usize,
+    norm: &wgpu::Buffer,
+    eps: f32,
+    w: &GpuTernary,
+) -> Result<Params> {
+    let cols = w.cols;
+    check_supported(ctx, cols)?;
+    rmsnorm::check_eps(eps)?;
+    check_f32s("norm_matmul input", x, rows.checked_mul(cols))?;
+    check_f32s("norm_matmul norm weight", norm, Some(cols))?;
+    Ok(Params {
+        rows: rows as u32,
+        cols: cols as u32,
+        n: 0,
+        k_words: gpu_words::words_per_row(cols) as u32,
+        no_fuse: 0,
+        eps,
+        per_channel: w.per_channel as u32,
+        heads: 0,
+        kv_heads: 0,
+        half_dim: 0,
+        cache_row: 0,
+        pad: 0,
+    })
+}
+
 fn check_supported(ctx: &GpuContext, cols: usize) -> Result<()> {
     if !supported(ctx, cols) {
         return Err(Error::invalid(
@@ -78,9 +111,7 @@ pub fn record(
     y: &wgpu::Buffer,
     output: NormMatmulOutput,
 ) -> Result<()> {
-    let cols = w.cols;
-    check_supported(ctx, cols)?;
-    rmsnorm::check_eps(eps)?;
+    let mut params = input_params(ctx, x, rows, norm, eps, w)?;
     let gated = output == NormMatmulOutput::Gated;
     if gated && !w.rows.is_multiple_of(2) {
         return Err(Error::invalid(
@@ -89,30 +120,13 @@ pub fn record(
         ));
     }
     let n = if gated { w.rows / 2 } else { w.rows };
-    check_f32s("norm_matmul input", x, rows.checked_mul(cols))?;
-    check_f32s("norm_matmul norm weight", norm, Some(cols))?;
     check_f32s("norm_matmul output", y, rows.checked_mul(n))?;
     check_distinct("norm_matmul", x, y)?;
     if rows == 0 || n == 0 {
         return Ok(());
     }
-    let params = ctx.uniform(
-        "norm_matmul params",
-        &Params {
-            rows: rows as u32,
-            cols: cols as u32,
-            n: n as u32,
-            k_words: gpu_words::words_per_row(cols) as u32,
-            no_fuse: 0,
-            eps,
-            per_channel: w.per_channel as u32,
-            heads: 0,
-            kv_heads: 0,
-            half_dim: 0,
-            cache_row: 0,
-            pad: 0,
-        },
-    );
+    params.n = n as u32;
+    let params = ctx.uniform("norm_matmul params", &params);
     let per_group = if gated { ROWS / 2 } else { ROWS };
     let constants = [
         ("ADD_TO_Y", (output == NormMatmulOutput::Add) as u64),
@@ -156,18 +170,13 @@ pub fn record_qkv(
     cache_row: usize,
     shape: AttentionShape,
 ) -> Result<()> {
-    let cols = w.cols;
+    let mut params = input_params(ctx, x, rows, norm, eps, w)?;
+    rope::check_qkv_outputs(table, q, k_cache, v_cache, cache_row, rows, shape)?;
     let AttentionShape {
         heads,
         kv_heads,
         head_dim,
     } = shape;
-    if head_dim == 0 || !head_dim.is_multiple_of(2) {
-        return Err(Error::invalid(
-            "rope head_dim",
-            format!("{head_dim} is not a positive even number"),
-        ));
-    }
     let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
     if w.rows != q_width + 2 * kv_width {
         return Err(Error::shape(
@@ -176,46 +185,18 @@ pub fn record_qkv(
             w.rows,
         ));
     }
-    check_supported(ctx, cols)?;
-    rmsnorm::check_eps(eps)?;
-    check_f32s("norm_matmul input", x, rows.checked_mul(cols))?;
-    check_f32s("norm_matmul norm weight", norm, Some(cols))?;
-    check_f32s("rope cos/sin table", table, rows.checked_mul(head_dim))?;
-    check_f32s("rope query destination", q, rows.checked_mul(q_width))?;
-    let end = cache_row.checked_add(rows);
-    for (what, cache) in [("rope key cache", k_cache), ("rope value cache", v_cache)] {
-        check_f32s(what, cache, end.and_then(|e| e.checked_mul(kv_width)))?;
-    }
     for out in [q, k_cache, v_cache] {
         check_distinct("norm_matmul", x, out)?;
-    }
-    if q == k_cache || q == v_cache || k_cache == v_cache {
-        return Err(Error::invalid(
-            "norm_matmul",
-            "the query, key and value destinations must be different buffers",
-        ));
     }
     if rows == 0 {
         return Ok(());
     }
-    let params = ctx.uniform(
-        "norm_matmul params",
-        &Params {
-            rows: rows as u32,
-            cols: cols as u32,
-            n: w.rows as u32,
-            k_words: gpu_words::words_per_row(cols) as u32,
-            no_fuse: 0,
-            eps,
-            per_channel: w.per_channel as u32,
-            heads: heads as u32,
-            kv_heads: kv_heads as u32,
-            half_dim: (head_dim / 2) as u32,
-            cache_row: u32::try_from(cache_row)
-                .map_err(|_| Error::invalid("cache row", "overflows u32"))?,
-            pad: 0,
-        },
-    );
+    params.n = w.rows as u32;
+    params.heads = heads as u32;
+    params.kv_heads = kv_heads as u32;
+    params.half_dim = (head_dim / 2) as u32;
+    params.cache_row = rope::cache_row(cache_row)?;
+    let params = ctx.uniform("norm_matmul params", &params);
     let half = ROWS / 2;
     let blocks = (heads + kv_heads) * (head_dim / 2).div_ceil(half) + kv_width.div_ceil(ROWS);
     let pipeline = ctx.pipeline(Kernel::NormMatmul, "norm_gemv_rope", &[])?;

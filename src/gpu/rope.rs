@@ -55,7 +55,49 @@ fn check_head_dim(head_dim: usize) -> Result<()> {
     Ok(())
 }
 
-fn cache_row(dst_row: usize) -> Result<u32> {
+/// Checks what rope_qkv (or a kernel that does its work) writes for `rows` tokens: `table` holds
+/// their cos/sin, `q` their rotated queries, and the caches rows up to `cache_row + rows`; the
+/// three destinations are different buffers.
+pub(crate) fn check_qkv_outputs(
+    table: &wgpu::Buffer,
+    q: &wgpu::Buffer,
+    k_cache: &wgpu::Buffer,
+    v_cache: &wgpu::Buffer,
+    cache_row: usize,
+    rows: usize,
+    shape: AttentionShape,
+) -> Result<()> {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    check_head_dim(head_dim)?;
+    let width = |h: usize| h.checked_mul(head_dim);
+    check_f32s("rope cos/sin table", table, rows.checked_mul(head_dim))?;
+    check_f32s(
+        "rope query destination",
+        q,
+        width(heads).and_then(|w| w.checked_mul(rows)),
+    )?;
+    let end = cache_row.checked_add(rows);
+    for (what, cache) in [("rope key cache", k_cache), ("rope value cache", v_cache)] {
+        check_f32s(
+            what,
+            cache,
+            width(kv_heads).and_then(|w| w.checked_mul(end?)),
+        )?;
+    }
+    if q == k_cache || q == v_cache || k_cache == v_cache {
+        return Err(Error::invalid(
+            "rope",
+            "the query, key and value destinations must be different buffers",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn cache_row(dst_row: usize) -> Result<u32> {
     u32::try_from(dst_row).map_err(|_| Error::invalid("rope dst_row", "overflows u32"))
 }
 
@@ -145,36 +187,17 @@ pub fn record_qkv(
         kv_heads,
         head_dim,
     } = shape;
-    check_head_dim(head_dim)?;
     let all_heads = heads.saturating_add(kv_heads.saturating_mul(2));
-    let width = |h: usize| h.checked_mul(head_dim);
     check_f32s(
         "rope q/k/v source",
         qkv,
-        width(all_heads).and_then(|w| w.checked_mul(rows)),
+        all_heads
+            .checked_mul(head_dim)
+            .and_then(|w| w.checked_mul(rows)),
     )?;
-    check_f32s("rope cos/sin table", table, rows.checked_mul(head_dim))?;
-    check_f32s(
-        "rope query destination",
-        q,
-        width(heads).and_then(|w| w.checked_mul(rows)),
-    )?;
-    let end = cache_row.checked_add(rows);
-    for (what, cache) in [("rope key cache", k_cache), ("rope value cache", v_cache)] {
-        check_f32s(
-            what,
-            cache,
-            width(kv_heads).and_then(|w| w.checked_mul(end?)),
-        )?;
-    }
+    check_qkv_outputs(table, q, k_cache, v_cache, cache_row, rows, shape)?;
     for dst in [q, k_cache, v_cache] {
         check_distinct("rope", qkv, dst)?;
-    }
-    if q == k_cache || q == v_cache || k_cache == v_cache {
-        return Err(Error::invalid(
-            "rope",
-            "the query, key and value destinations must be different buffers",
-        ));
     }
     if rows == 0 || all_heads == 0 {
         return Ok(());

@@ -555,7 +555,7 @@ impl GpuModel {
                 None
             };
             let staging = &self.choice.as_ref().expect("made above").staging[step % 2];
-            let words = ctx.read_staging(staging, in_flight, 4).await?;
+            let words: Vec<u32> = ctx.read_staging(staging, in_flight, 4).await?;
             let token = argmax::interpret([words[0], words[1], words[2], words[3]])?;
             chosen.push(token);
             let go_on = on_token(token);

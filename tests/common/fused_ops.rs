@@ -102,41 +102,21 @@ pub async fn norm_matmul_matches_cpu(ctx: &mut GpuContext) {
             .expect("record fused");
             gpu::rmsnorm::record_quant(ctx, &mut pass, &input, &norm_buf, &acts, eps)
                 .expect("record rmsnorm_quant");
-            let options = |output| MatmulOptions {
-                path: MatmulPath::Gemv,
-                output,
+            let (out, target) = match output {
+                NormMatmulOutput::Replace => (MatmulOutput::Scaled, &split),
+                NormMatmulOutput::Add => (MatmulOutput::AddScaled, &split),
+                NormMatmulOutput::Gated => (MatmulOutput::Scaled, &gate_up),
             };
-            match output {
-                NormMatmulOutput::Replace => gpu::ternary_matmul::record(
-                    ctx,
-                    &mut pass,
-                    &acts,
-                    &gw,
-                    None,
-                    &split,
-                    options(MatmulOutput::Scaled),
-                ),
-                NormMatmulOutput::Add => gpu::ternary_matmul::record(
-                    ctx,
-                    &mut pass,
-                    &acts,
-                    &gw,
-                    None,
-                    &split,
-                    options(MatmulOutput::AddScaled),
-                ),
-                NormMatmulOutput::Gated => gpu::ternary_matmul::record(
-                    ctx,
-                    &mut pass,
-                    &acts,
-                    &gw,
-                    None,
-                    &gate_up,
-                    options(MatmulOutput::Scaled),
-                )
-                .and_then(|()| gpu::relu2_gate::record(ctx, &mut pass, &gate_up, &split, rows, n)),
+            let options = MatmulOptions {
+                path: MatmulPath::Gemv,
+                output: out,
+            };
+            gpu::ternary_matmul::record(ctx, &mut pass, &acts, &gw, None, target, options)
+                .expect("record gemv");
+            if gated {
+                gpu::relu2_gate::record(ctx, &mut pass, &gate_up, &split, rows, n)
+                    .expect("record relu2_gate");
             }
-            .expect("record split");
             drop(pass);
             ctx.queue.submit([encoder.finish()]);
             let got: Vec<f32> = ctx.read(&fused, rows * n).await.expect("read back");
