@@ -64,13 +64,14 @@ fn nll(
         return;
     }
     let base = row * params.vocab;
-    var top = bitcast<f32>(0xff800000u);
+    // Start from an element of the row (WGSL has no -inf constant).
+    var top = logits[base + min(lid, params.vocab - 1u)];
     for (var k = lid; k < params.vocab; k += WG) {
         top = max_or_nan(top, logits[base + k]);
     }
     top = fold_max(top, lid);
     // exp(-inf - -inf) would be NaN: a row of -inf only has no finite max to subtract.
-    let shift = select(top, 0.0, top == bitcast<f32>(0xff800000u));
+    let shift = select(top, 0.0, bitcast<u32>(top) == 0xff800000u);
     var sum = 0.0;
     for (var k = lid; k < params.vocab; k += WG) {
         sum += exp(logits[base + k] - shift);
