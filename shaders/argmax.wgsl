@@ -115,7 +115,9 @@ fn argmax_final(@builtin(local_invocation_index) lid: u32) {
     }
     let total = reduce(best, lid);
     if lid == 0u {
-        result[0] = total.id;
+        // Always a valid id: a step already submitted may embed it before the host sees the
+        // error flags.
+        result[0] = select(0u, total.id, total.key != 0u);
         result[1] = total.bad;
         result[2] = total.bad_bits;
         result[3] = select(0u, 1u, total.key != 0u);

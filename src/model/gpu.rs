@@ -508,7 +508,8 @@ impl GpuModel {
     /// read, so the host's recording and readback overlap the GPU's work. As with
     /// [`GpuModel::forward`] and sampling, the last token chosen is not fed: the cache then holds
     /// `tokens` and every chosen token but the last. Returns the chosen tokens. The same tokens
-    /// as [`GpuModel::forward`] with `cpu::argmax` on the host.
+    /// as [`GpuModel::forward`] with `cpu::argmax` on the host. After an error (logits with a NaN
+    /// or `+inf`, say) the cache holds the positions fed before it.
     pub async fn greedy(
         &mut self,
         ctx: &GpuContext,
