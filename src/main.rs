@@ -688,7 +688,16 @@ async fn perplexity(args: &PerplexityArgs) -> CliResult<()> {
     let mut total = 0.0;
     for window in windows.iter().filter(|w| w.len() >= 2) {
         engine.reset();
-        total += engine.nll(&ids[window.clone()]).await?.iter().sum::<f64>();
+        let nll = engine.nll(&ids[window.clone()]).await?;
+        if let Some(i) = nll.iter().position(|v| v.is_nan()) {
+            return Err(format!(
+                "the model's logits for token {} of the text are not numbers (NaN): the \
+                 checkpoint's weights or norms hold NaN or overflow",
+                window.start + i + 1
+            )
+            .into());
+        }
+        total += nll.iter().sum::<f64>();
         bar.inc(window.len() as u64 - 1);
     }
     bar.finish_and_clear();

@@ -443,4 +443,39 @@ fn errors_name_the_problem() {
         "0",
     ]);
     assert!(stderr.contains("top_p"), "{stderr}");
+
+    // Finite weights whose products overflow: the logits turn NaN, on either engine.
+    let mut overflowing = random_model(64, Some(1), Some(2), 7);
+    overflowing.norm.fill(3e38);
+    let path = dir.0.join("overflowing");
+    save_dir(&overflowing, &path, &[]).unwrap();
+    std::fs::write(path.join("tokenizer.json"), tokenizer_json()).unwrap();
+    let long_text = dir.0.join("long.txt");
+    std::fs::write(&long_text, "the winter in the north is long ").unwrap();
+    for device in ["cpu", "gpu"] {
+        let stderr = failure(&[
+            "perplexity",
+            "--model",
+            path_str(&path),
+            "--file",
+            path_str(&long_text),
+            "--device",
+            device,
+            "--json",
+        ]);
+        assert!(stderr.contains("NaN"), "{device}: {stderr}");
+        let stderr = failure(&[
+            "generate",
+            "--model",
+            path_str(&path),
+            "--prompt",
+            "the",
+            "--temperature",
+            "0",
+            "--device",
+            device,
+            "--json",
+        ]);
+        assert!(stderr.contains("NaN"), "{device}: {stderr}");
+    }
 }
