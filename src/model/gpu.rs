@@ -104,6 +104,36 @@ struct Scratch {
 }
 
 /// A model resident on one GPU, with its KV cache.
+///
+/// ```
+/// use bitnet_wgpu::gpu::{GpuContext, TableStorage};
+/// use bitnet_wgpu::model::{GpuModel, Logits, ModelConfig, synthetic};
+/// # pollster::block_on(async {
+/// let ctx = GpuContext::new().await.expect("a GPU adapter");
+/// let config = ModelConfig {
+///     vocab_size: 50,
+///     hidden_size: 32,
+///     intermediate_size: 48,
+///     num_hidden_layers: 1,
+///     num_attention_heads: 2,
+///     num_key_value_heads: 1,
+///     head_dim: 16,
+///     max_position_embeddings: 32,
+///     ..ModelConfig::bitnet_b158_2b4t()
+/// };
+/// let weights = synthetic(&config, 7);
+/// let mut model = GpuModel::new(&ctx, &weights, 32, TableStorage::F32).unwrap();
+/// // The logits of the last token, for a sampler on the host.
+/// let logits = model.forward(&ctx, &[1, 2, 3], Logits::Last).await.unwrap();
+/// assert_eq!(logits.len(), 50);
+/// // Five more tokens chosen greedily on the GPU.
+/// let chosen = model.greedy(&ctx, &[4], 5, 50, |_| true).await.unwrap();
+/// assert_eq!((chosen.len(), model.len()), (5, 8));
+/// // How likely each token of a text was, given those before it.
+/// model.reset();
+/// assert_eq!(model.nll(&ctx, &[1, 2, 3, 4]).await.unwrap().len(), 3);
+/// # });
+/// ```
 pub struct GpuModel {
     config: ModelConfig,
     capacity: usize,
