@@ -52,6 +52,35 @@ fn upload(ctx: &GpuContext, w: &TernaryWeights) -> GpuTernary {
     GpuTernary::upload(ctx, &packed).expect("upload")
 }
 
+/// What rope_qkv makes of stacked `[q | k | v]` rows on the CPU: rotated queries, rotated keys and
+/// the values, each `[rows, width]`.
+fn cpu_rope_qkv(
+    qkv: &[f32],
+    shape: AttentionShape,
+    first_position: usize,
+    theta: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+    let width = q_width + 2 * kv_width;
+    let part = |start: usize, len: usize| -> Vec<f32> {
+        qkv.chunks_exact(width)
+            .flat_map(|row| row[start..start + len].to_vec())
+            .collect()
+    };
+    let rows = qkv.len() / width;
+    let positions: Vec<usize> = (first_position..first_position + rows).collect();
+    let mut q = part(0, q_width);
+    cpu::rope(&mut q, &positions, heads, head_dim, theta).expect("cpu rope");
+    let mut k = part(q_width, kv_width);
+    cpu::rope(&mut k, &positions, kv_heads, head_dim, theta).expect("cpu rope");
+    (q, k, part(q_width + kv_width, kv_width))
+}
+
 /// norm_matmul.wgsl gives the bits of rmsnorm_quant + gemv (+ relu2_gate) and matches
 /// cpu::norm_matmul within the epilogue's division tolerance.
 pub async fn norm_matmul_matches_cpu(ctx: &mut GpuContext) {
@@ -159,17 +188,12 @@ pub async fn rope_qkv_matches_cpu(ctx: &mut GpuContext) {
         let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
         let width = q_width + 2 * kv_width;
         let qkv = values(&mut rng, rows * width, &[1.0f32, 30.0]);
-        let part = |start: usize, len: usize| -> Vec<f32> {
-            qkv.chunks_exact(width)
-                .flat_map(|row| row[start..start + len].to_vec())
-                .collect()
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
         };
-        let positions: Vec<usize> = (first_position..first_position + rows).collect();
-        let mut q = part(0, q_width);
-        cpu::rope(&mut q, &positions, heads, head_dim, theta).expect("cpu");
-        let mut k = part(q_width, kv_width);
-        cpu::rope(&mut k, &positions, kv_heads, head_dim, theta).expect("cpu");
-        let v = part(q_width + kv_width, kv_width);
+        let (q, k, v) = cpu_rope_qkv(&qkv, shape, first_position, theta);
         let in_cache = |rows_data: &[f32]| {
             let mut cache = vec![UNTOUCHED; capacity * kv_width];
             cache[cache_row * kv_width..(cache_row + rows) * kv_width].copy_from_slice(rows_data);
@@ -182,11 +206,6 @@ pub async fn rope_qkv_matches_cpu(ctx: &mut GpuContext) {
         let untouched = vec![UNTOUCHED; capacity * kv_width];
         let keys = ctx.upload("keys", &untouched).expect("upload");
         let vals = ctx.upload("values", &untouched).expect("upload");
-        let shape = AttentionShape {
-            heads,
-            kv_heads,
-            head_dim,
-        };
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         let mut pass = encoder.begin_compute_pass(&Default::default());
         gpu::rope::record_qkv(
@@ -236,18 +255,12 @@ pub async fn norm_matmul_rope_matches_cpu(ctx: &mut GpuContext) {
                 .collect();
 
             let projected = cpu::norm_matmul(&x, rows, &norm, eps, &w, false).expect("cpu");
-            let part = |start: usize, len: usize| -> Vec<f32> {
-                projected
-                    .chunks_exact(width)
-                    .flat_map(|row| row[start..start + len].to_vec())
-                    .collect()
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
             };
-            let positions: Vec<usize> = (position..position + rows).collect();
-            let mut cpu_q = part(0, q_width);
-            cpu::rope(&mut cpu_q, &positions, heads, head_dim, theta).expect("cpu rope");
-            let mut cpu_k = part(q_width, kv_width);
-            cpu::rope(&mut cpu_k, &positions, kv_heads, head_dim, theta).expect("cpu rope");
-            let cpu_v = part(q_width + kv_width, kv_width);
+            let (cpu_q, cpu_k, cpu_v) = cpu_rope_qkv(&projected, shape, position, theta);
 
             let input = ctx.upload("x", &x).expect("upload");
             let norm_buf = ctx.upload("norm", &norm).expect("upload");
@@ -265,11 +278,6 @@ pub async fn norm_matmul_rope_matches_cpu(ctx: &mut GpuContext) {
             let split = buffers("split q");
             let acts = GpuActivations::new(ctx, rows, cols).expect("activations");
             let qkv = ctx.storage("qkv", (rows * width * 4) as u64).expect("qkv");
-            let shape = AttentionShape {
-                heads,
-                kv_heads,
-                head_dim,
-            };
             let mut encoder = ctx.device.create_command_encoder(&Default::default());
             let mut pass = encoder.begin_compute_pass(&Default::default());
             gpu::norm_matmul::record_qkv(
