@@ -139,3 +139,8 @@ fn argmax_matches_cpu() {
 fn gpu_nll_matches_cpu() {
     pollster::block_on(common::model::gpu_nll_matches_cpu(&context()));
 }
+
+#[test]
+fn nll_matches_cpu() {
+    pollster::block_on(common::nll::nll_matches_cpu(&mut context()));
+}

@@ -131,3 +131,8 @@ async fn argmax_matches_cpu() {
 async fn gpu_nll_matches_cpu() {
     common::model::gpu_nll_matches_cpu(&context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn nll_matches_cpu() {
+    common::nll::nll_matches_cpu(&mut context().await).await;
+}
