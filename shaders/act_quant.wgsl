@@ -1,8 +1,7 @@
 // Per-token absmax int8 quantization (cpu::act_quant): one workgroup per row.
 // s = 127 / max(max|x|, 1e-5), q = clamp(round_half_even(x * s), -128, 127).
-// Codes are packed four per u32 (byte i = column 4w + i), rows padded with zero codes to
-// `row_words`, a multiple of 4 words, so the matmul can read them as vec4<u32>.
-// A row holding NaN or an infinity gets zero codes and a NaN scale.
+// Rows are padded to `row_words`, a multiple of 4 words, so the matmul can read them as vec4<u32>
+// (common/quantize_row.wgsl).
 
 const WG: u32 = 256u;
 
@@ -20,6 +19,10 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> scale_bits: array<u32>;
 @group(0) @binding(4) var<storage, read_write> sums: array<i32>;
 
+fn quant_value(row: u32, k: u32) -> f32 {
+    return x[row * params.cols + k];
+}
+
 @compute @workgroup_size(WG)
 fn act_quant(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -30,35 +33,5 @@ fn act_quant(
     if row >= params.rows {
         return;
     }
-    let base = row * params.cols;
-
-    // The largest |x| as bits: integer order equals float order for non-negative floats, and NaN
-    // and infinities sort above every finite value.
-    var amax = 0u;
-    for (var k = lid; k < params.cols; k += WG) {
-        amax = max(amax, bitcast<u32>(x[base + k]) & 0x7fffffffu);
-    }
-    let m = wg_max(amax, lid);
-    let finite = m < 0x7f800000u;
-    let s = quant_scale(m);
-
-    var total = 0;
-    let out = row * params.row_words;
-    for (var w = lid; w < params.row_words; w += WG) {
-        var word = 0u;
-        for (var i = 0u; i < 4u; i++) {
-            let k = 4u * w + i;
-            if finite && k < params.cols {
-                let q = quant_code(x[base + k], s);
-                word = pack_code(word, q, i);
-                total += q;
-            }
-        }
-        codes[out + w] = word;
-    }
-    let sum = wg_sum(vec4<i32>(total, 0, 0, 0), lid).x;
-    if lid == 0u {
-        scale_bits[row] = scale_bits_of(s, m);
-        sums[row] = sum;
-    }
+    quantize_row(row, params.cols, params.row_words, lid);
 }

@@ -1,8 +1,8 @@
 // The gated squared ReLU (cpu::relu2_gate) on the output of the fused gate/up matmul:
 // gate_up is [rows, 2 * inter], gate in columns 0..inter, up in inter..2 * inter.
 //   relu2_gate        out[r, i] = (relu(g) * relu(g)) * u, the same two roundings as the CPU;
-//   relu2_gate_quant  the same values quantized exactly as act_quant.wgsl would, one workgroup
-//                     per row.
+//   relu2_gate_quant  the same values quantized exactly as act_quant.wgsl would
+//                     (common/quantize_row.wgsl), one workgroup per row.
 
 const WG: u32 = 256u;
 
@@ -43,6 +43,10 @@ fn relu2_gate(
     out[idx] = gated(idx / params.inter, idx % params.inter);
 }
 
+fn quant_value(row: u32, k: u32) -> f32 {
+    return gated(row, k);
+}
+
 @compute @workgroup_size(WG)
 fn relu2_gate_quant(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -53,32 +57,5 @@ fn relu2_gate_quant(
     if row >= params.rows {
         return;
     }
-    // act_quant.wgsl on values recomputed rather than stored: the same products round alike.
-    var amax = 0u;
-    for (var k = lid; k < params.inter; k += WG) {
-        amax = max(amax, bitcast<u32>(gated(row, k)) & 0x7fffffffu);
-    }
-    let m = wg_max(amax, lid);
-    let finite = m < 0x7f800000u;
-    let s = quant_scale(m);
-
-    var total = 0;
-    let out_base = row * params.row_words;
-    for (var w = lid; w < params.row_words; w += WG) {
-        var word = 0u;
-        for (var i = 0u; i < 4u; i++) {
-            let k = 4u * w + i;
-            if finite && k < params.inter {
-                let q = quant_code(gated(row, k), s);
-                word = pack_code(word, q, i);
-                total += q;
-            }
-        }
-        codes[out_base + w] = word;
-    }
-    let sum = wg_sum(vec4<i32>(total, 0, 0, 0), lid).x;
-    if lid == 0u {
-        scale_bits[row] = scale_bits_of(s, m);
-        sums[row] = sum;
-    }
+    quantize_row(row, params.inter, params.row_words, lid);
 }

@@ -44,6 +44,13 @@ fn rmsnorm(
     }
 }
 
+// rmsnorm_quant's row: its 1 / rms, then the normalized values quantize_row asks for.
+var<private> row_inv_rms: f32;
+
+fn quant_value(row: u32, k: u32) -> f32 {
+    return normalized(row * params.cols, k, row_inv_rms);
+}
+
 @compute @workgroup_size(WG)
 fn rmsnorm_quant(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -54,36 +61,6 @@ fn rmsnorm_quant(
     if row >= params.rows {
         return;
     }
-    let base = row * params.cols;
-    let inv = inv_rms(base, lid);
-
-    // From here on act_quant.wgsl, on values recomputed rather than stored: the same products
-    // round to the same floats.
-    var amax = 0u;
-    for (var k = lid; k < params.cols; k += WG) {
-        amax = max(amax, bitcast<u32>(normalized(base, k, inv)) & 0x7fffffffu);
-    }
-    let m = wg_max(amax, lid);
-    let finite = m < 0x7f800000u;
-    let s = quant_scale(m);
-
-    var total = 0;
-    let out = row * params.row_words;
-    for (var w = lid; w < params.row_words; w += WG) {
-        var word = 0u;
-        for (var i = 0u; i < 4u; i++) {
-            let k = 4u * w + i;
-            if finite && k < params.cols {
-                let q = quant_code(normalized(base, k, inv), s);
-                word = pack_code(word, q, i);
-                total += q;
-            }
-        }
-        codes[out + w] = word;
-    }
-    let sum = wg_sum(vec4<i32>(total, 0, 0, 0), lid).x;
-    if lid == 0u {
-        scale_bits[row] = scale_bits_of(s, m);
-        sums[row] = sum;
-    }
+    row_inv_rms = inv_rms(row * params.cols, lid);
+    quantize_row(row, params.cols, params.row_words, lid);
 }

@@ -113,12 +113,16 @@ impl Kernel {
 
     fn body(self) -> &'static str {
         match self {
-            Kernel::ActQuant => include_str!("../../shaders/act_quant.wgsl"),
+            Kernel::ActQuant => concat!(
+                include_str!("../../shaders/common/quantize_row.wgsl"),
+                include_str!("../../shaders/act_quant.wgsl")
+            ),
             Kernel::Argmax => include_str!("../../shaders/argmax.wgsl"),
             Kernel::TernaryPack => include_str!("../../shaders/ternary_pack.wgsl"),
             Kernel::TernaryMatmul => include_str!("../../shaders/ternary_matmul.wgsl"),
             Kernel::Rmsnorm => concat!(
                 include_str!("../../shaders/common/rms.wgsl"),
+                include_str!("../../shaders/common/quantize_row.wgsl"),
                 include_str!("../../shaders/rmsnorm.wgsl")
             ),
             Kernel::NormMatmul => concat!(
@@ -127,7 +131,10 @@ impl Kernel {
             ),
             Kernel::Rope => include_str!("../../shaders/rope.wgsl"),
             Kernel::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
-            Kernel::Relu2Gate => include_str!("../../shaders/relu2_gate.wgsl"),
+            Kernel::Relu2Gate => concat!(
+                include_str!("../../shaders/common/quantize_row.wgsl"),
+                include_str!("../../shaders/relu2_gate.wgsl")
+            ),
             Kernel::Attention => include_str!("../../shaders/attention.wgsl"),
             Kernel::Embedding => concat!(
                 include_str!("../../shaders/common/table.wgsl"),
