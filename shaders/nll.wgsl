@@ -2,7 +2,7 @@
 //   out[out_offset + r] = max + log(sum(exp(logit - max))) - logit[target]
 // with target = targets[target_offset + r]. In f32, where the twin works in f64: a tolerance, not
 // bits. The sum runs in a fixed order (each invocation's strided elements, then a halving tree),
-// so the result never depends on scheduling; a NaN logit makes the row NaN.
+// so the result never depends on scheduling; a NaN logit makes the row NaN, a -inf target +inf.
 
 const WG: u32 = 256u;
 
@@ -77,6 +77,9 @@ fn nll(
         sum += exp(logits[base + k] - shift);
     }
     sum = fold_sum(sum, lid);
+    // Only a row of -inf sums to 0 (else the max adds exp(0) = 1): its target is -inf too, and
+    // log(1) = 0 leaves +inf, where WGSL's log(0) is not defined.
+    sum = select(sum, 1.0, sum == 0.0);
     if lid == 0u {
         let next = targets[params.target_offset + row];
         out[params.out_offset + row] = (shift + log(sum)) - logits[base + next];

@@ -1,5 +1,5 @@
 //! nll.wgsl against cpu::nll on rows of awkward lengths: forbidden (-inf) tokens, a -inf target
-//! (+inf), rows of -inf only and NaN logits (NaN), read at offsets into the targets and written at
+//! and rows of -inf only (+inf), NaN logits (NaN), read at offsets into the targets and written at
 //! offsets into the output. The GPU works in f32, the twin in f64: a tolerance.
 
 use super::pick;
