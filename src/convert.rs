@@ -402,7 +402,7 @@ fn preflight(
 ) -> Result<(ModelConfig, Vec<String>)> {
     check_options(options)?;
     let config = parse_checkpoint_config(config_json_text)?;
-    if config.weight_format == WeightFormat::OfflinePacked {
+    if matches!(config.weight_format, WeightFormat::OfflinePacked(_)) {
         return Err(Error::invalid(
             "input checkpoint",
             "it is already in the offline packed format (config.json's quantization_config says \

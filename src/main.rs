@@ -533,7 +533,9 @@ async fn generate(args: &GenerateArgs) -> CliResult<()> {
     let (mut engine, tokenizer) = open(&args.model).await?;
     let prompt_ids = tokenizer.encode(&args.prompt, true)?;
     if prompt_ids.is_empty() {
-        return Err("the prompt is empty and the vocabulary has no bos token to start from".into());
+        return Err(
+            "the prompt is empty and the model's tokenizer adds no bos token to start from".into(),
+        );
     }
     let limit = engine.config().max_position_embeddings;
     if prompt_ids.len() > limit {

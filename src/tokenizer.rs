@@ -4,6 +4,13 @@
 //! Every kind answers the same three questions: [`Tokenizer::encode`], [`Tokenizer::decode`] and,
 //! for streaming, [`StreamDecoder`], which holds back a token's text until it is complete UTF-8
 //! (one character can span several byte-level tokens).
+//!
+//! Special tokens around a text are the model's own tokenizer's business, so that a prompt gives
+//! the ids the model was trained on: a `tokenizer.json`'s post-processor adds what it adds (as
+//! transformers' `encode(text, add_special_tokens=True)` does), a GGUF vocabulary follows
+//! llama.cpp's `tokenizer.ggml.add_bos_token` rule ([`GgufTokenizer::adds_bos`]), and the
+//! byte-level fallback starts every text with its bos. config.json's `bos_token_id` only names an
+//! id; it never decides that one is added.
 
 use std::collections::HashMap;
 
@@ -32,6 +39,7 @@ const BYTE_EOS: u32 = 257;
 /// let t = Tokenizer::bytes(258);
 /// let ids = t.encode("hé", true)?;
 /// assert_eq!(ids, [256, 104, 0xc3, 0xa9]);
+/// assert_eq!(t.encode("hé", false)?, [104, 0xc3, 0xa9]);
 /// assert_eq!(t.decode(&ids)?, "hé");
 /// # Ok::<(), bitnet_wgpu::Error>(())
 /// ```
@@ -40,6 +48,10 @@ pub struct Tokenizer {
     kind: Kind,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// Whether the bos goes before a text, beyond what the `tokenizers` post-processor adds.
+    add_bos: bool,
+    /// Whether the eos goes after a text, likewise.
+    add_eos: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -50,8 +62,9 @@ enum Kind {
 }
 
 impl Tokenizer {
-    /// A Hugging Face `tokenizer.json`, given as its bytes. It names no bos/eos ids (those live in
-    /// config.json): set them with [`Tokenizer::with_special_ids`].
+    /// A Hugging Face `tokenizer.json`, given as its bytes. Its post-processor alone decides
+    /// which special tokens surround a text. It names no bos/eos ids (those live in config.json):
+    /// set them with [`Tokenizer::with_special_ids`].
     pub fn from_json(json: &[u8]) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(json)
             .map_err(|e| Error::invalid("tokenizer.json", e))?;
@@ -59,13 +72,16 @@ impl Tokenizer {
             kind: Kind::Hf(Box::new(inner)),
             bos: None,
             eos: None,
+            add_bos: false,
+            add_eos: false,
         })
     }
 
     /// The byte-level BPE vocabulary of a GGUF file (`tokenizer.ggml.model = "gpt2"`, the
     /// 2B-4T model's): tokens and merges in GPT-2's byte-to-character alphabet, split by GPT-2's
     /// pre-tokenizer regex. Control and user-defined tokens are matched whole in the input,
-    /// and control tokens are left out of decoded text.
+    /// and control tokens are left out of decoded text. The bos and eos are added as llama.cpp
+    /// adds them ([`GgufTokenizer::adds_bos`], [`GgufTokenizer::adds_eos`]).
     ///
     /// Errors: another tokenizer model (SentencePiece `llama` vocabularies carry scores, not
     /// merges, and are not supported), a merge that is not two tokens separated by a space, or a
@@ -124,22 +140,28 @@ impl Tokenizer {
             kind: Kind::Hf(Box::new(inner)),
             bos: None,
             eos: None,
+            add_bos: t.adds_bos(),
+            add_eos: t.adds_eos(),
         }
         .with_special_ids(t.bos, t.eos)
     }
 
     /// The byte-level fallback for a model of `vocab_size` tokens: bytes are ids 0..=255, bos is
-    /// 256 and eos 257 when the vocabulary reaches that far.
+    /// 256 and eos 257 when the vocabulary reaches that far. Every text starts with the bos when
+    /// there is one.
     pub fn bytes(vocab_size: usize) -> Self {
         let special = |id: u32| (vocab_size > id as usize).then_some(id);
         Tokenizer {
             kind: Kind::Bytes { vocab_size },
             bos: special(BYTE_BOS),
             eos: special(BYTE_EOS),
+            add_bos: true,
+            add_eos: false,
         }
     }
 
-    /// Sets the bos and eos ids (`None` for none), refusing ids outside the vocabulary.
+    /// Sets the bos and eos ids (`None` for none), refusing ids outside the vocabulary. The ids
+    /// name the tokens; whether a text gets them stays the tokenizer's rule.
     pub fn with_special_ids(mut self, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
         for (name, id) in [("bos", bos), ("eos", eos)] {
             if let Some(id) = id.filter(|&id| id as usize >= self.vocab_size()) {
@@ -175,17 +197,19 @@ impl Tokenizer {
         }
     }
 
-    /// The ids of `text`, after the bos id when `add_bos` is set and the vocabulary has one.
+    /// The ids of `text`. With `add_special_tokens`, surrounded by the special tokens the
+    /// model's own tokenizer adds (see the module documentation): these are the ids a prompt or
+    /// a text to score must be given as. Without, the text's ids alone.
     ///
-    /// A `tokenizer.json`'s own post-processor (which may add a bos of its own) is not applied,
-    /// so `add_bos` alone decides. Errors: a byte the byte-level fallback's vocabulary lacks, or a
-    /// failure inside the tokenizer.
-    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let mut ids: Vec<u32> = self.bos.filter(|_| add_bos).into_iter().collect();
+    /// Errors: a byte the byte-level fallback's vocabulary lacks, or a failure inside the
+    /// tokenizer.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let special = |add: bool, id: Option<u32>| id.filter(|_| add && add_special_tokens);
+        let mut ids: Vec<u32> = special(self.add_bos, self.bos).into_iter().collect();
         match &self.kind {
             Kind::Hf(t) => {
                 let encoding = t
-                    .encode(text, false)
+                    .encode(text, add_special_tokens)
                     .map_err(|e| Error::invalid("tokenizer", e))?;
                 ids.extend_from_slice(encoding.get_ids());
             }
@@ -202,6 +226,7 @@ impl Tokenizer {
                 ids.extend(text.bytes().map(u32::from));
             }
         }
+        ids.extend(special(self.add_eos, self.eos));
         Ok(ids)
     }
 
@@ -352,7 +377,27 @@ mod tests {
             token_types,
             bos: Some(n as u32 - 2),
             eos: Some(n as u32 - 1),
+            pre: Some("gpt-2".into()),
+            add_bos: None,
+            add_eos: None,
         }
+    }
+
+    /// [`BPE_JSON`] with the post-processor Llama 3's tokenizer.json has (byte-level offsets,
+    /// then a template that puts `<s>` first), as bitnet-b1.58-2B-4T ships it.
+    fn json_with_bos_template() -> String {
+        let template = r#""post_processor": {"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false,
+             "use_regex": true},
+            {"type": "TemplateProcessing",
+             "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                        {"Sequence": {"id": "A", "type_id": 0}}],
+             "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                      {"Sequence": {"id": "A", "type_id": 0}},
+                      {"SpecialToken": {"id": "<s>", "type_id": 1}},
+                      {"Sequence": {"id": "B", "type_id": 1}}],
+             "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}]}"#;
+        BPE_JSON.replace(r#""post_processor": null"#, template)
     }
 
     fn round_trip(t: &Tokenizer, text: &str) -> Vec<u32> {
@@ -379,11 +424,28 @@ mod tests {
         assert_eq!(t.vocab_size(), 13);
         let ids = round_trip(&t, "the cab that");
         assert_eq!(ids, [11, 3, 6, 12, 3, 10, 4, 8]);
-        assert_eq!(t.encode("ab", true).unwrap(), [1, 12]);
+        // No post-processor: transformers adds nothing, whatever bos config.json names.
+        assert_eq!(t.encode("ab", true).unwrap(), [12]);
+        assert_eq!(t.encode("", true).unwrap(), [] as [u32; 0]);
         // Specials are left out of decoded text.
         assert_eq!(t.decode(&[1, 11, 2]).unwrap(), "the");
         assert!(t.decode(&[13]).is_err());
         assert!(t.clone().with_special_ids(Some(99), None).is_err());
+    }
+
+    #[test]
+    fn a_template_post_processor_adds_its_bos() {
+        let t = Tokenizer::from_json(json_with_bos_template().as_bytes())
+            .unwrap()
+            .with_special_ids(Some(1), Some(2))
+            .unwrap();
+        // transformers: tokenizer("the cab").input_ids == [1, 11, 3, 6, 12]
+        assert_eq!(t.encode("the cab", true).unwrap(), [1, 11, 3, 6, 12]);
+        assert_eq!(t.encode("", true).unwrap(), [1]);
+        assert_eq!(t.encode("the cab", false).unwrap(), [11, 3, 6, 12]);
+        // The template's id, not config.json's, is what gets added.
+        let other_bos = t.clone().with_special_ids(Some(2), None).unwrap();
+        assert_eq!(other_bos.encode("ab", true).unwrap(), [1, 12]);
     }
 
     #[test]
@@ -405,8 +467,27 @@ mod tests {
         assert!(ids.contains(&space_t), "{ids:?}");
         // Control tokens are matched whole in text and left out when decoding.
         let ids = t.encode("<|begin|>he", true).unwrap();
-        assert_eq!(ids, [258, 258, he]);
+        assert_eq!(ids, [258, he]);
         assert_eq!(t.decode(&ids).unwrap(), "he");
+    }
+
+    #[test]
+    fn gguf_bos_follows_llama_cpp() {
+        let he = |g: &GgufTokenizer| g.tokens.iter().position(|s| s == "he").unwrap() as u32;
+        let ids = |g: &GgufTokenizer| Tokenizer::from_gguf(g).unwrap().encode("he", true).unwrap();
+        let mut g = gguf_tokenizer();
+        // llama.cpp: pre "gpt-2" without add_bos_token adds nothing; "llama-bpe" adds the bos.
+        assert_eq!(ids(&g), [he(&g)]);
+        g.pre = Some("llama-bpe".into());
+        assert_eq!(ids(&g), [258, he(&g)]);
+        g.add_bos = Some(false);
+        assert_eq!(ids(&g), [he(&g)]);
+        g.pre = None;
+        g.add_bos = Some(true);
+        g.add_eos = Some(true);
+        assert_eq!(ids(&g), [258, he(&g), 259]);
+        let t = Tokenizer::from_gguf(&g).unwrap();
+        assert_eq!(t.encode("he", false).unwrap(), [he(&g)]);
     }
 
     #[test]

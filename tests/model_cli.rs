@@ -8,15 +8,36 @@ use std::process::{Command, Output};
 use bitnet_wgpu::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
 use bitnet_wgpu::formats::gguf::{GgufTokenizer, write_model};
 use bitnet_wgpu::formats::hf::save_dir;
-use bitnet_wgpu::model::{LayerWeights, ModelConfig, ModelWeights};
+use bitnet_wgpu::model::{
+    CpuEngine, LayerWeights, ModelConfig, ModelWeights, load_model, perplexity_windows,
+};
 use bitnet_wgpu::tokenizer::Tokenizer;
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use serde_json::Value;
 
 const MAX_POSITIONS: usize = 48;
 
-/// A character-level BPE over lowercase letters and space, with a few merges.
+/// A character-level BPE over lowercase letters and space, with a few merges, and no
+/// post-processor: transformers adds no special token to its texts.
 fn tokenizer_json() -> String {
+    tokenizer_json_with(Value::Null)
+}
+
+/// [`tokenizer_json`] with a post-processor like Llama 3's: byte-level offsets, then a template
+/// that puts `<s>` (id 1) first.
+fn tokenizer_json_adding_bos() -> String {
+    let bos = serde_json::json!({"SpecialToken": {"id": "<s>", "type_id": 0}});
+    tokenizer_json_with(serde_json::json!({"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        {"type": "TemplateProcessing",
+         "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                  {"SpecialToken": {"id": "<s>", "type_id": 1}},
+                  {"Sequence": {"id": "B", "type_id": 1}}],
+         "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}]}))
+}
+
+fn tokenizer_json_with(post_processor: Value) -> String {
     let mut vocab = vec!["<unk>".to_string(), "<s>".into(), "</s>".into(), " ".into()];
     vocab.extend(('a'..='z').map(String::from));
     vocab.extend(["th", "the", "er", "in"].map(String::from));
@@ -36,7 +57,7 @@ fn tokenizer_json() -> String {
         "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
         "normalizer": null,
         "pre_tokenizer": null,
-        "post_processor": null,
+        "post_processor": post_processor,
         "decoder": {"type": "Fuse"},
         "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
             "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
@@ -64,6 +85,10 @@ fn gguf_tokenizer() -> GgufTokenizer {
         bos: Some(258),
         // No eos: generation can only stop at the token budget or the context limit.
         eos: None,
+        // llama.cpp adds the bos for this pre-tokenizer (bitnet.cpp writes it for the 2B-4T).
+        pre: Some("llama-bpe".into()),
+        add_bos: None,
+        add_eos: None,
     }
 }
 
@@ -286,7 +311,7 @@ fn generation_streams_text_and_stops_at_the_context_limit() {
     // Without an eos, only the context limit stops: every position holds a token, and the last
     // sampled one is never fed back.
     let prompt = ids(&sampled["prompt_ids"]);
-    assert_eq!(prompt[0], 258);
+    assert_eq!(prompt[0], 258, "llama-bpe adds the bos");
     assert_eq!(
         prompt.len() + ids(&sampled["generated_ids"]).len(),
         MAX_POSITIONS + 1
@@ -477,5 +502,300 @@ fn errors_name_the_problem() {
             "--json",
         ]);
         assert!(stderr.contains("NaN"), "{device}: {stderr}");
+    }
+}
+
+/// The prompt ids each tokenizer rule gives, written down from the rule itself (transformers'
+/// post-processor, llama.cpp's add_bos_token), and the greedy ids and perplexity windows that
+/// follow from them, on both engines.
+#[test]
+fn prompts_get_exactly_the_special_tokens_of_the_models_tokenizer() {
+    let dir = TempDir::new("bos");
+    let hf = |name: &str, json: String| {
+        let path = dir.0.join(name);
+        save_dir(&random_model(64, Some(1), Some(2), 7), &path, &[]).unwrap();
+        std::fs::write(path.join("tokenizer.json"), json).unwrap();
+        path
+    };
+    let gguf = |name: &str, pre: &str, add_bos: Option<bool>| {
+        let path = dir.0.join(name);
+        let tokenizer = GgufTokenizer {
+            pre: Some(pre.into()),
+            add_bos,
+            ..gguf_tokenizer()
+        };
+        let bytes = write_model(&random_model(259, Some(258), None, 11), Some(&tokenizer));
+        std::fs::write(&path, bytes.unwrap()).unwrap();
+        path
+    };
+    // The character BPE has no pre-tokenizer: "the winter " is the, ' ', w, in, t, er, ' '.
+    let winter: &[u32] = &[31, 3, 26, 33, 23, 32];
+    let winter_text = "the winter ".repeat(8);
+    let winter_text_ids: Vec<u32> = [winter, &[3]].concat().repeat(8);
+    // The byte-level vocabulary: "he" is one token, " the" is Ġt + he ("h e" merges before
+    // "Ġ t"), " he" is Ġ (220 in the sorted byte alphabet) + he.
+    let he_the: &[u32] = &[256, 257, 256];
+    let he_the_text = format!("he the{}", " he the".repeat(7));
+    let he_the_text_ids: Vec<u32> = [he_the, &[220, 256, 257, 256].repeat(7)].concat();
+    let with_bos = |bos: u32, ids: &[u32]| [&[bos], ids].concat();
+    let hf_plain = hf("plain", tokenizer_json());
+    let hf_template = hf("template", tokenizer_json_adding_bos());
+    let cases = [
+        (
+            "no post-processor",
+            hf_plain,
+            "the winter",
+            winter.to_vec(),
+            &winter_text,
+            winter_text_ids.clone(),
+        ),
+        (
+            "template post-processor",
+            hf_template,
+            "the winter",
+            with_bos(1, winter),
+            &winter_text,
+            with_bos(1, &winter_text_ids),
+        ),
+        (
+            "add_bos_token true",
+            gguf("true.gguf", "gpt-2", Some(true)),
+            "he the",
+            with_bos(258, he_the),
+            &he_the_text,
+            with_bos(258, &he_the_text_ids),
+        ),
+        (
+            "add_bos_token false",
+            gguf("false.gguf", "llama-bpe", Some(false)),
+            "he the",
+            he_the.to_vec(),
+            &he_the_text,
+            he_the_text_ids.clone(),
+        ),
+        (
+            "absent, llama-bpe",
+            gguf("llama-bpe.gguf", "llama-bpe", None),
+            "he the",
+            with_bos(258, he_the),
+            &he_the_text,
+            with_bos(258, &he_the_text_ids),
+        ),
+        (
+            "absent, gpt-2",
+            gguf("gpt-2.gguf", "gpt-2", None),
+            "he the",
+            he_the.to_vec(),
+            &he_the_text,
+            he_the_text_ids.clone(),
+        ),
+    ];
+    let text_path = dir.0.join("text.txt");
+    for (rule, model, prompt, prompt_ids, text, text_ids) in &cases {
+        let (weights, tokenizer) = load_model(model).unwrap();
+        let mut engine = CpuEngine::new(weights).unwrap();
+        let vocab = engine.config().vocab_size;
+        let mut logits = engine.forward(prompt_ids).unwrap();
+        let mut greedy = Vec::new();
+        for _ in 0..4 {
+            // Ids past the tokenizer's vocabulary (padding) are never chosen.
+            let row = &logits[logits.len() - vocab..];
+            let id = argmax(&row[..tokenizer.vocab_size()]);
+            greedy.push(id);
+            logits = engine.forward(&[id]).unwrap();
+        }
+        std::fs::write(&text_path, text).unwrap();
+        let mut perplexities = Vec::new();
+        for device in ["cpu", "gpu"] {
+            let generated = bitnet_json(&[
+                "generate",
+                "--model",
+                path_str(model),
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                "4",
+                "--temperature",
+                "0",
+                "--device",
+                device,
+                "--json",
+            ]);
+            assert_eq!(
+                &ids(&generated["prompt_ids"]),
+                prompt_ids,
+                "{rule}, {device}"
+            );
+            let generated = ids(&generated["generated_ids"]);
+            assert_eq!(generated, greedy[..generated.len()], "{rule}, {device}");
+
+            let scored = bitnet_json(&[
+                "perplexity",
+                "--model",
+                path_str(model),
+                "--file",
+                path_str(&text_path),
+                "--context",
+                "16",
+                "--device",
+                device,
+                "--json",
+            ]);
+            // Each window's first token is not scored.
+            let windows = text_ids.len().div_ceil(16);
+            assert_eq!(
+                scored["tokens"],
+                text_ids.len() - windows,
+                "{rule}, {device}"
+            );
+            perplexities.push(scored["perplexity"].as_f64().unwrap());
+        }
+        // The CPU reference scores the written-down ids the same way.
+        let mut nll = 0.0;
+        for window in perplexity_windows(text_ids.len(), 16) {
+            engine.reset();
+            let logits = engine.forward(&text_ids[window.clone()]).unwrap();
+            for (row, &target) in logits
+                .chunks(vocab)
+                .zip(&text_ids[window.start + 1..window.end])
+            {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+                nll += max + sum.ln() - row[target as usize] as f64;
+            }
+        }
+        let expected = (nll / (text_ids.len() - text_ids.len().div_ceil(16)) as f64).exp();
+        for perplexity in perplexities {
+            assert!(
+                (perplexity - expected).abs() <= 1e-3 * expected,
+                "{rule}: {perplexity} vs {expected}"
+            );
+        }
+    }
+    // An empty prompt has a token to start from only where the tokenizer adds one.
+    let empty = |model: &Path| bitnet(&["generate", "--model", path_str(model), "--prompt", ""]);
+    let output = empty(&cases[0].1);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("empty") && stderr.contains("no bos"),
+        "{stderr}"
+    );
+    let output = empty(&cases[1].1);
+    assert!(output.status.success(), "{output:?}");
+}
+
+/// The largest logit's id, the lowest on ties.
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The same model as transformers' two offline layouts: the released 2B-4T's ("autobitlinear",
+/// weight_scale a multiplier, what `save_dir` writes) and the older "bitlinear" (a divisor).
+/// Same packed bytes, inverse scales: the same greedy ids and perplexity on both engines.
+#[test]
+fn both_offline_layouts_generate_alike() {
+    use safetensors::SafeTensors;
+    use safetensors::tensor::{Dtype, TensorView};
+
+    let dir = TempDir::new("layouts");
+    let released = hf_model(&dir);
+    let config = std::fs::read_to_string(released.join("config.json")).unwrap();
+    assert!(config.contains("\"autobitlinear\""), "{config}");
+    let older = dir.0.join("older");
+    std::fs::create_dir(&older).unwrap();
+    std::fs::write(
+        older.join("config.json"),
+        config.replace("\"autobitlinear\"", "\"bitlinear\""),
+    )
+    .unwrap();
+    std::fs::copy(
+        released.join("tokenizer.json"),
+        older.join("tokenizer.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(released.join("model.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let mut inverted = Vec::new();
+    for (name, view) in file.tensors() {
+        let data = if name.ends_with("weight_scale") {
+            let m = match view.dtype() {
+                Dtype::F32 => f32::from_le_bytes(view.data().try_into().unwrap()),
+                Dtype::BF16 => half::bf16::from_le_bytes(view.data().try_into().unwrap()).to_f32(),
+                other => panic!("{name}: {other:?}"),
+            };
+            (Dtype::F32, (1.0 / m).to_le_bytes().to_vec())
+        } else {
+            (view.dtype(), view.data().to_vec())
+        };
+        inverted.push((name, view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, TensorView<'_>)> = inverted
+        .iter()
+        .map(|(name, shape, (dtype, data))| {
+            (
+                name.clone(),
+                TensorView::new(*dtype, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(metadata), &older.join("model.safetensors"))
+        .unwrap();
+
+    let text_path = dir.0.join("text.txt");
+    std::fs::write(
+        &text_path,
+        "the winter in the north is longer than the summer ".repeat(2),
+    )
+    .unwrap();
+    let run = |model: &Path, device: &str| {
+        let generated = bitnet_json(&[
+            "generate",
+            "--model",
+            path_str(model),
+            "--prompt",
+            "the winter",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--device",
+            device,
+            "--json",
+        ]);
+        let scored = bitnet_json(&[
+            "perplexity",
+            "--model",
+            path_str(model),
+            "--file",
+            path_str(&text_path),
+            "--device",
+            device,
+            "--json",
+        ]);
+        (
+            ids(&generated["generated_ids"]),
+            scored["perplexity"].as_f64().unwrap(),
+        )
+    };
+    let (ids_released, ppl_released) = run(&released, "cpu");
+    assert!(!ids_released.is_empty());
+    for device in ["cpu", "gpu"] {
+        for model in [&released, &older] {
+            let (ids, ppl) = run(model, device);
+            assert_eq!(ids, ids_released, "{device} {model:?}");
+            // 1 / (1 / m) is within an ulp of m: the scores agree to float rounding.
+            assert!(
+                (ppl - ppl_released).abs() <= 1e-4 * ppl_released,
+                "{device} {model:?}: {ppl} vs {ppl_released}"
+            );
+        }
     }
 }

@@ -3,3 +3,4 @@
 
 pub mod gguf;
 pub mod hf;
+pub mod scale;

@@ -22,6 +22,7 @@ pub use writer::write_model;
 use std::borrow::Cow;
 
 use crate::cpu::TernaryWeights;
+use crate::formats::scale::divisor_of;
 use crate::packing::i2s;
 use crate::{Error, Result};
 
@@ -222,6 +223,16 @@ impl<'a> GgufFile<'a> {
             .transpose()
     }
 
+    /// A boolean key; `None` when absent.
+    pub fn get_bool(&self, key: &str) -> Result<Option<bool>> {
+        self.get(key)
+            .map(|v| match *v {
+                GgufValue::Bool(b) => Ok(b),
+                _ => Err(wrong_type(key, "a bool", v)),
+            })
+            .transpose()
+    }
+
     /// A string key; `None` when absent.
     pub fn get_str(&self, key: &str) -> Result<Option<&str>> {
         self.get(key)
@@ -359,7 +370,7 @@ impl<'a> GgufFile<'a> {
         let scale = if stored == 0.0 && codes.iter().all(|&c| c == 0) {
             1.0 / 1e-5f32
         } else if stored.is_finite() && stored > 0.0 {
-            1.0 / stored
+            divisor_of(stored)
         } else {
             return Err(Error::invalid(
                 "GGUF tensor",

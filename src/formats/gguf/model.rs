@@ -125,6 +125,71 @@ pub struct GgufTokenizer {
     pub token_types: Vec<i32>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
+    /// `tokenizer.ggml.pre`: the pre-tokenizer's name (`llama-bpe` for the 2B-4T model), which
+    /// also sets llama.cpp's default for adding a bos.
+    pub pre: Option<String>,
+    /// `tokenizer.ggml.add_bos_token`, when present.
+    pub add_bos: Option<bool>,
+    /// `tokenizer.ggml.add_eos_token`, when present.
+    pub add_eos: Option<bool>,
+}
+
+/// Pre-tokenizers for which llama.cpp adds a bos when `tokenizer.ggml.add_bos_token` is absent
+/// (its Llama-3 family, and two others that set the same flag).
+const PRE_TOKENIZERS_ADDING_BOS: [&str; 11] = [
+    "llama3",
+    "llama-v3",
+    "llama-bpe",
+    "falcon3",
+    "falcon-h1",
+    "pixtral",
+    "midm-2.0",
+    "lfm2",
+    "jina-v5-nano",
+    "tekken",
+    "chameleon",
+];
+
+impl GgufTokenizer {
+    /// Whether llama.cpp puts the bos before a text: `tokenizer.ggml.add_bos_token` when the
+    /// file has it, else its default for the vocabulary: SentencePiece (`llama`) adds one,
+    /// byte-level BPE (`gpt2`) only for the pre-tokenizers of the Llama-3 family and a few others.
+    ///
+    /// ```
+    /// use bitnet_wgpu::formats::gguf::GgufTokenizer;
+    /// let mut t = GgufTokenizer {
+    ///     model: "gpt2".into(),
+    ///     tokens: vec![],
+    ///     merges: vec![],
+    ///     token_types: vec![],
+    ///     bos: Some(0),
+    ///     eos: None,
+    ///     pre: Some("llama-bpe".into()),
+    ///     add_bos: None,
+    ///     add_eos: None,
+    /// };
+    /// assert!(t.adds_bos());
+    /// t.pre = Some("gpt-2".into());
+    /// assert!(!t.adds_bos());
+    /// t.add_bos = Some(true);
+    /// assert!(t.adds_bos());
+    /// ```
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos.unwrap_or_else(|| match self.model.as_str() {
+            "llama" => true,
+            "gpt2" => self
+                .pre
+                .as_deref()
+                .is_some_and(|pre| PRE_TOKENIZERS_ADDING_BOS.contains(&pre)),
+            _ => false,
+        })
+    }
+
+    /// Whether llama.cpp puts the eos after a text: only when `tokenizer.ggml.add_eos_token` says
+    /// so (no vocabulary this crate reads adds one by default).
+    pub fn adds_eos(&self) -> bool {
+        self.add_eos.unwrap_or(false)
+    }
 }
 
 /// The embedded tokenizer, or `None` when the file carries no `tokenizer.ggml.tokens`.
@@ -157,6 +222,9 @@ pub fn tokenizer(file: &GgufFile) -> Result<Option<GgufTokenizer>> {
         token_types,
         bos: file.get_u32("tokenizer.ggml.bos_token_id")?,
         eos: file.get_u32("tokenizer.ggml.eos_token_id")?,
+        pre: file.get_str("tokenizer.ggml.pre")?.map(str::to_string),
+        add_bos: file.get_bool("tokenizer.ggml.add_bos_token")?,
+        add_eos: file.get_bool("tokenizer.ggml.add_eos_token")?,
     }))
 }
 

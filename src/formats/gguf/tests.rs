@@ -1,7 +1,7 @@
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 
 use super::model::{ARCHITECTURES, WRITE_ARCHITECTURE};
-use super::writer::{Tensor, bitnet_scale, encode, ternary_tensor};
+use super::writer::{Tensor, encode, ternary_tensor};
 use super::*;
 use crate::cpu::{WeightQuantOptions, weight_quant};
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
@@ -87,7 +87,50 @@ fn small_tokenizer() -> GgufTokenizer {
         token_types: vec![2, 3, 3, 1, 1, 1],
         bos: Some(1),
         eos: Some(2),
+        pre: Some("llama-bpe".into()),
+        add_bos: Some(true),
+        add_eos: None,
     }
+}
+
+#[test]
+fn bos_keys_round_trip_and_default_by_pre_tokenizer() {
+    let model = tiny(3, true);
+    for (pre, add_bos, adds) in [
+        (Some("llama-bpe"), None, true),
+        (Some("gpt-2"), None, false),
+        (None, None, false),
+        (Some("gpt-2"), Some(true), true),
+        (Some("llama-bpe"), Some(false), false),
+    ] {
+        let written = GgufTokenizer {
+            pre: pre.map(String::from),
+            add_bos,
+            add_eos: add_bos.map(|b| !b),
+            ..small_tokenizer()
+        };
+        let file = GgufFile::from_vec(write_model(&model, Some(&written)).unwrap()).unwrap();
+        assert_eq!(
+            file.get_bool("tokenizer.ggml.add_bos_token").unwrap(),
+            add_bos
+        );
+        let read = tokenizer(&file).unwrap().unwrap();
+        assert_eq!(read, written);
+        assert_eq!(read.adds_bos(), adds, "{pre:?} {add_bos:?}");
+    }
+    // A key of the wrong type is named.
+    let bytes = write_model(&model, Some(&small_tokenizer())).unwrap();
+    let bytes = rebuild(&bytes, |metadata, _| {
+        for (k, v) in metadata.iter_mut() {
+            if k == "tokenizer.ggml.add_bos_token" {
+                *v = GgufValue::U32(1);
+            }
+        }
+    });
+    let e = tokenizer(&GgufFile::from_vec(bytes).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("add_bos_token"), "{e}");
 }
 
 /// Parses `bytes`, lets `edit` change metadata and tensors, and encodes the result again.
@@ -149,18 +192,6 @@ fn round_trip_is_bit_exact() {
 #[test]
 fn written_architecture_is_one_the_reader_accepts() {
     assert!(ARCHITECTURES.contains(&WRITE_ARCHITECTURE));
-}
-
-#[test]
-fn bitnet_scale_inverts_every_weight_quant_scale() {
-    let mut rng = SmallRng::seed_from_u64(3);
-    for _ in 0..20_000 {
-        let gamma: f32 = 10f32.powf(rng.random_range(-5.0..3.0));
-        let s = 1.0f32 / gamma.max(1e-5);
-        let b = bitnet_scale(s);
-        assert_eq!(1.0 / b, s, "gamma {gamma}");
-        assert!((b * s - 1.0).abs() < 1e-6);
-    }
 }
 
 /// A little-endian byte builder for hand-written headers.

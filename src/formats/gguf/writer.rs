@@ -6,6 +6,7 @@ use super::model::{
 use super::reader::{MAGIC, align_up};
 use super::{DEFAULT_ALIGNMENT, GGML_TYPE_F32, GGML_TYPE_I2_S, GgufValue};
 use crate::cpu::TernaryWeights;
+use crate::formats::scale::multiplier_of;
 use crate::model::{ModelConfig, ModelWeights};
 use crate::packing::i2s;
 use crate::{Error, Result};
@@ -172,6 +173,20 @@ fn metadata(
         if !t.merges.is_empty() {
             kv.push(("tokenizer.ggml.merges".to_string(), strings(&t.merges)));
         }
+        if let Some(pre) = &t.pre {
+            kv.push((
+                "tokenizer.ggml.pre".to_string(),
+                GgufValue::String(pre.clone()),
+            ));
+        }
+        for (key, flag) in [
+            ("tokenizer.ggml.add_bos_token", t.add_bos),
+            ("tokenizer.ggml.add_eos_token", t.add_eos),
+        ] {
+            if let Some(flag) = flag {
+                kv.push((key.to_string(), GgufValue::Bool(flag)));
+            }
+        }
         if !t.token_types.is_empty() {
             kv.push((
                 "tokenizer.ggml.token_type".to_string(),
@@ -244,7 +259,7 @@ pub(super) fn ternary_tensor(
         ));
     }
     let scale = match w.scales[..] {
-        [s] if s.is_finite() && s > 0.0 => bitnet_scale(s),
+        [s] if s.is_finite() && s > 0.0 => multiplier_of(s),
         [s] => {
             return Err(Error::invalid(
                 "GGUF tensor",
@@ -267,22 +282,6 @@ pub(super) fn ternary_tensor(
         ggml_type: GGML_TYPE_I2_S,
         data: i2s::pack(&w.codes, scale)?,
     })
-}
-
-/// bitnet.cpp's scale for a Hugging Face scale `s`: the f32 nearest `1 / s` among those whose
-/// f32 reciprocal is exactly `s`, or plain `1 / s` where no f32 has that reciprocal.
-pub(super) fn bitnet_scale(s: f32) -> f32 {
-    let nearest = 1.0 / s;
-    [0i32, -1, 1, -2, 2]
-        .into_iter()
-        .filter_map(|step| {
-            nearest
-                .to_bits()
-                .checked_add_signed(step)
-                .map(f32::from_bits)
-        })
-        .find(|&b| b.is_finite() && b > 0.0 && 1.0 / b == s)
-        .unwrap_or(nearest)
 }
 
 /// Serializes header, metadata, tensor directory and tensor data, each tensor padded to the

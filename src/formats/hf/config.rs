@@ -12,14 +12,28 @@ use crate::{Error, Result};
 /// How a checkpoint stores its linear weights, as its `quantization_config` says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// `quant_method: "bitnet"`, `linear_class: "bitlinear"`, `quantization_mode: "offline"` (the
-    /// released `microsoft/bitnet-b1.58-2B-4T`): each `*_proj.weight` is uint8 `[out/4, in]` in
-    /// [`crate::packing::hf`]'s layout and `*_proj.weight_scale` holds one scale, divided by.
-    OfflinePacked,
+    /// `quant_method: "bitnet"`, `quantization_mode: "offline"`: each `*_proj.weight` is uint8
+    /// `[out/4, in]` in [`crate::packing::hf`]'s layout and `*_proj.weight_scale` holds one scale,
+    /// whose meaning `linear_class` gives.
+    OfflinePacked(LinearClass),
     /// No `quantization_config`, or `quantization_mode: "online"` (the `-bf16` master weights):
     /// plain bf16/f16/f32 linears that are quantized to ternary at load, per tensor absmean, as
     /// transformers' online `AutoBitLinear` does in every forward.
     FullPrecision,
+}
+
+/// The transformers layer an offline checkpoint was written for, which fixes what its
+/// `weight_scale` means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearClass {
+    /// `"autobitlinear"` (transformers' `AutoBitLinear`; the released
+    /// `microsoft/bitnet-b1.58-2B-4T`, and what this crate writes): `y = (x̂ · codesᵀ) ·
+    /// weight_scale`, so `weight_scale = mean|W|`, a multiplier.
+    AutoBitLinear,
+    /// `"bitlinear"` (transformers' `BitLinear`, older checkpoints): `y = (x_q · codesᵀ) /
+    /// (weight_scale · x_scale)`, so `weight_scale = 1 / mean|W|`, a divisor, as
+    /// [`crate::cpu::TernaryWeights::scales`] holds it.
+    BitLinear,
 }
 
 /// Everything config.json says that loading needs: the architecture and how weights are stored.
@@ -122,7 +136,8 @@ pub fn parse_checkpoint_config(json: &str) -> Result<CheckpointConfig> {
 }
 
 /// A config.json for `model` that transformers loads as an offline packed `BitNetForCausalLM`
-/// (the files [`super::save_dir`] writes). `head_dim` is left out: it is always
+/// (the files [`super::save_dir`] writes), in the released 2B-4T's layout: `linear_class:
+/// "autobitlinear"`, `quantization_mode: "offline"`. `head_dim` is left out: it is always
 /// `hidden_size / num_attention_heads` here, and newer transformers' strict `BitNetConfig` has no
 /// such field.
 pub fn config_json(model: &ModelConfig) -> String {
@@ -149,7 +164,7 @@ pub fn config_json(model: &ModelConfig) -> String {
         torch_dtype: "bfloat16",
         quantization_config: QuantOut {
             quant_method: "bitnet",
-            linear_class: "bitlinear",
+            linear_class: "autobitlinear",
             quantization_mode: "offline",
         },
     };
@@ -350,20 +365,17 @@ fn weight_format(quant: Option<&Value>) -> Result<WeightFormat> {
              stay unquantized"
         ));
     }
+    // transformers' BitNetQuantConfig defaults: linear_class "bitlinear", mode "offline".
     let class = field::<String>(q, "linear_class")?.unwrap_or("bitlinear".into());
     let mode = field::<String>(q, "quantization_mode")?.unwrap_or("offline".into());
     match (class.as_str(), mode.as_str()) {
-        ("bitlinear", "offline") => Ok(WeightFormat::OfflinePacked),
+        ("autobitlinear", "offline") => Ok(WeightFormat::OfflinePacked(LinearClass::AutoBitLinear)),
+        ("bitlinear", "offline") => Ok(WeightFormat::OfflinePacked(LinearClass::BitLinear)),
         ("bitlinear" | "autobitlinear", "online") => Ok(WeightFormat::FullPrecision),
-        ("autobitlinear", "offline") => unsupported(
-            "quantization_config linear_class \"autobitlinear\" in offline mode multiplies by \
-             weight_scale; only \"bitlinear\" (which divides, as the released checkpoint does) is \
-             supported"
-                .into(),
-        ),
         _ => unsupported(format!(
             "quantization_config linear_class {class:?} / quantization_mode {mode:?} is not \
-             supported"
+             supported (linear_class \"autobitlinear\" or \"bitlinear\", quantization_mode \
+             \"offline\" or \"online\")"
         )),
     }
 }

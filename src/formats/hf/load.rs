@@ -6,11 +6,12 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::Deserialize;
 
-use super::config::{CheckpointConfig, WeightFormat, parse_checkpoint_config};
+use super::config::{CheckpointConfig, LinearClass, WeightFormat, parse_checkpoint_config};
 use super::{
     CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, layer_linears, layer_norms, layer_prefix, widen,
 };
 use crate::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
+use crate::formats::scale::divisor_of;
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
 use crate::packing::hf;
 use crate::{Error, Result};
@@ -201,7 +202,7 @@ fn linear(
 ) -> Result<TernaryWeights> {
     let w = t.take(&format!("{name}.weight"))?;
     match format {
-        WeightFormat::OfflinePacked => {
+        WeightFormat::OfflinePacked(class) => {
             if w.view.dtype() != Dtype::U8 {
                 return Err(w.error(format!(
                     "has dtype {:?}, expected U8 (packed ternary codes, as config.json's offline \
@@ -224,10 +225,14 @@ fn linear(
                     s.view.shape()
                 )));
             }
-            let scale = s.floats(s.view.shape())?[0];
-            if scale <= 0.0 {
-                return Err(s.error(format!("is {scale}, not a scale > 0")));
+            let stored = s.floats(s.view.shape())?[0];
+            if !(stored.is_finite() && stored > 0.0) {
+                return Err(s.error(format!("is {stored}, not a finite scale > 0")));
             }
+            let scale = match class {
+                LinearClass::AutoBitLinear => divisor_of(stored),
+                LinearClass::BitLinear => stored,
+            };
             Ok(TernaryWeights {
                 rows: out,
                 cols: inp,

@@ -25,7 +25,7 @@ mod save;
 mod tests;
 
 pub use config::{
-    CheckpointConfig, WeightFormat, config_json, parse_checkpoint_config, parse_config,
+    CheckpointConfig, LinearClass, WeightFormat, config_json, parse_checkpoint_config, parse_config,
 };
 pub use load::{load_dir, load_from_bytes};
 pub use save::{save_dir, to_safetensors_bytes};

@@ -10,6 +10,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use super::config::{config_json, validate};
 use super::{CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, layer_linears, layer_norms, layer_prefix};
 use crate::cpu::TernaryWeights;
+use crate::formats::scale::multiplier_of;
 use crate::model::ModelWeights;
 use crate::packing::hf;
 use crate::{Error, Result};
@@ -70,10 +71,12 @@ pub fn save_dir(
 
 /// `model.safetensors` for `weights` in the offline packed format, as bytes (for the browser).
 ///
-/// Linears are U8 `[out/4, in]` ([`crate::packing::hf`]) with `weight_scale` of shape `[1]`. The
-/// released checkpoint stores that scale as BF16; here it is BF16 only where bf16 holds it exactly
-/// and F32 otherwise, so that loading gives back the very same f32 (transformers casts either to
-/// the model's dtype). Embeddings and norms are F32, likewise exact. The header's metadata is
+/// Linears are U8 `[out/4, in]` ([`crate::packing::hf`]) with `weight_scale` of shape `[1]`, in
+/// the released 2B-4T's `autobitlinear` convention: the multiplier `mean|W|`
+/// ([`crate::formats::scale::multiplier_of`] the in-memory divisor, chosen so that loading gives
+/// back the very same divisor). The released checkpoint stores that scale as BF16; here it is
+/// BF16 only where bf16 holds it exactly and F32 otherwise (transformers casts either to the
+/// model's dtype). Embeddings and norms are F32, likewise exact. The header's metadata is
 /// `format: pt` (transformers refuses other values) plus `extra_metadata`, which may not set
 /// `format` itself.
 ///
@@ -181,11 +184,12 @@ fn linear(name: &str, w: &TernaryWeights, out: usize, inp: usize) -> Result<[Sto
     }
     let packed = hf::pack(&w.codes, out, inp)
         .map_err(|e| Error::Safetensors(format!("linear `{name}`: {e}")))?;
-    let as_bf16 = bf16::from_f32(scale);
-    let (dtype, scale_bytes) = if as_bf16.to_f32().to_bits() == scale.to_bits() {
+    let multiplier = multiplier_of(scale);
+    let as_bf16 = bf16::from_f32(multiplier);
+    let (dtype, scale_bytes) = if as_bf16.to_f32().to_bits() == multiplier.to_bits() {
         (Dtype::BF16, as_bf16.to_le_bytes().to_vec())
     } else {
-        (Dtype::F32, scale.to_le_bytes().to_vec())
+        (Dtype::F32, multiplier.to_le_bytes().to_vec())
     };
     Ok([
         Stored {

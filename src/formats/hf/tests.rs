@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::Error;
 use crate::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
+use crate::formats::scale::multiplier_of;
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
 
 /// Awkward sizes: head_dim 20, one KV head for two query heads, out % 4 == 0 throughout.
@@ -57,8 +58,8 @@ fn random_weights(seed: u64, tied: bool) -> ModelWeights {
             ffn_sub_norm: random(rng, i),
         })
         .collect();
-    // One scale bf16 holds exactly, to exercise the BF16 weight_scale path.
-    layers[1].k_proj.scales = vec![2.5];
+    // One scale whose multiplier (4) bf16 holds exactly, to exercise the BF16 weight_scale path.
+    layers[1].k_proj.scales = vec![0.25];
     ModelWeights {
         config: tiny_config(tied),
         embed_tokens: random(rng, 37 * h),
@@ -240,14 +241,17 @@ fn written_config_is_what_transformers_expects() {
     assert_eq!(json["rms_norm_eps"], json!(1e-6));
     assert_eq!(
         json["quantization_config"],
-        json!({"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"})
+        json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"})
     );
     assert!(json.get("head_dim").is_none());
     for tied in [true, false] {
         let c = tiny_config(tied);
         let back = parse_checkpoint_config(&config_json(&c)).unwrap();
         assert_eq!(back.model, c);
-        assert_eq!(back.weight_format, WeightFormat::OfflinePacked);
+        assert_eq!(
+            back.weight_format,
+            WeightFormat::OfflinePacked(LinearClass::AutoBitLinear)
+        );
     }
 }
 
@@ -261,11 +265,30 @@ fn parses_the_released_2b4t_config() {
         "num_hidden_layers": 30, "num_key_value_heads": 5, "rms_norm_eps": 1e-05,
         "rope_theta": 500000.0, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
         "use_cache": true, "vocab_size": 128256,
-        "quantization_config": {"quant_method": "bitnet", "linear_class": "bitlinear",
+        "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear",
                                 "quantization_mode": "offline"}
     }"#;
     let c = parse_checkpoint_config(text).unwrap();
-    assert_eq!(c.weight_format, WeightFormat::OfflinePacked);
+    assert_eq!(
+        c.weight_format,
+        WeightFormat::OfflinePacked(LinearClass::AutoBitLinear)
+    );
+    // The older layout, and transformers' defaults (class "bitlinear", mode "offline").
+    for q in [
+        r#"{"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}"#,
+        r#"{"quant_method": "bitnet"}"#,
+    ] {
+        let older = text.replace(
+            r#"{"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                "quantization_mode": "offline"}"#,
+            q,
+        );
+        assert_eq!(
+            parse_checkpoint_config(&older).unwrap().weight_format,
+            WeightFormat::OfflinePacked(LinearClass::BitLinear),
+            "{q}"
+        );
+    }
     assert_eq!(
         c.model,
         ModelConfig {
@@ -362,8 +385,12 @@ fn bad_configs_are_named() {
             "quant_method",
         ),
         (
-            r#"{"model_type": "bitnet", "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear"}}"#,
-            "autobitlinear",
+            r#"{"model_type": "bitnet", "quantization_config": {"quant_method": "bitnet", "linear_class": "ternarylinear"}}"#,
+            "ternarylinear",
+        ),
+        (
+            r#"{"model_type": "bitnet", "quantization_config": {"quant_method": "bitnet", "quantization_mode": "hybrid"}}"#,
+            "hybrid",
         ),
         (
             r#"{"model_type": "bitnet", "quantization_config": {"quant_method": "bitnet", "use_rms_norm": true}}"#,
@@ -497,12 +524,14 @@ fn released_checkpoint_dtypes_load() {
         back.embed_tokens,
         w.embed_tokens.iter().map(|&v| round(v)).collect::<Vec<_>>()
     );
+    // The files hold multipliers (autobitlinear): rounded there, then inverted.
+    let stored = |w: &TernaryWeights| multiplier_of(w.scales[0]);
     for (a, b) in back.layers.iter().zip(&w.layers) {
         assert_eq!(a.up_proj.codes, b.up_proj.codes);
-        assert_eq!(a.up_proj.scales, [round(b.up_proj.scales[0])]);
+        assert_eq!(a.up_proj.scales, [1.0 / round(stored(&b.up_proj))]);
         assert_eq!(
             a.q_proj.scales,
-            [half::f16::from_f32(b.q_proj.scales[0]).to_f32()]
+            [1.0 / half::f16::from_f32(stored(&b.q_proj)).to_f32()]
         );
     }
 }
@@ -719,4 +748,91 @@ fn unsavable_weights_are_refused_before_writing() {
     }
     let e = to_safetensors_bytes(&w, &[("format".into(), "np".into())]).unwrap_err();
     assert!(e.to_string().contains("format"), "{e}");
+}
+
+#[test]
+fn both_offline_layouts_load_to_the_same_weights() {
+    let (w, autobitlinear, tensors) = packed_checkpoint(false);
+    // The older "bitlinear" file of the same model: the same packed bytes, each weight_scale
+    // the inverse of the written multiplier.
+    let mut older = tensors.clone();
+    for t in older
+        .iter_mut()
+        .filter(|t| t.name.ends_with("weight_scale"))
+    {
+        let m = match t.dtype {
+            Dtype::BF16 => bf16::from_le_bytes([t.bytes[0], t.bytes[1]]).to_f32(),
+            _ => f32::from_le_bytes(t.bytes[..4].try_into().unwrap()),
+        };
+        t.dtype = Dtype::F32;
+        t.bytes = (1.0 / m).to_le_bytes().to_vec();
+    }
+    let bitlinear = autobitlinear.replace("\"autobitlinear\"", "\"bitlinear\"");
+    assert_ne!(bitlinear, autobitlinear);
+    let a = load_from_bytes(&autobitlinear, &[&serialize(&tensors)]).unwrap();
+    let b = load_from_bytes(&bitlinear, &[&serialize(&older)]).unwrap();
+    assert_bit_exact(&w, &a);
+    for (la, lb) in a.layers.iter().zip(&b.layers) {
+        for (x, y) in la.linears().into_iter().zip(lb.linears()) {
+            assert_eq!(x.codes, y.codes);
+            // 1 / (1 / s) comes back within one ulp of s.
+            let ulps = (x.scales[0].to_bits() as i64 - y.scales[0].to_bits() as i64).abs();
+            assert!(ulps <= 1, "{} vs {}", x.scales[0], y.scales[0]);
+        }
+    }
+    // The packed tensors are byte for byte those of the older layout.
+    for (x, y) in tensors.iter().zip(&older) {
+        if !x.name.ends_with("weight_scale") {
+            assert_eq!((&x.name, &x.bytes), (&y.name, &y.bytes));
+        }
+    }
+}
+
+/// config.json exactly as transformers' `save_pretrained` writes it (every field of its
+/// `BitNetQuantConfig`), for both linear classes.
+#[test]
+fn transformers_written_configs_load() {
+    for (class, expected) in [
+        ("autobitlinear", LinearClass::AutoBitLinear),
+        ("bitlinear", LinearClass::BitLinear),
+    ] {
+        let text = format!(
+            r#"{{
+  "architectures": ["BitNetForCausalLM"],
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "bos_token_id": 1,
+  "dtype": "bfloat16",
+  "eos_token_id": null,
+  "head_dim": 20,
+  "hidden_act": "relu2",
+  "hidden_size": 40,
+  "initializer_range": 0.02,
+  "intermediate_size": 56,
+  "max_position_embeddings": 64,
+  "model_type": "bitnet",
+  "num_attention_heads": 2,
+  "num_hidden_layers": 2,
+  "num_key_value_heads": 1,
+  "pad_token_id": null,
+  "quantization_config": {{
+    "linear_class": "{class}",
+    "modules_to_not_convert": null,
+    "quant_method": "bitnet",
+    "quantization_mode": "offline",
+    "rms_norm_eps": 1e-06,
+    "use_rms_norm": false
+  }},
+  "rms_norm_eps": 1e-06,
+  "rope_theta": 10000.0,
+  "tie_word_embeddings": false,
+  "transformers_version": "4.57.1",
+  "use_cache": true,
+  "vocab_size": 37
+}}"#
+        );
+        let c = parse_checkpoint_config(&text).unwrap();
+        assert_eq!(c.model, tiny_config(false));
+        assert_eq!(c.weight_format, WeightFormat::OfflinePacked(expected));
+    }
 }
