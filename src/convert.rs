@@ -623,7 +623,11 @@ impl<'a> Input<'a> {
 #[cfg(not(target_arch = "wasm32"))]
 mod dir;
 #[cfg(not(target_arch = "wasm32"))]
+mod gguf;
+#[cfg(not(target_arch = "wasm32"))]
 pub use dir::convert_dir;
+#[cfg(not(target_arch = "wasm32"))]
+pub use gguf::{GgufConversion, convert_to_gguf};
 
 #[cfg(test)]
 mod tests {

@@ -42,7 +42,8 @@ enum Command {
     /// Perplexity of a model on a text file, over consecutive windows of --context tokens.
     Perplexity(PerplexityArgs),
     /// Turn a full-precision Hugging Face checkpoint into the offline packed ternary format that
-    /// transformers loads (2 bits per weight), with compression statistics.
+    /// transformers loads (2 bits per weight), with compression statistics; or any checkpoint
+    /// folder into one I2_S GGUF file that bitnet.cpp runs (--format gguf).
     Convert(ConvertArgs),
     /// Prompt and decoding speed, and GPU memory, of a model on the GPU.
     Bench(BenchArgs),
@@ -95,12 +96,18 @@ enum Synthetic {
 
 #[derive(Args)]
 struct ConvertArgs {
-    /// The full-precision checkpoint folder (config.json and safetensors).
+    /// The checkpoint folder (config.json and safetensors): full precision, or for --format gguf
+    /// also offline packed.
     #[arg(long)]
     input: PathBuf,
-    /// The folder to write; it must not hold a model already, and never the input folder.
+    /// The folder to write (hf), or the .gguf file (gguf); never inside the input, never one
+    /// that exists already.
     #[arg(long)]
     output: PathBuf,
+    /// hf: the packed Hugging Face layout of bitnet-b1.58-2B-4T; gguf: one I2_S GGUF file as
+    /// bitnet.cpp writes it (quantized per tensor, round-to-nearest).
+    #[arg(long, value_enum, default_value_t = ConvertFormat::Hf)]
+    format: ConvertFormat,
     /// Modules kept full precision, comma-separated (`*` matches any run of characters).
     #[arg(long, value_delimiter = ',', default_values_t = bitnet_wgpu::convert::DEFAULT_EXCLUDE.map(String::from))]
     exclude: Vec<String>,
@@ -113,6 +120,12 @@ struct ConvertArgs {
     /// Also write the dequantized model as f16 safetensors, for full-precision training.
     #[arg(long)]
     dequantized_f16: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ConvertFormat {
+    Hf,
+    Gguf,
 }
 
 #[derive(Args)]
@@ -159,7 +172,8 @@ struct ModelArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The text to continue (a bos token is put before it when the vocabulary has one).
+    /// The text to continue, after the special tokens the model's tokenizer adds (its bos, for
+    /// most).
     #[arg(long)]
     prompt: String,
     /// Stop after this many new tokens (or earlier, at the end-of-sequence token or the
@@ -361,6 +375,9 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
 
 fn convert(args: &ConvertArgs) -> CliResult<()> {
     use bitnet_wgpu::convert::{ConvertOptions, Progress, REPORT_FILE, convert_dir};
+    if args.format == ConvertFormat::Gguf {
+        return convert_gguf(args);
+    }
     let options = ConvertOptions {
         exclude: args.exclude.clone(),
         granularity: if args.per_channel {
@@ -398,6 +415,43 @@ fn convert(args: &ConvertArgs) -> CliResult<()> {
         report.linear_packed_bytes,
         100.0 * report.sparsity,
         args.output.join(REPORT_FILE).display()
+    );
+    Ok(())
+}
+
+/// `convert --format gguf`: the whole model in one file, as bitnet.cpp writes it.
+fn convert_gguf(args: &ConvertArgs) -> CliResult<()> {
+    use bitnet_wgpu::convert::{DEFAULT_EXCLUDE, convert_to_gguf};
+    let unsupported = [
+        (args.per_channel, "--per-channel"),
+        (args.threshold != 0.5, "--threshold"),
+        (args.dequantized_f16, "--dequantized-f16"),
+        (
+            args.exclude != DEFAULT_EXCLUDE.map(String::from),
+            "--exclude",
+        ),
+    ];
+    if let Some((_, flag)) = unsupported.iter().find(|(set, _)| *set) {
+        return Err(format!(
+            "{flag} is not available with --format gguf (I2_S holds one scale per tensor, and \
+             bitnet.cpp's layout fixes the rest)"
+        )
+        .into());
+    }
+    let conversion = convert_to_gguf(&args.input, &args.output, &mut |_| {})?;
+    let tokenizer = match &conversion.tokenizer {
+        Some(t) => format!(
+            "tokenizer: {} tokens, pre {}, add_bos_token {}",
+            t.tokens.len(),
+            t.pre.as_deref().unwrap_or("none"),
+            t.add_bos.unwrap_or(false)
+        ),
+        None => "no tokenizer (byte-level)".to_string(),
+    };
+    eprintln!(
+        "wrote {} ({} bytes; I2_S linears, F16 embeddings; {tokenizer})",
+        args.output.display(),
+        conversion.bytes
     );
     Ok(())
 }

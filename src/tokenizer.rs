@@ -15,17 +15,26 @@
 use std::collections::HashMap;
 
 use tokenizers::AddedToken;
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 
 use crate::formats::gguf::GgufTokenizer;
 use crate::{Error, Result};
 
+/// GGUF `tokenizer.ggml.token_type` of an ordinary token.
+const TOKEN_TYPE_NORMAL: i32 = 1;
 /// GGUF `tokenizer.ggml.token_type` of a control token (`<|begin_of_text|>` and the like).
 const TOKEN_TYPE_CONTROL: i32 = 3;
 /// GGUF `tokenizer.ggml.token_type` of a user-defined token, matched whole in the input.
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// Llama 3's pre-tokenizer split (its tokenizer.json, and bitnet-b1.58-2B-4T's): contractions
+/// in any case, letters with one leading non-letter, digits in groups of up to three.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Byte-level fallback: ids 0..=255 are the bytes, 256 marks the beginning of a sequence, 257 its
 /// end; any further ids up to the model's vocabulary are specials that decode to nothing.
@@ -56,9 +65,23 @@ pub struct Tokenizer {
 
 #[derive(Clone, Debug)]
 enum Kind {
-    // Boxed: the tokenizers type is large and the byte kind is two words.
-    Hf(Box<tokenizers::Tokenizer>),
-    Bytes { vocab_size: usize },
+    /// A `tokenizers` tokenizer and one past its largest id (not its token count: a vocabulary
+    /// may leave ids unused). Boxed: the tokenizers type is large and the byte kind is two words.
+    Hf(Box<tokenizers::Tokenizer>, usize),
+    Bytes {
+        vocab_size: usize,
+    },
+}
+
+impl Kind {
+    fn hf(inner: tokenizers::Tokenizer) -> Self {
+        let ids = inner
+            .get_vocab(true)
+            .into_values()
+            .max()
+            .map_or(0, |id| id as usize + 1);
+        Kind::Hf(Box::new(inner), ids)
+    }
 }
 
 impl Tokenizer {
@@ -69,7 +92,7 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_bytes(json)
             .map_err(|e| Error::invalid("tokenizer.json", e))?;
         Ok(Tokenizer {
-            kind: Kind::Hf(Box::new(inner)),
+            kind: Kind::hf(inner),
             bos: None,
             eos: None,
             add_bos: false,
@@ -78,8 +101,10 @@ impl Tokenizer {
     }
 
     /// The byte-level BPE vocabulary of a GGUF file (`tokenizer.ggml.model = "gpt2"`, the
-    /// 2B-4T model's): tokens and merges in GPT-2's byte-to-character alphabet, split by GPT-2's
-    /// pre-tokenizer regex. Control and user-defined tokens are matched whole in the input,
+    /// 2B-4T model's): tokens and merges in GPT-2's byte-to-character alphabet, split as
+    /// llama.cpp splits for the file's `tokenizer.ggml.pre`: Llama 3's regex for its family
+    /// ([`GgufTokenizer::splits_like_llama3`]), GPT-2's otherwise. Control and user-defined
+    /// tokens are matched whole in the input,
     /// and control tokens are left out of decoded text. The bos and eos are added as llama.cpp
     /// adds them ([`GgufTokenizer::adds_bos`], [`GgufTokenizer::adds_eos`]).
     ///
@@ -115,6 +140,7 @@ impl Tokenizer {
                     })
             })
             .collect::<Result<Vec<_>>>()?;
+        let llama3 = t.splits_like_llama3();
         let bpe = BPE::builder()
             .vocab_and_merges(
                 vocab
@@ -122,12 +148,25 @@ impl Tokenizer {
                     .collect::<tokenizers::models::bpe::Vocab>(),
                 merges,
             )
+            .ignore_merges(llama3)
             .build()
             .map_err(|e| Error::invalid("GGUF tokenizer", e))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
-        inner
-            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-            .with_decoder(Some(ByteLevelDecoder::default()));
+        if llama3 {
+            let split = Split::new(
+                SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| Error::invalid("GGUF tokenizer", e))?;
+            inner.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])));
+        } else {
+            inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        }
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
         let added: Vec<AddedToken> = t
             .tokens
             .iter()
@@ -137,7 +176,7 @@ impl Tokenizer {
             .collect();
         inner.add_special_tokens(&added);
         Tokenizer {
-            kind: Kind::Hf(Box::new(inner)),
+            kind: Kind::hf(inner),
             bos: None,
             eos: None,
             add_bos: t.adds_bos(),
@@ -192,7 +231,7 @@ impl Tokenizer {
     /// How many ids the tokenizer can produce (added tokens included); every id is below it.
     pub fn vocab_size(&self) -> usize {
         match &self.kind {
-            Kind::Hf(t) => t.get_vocab_size(true),
+            Kind::Hf(_, ids) => *ids,
             Kind::Bytes { vocab_size } => *vocab_size,
         }
     }
@@ -207,7 +246,7 @@ impl Tokenizer {
         let special = |add: bool, id: Option<u32>| id.filter(|_| add && add_special_tokens);
         let mut ids: Vec<u32> = special(self.add_bos, self.bos).into_iter().collect();
         match &self.kind {
-            Kind::Hf(t) => {
+            Kind::Hf(t, _) => {
                 let encoding = t
                     .encode(text, add_special_tokens)
                     .map_err(|e| Error::invalid("tokenizer", e))?;
@@ -243,7 +282,7 @@ impl Tokenizer {
             ));
         }
         match &self.kind {
-            Kind::Hf(t) => t
+            Kind::Hf(t, _) => t
                 .decode(ids, true)
                 .map_err(|e| Error::invalid("tokenizer", e)),
             Kind::Bytes { .. } => {
@@ -251,6 +290,117 @@ impl Tokenizer {
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
             }
         }
+    }
+
+    /// This tokenizer as a GGUF file's `tokenizer.ggml.*` keys, so that llama.cpp and bitnet.cpp
+    /// tokenize as it does: the vocabulary by id, the merges, special added tokens as control tokens and other
+    /// added tokens as user-defined ones, `pre` named by the pre-tokenizer (`llama-bpe` for Llama
+    /// 3's split, `gpt-2` for plain byte-level), and `add_bos_token`/`add_eos_token` set to what
+    /// [`Tokenizer::encode`] adds, so no reader has to guess.
+    ///
+    /// Errors: the byte-level fallback (nothing to write), a vocabulary that leaves an id unused,
+    /// a model other than byte-level BPE, a pre-tokenizer llama.cpp has
+    /// no name for, and a post-processor that adds tokens other than the bos and eos.
+    pub fn to_gguf(&self) -> Result<GgufTokenizer> {
+        let bad = |why: String| Error::invalid("tokenizer for GGUF", why);
+        let Kind::Hf(inner, _) = &self.kind else {
+            return Err(bad(
+                "the byte-level fallback has no vocabulary to write".into()
+            ));
+        };
+        let json: serde_json::Value = inner
+            .to_string(false)
+            .map_err(|e| bad(e.to_string()))
+            .and_then(|s| serde_json::from_str(&s).map_err(|e| bad(e.to_string())))?;
+        let model = &json["model"];
+        let mut by_id: Vec<Option<(String, i32)>> = Vec::new();
+        let mut place = |id: u64, token: &str, kind: i32| {
+            let id = id as usize;
+            if by_id.len() <= id {
+                by_id.resize(id + 1, None);
+            }
+            by_id[id] = Some((token.to_string(), kind));
+        };
+        for (token, id) in model["vocab"].as_object().into_iter().flatten() {
+            place(id.as_u64().unwrap_or(u64::MAX), token, TOKEN_TYPE_NORMAL);
+        }
+        for added in json["added_tokens"].as_array().into_iter().flatten() {
+            let kind = if added["special"] == true {
+                TOKEN_TYPE_CONTROL
+            } else {
+                TOKEN_TYPE_USER_DEFINED
+            };
+            let content = added["content"].as_str().unwrap_or_default();
+            place(added["id"].as_u64().unwrap_or(u64::MAX), content, kind);
+        }
+        if let Some(id) = by_id.iter().position(Option::is_none) {
+            return Err(bad(format!(
+                "no token has id {id}, and GGUF numbers tokens by their position"
+            )));
+        }
+        let (tokens, token_types): (Vec<String>, Vec<i32>) = by_id.into_iter().flatten().unzip();
+        if model["type"] != "BPE" || !has_type(&json["decoder"], "ByteLevel") {
+            return Err(bad(
+                "only byte-level BPE vocabularies (GPT-2, Llama 3) can be written to GGUF".into(),
+            ));
+        }
+        let pre = &json["pre_tokenizer"];
+        let llama3_split =
+            |p: &serde_json::Value| p["type"] == "Split" && p["pattern"]["Regex"] == LLAMA3_SPLIT;
+        let pre_name = if pre["type"] == "Sequence"
+            && pre["pretokenizers"].as_array().is_some_and(|parts| {
+                parts.len() == 2 && llama3_split(&parts[0]) && parts[1]["type"] == "ByteLevel"
+            }) {
+            "llama-bpe"
+        } else if pre["type"] == "ByteLevel" && pre["use_regex"] == true {
+            "gpt-2"
+        } else {
+            return Err(bad(format!(
+                "the pre-tokenizer {pre} has no llama.cpp name (only Llama 3's split or GPT-2's \
+                 byte-level regex)"
+            )));
+        };
+
+        // tokenizers writes merges as "a b" strings or, since 0.20, as [a, b] pairs.
+        let merges = model["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| match m {
+                serde_json::Value::String(s) => Ok(s.clone()),
+                serde_json::Value::Array(pair) => match &pair[..] {
+                    [serde_json::Value::String(a), serde_json::Value::String(b)] => {
+                        Ok(format!("{a} {b}"))
+                    }
+                    _ => Err(bad(format!("merge {m} is not two tokens"))),
+                },
+                _ => Err(bad(format!("merge {m} is not two tokens"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        let around = self.encode("", true)?;
+        let add_bos = self.bos.is_some() && around.first() == self.bos.as_ref();
+        let add_eos = self.eos.is_some()
+            && around.last() == self.eos.as_ref()
+            && around.len() > add_bos as usize;
+        if around.len() != add_bos as usize + add_eos as usize {
+            return Err(bad(format!(
+                "its post-processor adds {around:?} to an empty text; GGUF can only say that a \
+                 bos ({:?}) or an eos ({:?}) is added",
+                self.bos, self.eos
+            )));
+        }
+        Ok(GgufTokenizer {
+            model: "gpt2".into(),
+            tokens,
+            merges,
+            token_types,
+            bos: self.bos,
+            eos: self.eos,
+            pre: Some(pre_name.into()),
+            add_bos: Some(add_bos),
+            add_eos: Some(add_eos),
+        })
     }
 
     /// A decoder for ids that arrive one at a time.
@@ -262,6 +412,18 @@ impl Tokenizer {
             read: 0,
         }
     }
+}
+
+/// Whether a tokenizer.json component is of `kind`, or a sequence holding one.
+fn has_type(component: &serde_json::Value, kind: &str) -> bool {
+    component["type"] == kind
+        || ["decoders", "pretokenizers", "processors"]
+            .iter()
+            .any(|key| {
+                component[key]
+                    .as_array()
+                    .is_some_and(|parts| parts.iter().any(|p| has_type(p, kind)))
+            })
 }
 
 /// Turns ids into text as they arrive, emitting only complete characters.
@@ -503,6 +665,118 @@ mod tests {
         let mut g = gguf_tokenizer();
         g.merges.push("x y".into());
         assert!(Tokenizer::from_gguf(&g).is_err());
+    }
+
+    /// A byte-level BPE tokenizer.json: the 256 byte characters, a few merges (one, "3 4",
+    /// crossing the boundary Llama 3 puts after three digits), and two special added tokens;
+    /// Llama 3's pre-tokenizer and bos template, or GPT-2's plain byte-level one.
+    fn byte_level_json(llama3: bool) -> String {
+        let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        alphabet.sort_unstable();
+        let mut vocab: Vec<String> = alphabet.iter().map(char::to_string).collect();
+        let merges = [["Ġ", "t"], ["h", "e"], ["Ġt", "he"], ["1", "2"], ["3", "4"]];
+        vocab.extend(merges.iter().map(|[a, b]| format!("{a}{b}")));
+        let vocab: serde_json::Map<String, serde_json::Value> = vocab
+            .into_iter()
+            .enumerate()
+            .map(|(id, token)| (token, id.into()))
+            .collect();
+        let special = |id: usize, content: &str| {
+            serde_json::json!({"id": id, "content": content, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        };
+        let (pre_tokenizer, post_processor) = if llama3 {
+            let bos =
+                serde_json::json!({"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}});
+            (
+                serde_json::json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated",
+                     "invert": false},
+                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                     "use_regex": false}]}),
+                serde_json::json!({"type": "TemplateProcessing",
+                    "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>",
+                        "ids": [261], "tokens": ["<|begin_of_text|>"]}}}),
+            )
+        } else {
+            (
+                serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+                    "trim_offsets": true, "use_regex": true}),
+                serde_json::Value::Null,
+            )
+        };
+        serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [special(261, "<|begin_of_text|>"), special(262, "<|end_of_text|>")],
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": post_processor,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                        "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": false, "ignore_merges": llama3, "vocab": vocab,
+                "merges": merges}
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn byte_level_tokenizers_survive_gguf() {
+        for (llama3, pre) in [(true, "llama-bpe"), (false, "gpt-2")] {
+            let t = Tokenizer::from_json(byte_level_json(llama3).as_bytes())
+                .unwrap()
+                .with_special_ids(Some(261), Some(262))
+                .unwrap();
+            let g = t.to_gguf().unwrap();
+            assert_eq!(g.pre.as_deref(), Some(pre));
+            assert_eq!((g.add_bos, g.add_eos), (Some(llama3), Some(false)));
+            assert_eq!(g.tokens.len(), 263);
+            assert_eq!(g.token_types[261], TOKEN_TYPE_CONTROL);
+            assert_eq!(g.merges[4], "3 4");
+            let back = Tokenizer::from_gguf(&g).unwrap();
+            for text in [
+                "the theme 1234 I'M here",
+                "  the\n\nthe ",
+                "<|begin_of_text|>the",
+            ] {
+                let ids = t.encode(text, true).unwrap();
+                assert_eq!(back.encode(text, true).unwrap(), ids, "{pre}: {text:?}");
+                assert_eq!(back.decode(&ids).unwrap(), t.decode(&ids).unwrap());
+            }
+        }
+        // Llama 3 splits digits in threes, so "3 4" cannot merge across "123|4"; GPT-2 can.
+        let digits = |llama3: bool| {
+            let t = Tokenizer::from_json(byte_level_json(llama3).as_bytes()).unwrap();
+            t.encode("1234", false).unwrap()
+        };
+        assert_eq!(digits(true), [259, 18, 19]);
+        assert_eq!(digits(false), [259, 260]);
+    }
+
+    #[test]
+    fn tokenizers_gguf_cannot_express_are_refused() {
+        let e = Tokenizer::bytes(300).to_gguf().unwrap_err().to_string();
+        assert!(e.contains("byte-level fallback"), "{e}");
+        let fused = Tokenizer::from_json(BPE_JSON.as_bytes()).unwrap();
+        let e = fused.to_gguf().unwrap_err().to_string();
+        assert!(e.contains("byte-level BPE"), "{e}");
+        let holed = BPE_JSON.replace(r#""ab": 12"#, r#""ab": 14"#);
+        let e = Tokenizer::from_json(holed.as_bytes())
+            .unwrap()
+            .to_gguf()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no token has id 12"), "{e}");
+        let t = Tokenizer::from_json(byte_level_json(true).as_bytes())
+            .unwrap()
+            .with_special_ids(Some(262), None)
+            .unwrap();
+        let e = t.to_gguf().unwrap_err().to_string();
+        assert!(e.contains("post-processor"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use bitnet_wgpu::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
-use bitnet_wgpu::formats::gguf::{GgufTokenizer, write_model};
+use bitnet_wgpu::formats::gguf::{GgufTokenizer, TableType, write_model};
 use bitnet_wgpu::formats::hf::save_dir;
 use bitnet_wgpu::model::{
     CpuEngine, LayerWeights, ModelConfig, ModelWeights, load_model, perplexity_windows,
@@ -186,6 +186,7 @@ fn gguf_model(dir: &TempDir) -> PathBuf {
     let bytes = write_model(
         &random_model(259, Some(258), None, 11),
         Some(&gguf_tokenizer()),
+        TableType::F32,
     )
     .unwrap();
     std::fs::write(&path, bytes).unwrap();
@@ -524,7 +525,11 @@ fn prompts_get_exactly_the_special_tokens_of_the_models_tokenizer() {
             add_bos,
             ..gguf_tokenizer()
         };
-        let bytes = write_model(&random_model(259, Some(258), None, 11), Some(&tokenizer));
+        let bytes = write_model(
+            &random_model(259, Some(258), None, 11),
+            Some(&tokenizer),
+            TableType::F32,
+        );
         std::fs::write(&path, bytes.unwrap()).unwrap();
         path
     };
@@ -798,4 +803,217 @@ fn both_offline_layouts_generate_alike() {
             );
         }
     }
+}
+
+/// [`gguf_tokenizer`]'s vocabulary as a tokenizer.json the way Llama 3 ships one: its
+/// pre-tokenizer split, byte-level decoding, and a template that puts `<|begin|>` first.
+fn byte_level_tokenizer_json() -> String {
+    let g = gguf_tokenizer();
+    let vocab: serde_json::Map<String, Value> = g.tokens[..258]
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (token.clone(), Value::from(id)))
+        .collect();
+    let bos = serde_json::json!({"SpecialToken": {"id": "<|begin|>", "type_id": 0}});
+    let llama3_split = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 258, "content": "<|begin|>", "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": llama3_split}, "behavior": "Isolated",
+             "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+             "use_regex": false}]},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<|begin|>": {"id": "<|begin|>", "ids": [258],
+                "tokens": ["<|begin|>"]}}},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+            "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": true, "vocab": vocab,
+            "merges": g.merges}
+    })
+    .to_string()
+}
+
+/// `convert --format gguf` from a packed and from a full-precision folder: the file bitnet.cpp
+/// would write, and the same prompt ids and greedy tokens as the folder it came from.
+#[test]
+fn convert_writes_gguf_that_generates_alike() {
+    use safetensors::SafeTensors;
+    use safetensors::tensor::{Dtype, TensorView};
+
+    let dir = TempDir::new("to-gguf");
+    let mut weights = random_model(259, Some(258), None, 11);
+    // Embeddings f16 holds exactly, so the GGUF's F16 table changes nothing.
+    for v in &mut weights.embed_tokens {
+        *v = half::f16::from_f32(*v).to_f32();
+    }
+    let packed = dir.0.join("packed");
+    save_dir(&weights, &packed, &[]).unwrap();
+    std::fs::write(packed.join("tokenizer.json"), byte_level_tokenizer_json()).unwrap();
+
+    // The same model in full precision: every linear as codes / scale, quantized at load.
+    let full = dir.0.join("full");
+    std::fs::create_dir(&full).unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(packed.join("config.json")).unwrap())
+            .unwrap();
+    config
+        .as_object_mut()
+        .unwrap()
+        .remove("quantization_config");
+    std::fs::write(full.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(packed.join("tokenizer.json"), full.join("tokenizer.json")).unwrap();
+    let packed_bytes = std::fs::read(packed.join("model.safetensors")).unwrap();
+    let packed_file = SafeTensors::deserialize(&packed_bytes).unwrap();
+    let mut stored: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in packed_file.tensors() {
+        if !name.ends_with("_proj.weight") && !name.ends_with("weight_scale") {
+            stored.push((name, view.shape().to_vec(), view.data().to_vec()));
+        }
+    }
+    for (l, layer) in weights.layers.iter().enumerate() {
+        let names = ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .map(|n| format!("self_attn.{n}"))
+            .into_iter()
+            .chain(["gate_proj", "up_proj", "down_proj"].map(|n| format!("mlp.{n}")));
+        for (name, w) in names.zip(layer.linears()) {
+            let values: Vec<u8> = w
+                .codes
+                .iter()
+                .flat_map(|&c| (c as f32 / w.scales[0]).to_le_bytes())
+                .collect();
+            stored.push((
+                format!("model.layers.{l}.{name}.weight"),
+                vec![w.rows, w.cols],
+                values,
+            ));
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = stored
+        .iter()
+        .map(|(name, shape, data)| {
+            let dtype = if data.len() == shape.iter().product::<usize>() * 4 {
+                Dtype::F32
+            } else {
+                panic!("{name}: not f32")
+            };
+            (
+                name.clone(),
+                TensorView::new(dtype, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(metadata), &full.join("model.safetensors")).unwrap();
+
+    let generate = |model: &Path, device: &str| {
+        let json = bitnet_json(&[
+            "generate",
+            "--model",
+            path_str(model),
+            "--prompt",
+            "he met the 1234",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--device",
+            device,
+            "--json",
+        ]);
+        (ids(&json["prompt_ids"]), ids(&json["generated_ids"]))
+    };
+    for (name, folder) in [("packed", &packed), ("full", &full)] {
+        let gguf = dir.0.join(format!("{name}.gguf"));
+        let output = bitnet(&[
+            "convert",
+            "--format",
+            "gguf",
+            "--input",
+            path_str(folder),
+            "--output",
+            path_str(&gguf),
+        ]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{name}: {stderr}");
+        assert!(
+            stderr.contains("llama-bpe") && stderr.contains("add_bos_token true"),
+            "{stderr}"
+        );
+        let file =
+            bitnet_wgpu::formats::gguf::GgufFile::from_vec(std::fs::read(&gguf).unwrap()).unwrap();
+        assert_eq!(
+            file.get_str("general.architecture").unwrap(),
+            Some("bitnet-b1.58")
+        );
+        assert_eq!(
+            file.get_bool("tokenizer.ggml.add_bos_token").unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            file.get_str("tokenizer.ggml.pre").unwrap(),
+            Some("llama-bpe")
+        );
+        let embd = file.tensor("token_embd.weight").unwrap();
+        assert_eq!(embd.ggml_type, bitnet_wgpu::formats::gguf::GGML_TYPE_F16);
+        let q = file.tensor("blk.0.attn_q.weight").unwrap();
+        assert_eq!(q.ggml_type, bitnet_wgpu::formats::gguf::GGML_TYPE_I2_S);
+        // The weights come back exactly: codes, scales (stored as multipliers), tables.
+        assert_eq!(load_model(&gguf).unwrap().0, load_model(folder).unwrap().0);
+
+        let expected = generate(folder, "cpu");
+        assert_eq!(expected.0[0], 258, "the template adds the bos");
+        for device in ["cpu", "gpu"] {
+            assert_eq!(generate(&gguf, device), expected, "{name} {device}");
+        }
+    }
+
+    let refused = |args: &[&str]| {
+        let output = bitnet(args);
+        assert!(!output.status.success(), "{args:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let existing = dir.0.join("packed.gguf");
+    let stderr = refused(&[
+        "convert",
+        "--format",
+        "gguf",
+        "--input",
+        path_str(&packed),
+        "--output",
+        path_str(&existing),
+    ]);
+    assert!(stderr.contains("already exists"), "{stderr}");
+    let stderr = refused(&[
+        "convert",
+        "--format",
+        "gguf",
+        "--input",
+        path_str(&packed),
+        "--output",
+        path_str(&dir.0.join("other.gguf")),
+        "--threshold",
+        "0.7",
+    ]);
+    assert!(stderr.contains("--threshold"), "{stderr}");
+    let inside = packed.join("model.gguf");
+    let stderr = refused(&[
+        "convert",
+        "--format",
+        "gguf",
+        "--input",
+        path_str(&packed),
+        "--output",
+        path_str(&inside),
+    ]);
+    assert!(stderr.contains("inside the input"), "{stderr}");
+    assert!(!inside.exists());
 }

@@ -51,7 +51,7 @@ fn every_format_gives_the_same_logits() {
     let gguf_file = dir.join("model.gguf");
     std::fs::write(
         &gguf_file,
-        gguf::write_model(&weights, None).expect("write gguf"),
+        gguf::write_model(&weights, None, gguf::TableType::F32).expect("write gguf"),
     )
     .unwrap();
 

@@ -135,13 +135,13 @@ pub fn convert_dir(
 
 /// What a conversion created, so that a failure can take it back.
 #[derive(Default)]
-struct Written {
+pub(super) struct Written {
     files: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
 }
 
 impl Written {
-    fn create_dir(&mut self, dir: &Path) -> Result<()> {
+    pub(super) fn create_dir(&mut self, dir: &Path) -> Result<()> {
         let missing: Vec<PathBuf> = dir
             .ancestors()
             .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
@@ -155,7 +155,7 @@ impl Written {
 
     /// Writes `bytes` to `output/file` under a temporary name, syncs and renames it, never
     /// replacing an existing file.
-    fn write(
+    pub(super) fn write(
         &mut self,
         output: &Path,
         file: &str,
@@ -195,7 +195,7 @@ impl Written {
         Ok(())
     }
 
-    fn roll_back(self) {
+    pub(super) fn roll_back(self) {
         for file in self.files.iter().rev() {
             let _ = std::fs::remove_file(file);
         }
@@ -208,7 +208,7 @@ impl Written {
 
 /// The path with its existing part canonicalized (symlinks and `..` resolved), so that two
 /// spellings of one folder compare equal even when the folder does not exist yet.
-fn resolve(path: &Path) -> Result<PathBuf> {
+pub(super) fn resolve(path: &Path) -> Result<PathBuf> {
     let absolute = std::path::absolute(path).map_err(io_error(path))?;
     let mut existing = absolute.as_path();
     let mut missing = Vec::new();
@@ -350,7 +350,7 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(io_error(path))
 }
 
-fn refusal(path: &Path, why: &str) -> Error {
+pub(super) fn refusal(path: &Path, why: &str) -> Error {
     Error::Io {
         path: path.display().to_string(),
         source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, why),

@@ -211,7 +211,11 @@ mod tests {
         assert_eq!(tokenizer.encode("A", true).unwrap(), [256, 65]);
 
         let gguf_path = dir.join("tiny.gguf");
-        std::fs::write(&gguf_path, gguf::write_model(&model, None).unwrap()).unwrap();
+        std::fs::write(
+            &gguf_path,
+            gguf::write_model(&model, None, gguf::TableType::F32).unwrap(),
+        )
+        .unwrap();
         let (loaded, tokenizer) = load_model(&gguf_path).unwrap();
         assert_eq!(loaded, model);
         assert_eq!(tokenizer.vocab_size(), 260);
@@ -227,7 +231,11 @@ mod tests {
         assert!(e.contains("tokenizer.json"), "{e}");
 
         let gguf_path = dir.join("big.gguf");
-        std::fs::write(&gguf_path, gguf::write_model(&weights(300), None).unwrap()).unwrap();
+        std::fs::write(
+            &gguf_path,
+            gguf::write_model(&weights(300), None, gguf::TableType::F32).unwrap(),
+        )
+        .unwrap();
         let e = load_model(&gguf_path).unwrap_err().to_string();
         assert!(e.contains("tokenizer.ggml.tokens"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
@@ -245,7 +253,7 @@ mod tests {
         let e = load_model(&text).unwrap_err().to_string();
         assert!(e.contains("notes.txt") && e.contains("not GGUF"), "{e}");
         let truncated = dir.join("cut.gguf");
-        let bytes = gguf::write_model(&weights(260), None).unwrap();
+        let bytes = gguf::write_model(&weights(260), None, gguf::TableType::F32).unwrap();
         std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
         let e = load_model(&truncated).unwrap_err().to_string();
         assert!(e.contains("cut.gguf"), "{e}");

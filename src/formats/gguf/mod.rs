@@ -17,7 +17,7 @@ mod writer;
 mod tests;
 
 pub use model::{GgufTokenizer, to_model, tokenizer};
-pub use writer::write_model;
+pub use writer::{TableType, write_model};
 
 use std::borrow::Cow;
 

@@ -134,6 +134,19 @@ pub struct GgufTokenizer {
     pub add_eos: Option<bool>,
 }
 
+/// `tokenizer.ggml.pre` names llama.cpp maps to its Llama 3 pre-tokenizer.
+const LLAMA3_PRE_TOKENIZERS: [&str; 9] = [
+    "llama3",
+    "llama-v3",
+    "llama-bpe",
+    "falcon3",
+    "falcon-h1",
+    "pixtral",
+    "midm-2.0",
+    "lfm2",
+    "jina-v5-nano",
+];
+
 /// Pre-tokenizers for which llama.cpp adds a bos when `tokenizer.ggml.add_bos_token` is absent
 /// (its Llama-3 family, and two others that set the same flag).
 const PRE_TOKENIZERS_ADDING_BOS: [&str; 11] = [
@@ -183,6 +196,15 @@ impl GgufTokenizer {
                 .is_some_and(|pre| PRE_TOKENIZERS_ADDING_BOS.contains(&pre)),
             _ => false,
         })
+    }
+
+    /// Whether llama.cpp splits text with Llama 3's pre-tokenizer regex (and takes a word that is
+    /// itself a token whole, ignoring merges) rather than GPT-2's: its Llama-3 family of `pre`
+    /// names, `llama-bpe` among them.
+    pub fn splits_like_llama3(&self) -> bool {
+        self.pre
+            .as_deref()
+            .is_some_and(|pre| LLAMA3_PRE_TOKENIZERS.contains(&pre))
     }
 
     /// Whether llama.cpp puts the eos after a text: only when `tokenizer.ggml.add_eos_token` says

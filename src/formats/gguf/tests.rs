@@ -109,7 +109,8 @@ fn bos_keys_round_trip_and_default_by_pre_tokenizer() {
             add_eos: add_bos.map(|b| !b),
             ..small_tokenizer()
         };
-        let file = GgufFile::from_vec(write_model(&model, Some(&written)).unwrap()).unwrap();
+        let file = GgufFile::from_vec(write_model(&model, Some(&written), TableType::F32).unwrap())
+            .unwrap();
         assert_eq!(
             file.get_bool("tokenizer.ggml.add_bos_token").unwrap(),
             add_bos
@@ -119,7 +120,7 @@ fn bos_keys_round_trip_and_default_by_pre_tokenizer() {
         assert_eq!(read.adds_bos(), adds, "{pre:?} {add_bos:?}");
     }
     // A key of the wrong type is named.
-    let bytes = write_model(&model, Some(&small_tokenizer())).unwrap();
+    let bytes = write_model(&model, Some(&small_tokenizer()), TableType::F32).unwrap();
     let bytes = rebuild(&bytes, |metadata, _| {
         for (k, v) in metadata.iter_mut() {
             if k == "tokenizer.ggml.add_bos_token" {
@@ -164,7 +165,7 @@ fn round_trip_is_bit_exact() {
     for (seed, tied) in [(1, true), (2, false)] {
         let model = tiny(seed, tied);
         let tok = small_tokenizer();
-        let bytes = write_model(&model, (!tied).then_some(&tok)).unwrap();
+        let bytes = write_model(&model, (!tied).then_some(&tok), TableType::F32).unwrap();
         let file = GgufFile::parse(&bytes).unwrap();
         assert_eq!(file.version, 3);
         assert_eq!(
@@ -386,6 +387,7 @@ fn every_truncation_is_an_error() {
             token_types: vec![1; 8],
             ..small_tokenizer()
         }),
+        TableType::F32,
     )
     .unwrap();
     let file = GgufFile::parse(&bytes).unwrap();
@@ -508,7 +510,7 @@ fn tensor_data_beyond_the_end_names_the_tensor() {
 
 #[test]
 fn model_errors_name_the_problem() {
-    let bytes = write_model(&tiny(6, true), None).unwrap();
+    let bytes = write_model(&tiny(6, true), None, TableType::F32).unwrap();
 
     let unknown_type = rebuild(&bytes, |_, t| {
         t.iter_mut()
@@ -612,7 +614,7 @@ fn writer_rejects_what_i2s_cannot_hold() {
     let mut model = tiny(7, true);
     model.norm.pop();
     assert!(
-        write_model(&model, None)
+        write_model(&model, None, TableType::F32)
             .unwrap_err()
             .to_string()
             .contains("output_norm.weight")
@@ -622,5 +624,5 @@ fn writer_rejects_what_i2s_cannot_hold() {
         bos: Some(9),
         ..small_tokenizer()
     };
-    assert!(write_model(&model, Some(&tok)).is_err());
+    assert!(write_model(&model, Some(&tok), TableType::F32).is_err());
 }

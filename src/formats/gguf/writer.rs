@@ -4,7 +4,9 @@ use super::model::{
     GgufTokenizer, LINEARS, NORMS, WRITE_ARCHITECTURE, layer_linears, layer_norms, names,
 };
 use super::reader::{MAGIC, align_up};
-use super::{DEFAULT_ALIGNMENT, GGML_TYPE_F32, GGML_TYPE_I2_S, GgufValue};
+use half::f16;
+
+use super::{DEFAULT_ALIGNMENT, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_I2_S, GgufValue};
 use crate::cpu::TernaryWeights;
 use crate::formats::scale::multiplier_of;
 use crate::model::{ModelConfig, ModelWeights};
@@ -20,27 +22,42 @@ pub(super) struct Tensor {
     pub(super) data: Vec<u8>,
 }
 
-/// Encodes a model as a GGUF v3 file (architecture `bitnet-b1.58`): linears as I2_S, norms and
-/// embeddings as F32, plus the tokenizer when given. [`super::to_model`] reads it back to an
-/// equal [`ModelWeights`].
+/// How [`write_model`] stores the embedding tables (`token_embd`, and `output` when untied).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableType {
+    /// Exact: [`super::to_model`] gives back the very same floats.
+    F32,
+    /// What bitnet.cpp's converter writes: half the bytes (2B-4T's table is 0.66 GB instead of
+    /// 1.3 GB); each value rounded to the nearest f16.
+    F16,
+}
+
+/// Encodes a model as a GGUF v3 file (architecture `bitnet-b1.58`): linears as I2_S, norms as
+/// F32, the embedding tables as `tables` says, plus the tokenizer when given. With
+/// [`TableType::F32`], [`super::to_model`] reads it back to an equal [`ModelWeights`].
 ///
 /// Errors: a linear with per-channel scales (I2_S holds one scale per tensor), a linear whose
 /// `rows * cols` is not a multiple of 128, a tensor whose size disagrees with the config, a
-/// non-positive or non-finite scale, a config value above `u32::MAX`, and a tokenizer whose
-/// bos/eos ids disagree with the config's.
+/// non-positive or non-finite scale, a config value above `u32::MAX`, a table value beyond f16's
+/// range with [`TableType::F16`], and a tokenizer whose bos/eos ids disagree with the config's.
 ///
 /// The I2_S scale is stored in bitnet.cpp's convention (`W ≈ code * s`, `s = mean|W|`), chosen
 /// as an f32 whose reciprocal is exactly the in-memory scale whenever one exists (it does for
 /// every scale [`crate::cpu::weight_quant`] computes, `1 / gamma`), so the round trip is
 /// bit-exact.
-pub fn write_model(weights: &ModelWeights, tokenizer: Option<&GgufTokenizer>) -> Result<Vec<u8>> {
+pub fn write_model(
+    weights: &ModelWeights,
+    tokenizer: Option<&GgufTokenizer>,
+    tables: TableType,
+) -> Result<Vec<u8>> {
     let c = &weights.config;
     let mut tensors = Vec::new();
     let embedding_ne = [c.hidden_size, c.vocab_size];
-    tensors.push(float_tensor(
+    tensors.push(table_tensor(
         names::TOKEN_EMBD,
         &embedding_ne,
         &weights.embed_tokens,
+        tables,
     )?);
     if weights.layers.len() != c.num_hidden_layers {
         return Err(Error::shape(
@@ -80,7 +97,7 @@ pub fn write_model(weights: &ModelWeights, tokenizer: Option<&GgufTokenizer>) ->
         &weights.norm,
     )?);
     if let Some(head) = &weights.lm_head {
-        tensors.push(float_tensor(names::OUTPUT, &embedding_ne, head)?);
+        tensors.push(table_tensor(names::OUTPUT, &embedding_ne, head, tables)?);
     }
     let metadata = metadata(c, tokenizer)?;
     Ok(encode(&metadata, &tensors))
@@ -206,6 +223,25 @@ fn metadata(
         }
     }
     Ok(kv)
+}
+
+/// An embedding table as `tables` says.
+fn table_tensor(name: &str, ne: &[usize], data: &[f32], tables: TableType) -> Result<Tensor> {
+    let mut tensor = float_tensor(name, ne, data)?;
+    if tables == TableType::F16 {
+        if let Some(v) = data.iter().find(|v| f16::from_f32(**v).is_infinite()) {
+            return Err(Error::invalid(
+                "GGUF tensor",
+                format!("{name}: the value {v} is beyond f16's range; write the tables as F32"),
+            ));
+        }
+        tensor.ggml_type = GGML_TYPE_F16;
+        tensor.data = data
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+    }
+    Ok(tensor)
 }
 
 /// An F32 tensor, after checking its length against `ne`.
