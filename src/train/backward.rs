@@ -128,7 +128,7 @@ impl TrainModel {
 }
 
 /// `acc += delta` elementwise.
-fn add_into(acc: &mut [f32], delta: &[f32]) {
+pub(crate) fn add_into(acc: &mut [f32], delta: &[f32]) {
     for (a, &d) in acc.iter_mut().zip(delta) {
         *a += d;
     }

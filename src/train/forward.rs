@@ -249,6 +249,6 @@ fn check_length(c: &ModelConfig, len: usize) -> Result<()> {
 }
 
 /// `a + b` elementwise (the residual connection).
-fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+pub(crate) fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(&x, &y)| x + y).collect()
 }

@@ -25,6 +25,8 @@
 //! ```
 
 mod backward;
+#[cfg(not(target_arch = "wasm32"))]
+mod fast;
 mod forward;
 mod linear;
 mod model;
