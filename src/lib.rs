@@ -7,6 +7,7 @@
 //!   GGUF I2_S and 1.6-bit base-3 storage).
 //! - [`gpu`]: the host layer: adapter selection, pipeline cache, buffers, kernels that record.
 //! - [`model`]: the transformer, its CPU forward and engines; [`tokenizer`]: text <-> token ids.
+//! - [`train`]: training on the CPU (backward, optimizers, a training step), the reference.
 //! - [`BitLinear`]: the drop-in layer, on the CPU or the GPU, saved and loaded with safetensors.
 
 pub mod bitlinear;
@@ -19,6 +20,7 @@ pub mod model;
 pub mod packing;
 pub mod rng;
 pub mod tokenizer;
+pub mod train;
 
 pub use bitlinear::{BitLinear, MemoryFootprint, StorageFormat};
 pub use error::{Error, Result};

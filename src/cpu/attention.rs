@@ -33,6 +33,136 @@ pub struct AttentionShape {
 /// # Ok::<(), bitnet_wgpu::Error>(())
 /// ```
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Result<Vec<f32>> {
+    let (n, t) = check_shape(q, k, v, shape)?;
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+    let group = heads / kv_heads;
+    let head = |rows, width, row, h| head_slice(rows, width, head_dim, row, h);
+    let mut out = Vec::with_capacity(q.len());
+    for r in 0..n {
+        let visible = t - n + r + 1;
+        for h in 0..heads {
+            let g = h / group;
+            let weights =
+                softmax_weights(head(q, q_width, r, h), k, kv_width, head_dim, g, visible);
+            let mut acc = vec![0.0f32; head_dim];
+            for (j, &weight) in weights.iter().enumerate() {
+                for (a, &val) in acc.iter_mut().zip(head(v, kv_width, j, g)) {
+                    *a += weight * val;
+                }
+            }
+            out.extend(acc);
+        }
+    }
+    Ok(out)
+}
+
+/// The gradients of [`attention`] wrt `q`, `k` and `v` for the upstream gradient `dout`
+/// (`[n, heads * head_dim]`, like the output): `(dq, dk, dv)`, shaped like `q`, `k`, `v`.
+///
+/// The softmax weights `a` are recomputed exactly as the forward computes them. Per query row and
+/// head, with `da[j] = dout_h · v_g[j]`: `dv_g[j] += a[j] * dout_h`, the softmax's own backward
+/// `ds[j] = a[j] * (da[j] - sum_i a[i] * da[i])`, then `dq_h += ds[j] * scaling * k_g[j]` and
+/// `dk_g[j] += ds[j] * scaling * q_h`. A kv head's gradient sums over every query head of its
+/// group (transformers' `repeat_kv` copies, whose backward is that sum), and cached rows no query
+/// sees get zero. Errors as [`attention`], and a `dout` shaped unlike `q`.
+///
+/// ```
+/// use bitnet_wgpu::cpu::{AttentionShape, attention_backward};
+/// // One position: the output is v whatever q and k are, so only dv is non-zero, summed over
+/// // the two query heads that share the kv head.
+/// let shape = AttentionShape { heads: 2, kv_heads: 1, head_dim: 2 };
+/// let (dq, dk, dv) = attention_backward(&[1.0, 2.0, -3.0, 0.5], &[0.3, 0.7], &[5.0, -6.0],
+///                                       &[1.0, 0.0, 0.5, 2.0], shape)?;
+/// assert_eq!((dq, dk, dv), (vec![0.0; 4], vec![0.0; 2], vec![1.5, 2.0]));
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    shape: AttentionShape,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let (n, t) = check_shape(q, k, v, shape)?;
+    if dout.len() != q.len() {
+        return Err(Error::shape(
+            "attention output gradient",
+            q.len(),
+            dout.len(),
+        ));
+    }
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+    let group = heads / kv_heads;
+    let scaling = 1.0 / (head_dim as f32).sqrt();
+    let head = |rows, width, row, h| head_slice(rows, width, head_dim, row, h);
+    let mut dq = vec![0.0f32; q.len()];
+    let mut dk = vec![0.0f32; k.len()];
+    let mut dv = vec![0.0f32; v.len()];
+    for r in 0..n {
+        let visible = t - n + r + 1;
+        for h in 0..heads {
+            let g = h / group;
+            let q_h = head(q, q_width, r, h);
+            let dout_h = head(dout, q_width, r, h);
+            let a = softmax_weights(q_h, k, kv_width, head_dim, g, visible);
+            let da: Vec<f32> = (0..visible)
+                .map(|j| dot(dout_h, head(v, kv_width, j, g)))
+                .collect();
+            let a_dot_da: f32 = a.iter().zip(&da).map(|(&x, &y)| x * y).sum();
+            for j in 0..visible {
+                let at = j * kv_width + g * head_dim;
+                for (d, &o) in dv[at..at + head_dim].iter_mut().zip(dout_h) {
+                    *d += a[j] * o;
+                }
+                let ds = a[j] * (da[j] - a_dot_da) * scaling;
+                let q_at = r * q_width + h * head_dim;
+                for (d, &kv) in dq[q_at..q_at + head_dim]
+                    .iter_mut()
+                    .zip(head(k, kv_width, j, g))
+                {
+                    *d += ds * kv;
+                }
+                for (d, &qv) in dk[at..at + head_dim].iter_mut().zip(q_h) {
+                    *d += ds * qv;
+                }
+            }
+        }
+    }
+    Ok((dq, dk, dv))
+}
+
+/// The softmax weights of one query head over the first `visible` rows of kv head `g`:
+/// `exp(s[j] - max s) / sum exp(s - max s)` with `s[j] = (q_h · k_g[j]) * (1 / sqrt(head_dim))`.
+fn softmax_weights(
+    q_h: &[f32],
+    k: &[f32],
+    kv_width: usize,
+    head_dim: usize,
+    g: usize,
+    visible: usize,
+) -> Vec<f32> {
+    let scaling = 1.0 / (head_dim as f32).sqrt();
+    let scores: Vec<f32> = (0..visible)
+        .map(|j| dot(q_h, head_slice(k, kv_width, head_dim, j, g)) * scaling)
+        .collect();
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = scores.iter().map(|&s| (s - max).exp()).collect();
+    let total: f32 = exps.iter().sum();
+    exps.iter().map(|&e| e / total).collect()
+}
+
+/// The number of query rows `n` and cached rows `t`, after checking the shapes.
+fn check_shape(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Result<(usize, usize)> {
     let AttentionShape {
         heads,
         kv_heads,
@@ -71,32 +201,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Resu
             t,
         ));
     }
-    let group = heads / kv_heads;
-    let scaling = 1.0 / (head_dim as f32).sqrt();
-    let head = |rows, width, row, h| head_slice(rows, width, head_dim, row, h);
-    let mut out = Vec::with_capacity(q.len());
-    for r in 0..n {
-        let visible = t - n + r + 1;
-        for h in 0..heads {
-            let g = h / group;
-            let q_h = head(q, q_width, r, h);
-            let scores: Vec<f32> = (0..visible)
-                .map(|j| dot(q_h, head(k, kv_width, j, g)) * scaling)
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let exps: Vec<f32> = scores.iter().map(|&s| (s - max).exp()).collect();
-            let total: f32 = exps.iter().sum();
-            let mut acc = vec![0.0f32; head_dim];
-            for (j, &e) in exps.iter().enumerate() {
-                let weight = e / total;
-                for (a, &val) in acc.iter_mut().zip(head(v, kv_width, j, g)) {
-                    *a += weight * val;
-                }
-            }
-            out.extend(acc);
-        }
-    }
-    Ok(out)
+    Ok((n, t))
 }
 
 /// Head `h` of row `row` in a row-major matrix of `width` columns.
@@ -165,6 +270,40 @@ mod tests {
         let k = [1e4, 1e4, -1e4, -1e4];
         let out = attention(&[1e4; 4], &k, &[1.0, 2.0, 3.0, 4.0], SHAPE).unwrap();
         assert_eq!(out, [1.0, 2.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        use crate::cpu::gradcheck::{assert_grad_close, numeric_grad, uniform, weighted_sum};
+        // (heads, kv_heads, head_dim, query rows n, cached rows t): grouped kv heads, a single
+        // row, more cached rows than queries (the first t - n rows then only feed later ones).
+        for (seed, heads, kv_heads, head_dim, n, t) in [
+            (1, 1, 1, 2, 1, 1),
+            (2, 4, 2, 2, 3, 3),
+            (3, 3, 1, 4, 2, 5),
+            (4, 2, 2, 6, 4, 4),
+        ] {
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+            };
+            let q = uniform(seed, n * heads * head_dim, -1.5, 1.5);
+            let k = uniform(seed + 10, t * kv_heads * head_dim, -1.5, 1.5);
+            let v = uniform(seed + 20, t * kv_heads * head_dim, -1.5, 1.5);
+            let r = uniform(seed + 30, q.len(), -1.0, 1.0);
+            let (dq, dk, dv) = attention_backward(&q, &k, &v, &r, shape).unwrap();
+            let loss = |q: &[f32], k: &[f32], v: &[f32]| {
+                weighted_sum(&attention(q, k, v, shape).unwrap(), &r)
+            };
+            let nq = numeric_grad(&q, 1e-2, |q| loss(q, &k, &v));
+            let nk = numeric_grad(&k, 1e-2, |k| loss(&q, k, &v));
+            let nv = numeric_grad(&v, 1e-2, |v| loss(&q, &k, v));
+            assert_grad_close("attention dq", &dq, &nq, 2e-3, 1e-2);
+            assert_grad_close("attention dk", &dk, &nk, 2e-3, 1e-2);
+            assert_grad_close("attention dv", &dv, &nv, 2e-3, 1e-2);
+        }
+        assert!(attention_backward(&[0.0; 4], &[0.0; 2], &[0.0; 2], &[0.0; 2], SHAPE).is_err());
     }
 
     #[test]

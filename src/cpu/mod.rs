@@ -1,10 +1,13 @@
 //! The CPU reference: every operation the shaders perform, in plain Rust. This is the
-//! specification; each function here has a shader twin of the same name in `shaders/`.
+//! specification; each function here has a shader twin of the same name in `shaders/`. The
+//! `*_backward` functions are the gradients training needs, each beside its forward.
 
 mod act_quant;
 mod argmax;
 mod attention;
 mod embedding;
+#[cfg(test)]
+pub(crate) mod gradcheck;
 mod lm_head;
 mod nll;
 mod norm_matmul;
@@ -18,15 +21,15 @@ mod weight_quant;
 
 pub use act_quant::{QuantizedActivations, act_quant, quant_scale};
 pub use argmax::argmax;
-pub use attention::{AttentionShape, attention};
-pub use embedding::embedding;
-pub use lm_head::lm_head;
-pub use nll::nll;
+pub use attention::{AttentionShape, attention, attention_backward};
+pub use embedding::{embedding, embedding_backward};
+pub use lm_head::{lm_head, lm_head_backward};
+pub use nll::{cross_entropy, nll};
 pub use norm_matmul::norm_matmul;
-pub use relu2_gate::relu2_gate;
-pub use rmsnorm::rmsnorm;
-pub use rope::{rope, rope_inv_freq};
-pub use ternary_matmul::{ternary_matmul, ternary_matmul_acc};
+pub use relu2_gate::{relu2_gate, relu2_gate_backward};
+pub use rmsnorm::{rmsnorm, rmsnorm_backward};
+pub use rope::{rope, rope_backward, rope_inv_freq};
+pub use ternary_matmul::{ternary_matmul, ternary_matmul_acc, ternary_matmul_backward};
 pub use ternary_pack::{PackedTernary, ternary_pack};
 pub use tree_sum::tree_sum;
 pub use weight_quant::{ScaleGranularity, TernaryWeights, WeightQuantOptions, weight_quant};

@@ -42,6 +42,60 @@ pub fn rmsnorm(x: &[f32], rows: usize, weight: &[f32], eps: f32) -> Result<Vec<f
     Ok(y)
 }
 
+/// The gradients of [`rmsnorm`]: `(dx, dweight)` for the upstream gradient `dy` (`[rows, n]`).
+///
+/// With `r = 1 / sqrt(mean(x²) + eps)` per row and `g = dy * weight`:
+/// `dx[i] = r * g[i] - r³ * x[i] * (g · x) / n` (the second term is the path through `r`), and
+/// `dweight[i] = sum over rows of dy[i] * x[i] * r`. The mean of squares is formed exactly as the
+/// forward forms it.
+///
+/// ```
+/// use bitnet_wgpu::cpu::rmsnorm_backward;
+/// // A gradient along x itself is blocked by the norm (the output does not grow with |x|).
+/// let (dx, dw) = rmsnorm_backward(&[3.0, 4.0], 1, &[1.0, 1.0], 0.0, &[3.0, 4.0])?;
+/// assert!(dx.iter().all(|v| v.abs() < 1e-6));
+/// assert!((dw[0] - 9.0 / 12.5f32.sqrt()).abs() < 1e-5);
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+pub fn rmsnorm_backward(
+    x: &[f32],
+    rows: usize,
+    weight: &[f32],
+    eps: f32,
+    dy: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let cols = weight.len();
+    if cols == 0 {
+        return Err(Error::Empty("rmsnorm weight"));
+    }
+    if rows.checked_mul(cols) != Some(x.len()) || dy.len() != x.len() {
+        return Err(Error::shape(
+            "rmsnorm_backward input and gradient",
+            format!("{rows} x {cols} each"),
+            format!("{} and {}", x.len(), dy.len()),
+        ));
+    }
+    let mut dx = Vec::with_capacity(x.len());
+    let mut dweight = vec![0.0f32; cols];
+    for (row, dy_row) in x.chunks_exact(cols).zip(dy.chunks_exact(cols)) {
+        let squares: Vec<f32> = row.iter().map(|&v| v * v).collect();
+        let mean = tree_sum(&squares) / cols as f32;
+        let inv_rms = 1.0 / (mean + eps).sqrt();
+        let g: Vec<f32> = dy_row.iter().zip(weight).map(|(&d, &w)| d * w).collect();
+        let g_dot_x: f32 = g.iter().zip(row).map(|(&a, &b)| a * b).sum();
+        let through_r = inv_rms * inv_rms * inv_rms * g_dot_x / cols as f32;
+        dx.extend(
+            row.iter()
+                .zip(&g)
+                .map(|(&v, &gi)| inv_rms * gi - through_r * v),
+        );
+        for ((dw, &d), &v) in dweight.iter_mut().zip(dy_row).zip(row) {
+            *dw += d * v * inv_rms;
+        }
+    }
+    Ok((dx, dweight))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,6 +115,26 @@ mod tests {
     fn unit_rms_rows_are_kept() {
         let x = [1.0, -1.0, 1.0, -1.0];
         assert_eq!(rmsnorm(&x, 1, &[1.0; 4], 0.0).unwrap(), x);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        use crate::cpu::gradcheck::{assert_grad_close, numeric_grad, uniform, weighted_sum};
+        for (seed, rows, cols, eps) in [(1, 1, 1, 0.5), (2, 3, 7, 1e-5), (3, 2, 33, 0.1)] {
+            let x = uniform(seed, rows * cols, -2.0, 2.0);
+            let w = uniform(seed + 10, cols, 0.5, 1.5);
+            let r = uniform(seed + 20, rows * cols, -1.0, 1.0);
+            let (dx, dw) = rmsnorm_backward(&x, rows, &w, eps, &r).unwrap();
+            let nx = numeric_grad(&x, 1e-2, |x| {
+                weighted_sum(&rmsnorm(x, rows, &w, eps).unwrap(), &r)
+            });
+            let nw = numeric_grad(&w, 1e-2, |w| {
+                weighted_sum(&rmsnorm(&x, rows, w, eps).unwrap(), &r)
+            });
+            assert_grad_close("rmsnorm dx", &dx, &nx, 2e-3, 1e-2);
+            assert_grad_close("rmsnorm dweight", &dw, &nw, 2e-3, 1e-2);
+        }
+        assert!(rmsnorm_backward(&[1.0; 4], 2, &[1.0; 2], 0.0, &[1.0; 3]).is_err());
     }
 
     #[test]

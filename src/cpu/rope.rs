@@ -43,6 +43,66 @@ pub fn rope(
     head_dim: usize,
     theta: f32,
 ) -> Result<()> {
+    let row_len = check_shape(x, positions, heads, head_dim)?;
+    let half = head_dim / 2;
+    let inv_freq = rope_inv_freq(head_dim, theta);
+    for (&pos, row) in positions.iter().zip(x.chunks_exact_mut(row_len.max(1))) {
+        let (cos, sin) = cos_sin(&inv_freq, pos);
+        for head in row.chunks_exact_mut(head_dim) {
+            let (low, high) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (low[i], high[i]);
+                low[i] = a * cos[i] + (-b) * sin[i];
+                high[i] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The gradient of [`rope`], in place: `dx` holds the gradient wrt rope's output and leaves
+/// holding the gradient wrt its input. A rotation's transpose is the rotation back, so each pair
+/// turns by `-angle`:
+///
+/// `dx'[i] = dx[i] * cos(angle) + dx[i + d/2] * sin(angle)`
+/// `dx'[i + d/2] = dx[i + d/2] * cos(angle) - dx[i] * sin(angle)`
+///
+/// with the forward's angles, computed the same way. Errors as [`rope`].
+///
+/// ```
+/// use bitnet_wgpu::cpu::{rope, rope_backward};
+/// let mut x = [0.3, -1.0, 2.0, 0.5];
+/// rope(&mut x, &[3], 1, 4, 10000.0)?;
+/// rope_backward(&mut x, &[3], 1, 4, 10000.0)?;
+/// assert!(x.iter().zip([0.3, -1.0, 2.0, 0.5]).all(|(a, b)| (a - b).abs() < 1e-6));
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+pub fn rope_backward(
+    dx: &mut [f32],
+    positions: &[usize],
+    heads: usize,
+    head_dim: usize,
+    theta: f32,
+) -> Result<()> {
+    let row_len = check_shape(dx, positions, heads, head_dim)?;
+    let half = head_dim / 2;
+    let inv_freq = rope_inv_freq(head_dim, theta);
+    for (&pos, row) in positions.iter().zip(dx.chunks_exact_mut(row_len.max(1))) {
+        let (cos, sin) = cos_sin(&inv_freq, pos);
+        for head in row.chunks_exact_mut(head_dim) {
+            let (low, high) = head.split_at_mut(half);
+            for i in 0..half {
+                let (da, db) = (low[i], high[i]);
+                low[i] = da * cos[i] + db * sin[i];
+                high[i] = db * cos[i] - da * sin[i];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The row length `heads * head_dim`, after checking `x` against the shape.
+fn check_shape(x: &[f32], positions: &[usize], heads: usize, head_dim: usize) -> Result<usize> {
     if head_dim == 0 || !head_dim.is_multiple_of(2) {
         return Err(Error::invalid(
             "rope head_dim",
@@ -59,26 +119,18 @@ pub fn rope(
             x.len(),
         ));
     }
-    let half = head_dim / 2;
-    let inv_freq = rope_inv_freq(head_dim, theta);
-    for (&pos, row) in positions.iter().zip(x.chunks_exact_mut(row_len.max(1))) {
-        let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
-            .iter()
-            .map(|&f| {
-                let angle = pos as f32 * f;
-                (angle.cos(), angle.sin())
-            })
-            .unzip();
-        for head in row.chunks_exact_mut(head_dim) {
-            let (low, high) = head.split_at_mut(half);
-            for i in 0..half {
-                let (a, b) = (low[i], high[i]);
-                low[i] = a * cos[i] + (-b) * sin[i];
-                high[i] = b * cos[i] + a * sin[i];
-            }
-        }
-    }
-    Ok(())
+    Ok(row_len)
+}
+
+/// The cosines and sines of one position's angles.
+fn cos_sin(inv_freq: &[f32], pos: usize) -> (Vec<f32>, Vec<f32>) {
+    inv_freq
+        .iter()
+        .map(|&f| {
+            let angle = pos as f32 * f;
+            (angle.cos(), angle.sin())
+        })
+        .unzip()
 }
 
 #[cfg(test)]
@@ -120,6 +172,29 @@ mod tests {
         rope(&mut v, &[7], 1, 6, 100.0).unwrap();
         let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
         assert!((norm(&v) - norm(&q)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        use crate::cpu::gradcheck::{assert_grad_close, numeric_grad, uniform, weighted_sum};
+        for (seed, positions, heads, head_dim) in [
+            (1, vec![0], 1, 2),
+            (2, vec![5, 1, 9], 3, 6),
+            (3, vec![2, 3], 2, 4),
+        ] {
+            let n = positions.len() * heads * head_dim;
+            let x = uniform(seed, n, -2.0, 2.0);
+            let r = uniform(seed + 10, n, -1.0, 1.0);
+            let mut dx = r.clone();
+            rope_backward(&mut dx, &positions, heads, head_dim, 100.0).unwrap();
+            let numeric = numeric_grad(&x, 1e-2, |x| {
+                let mut y = x.to_vec();
+                rope(&mut y, &positions, heads, head_dim, 100.0).unwrap();
+                weighted_sum(&y, &r)
+            });
+            assert_grad_close("rope dx", &dx, &numeric, 1e-3, 1e-3);
+        }
+        assert!(rope_backward(&mut [0.0; 6], &[0], 1, 4, 1e4).is_err());
     }
 
     #[test]

@@ -82,6 +82,68 @@ pub fn ternary_matmul(
     Ok(y)
 }
 
+/// The straight-through (STE) gradients of the BitLinear product `y = x̂ · Ŵᵀ` for the upstream
+/// gradient `dy` (`[x.rows, w.rows]`): `(dx, dw)` with
+///
+/// `dx[m, k] = sum_n dy[m, n] * Ŵ[n, k]` (`[x.rows, x.cols]`) and
+/// `dw[n, k] = sum_m dy[m, n] * x̂[m, k]` (`[w.rows, w.cols]`),
+///
+/// where `Ŵ = codes / sw` and `x̂ = codes / sx` are the dequantized operands. Both quantizers are
+/// taken as the identity in the backward (transformers' `WeightQuant` and `ActQuant` return the
+/// gradient unchanged), so `dx` is the gradient wrt the float input that `act_quant` read and `dw`
+/// the gradient wrt the latent float weights that `weight_quant` read. Errors as
+/// [`ternary_matmul`], and a `dy` shaped unlike its output.
+///
+/// ```
+/// use bitnet_wgpu::cpu::{QuantizedActivations, TernaryWeights, ternary_matmul_backward};
+/// let x = QuantizedActivations { rows: 1, cols: 2, codes: vec![127, -64], scales: vec![127.0], sums: vec![63] };
+/// let w = TernaryWeights { rows: 2, cols: 2, codes: vec![1, 1, 0, -1], scales: vec![0.5] };
+/// let (dx, dw) = ternary_matmul_backward(&x, &w, &[1.0, 2.0])?;
+/// assert_eq!(dx, [2.0, -2.0]); // [1, 2] · [[2, 2], [0, -2]]
+/// assert_eq!(dw, [1.0, -64.0 / 127.0, 2.0, -128.0 / 127.0]);
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+pub fn ternary_matmul_backward(
+    x: &QuantizedActivations,
+    w: &TernaryWeights,
+    dy: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    check_shapes(x, w)?;
+    let (m_rows, n_rows, k) = (x.rows, w.rows, x.cols);
+    if m_rows.checked_mul(n_rows) != Some(dy.len()) {
+        return Err(Error::shape(
+            "ternary matmul output gradient",
+            format!("{m_rows} x {n_rows}"),
+            dy.len(),
+        ));
+    }
+    let weight_scale = |n: usize| {
+        if w.scales.len() == 1 {
+            w.scales[0]
+        } else {
+            w.scales[n]
+        }
+    };
+    let w_hat: Vec<f32> = (0..n_rows * k)
+        .map(|i| f32::from(w.codes[i]) / weight_scale(i / k))
+        .collect();
+    let x_hat: Vec<f32> = (0..m_rows * k)
+        .map(|i| f32::from(x.codes[i]) / x.scales[i / k])
+        .collect();
+    let mut dx = vec![0.0f32; m_rows * k];
+    let mut dw = vec![0.0f32; n_rows * k];
+    for m in 0..m_rows {
+        for n in 0..n_rows {
+            let d = dy[m * n_rows + n];
+            for c in 0..k {
+                dx[m * k + c] += d * w_hat[n * k + c];
+                dw[n * k + c] += d * x_hat[m * k + c];
+            }
+        }
+    }
+    Ok((dx, dw))
+}
+
 /// Checks that the operands agree with each other and with their own lengths.
 fn check_shapes(x: &QuantizedActivations, w: &TernaryWeights) -> Result<()> {
     if x.cols != w.cols {
@@ -182,6 +244,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn backward_is_the_straight_through_formula() {
+        // dx = dy · Ŵ and dw = dyᵀ · x̂, formed in f64 from act_quant's and weight_quant's
+        // outputs, for both scale granularities, a single row and odd sizes.
+        let mut rng = SmallRng::seed_from_u64(3);
+        for (m, n, k) in [(1, 1, 1), (1, 5, 9), (3, 4, 17), (7, 3, 2)] {
+            let (x, w) = random_case(&mut rng, m, n, k);
+            let dy: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let (dx, dw) = ternary_matmul_backward(&x, &w, &dy).unwrap();
+            let sw = |r: usize| f64::from(w.scales[if w.scales.len() == 1 { 0 } else { r }]);
+            let w_hat = |r: usize, c: usize| f64::from(w.codes[r * k + c]) / sw(r);
+            let x_hat = |r: usize, c: usize| f64::from(x.codes[r * k + c]) / f64::from(x.scales[r]);
+            for r in 0..m {
+                for c in 0..k {
+                    let want: f64 = (0..n).map(|j| f64::from(dy[r * n + j]) * w_hat(j, c)).sum();
+                    let scale: f64 = (0..n)
+                        .map(|j| (f64::from(dy[r * n + j]) * w_hat(j, c)).abs())
+                        .sum();
+                    assert!((f64::from(dx[r * k + c]) - want).abs() <= 1e-6 * scale.max(1e-30));
+                }
+            }
+            for j in 0..n {
+                for c in 0..k {
+                    let want: f64 = (0..m).map(|r| f64::from(dy[r * n + j]) * x_hat(r, c)).sum();
+                    let scale: f64 = (0..m)
+                        .map(|r| (f64::from(dy[r * n + j]) * x_hat(r, c)).abs())
+                        .sum();
+                    assert!((f64::from(dw[j * k + c]) - want).abs() <= 1e-6 * scale.max(1e-30));
+                }
+            }
+        }
+        let (x, w) = random_case(&mut rng, 2, 3, 4);
+        assert!(ternary_matmul_backward(&x, &w, &[0.0; 5]).is_err());
     }
 
     #[test]

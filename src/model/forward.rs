@@ -105,51 +105,7 @@ impl ModelWeights {
     /// every released config).
     pub fn validate(&self) -> Result<()> {
         let c = &self.config;
-        let positive = [
-            ("vocab_size", c.vocab_size),
-            ("hidden_size", c.hidden_size),
-            ("intermediate_size", c.intermediate_size),
-            ("num_attention_heads", c.num_attention_heads),
-            ("num_key_value_heads", c.num_key_value_heads),
-            ("head_dim", c.head_dim),
-            ("max_position_embeddings", c.max_position_embeddings),
-        ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(Error::invalid("model config", format!("{name} is 0")));
-        }
-        if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
-            return Err(Error::invalid(
-                "model config",
-                format!(
-                    "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                    c.num_attention_heads, c.num_key_value_heads
-                ),
-            ));
-        }
-        if !c.head_dim.is_multiple_of(2) {
-            return Err(Error::invalid(
-                "model config",
-                format!("head_dim {} is odd (RoPE rotates pairs)", c.head_dim),
-            ));
-        }
-        if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
-            return Err(Error::invalid(
-                "model config",
-                format!(
-                    "rms_norm_eps {} is not a finite non-negative number",
-                    c.rms_norm_eps
-                ),
-            ));
-        }
-        if !(c.rope_theta.is_finite() && c.rope_theta > 0.0) {
-            return Err(Error::invalid(
-                "model config",
-                format!(
-                    "rope_theta {} is not a finite positive number",
-                    c.rope_theta
-                ),
-            ));
-        }
+        c.validate()?;
         if self.layers.len() != c.num_hidden_layers {
             return Err(Error::shape(
                 "decoder layers",

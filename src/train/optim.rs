@@ -1,0 +1,247 @@
+//! Optimizers (torch's AdamW and SGD, update for update) and global gradient-norm clipping.
+
+use super::params::Parameters;
+use crate::{Error, Result};
+
+/// torch.optim.AdamW's hyper-parameters and moments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamW {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Decoupled weight decay, applied to every tensor (torch with a single parameter group).
+    pub weight_decay: f32,
+    /// First and second moments, shaped like the parameters once the first step has run.
+    moments: Option<(Parameters, Parameters)>,
+    /// Steps taken (torch's `step`, counted from 1 at the first update).
+    steps: u32,
+}
+
+impl Default for AdamW {
+    /// torch's defaults: betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
+    fn default() -> Self {
+        AdamW::new(0.9, 0.999, 1e-8, 0.01)
+    }
+}
+
+impl AdamW {
+    /// An optimizer that has taken no step yet.
+    pub fn new(beta1: f32, beta2: f32, eps: f32, weight_decay: f32) -> Self {
+        AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            moments: None,
+            steps: 0,
+        }
+    }
+
+    /// One update of every parameter from its gradient at learning rate `lr`, as torch's
+    /// single-tensor AdamW (amsgrad off) computes it, per scalar in f32:
+    ///
+    /// ```text
+    /// w = w * (1 - lr * weight_decay)          decay first, on the old weight
+    /// m = m + (1 - beta1) * (g - m)            torch's lerp
+    /// v = v * beta2 + (1 - beta2) * g * g
+    /// w = w - (lr / (1 - beta1^t)) * (m / (sqrt(v) / sqrt(1 - beta2^t) + eps))
+    /// ```
+    ///
+    /// The scalar factors are formed in f64 and rounded to f32, as torch does with its Python
+    /// floats. Errors when `grads` is shaped unlike `params` or unlike the moments of earlier
+    /// steps.
+    pub fn update(&mut self, params: &mut Parameters, grads: &Parameters, lr: f32) -> Result<()> {
+        params.check_same_shape(grads)?;
+        let (m, v) = self
+            .moments
+            .get_or_insert_with(|| (params.zeros_like(), params.zeros_like()));
+        m.check_same_shape(params)?;
+        self.steps += 1;
+        let t = f64::from(self.steps);
+        let (lr64, beta1, beta2) = (f64::from(lr), f64::from(self.beta1), f64::from(self.beta2));
+        let decay = (1.0 - lr64 * f64::from(self.weight_decay)) as f32;
+        let (one_minus_beta1, one_minus_beta2) = ((1.0 - beta1) as f32, (1.0 - beta2) as f32);
+        let step_size = (lr64 / (1.0 - beta1.powf(t))) as f32;
+        let bias2_sqrt = (1.0 - beta2.powf(t)).sqrt() as f32;
+        let tensors = params
+            .tensors_mut()
+            .into_iter()
+            .zip(grads.tensors())
+            .zip(m.tensors_mut())
+            .zip(v.tensors_mut());
+        for (((w, (_, g)), m), v) in tensors {
+            for i in 0..w.len() {
+                w[i] *= decay;
+                m[i] += one_minus_beta1 * (g[i] - m[i]);
+                v[i] = v[i] * self.beta2 + one_minus_beta2 * g[i] * g[i];
+                let denom = v[i].sqrt() / bias2_sqrt + self.eps;
+                w[i] -= step_size * (m[i] / denom);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// torch.optim.SGD's hyper-parameters and momentum buffer (no dampening, no Nesterov).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sgd {
+    /// 0 for plain gradient descent.
+    pub momentum: f32,
+    /// L2 penalty added to the gradient (torch's coupled `weight_decay`).
+    pub weight_decay: f32,
+    buffer: Option<Parameters>,
+}
+
+impl Sgd {
+    /// An optimizer that has taken no step yet.
+    pub fn new(momentum: f32, weight_decay: f32) -> Self {
+        Sgd {
+            momentum,
+            weight_decay,
+            buffer: None,
+        }
+    }
+
+    /// One update at learning rate `lr`, per scalar as torch computes it:
+    /// `d = g + weight_decay * w`; with momentum `b = d` at the first step and
+    /// `b = momentum * b + d` after, then `d = b`; finally `w = w - lr * d`.
+    /// Errors when `grads` is shaped unlike `params`.
+    pub fn update(&mut self, params: &mut Parameters, grads: &Parameters, lr: f32) -> Result<()> {
+        params.check_same_shape(grads)?;
+        let first = self.buffer.is_none();
+        let buffer = self.buffer.get_or_insert_with(|| params.zeros_like());
+        buffer.check_same_shape(params)?;
+        let tensors = params
+            .tensors_mut()
+            .into_iter()
+            .zip(grads.tensors())
+            .zip(buffer.tensors_mut());
+        for ((w, (_, g)), b) in tensors {
+            for i in 0..w.len() {
+                let mut d = g[i] + self.weight_decay * w[i];
+                if self.momentum != 0.0 {
+                    b[i] = if first { d } else { self.momentum * b[i] + d };
+                    d = b[i];
+                }
+                w[i] -= lr * d;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The optimizer of a training run.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Optimizer {
+    AdamW(AdamW),
+    Sgd(Sgd),
+}
+
+impl Optimizer {
+    /// One update of `params` from `grads` at learning rate `lr`.
+    pub fn update(&mut self, params: &mut Parameters, grads: &Parameters, lr: f32) -> Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.update(params, grads, lr),
+            Optimizer::Sgd(o) => o.update(params, grads, lr),
+        }
+    }
+}
+
+/// Scales every gradient by `min(1, max_norm / (norm + 1e-6))`, `norm` being the L2 norm over all
+/// of them together (torch's `clip_grad_norm_`), and returns that norm, taken before clipping.
+/// Errors on a `max_norm` that is negative or NaN.
+///
+/// ```
+/// use bitnet_wgpu::train::{Parameters, clip_grad_norm};
+/// let mut g = Parameters { embed_tokens: vec![3.0, 4.0], layers: vec![], norm: vec![], lm_head: None };
+/// assert_eq!(clip_grad_norm(&mut g, 1.0)?, 5.0);
+/// assert!((g.global_norm() - 1.0).abs() < 1e-6);
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+pub fn clip_grad_norm(grads: &mut Parameters, max_norm: f32) -> Result<f32> {
+    if max_norm.is_nan() || max_norm < 0.0 {
+        return Err(Error::invalid(
+            "max_norm",
+            format!("{max_norm} is not a non-negative number"),
+        ));
+    }
+    let norm = grads.global_norm();
+    let coef = (max_norm / (norm + 1e-6)).min(1.0);
+    for t in grads.tensors_mut() {
+        t.iter_mut().for_each(|g| *g *= coef);
+    }
+    Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(values: &[f32]) -> Parameters {
+        Parameters {
+            embed_tokens: values.to_vec(),
+            layers: vec![],
+            norm: vec![],
+            lm_head: None,
+        }
+    }
+
+    #[test]
+    fn adamw_two_steps_by_hand() {
+        // lr 0.1, betas (0.9, 0.999), eps 1e-8, weight decay 0.1. Step 1 on w = 1, g = 0.5:
+        // w = 0.99; m = 0.05, v = 0.00025; m̂ = 0.5, v̂ = 0.25; w = 0.99 - 0.1 * 0.5 / 0.5 = 0.89.
+        // Step 2, g = -0.25: w = 0.8811; m = 0.02, v = 0.00031225; m̂ = 0.02 / 0.19,
+        // v̂ = 0.00031225 / 0.001999; w = 0.8811 - 0.1 * m̂ / sqrt(v̂) = 0.854466298687846.
+        // The second weight sees g = 0 (decay only: -1.98) then g = 0.001.
+        let mut w = params(&[1.0, -2.0]);
+        let mut adam = AdamW::new(0.9, 0.999, 1e-8, 0.1);
+        adam.update(&mut w, &params(&[0.5, 0.0]), 0.1).unwrap();
+        assert!(
+            (w.embed_tokens[0] - 0.89).abs() < 1e-6,
+            "{:?}",
+            w.embed_tokens
+        );
+        assert!(
+            (w.embed_tokens[1] + 1.98).abs() < 1e-6,
+            "{:?}",
+            w.embed_tokens
+        );
+        adam.update(&mut w, &params(&[-0.25, 1e-3]), 0.1).unwrap();
+        assert!((f64::from(w.embed_tokens[0]) - 0.854_466_298_687_846).abs() < 1e-6);
+        assert!((f64::from(w.embed_tokens[1]) + 2.034_612_630_266_31).abs() < 1e-6);
+        assert!(adam.update(&mut w, &params(&[1.0]), 0.1).is_err());
+    }
+
+    #[test]
+    fn sgd_with_momentum_two_steps_by_hand() {
+        // d = g + 0.1 w: 0.6, buffer 0.6, w = 0.94; then d = -0.25 + 0.094 = -0.156,
+        // buffer = 0.9 * 0.6 - 0.156 = 0.384, w = 0.94 - 0.0384 = 0.9016.
+        let mut w = params(&[1.0]);
+        let mut sgd = Sgd::new(0.9, 0.1);
+        sgd.update(&mut w, &params(&[0.5]), 0.1).unwrap();
+        assert!((w.embed_tokens[0] - 0.94).abs() < 1e-6);
+        sgd.update(&mut w, &params(&[-0.25]), 0.1).unwrap();
+        assert!((w.embed_tokens[0] - 0.9016).abs() < 1e-6);
+        let mut plain = params(&[1.0]);
+        Sgd::new(0.0, 0.0)
+            .update(&mut plain, &params(&[0.5]), 0.1)
+            .unwrap();
+        assert_eq!(plain.embed_tokens, [0.95]);
+    }
+
+    #[test]
+    fn clipping_scales_only_above_the_limit() {
+        let mut g = params(&[3.0, 4.0]);
+        g.norm = vec![12.0]; // global norm 13
+        assert_eq!(clip_grad_norm(&mut g, 100.0).unwrap(), 13.0);
+        assert_eq!(
+            (g.embed_tokens.clone(), g.norm.clone()),
+            (vec![3.0, 4.0], vec![12.0])
+        );
+        assert_eq!(clip_grad_norm(&mut g, 1.3).unwrap(), 13.0);
+        let coef = 1.3 / (13.0 + 1e-6);
+        assert_eq!(g.embed_tokens, [3.0 * coef, 4.0 * coef]);
+        assert!((g.global_norm() - 1.3).abs() < 1e-6);
+        assert!(clip_grad_norm(&mut g, -1.0).is_err());
+    }
+}
