@@ -9,13 +9,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use bitnet_wgpu::BitLinear;
-use bitnet_wgpu::cpu::nll;
 use bitnet_wgpu::cpu::{ScaleGranularity, WeightQuantOptions};
 use bitnet_wgpu::gpu::table::TableStorage;
 use bitnet_wgpu::gpu::{AdapterSummary, GpuContext};
 use bitnet_wgpu::model::{
-    CpuEngine, DecodePath, GpuModel, Logits, ModelConfig, ModelWeights, Sampler, SamplingParams,
-    load_model, perplexity_windows, synthetic,
+    DecodePath, Device as EngineDevice, Engine, GenerationParams, Generator, GpuModel, Logits,
+    ModelConfig, Sampler, SamplingParams, Stop, load_model, perplexity_windows, synthetic,
 };
 use bitnet_wgpu::rng::SplitMix64;
 use bitnet_wgpu::tokenizer::Tokenizer;
@@ -461,241 +460,79 @@ fn fail(e: &dyn std::error::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// A model ready to run one sequence, on the CPU reference or resident on a GPU.
-enum Engine {
-    Cpu(Box<CpuEngine>),
-    Gpu(Box<(GpuContext, GpuModel)>),
-}
-
-impl Engine {
-    /// `auto` uses the GPU when an adapter opens and the model fits it, and says why not on
-    /// stderr before falling back to the CPU; `gpu` makes either failure an error.
-    async fn new(device: Device, weights: ModelWeights) -> CliResult<Self> {
-        if device == Device::Cpu {
-            return Ok(Engine::Cpu(Box::new(CpuEngine::new(weights)?)));
-        }
-        let on_gpu = async {
-            let ctx = GpuContext::new().await?;
-            let c = &weights.config;
-            // f16 tables round the embeddings; only big tables are worth that.
-            let tables = if c.vocab_size * c.hidden_size * 4 >= F16_TABLES_FROM_BYTES {
-                TableStorage::F16
-            } else {
-                TableStorage::F32
-            };
-            let model = GpuModel::new(&ctx, &weights, c.max_position_embeddings, tables)?;
-            Ok::<_, bitnet_wgpu::Error>(Engine::Gpu(Box::new((ctx, model))))
-        };
-        match (on_gpu.await, device) {
-            (Ok(engine), _) => Ok(engine),
-            (Err(e), Device::Gpu) => Err(format!("--device gpu: {e}").into()),
-            (Err(e), _) => {
-                eprintln!("running on the CPU: {e}");
-                Ok(Engine::Cpu(Box::new(CpuEngine::new(weights)?)))
-            }
-        }
-    }
-
-    /// Logits of `tokens` after the positions already seen: `[tokens.len(), vocab]`, or, with
-    /// `Logits::Last`, at least the last token's row (the GPU then computes only that one).
-    async fn forward(&mut self, tokens: &[u32], which: Logits) -> bitnet_wgpu::Result<Vec<f32>> {
-        match self {
-            Engine::Cpu(e) => e.forward(tokens),
-            Engine::Gpu(gpu) => gpu.1.forward(&gpu.0, tokens, which).await,
-        }
-    }
-
-    /// Forgets the sequence.
-    fn reset(&mut self) {
-        match self {
-            Engine::Cpu(e) => e.reset(),
-            Engine::Gpu(gpu) => gpu.1.reset(),
-        }
-    }
-
-    /// Positions seen so far.
-    /// The negative log-likelihood of each token of `tokens` after the first, given those
-    /// before it (after the positions already seen). The GPU computes them there and reads back
-    /// only these numbers.
-    async fn nll(&mut self, tokens: &[u32]) -> bitnet_wgpu::Result<Vec<f64>> {
-        match self {
-            Engine::Cpu(e) => {
-                let vocab = e.config().vocab_size;
-                let logits = e.forward(tokens)?;
-                Ok(logits
-                    .chunks_exact(vocab)
-                    .zip(&tokens[1..])
-                    .map(|(row, &next)| nll(row, next))
-                    .collect())
-            }
-            Engine::Gpu(gpu) => {
-                let nll = gpu.1.nll(&gpu.0, tokens).await?;
-                Ok(nll.into_iter().map(f64::from).collect())
-            }
-        }
-    }
-
-    fn position(&self) -> usize {
-        match self {
-            Engine::Cpu(e) => e.position(),
-            Engine::Gpu(gpu) => gpu.1.len(),
-        }
-    }
-
-    fn config(&self) -> &ModelConfig {
-        match self {
-            Engine::Cpu(e) => e.config(),
-            Engine::Gpu(gpu) => gpu.1.config(),
-        }
-    }
-
-    /// What ran the model, as the JSON output names it: "cpu" or the adapter's name.
-    fn adapter(&self) -> String {
-        match self {
-            Engine::Cpu(_) => "cpu".into(),
-            Engine::Gpu(gpu) => gpu.0.adapter_info().name.clone(),
-        }
-    }
-}
-
-/// Embedding tables from this size (as f32) are kept as f16 on the GPU: 2B4T's 1.3 GB becomes
-/// 0.66 GB, while small models keep f32 and give exactly the CPU reference's results.
-const F16_TABLES_FROM_BYTES: usize = 256 << 20;
-
-/// Loads the model behind `args` and starts its engine.
+/// Loads the model behind `args` and starts its engine, saying on stderr why `auto` fell back
+/// to the CPU.
 async fn open(args: &ModelArgs) -> CliResult<(Engine, Tokenizer)> {
     let (weights, tokenizer) = load_model(&args.model)?;
-    Ok((Engine::new(args.device, weights).await?, tokenizer))
-}
-
-/// Why generation ended.
-#[derive(Debug)]
-enum Stop {
-    EndOfSequence,
-    MaxNewTokens,
-    ContextFull,
+    let device = match args.device {
+        Device::Auto => EngineDevice::Auto,
+        Device::Gpu => EngineDevice::Gpu,
+        Device::Cpu => EngineDevice::Cpu,
+    };
+    match Engine::new(device, weights).await {
+        Ok((engine, fallback)) => {
+            if let Some(why) = fallback {
+                eprintln!("running on the CPU: {why}");
+            }
+            Ok((engine, tokenizer))
+        }
+        Err(e) if args.device == Device::Gpu => Err(format!("--device gpu: {e}").into()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn generate(args: &GenerateArgs) -> CliResult<()> {
+    let params = GenerationParams {
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+    };
     // Bad sampling options fail before a possibly long model load.
-    let mut sampler = Sampler::new(SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
-    })?;
-    let (mut engine, tokenizer) = open(&args.model).await?;
-    let prompt_ids = tokenizer.encode(&args.prompt, true)?;
-    if prompt_ids.is_empty() {
-        return Err(
-            "the prompt is empty and the model's tokenizer adds no bos token to start from".into(),
-        );
-    }
-    let limit = engine.config().max_position_embeddings;
-    if prompt_ids.len() > limit {
-        return Err(format!(
-            "the prompt has {} tokens, more than the model's context of {limit}",
-            prompt_ids.len()
-        )
-        .into());
-    }
-    let vocab = engine.config().vocab_size;
-    // Ids past the tokenizer's vocabulary (an embedding padded for speed) spell nothing.
-    let allowed = tokenizer.vocab_size().min(vocab);
+    Sampler::new(params.sampling)?;
+    let (engine, tokenizer) = open(&args.model).await?;
+    let mut generator = Generator::new(engine, tokenizer);
     let mut out = std::io::stdout().lock();
-    let mut stream = tokenizer.stream_decoder();
-    let mut generated = Vec::new();
-    let mut text = String::new();
-    let mut failure: Option<Box<dyn std::error::Error>> = None;
-    // Takes one new token: shows it and says whether to go on.
-    let mut accept = |id: u32, generated: &mut Vec<u32>| -> bool {
-        generated.push(id);
-        let shown = stream.step(id).map_err(Into::into).and_then(|piece| {
+    let mut shown = Ok(());
+    let generation = generator
+        .generate(&args.prompt, &params, |piece| {
             if !args.model.json {
-                out.write_all(piece.as_bytes())?;
-                out.flush()?;
+                shown = out.write_all(piece.as_bytes()).and_then(|()| out.flush());
             }
-            text += &piece;
-            Ok::<_, Box<dyn std::error::Error>>(())
-        });
-        if let Err(e) = shown {
-            failure.get_or_insert(e);
-            return false;
-        }
-        tokenizer.eos() != Some(id) && generated.len() < args.max_new_tokens
-    };
-
-    let started = Instant::now();
-    let mut prompt_time = None;
-    if let (Engine::Gpu(gpu), true) = (&mut engine, args.temperature == 0.0) {
-        // Greedy on a GPU: the choice is made there and only the token comes back.
-        let (ctx, model) = &mut **gpu;
-        if args.max_new_tokens > 0 {
-            model
-                .greedy(ctx, &prompt_ids, args.max_new_tokens, allowed, |id| {
-                    prompt_time.get_or_insert_with(|| started.elapsed());
-                    accept(id, &mut generated)
-                })
-                .await?;
-        }
-    } else {
-        let mut logits = engine.forward(&prompt_ids, Logits::Last).await?;
-        prompt_time = Some(started.elapsed());
-        while generated.len() < args.max_new_tokens {
-            let last = logits.len() - vocab;
-            logits[last + allowed..].fill(f32::NEG_INFINITY);
-            let id = sampler.sample(&logits[last..])?;
-            if !accept(id, &mut generated) || engine.position() >= limit {
-                break;
-            }
-            logits = engine.forward(&[id], Logits::Last).await?;
-        }
-    }
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    let stop = if tokenizer
-        .eos()
-        .is_some_and(|eos| generated.last() == Some(&eos))
-    {
-        Stop::EndOfSequence
-    } else if generated.len() == args.max_new_tokens {
-        Stop::MaxNewTokens
-    } else {
-        Stop::ContextFull
-    };
-    let prompt_time = prompt_time.unwrap_or_else(|| started.elapsed());
-    let started = started + prompt_time;
-    let piece = stream.finish()?;
-    text += &piece;
-    let generation_time = started.elapsed();
-
-    let prompt_rate = rate(prompt_ids.len(), prompt_time);
-    let generation_rate = rate(generated.len(), generation_time);
+            shown.is_ok()
+        })
+        .await?;
+    shown?;
+    let adapter = generator.engine().adapter();
     if args.model.json {
         let json = serde_json::json!({
-            "prompt_ids": prompt_ids,
-            "generated_ids": generated,
-            "text": text,
-            "prompt_tokens_per_s": prompt_rate,
-            "tokens_per_s": generation_rate,
-            "adapter": engine.adapter(),
+            "prompt_ids": generation.prompt_ids,
+            "generated_ids": generation.generated_ids,
+            "text": generation.text,
+            "prompt_tokens_per_s": generation.prompt_tokens_per_s(),
+            "tokens_per_s": generation.tokens_per_s(),
+            "adapter": adapter,
         });
         writeln!(out, "{json}")?;
     } else {
-        writeln!(out, "{piece}")?;
+        writeln!(out)?;
     }
     eprintln!(
-        "prompt: {} tokens, {prompt_rate:.1} tokens/s; generated: {} tokens, \
-         {generation_rate:.1} tokens/s; stopped at {}; engine: {}",
-        prompt_ids.len(),
-        generated.len(),
-        match stop {
+        "prompt: {} tokens, {:.1} tokens/s; generated: {} tokens, {:.1} tokens/s; stopped at {}; \
+         engine: {adapter}",
+        generation.prompt_ids.len(),
+        generation.prompt_tokens_per_s(),
+        generation.generated_ids.len(),
+        generation.tokens_per_s(),
+        match generation.stop {
             Stop::EndOfSequence => "the end-of-sequence token",
             Stop::MaxNewTokens => "--max-new-tokens",
             Stop::ContextFull => "the model's context limit",
+            Stop::Cancelled => "an output error",
         },
-        engine.adapter()
     );
     Ok(())
 }

@@ -3,8 +3,122 @@
 
 use std::ops::Range;
 
-use crate::Result;
-use crate::model::{KvCache, ModelConfig, ModelWeights, forward};
+use crate::cpu::nll;
+use crate::gpu::GpuContext;
+use crate::gpu::table::TableStorage;
+use crate::model::{GpuModel, KvCache, Logits, ModelConfig, ModelWeights, forward};
+use crate::{Error, Result};
+
+/// Embedding tables from this size (as f32) are kept as f16 on the GPU: 2B4T's 1.3 GB becomes
+/// 0.66 GB, while small models keep f32 and give exactly the CPU reference's results.
+const F16_TABLES_FROM_BYTES: usize = 256 << 20;
+
+/// Where [`Engine::new`] runs a model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The GPU when an adapter opens and the model fits it, else the CPU.
+    #[default]
+    Auto,
+    /// The GPU or an error.
+    Gpu,
+    /// The CPU reference.
+    Cpu,
+}
+
+/// A model ready to run one sequence at a time, on the CPU reference or resident on a GPU.
+pub enum Engine {
+    Cpu(Box<CpuEngine>),
+    Gpu(Box<(GpuContext, GpuModel)>),
+}
+
+impl Engine {
+    /// Starts `weights` on `device`. With [`Device::Auto`], a GPU that does not open or cannot
+    /// hold the model gives a CPU engine, and the second value says why; with [`Device::Gpu`]
+    /// that is the error.
+    pub async fn new(device: Device, weights: ModelWeights) -> Result<(Self, Option<Error>)> {
+        if device == Device::Cpu {
+            return Ok((Engine::Cpu(Box::new(CpuEngine::new(weights)?)), None));
+        }
+        let on_gpu = async {
+            let ctx = GpuContext::new().await?;
+            let c = &weights.config;
+            // f16 tables round the embeddings; only big tables are worth that.
+            let tables = if c.vocab_size * c.hidden_size * 4 >= F16_TABLES_FROM_BYTES {
+                TableStorage::F16
+            } else {
+                TableStorage::F32
+            };
+            let model = GpuModel::new(&ctx, &weights, c.max_position_embeddings, tables)?;
+            Ok::<_, Error>(Engine::Gpu(Box::new((ctx, model))))
+        };
+        match (on_gpu.await, device) {
+            (Ok(engine), _) => Ok((engine, None)),
+            (Err(e), Device::Gpu) => Err(e),
+            (Err(e), _) => Ok((Engine::Cpu(Box::new(CpuEngine::new(weights)?)), Some(e))),
+        }
+    }
+
+    /// Logits of `tokens` after the positions already seen: `[tokens.len(), vocab]`, or, with
+    /// `Logits::Last`, at least the last token's row (the GPU then computes only that one).
+    pub async fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        match self {
+            Engine::Cpu(e) => e.forward(tokens),
+            Engine::Gpu(gpu) => gpu.1.forward(&gpu.0, tokens, which).await,
+        }
+    }
+
+    /// The negative log-likelihood of each token of `tokens` after the first, given those
+    /// before it (after the positions already seen). The GPU computes them there and reads back
+    /// only these numbers.
+    pub async fn nll(&mut self, tokens: &[u32]) -> Result<Vec<f64>> {
+        match self {
+            Engine::Cpu(e) => {
+                let vocab = e.config().vocab_size;
+                let logits = e.forward(tokens)?;
+                Ok(logits
+                    .chunks_exact(vocab)
+                    .zip(&tokens[1..])
+                    .map(|(row, &next)| nll(row, next))
+                    .collect())
+            }
+            Engine::Gpu(gpu) => {
+                let nll = gpu.1.nll(&gpu.0, tokens).await?;
+                Ok(nll.into_iter().map(f64::from).collect())
+            }
+        }
+    }
+
+    /// Forgets the sequence.
+    pub fn reset(&mut self) {
+        match self {
+            Engine::Cpu(e) => e.reset(),
+            Engine::Gpu(gpu) => gpu.1.reset(),
+        }
+    }
+
+    /// Positions seen so far: the next token's position.
+    pub fn position(&self) -> usize {
+        match self {
+            Engine::Cpu(e) => e.position(),
+            Engine::Gpu(gpu) => gpu.1.len(),
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Engine::Cpu(e) => e.config(),
+            Engine::Gpu(gpu) => gpu.1.config(),
+        }
+    }
+
+    /// What runs the model: "cpu" or the adapter's name.
+    pub fn adapter(&self) -> String {
+        match self {
+            Engine::Cpu(_) => "cpu".into(),
+            Engine::Gpu(gpu) => gpu.0.adapter_info().name.clone(),
+        }
+    }
+}
 
 /// The CPU reference forward with its own KV cache: each [`CpuEngine::forward`] continues the
 /// sequence where the previous one stopped.

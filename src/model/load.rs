@@ -1,5 +1,7 @@
-//! Opening a model from disk, whatever its format, with the tokenizer that goes with it.
+//! Opening a model, whatever its format, with the tokenizer that goes with it: from files on
+//! disk, or from their bytes (the browser, which has no paths).
 
+#[cfg(not(target_arch = "wasm32"))]
 use std::path::Path;
 
 use crate::formats::{gguf, hf};
@@ -28,6 +30,7 @@ const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 /// tokens. Errors name the path: it does not exist, a folder without
 /// config.json, a file that is not GGUF, a missing tokenizer for a larger vocabulary, a
 /// tokenizer with more tokens than the model, and every error of the format readers.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn load_model(path: impl AsRef<Path>) -> Result<(ModelWeights, Tokenizer)> {
     let path = path.as_ref();
     let metadata = std::fs::metadata(path).map_err(|source| Error::Io {
@@ -42,17 +45,141 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<(ModelWeights, Tokenizer)> {
             source
         },
     })?;
-    let (weights, tokenizer) = if metadata.is_dir() {
-        load_hf_dir(path)?
+    let where_ = path.display().to_string();
+    if metadata.is_dir() {
+        if !path.join(hf::CONFIG_FILE).is_file() {
+            return Err(not_a_model(
+                &where_,
+                format!(
+                    "this folder has no {} (not a Hugging Face checkpoint)",
+                    hf::CONFIG_FILE
+                ),
+            ));
+        }
+        let weights = hf::load_dir(path)?;
+        let tokenizer_path = path.join(TOKENIZER_FILE);
+        let json = match std::fs::read(&tokenizer_path) {
+            Ok(json) => Some(json),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(Error::Io {
+                    path: tokenizer_path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        with_hf_tokenizer(weights, json.as_deref(), &where_)
     } else {
-        load_gguf(path)?
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: where_.clone(),
+            source,
+        })?;
+        from_gguf(&bytes, &where_)
+    }
+}
+
+/// Loads a model and its tokenizer from the bytes of its files, named as on disk (a path's last
+/// part is what counts): one GGUF file, or a Hugging Face checkpoint's config.json, its
+/// safetensors file or shards (any names ending in `.safetensors`; an index file is not needed)
+/// and, optionally, tokenizer.json. The same rules and errors as [`load_model`].
+///
+/// ```
+/// use bitnet_wgpu::model::{load_model_from_bytes, synthetic, ModelConfig};
+/// let config = ModelConfig {
+///     vocab_size: 258, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 1,
+///     num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16, max_position_embeddings: 32,
+///     ..ModelConfig::bitnet_b158_2b4t()
+/// };
+/// let weights = synthetic(&config, 3);
+/// let gguf = bitnet_wgpu::formats::gguf::write_model(
+///     &weights, None, bitnet_wgpu::formats::gguf::TableType::F32)?;
+/// let (loaded, tokenizer) = load_model_from_bytes(&[("tiny.gguf", &gguf)])?;
+/// assert_eq!(loaded, weights);
+/// assert_eq!(tokenizer.vocab_size(), 258);
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+pub fn load_model_from_bytes(files: &[(&str, &[u8])]) -> Result<(ModelWeights, Tokenizer)> {
+    let base = |name: &str| name.rsplit(['/', '\\']).next().unwrap_or(name).to_string();
+    if let [(name, bytes)] = files
+        && bytes.starts_with(GGUF_MAGIC)
+    {
+        return from_gguf(bytes, name);
+    }
+    let named = |wanted: &str| {
+        files
+            .iter()
+            .find(|(name, _)| base(name) == wanted)
+            .map(|&(_, bytes)| bytes)
     };
+    let Some(config) = named(hf::CONFIG_FILE) else {
+        return Err(not_a_model(
+            "model files",
+            format!(
+                "neither one GGUF file nor a Hugging Face checkpoint ({} is missing)",
+                hf::CONFIG_FILE
+            ),
+        ));
+    };
+    let config = std::str::from_utf8(config)
+        .map_err(|e| Error::invalid("config.json", format!("not UTF-8: {e}")))?;
+    let shards: Vec<&[u8]> = files
+        .iter()
+        .filter(|(name, _)| name.ends_with(".safetensors"))
+        .map(|&(_, bytes)| bytes)
+        .collect();
+    let weights = hf::load_from_bytes(config, &shards)?;
+    with_hf_tokenizer(weights, named(TOKENIZER_FILE), "model files")
+}
+
+/// A Hugging Face model with its tokenizer.json (bos/eos ids from config.json), or the byte
+/// fallback when there is none.
+fn with_hf_tokenizer(
+    weights: ModelWeights,
+    json: Option<&[u8]>,
+    where_: &str,
+) -> Result<(ModelWeights, Tokenizer)> {
+    let config = &weights.config;
+    let tokenizer = match json {
+        Some(json) => Tokenizer::from_json(json)
+            .map_err(|e| Error::invalid("tokenizer", format!("{where_}/{TOKENIZER_FILE}: {e}")))?
+            .with_special_ids(config.bos_token_id, config.eos_token_id)?,
+        None => byte_fallback(where_, config.vocab_size, format!("no {TOKENIZER_FILE}"))?,
+    };
+    checked(weights, tokenizer, where_)
+}
+
+fn from_gguf(bytes: &[u8], where_: &str) -> Result<(ModelWeights, Tokenizer)> {
+    if !bytes.starts_with(GGUF_MAGIC) {
+        return Err(not_a_model(
+            where_,
+            "this file is not GGUF (no GGUF magic) and not a checkpoint folder".to_string(),
+        ));
+    }
+    let in_file = |e: Error| Error::invalid("GGUF file", format!("{where_}: {e}"));
+    let file = gguf::GgufFile::parse(bytes).map_err(in_file)?;
+    let weights = gguf::to_model(&file).map_err(in_file)?;
+    let tokenizer = match gguf::tokenizer(&file).map_err(in_file)? {
+        Some(t) => Tokenizer::from_gguf(&t).map_err(in_file)?,
+        None => byte_fallback(
+            where_,
+            weights.config.vocab_size,
+            "no tokenizer.ggml.tokens".to_string(),
+        )?,
+    };
+    checked(weights, tokenizer, where_)
+}
+
+/// Refuses a tokenizer that can produce ids the model has no embedding for.
+fn checked(
+    weights: ModelWeights,
+    tokenizer: Tokenizer,
+    where_: &str,
+) -> Result<(ModelWeights, Tokenizer)> {
     if tokenizer.vocab_size() > weights.config.vocab_size {
         return Err(Error::invalid(
             "tokenizer",
             format!(
-                "{}: the tokenizer has {} tokens but the model's vocabulary only {}",
-                path.display(),
+                "{where_}: the tokenizer has {} tokens but the model's vocabulary only {}",
                 tokenizer.vocab_size(),
                 weights.config.vocab_size
             ),
@@ -61,79 +188,24 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<(ModelWeights, Tokenizer)> {
     Ok((weights, tokenizer))
 }
 
-fn load_hf_dir(dir: &Path) -> Result<(ModelWeights, Tokenizer)> {
-    if !dir.join(hf::CONFIG_FILE).is_file() {
-        return Err(not_a_model(
-            dir,
-            format!(
-                "this folder has no {} (not a Hugging Face checkpoint)",
-                hf::CONFIG_FILE
-            ),
-        ));
-    }
-    let weights = hf::load_dir(dir)?;
-    let config = &weights.config;
-    let tokenizer_path = dir.join(TOKENIZER_FILE);
-    let tokenizer = match std::fs::read(&tokenizer_path) {
-        Ok(json) => Tokenizer::from_json(&json)
-            .map_err(|e| Error::invalid("tokenizer", format!("{}: {e}", tokenizer_path.display())))?
-            .with_special_ids(config.bos_token_id, config.eos_token_id)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            byte_fallback(dir, config.vocab_size, format!("no {TOKENIZER_FILE}"))?
-        }
-        Err(source) => {
-            return Err(Error::Io {
-                path: tokenizer_path.display().to_string(),
-                source,
-            });
-        }
-    };
-    Ok((weights, tokenizer))
-}
-
-fn load_gguf(path: &Path) -> Result<(ModelWeights, Tokenizer)> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    if !bytes.starts_with(GGUF_MAGIC) {
-        return Err(not_a_model(
-            path,
-            "this file is not GGUF (no GGUF magic) and not a checkpoint folder".to_string(),
-        ));
-    }
-    let in_file = |e: Error| Error::invalid("GGUF file", format!("{}: {e}", path.display()));
-    let file = gguf::GgufFile::from_vec(bytes).map_err(in_file)?;
-    let weights = gguf::to_model(&file).map_err(in_file)?;
-    let tokenizer = match gguf::tokenizer(&file).map_err(in_file)? {
-        Some(t) => Tokenizer::from_gguf(&t).map_err(in_file)?,
-        None => byte_fallback(
-            path,
-            weights.config.vocab_size,
-            "no tokenizer.ggml.tokens".to_string(),
-        )?,
-    };
-    Ok((weights, tokenizer))
-}
-
-/// The byte-level tokenizer for a tiny vocabulary, or the error that `path` lacks its tokenizer.
-fn byte_fallback(path: &Path, vocab_size: usize, missing: String) -> Result<Tokenizer> {
+/// The byte-level tokenizer for a tiny vocabulary, or the error that `where_` lacks its
+/// tokenizer.
+fn byte_fallback(where_: &str, vocab_size: usize, missing: String) -> Result<Tokenizer> {
     if vocab_size <= BYTE_VOCAB_LIMIT {
         Ok(Tokenizer::bytes(vocab_size))
     } else {
         Err(Error::invalid(
             "tokenizer",
             format!(
-                "{}: {missing}, and a vocabulary of {vocab_size} tokens needs its tokenizer \
-                 (only up to {BYTE_VOCAB_LIMIT} tokens fall back to bytes)",
-                path.display()
+                "{where_}: {missing}, and a vocabulary of {vocab_size} tokens needs its tokenizer \
+                 (only up to {BYTE_VOCAB_LIMIT} tokens fall back to bytes)"
             ),
         ))
     }
 }
 
-fn not_a_model(path: &Path, why: String) -> Error {
-    Error::invalid("model path", format!("{}: {why}", path.display()))
+fn not_a_model(where_: &str, why: String) -> Error {
+    Error::invalid("model path", format!("{where_}: {why}"))
 }
 
 #[cfg(test)]
@@ -256,6 +328,38 @@ mod tests {
         let bytes = gguf::write_model(&weights(260), None, gguf::TableType::F32).unwrap();
         std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
         let e = load_model(&truncated).unwrap_err().to_string();
+        assert!(e.contains("cut.gguf"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bytes_load_like_files() {
+        let dir = temp_dir("bytes");
+        let model = weights(260);
+        hf::save_dir(&model, dir.join("ckpt"), &[]).unwrap();
+        let read = |name: &str| std::fs::read(dir.join("ckpt").join(name)).unwrap();
+        let (config, safetensors) = (read("config.json"), read("model.safetensors"));
+        let files: [(&str, &[u8]); 2] = [
+            ("some/folder/config.json", &config),
+            ("model.safetensors", &safetensors),
+        ];
+        let (from_bytes, tokenizer) = load_model_from_bytes(&files).unwrap();
+        assert_eq!(from_bytes, load_model(dir.join("ckpt")).unwrap().0);
+        assert_eq!(tokenizer.encode("A", true).unwrap(), [256, 65]);
+
+        let e = load_model_from_bytes(&files[1..]).unwrap_err().to_string();
+        assert!(e.contains("config.json"), "{e}");
+        let e = load_model_from_bytes(&files[..1]).unwrap_err().to_string();
+        assert!(e.contains("safetensors"), "{e}");
+        let bad_tokenizer: [(&str, &[u8]); 3] =
+            [files[0], files[1], ("tokenizer.json", b"{\"model\": 1}")];
+        let e = load_model_from_bytes(&bad_tokenizer)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tokenizer.json"), "{e}");
+        let gguf = gguf::write_model(&model, None, gguf::TableType::F32).unwrap();
+        let truncated: [(&str, &[u8]); 1] = [("cut.gguf", &gguf[..gguf.len() / 2])];
+        let e = load_model_from_bytes(&truncated).unwrap_err().to_string();
         assert!(e.contains("cut.gguf"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -4,19 +4,21 @@
 mod config;
 mod engine;
 mod forward;
+mod generator;
 mod gpu;
-#[cfg(not(target_arch = "wasm32"))]
 mod load;
 mod sampling;
 mod synthetic;
 mod weights;
 
 pub use config::ModelConfig;
-pub use engine::{CpuEngine, perplexity_windows};
+pub use engine::{CpuEngine, Device, Engine, perplexity_windows};
 pub use forward::{KvCache, forward};
+pub use generator::{Generation, GenerationParams, Generator, Stop};
 pub use gpu::{DecodePath, GpuModel, Logits};
 #[cfg(not(target_arch = "wasm32"))]
 pub use load::load_model;
+pub use load::load_model_from_bytes;
 pub use sampling::{Sampler, SamplingParams};
 pub use synthetic::synthetic;
 pub use weights::{LayerWeights, ModelWeights};
