@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test of the project, on three GPU adapters: native Vulkan (a real GPU, or Mesa's lavapipe),
-# native GL (llvmpipe through EGL), and WebGPU in headless Chromium. Needs what .ci/run installs.
+# native GL (llvmpipe through EGL), and WebGPU in headless Chromium (the library's GPU tests, then
+# the demo page itself). Needs what .ci/run installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,5 +25,10 @@ echo "== GPU tests in headless Chromium on WebGPU"
 CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
   CHROMEDRIVER=/usr/bin/chromedriver WASM_BINDGEN_TEST_TIMEOUT=900 \
   cargo test --target wasm32-unknown-unknown --test web
+
+echo "== the demo page in headless Chromium (Playwright), against the native program"
+web/build.sh --dev
+cargo build --bin bitnet
+BITNET_BIN=target/debug/bitnet node web/tests/page.test.mjs
 
 echo "== all tests passed"

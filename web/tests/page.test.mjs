@@ -1,0 +1,150 @@
+// The demo page in headless Chromium (Debian's chromium, driven by playwright-core), checked
+// against the native `bitnet` program: the page must give the tokens `bitnet generate
+// --device cpu --temperature 0` gives, on WebGPU and on the CPU path, from the demo model and
+// from models opened with the file input. Needs web/build.sh's web/dist and BITNET_BIN (the
+// native binary). Fails, never skips, when something is missing.
+import { chromium } from "playwright-core";
+import { createServer } from "node:http";
+import { execFileSync } from "node:child_process";
+import { mkdirSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { extname, join, resolve } from "node:path";
+import { tmpdir } from "node:os";
+import assert from "node:assert/strict";
+
+const root = resolve(import.meta.dirname, "..", "..");
+const dist = join(root, "web", "dist");
+const demo = join(root, "models", "demo");
+const artifacts = join(root, "web", "test-artifacts");
+const bin = process.env.BITNET_BIN ?? join(root, "target", "debug", "bitnet");
+const chrome = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const TIMEOUT = 600_000;
+for (const needed of [join(dist, "index.html"), join(dist, "pkg", "bitnet_web_bg.wasm"), bin, chrome]) {
+  statSync(needed);
+}
+mkdirSync(artifacts, { recursive: true });
+const scratch = mkdtempSync(join(tmpdir(), "bitnet-page-"));
+
+function bitnet(...args) {
+  return execFileSync(bin, args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+}
+
+function nativeIds(model, prompt, tokens) {
+  const out = bitnet("generate", "--model", model, "--prompt", prompt, "--max-new-tokens", String(tokens),
+    "--temperature", "0", "--device", "cpu", "--json");
+  return JSON.parse(out).generated_ids.join(",");
+}
+
+const types = { ".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".wasm": "application/wasm", ".json": "application/json" };
+const server = createServer((request, response) => {
+  const path = join(dist, decodeURIComponent(new URL(request.url, "http://x").pathname));
+  try {
+    const body = readFileSync(path.endsWith("/") ? join(path, "index.html") : path);
+    response.writeHead(200, { "content-type": types[extname(path)] ?? "application/octet-stream" });
+    response.end(body);
+  } catch {
+    response.writeHead(404).end();
+  }
+});
+await new Promise((ok) => server.listen(0, "127.0.0.1", ok));
+const base = `http://127.0.0.1:${server.address().port}/`;
+
+const flags = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-background-networking",
+  "--disable-component-update", "--disable-sync", "--no-first-run"];
+
+async function browser(webgpu) {
+  return chromium.launch({
+    executablePath: chrome,
+    headless: true,
+    args: webgpu ? [...flags, "--enable-unsafe-webgpu"] : [...flags, "--disable-webgpu"],
+  });
+}
+
+async function waitForModel(page, name) {
+  await page.waitForSelector(`#model-name[data-state="ready"]`, { timeout: TIMEOUT });
+  if (name) assert.equal(await page.textContent("#model-name"), name);
+}
+
+async function generated(page) {
+  await page.waitForSelector('#output[data-state="done"], #output[data-state="error"]', { timeout: TIMEOUT });
+  const state = await page.getAttribute("#output", "data-state");
+  assert.equal(state, "done", `generation failed: ${await page.textContent("#error")}`);
+  return page.getAttribute("#output", "data-token-ids");
+}
+
+async function generateWith(page, prompt, tokens) {
+  await page.fill("#prompt", prompt);
+  await page.fill("#max-new-tokens", String(tokens));
+  await page.fill("#temperature", "0");
+  await page.click("#generate");
+  return generated(page);
+}
+
+const results = [];
+async function check(name, body) {
+  const started = Date.now();
+  await body();
+  results.push(`ok: ${name} (${((Date.now() - started) / 1000).toFixed(1)} s)`);
+  console.log(results.at(-1));
+}
+
+const prompt = "It was a dark and stormy night";
+const demoIds = nativeIds(demo, prompt, 16);
+const gguf = join(scratch, "demo.gguf");
+bitnet("convert", "--format", "gguf", "--input", demo, "--output", gguf);
+const ggufIds = nativeIds(gguf, prompt, 16);
+const truncated = join(scratch, "broken.gguf");
+writeFileSync(truncated, readFileSync(gguf).subarray(0, 4096));
+
+try {
+  const gpu = await browser(true);
+  const page = await gpu.newPage();
+  const logs = [];
+  page.on("console", (m) => logs.push(m.text()));
+  page.on("pageerror", (e) => logs.push(String(e)));
+
+  await check("the demo model generates on WebGPU what the native CPU generates", async () => {
+    const url = `${base}index.html?prompt=${encodeURIComponent(prompt)}&max_new_tokens=16&temperature=0&autorun=1`;
+    await page.goto(url);
+    await waitForModel(page);
+    assert.match(await page.textContent("#engine"), /WebGPU/, logs.join("\n"));
+    assert.equal(await generated(page), demoIds);
+    await page.screenshot({ path: join(artifacts, "page.png"), fullPage: true });
+  });
+
+  await check("a GGUF file opened with the file input generates as natively", async () => {
+    await page.setInputFiles("#model-files", gguf);
+    await waitForModel(page, "demo.gguf");
+    assert.equal(await generateWith(page, prompt, 16), ggufIds);
+  });
+
+  await check("a Hugging Face folder's files opened with the file input generate as natively", async () => {
+    await page.setInputFiles("#model-files",
+      ["config.json", "model.safetensors", "tokenizer.json"].map((f) => join(demo, f)));
+    await waitForModel(page);
+    assert.equal(await generateWith(page, prompt, 16), demoIds);
+  });
+
+  await check("a malformed file is an error and the page keeps working", async () => {
+    const before = await page.textContent("#model-name");
+    await page.setInputFiles("#model-files", truncated);
+    await page.waitForFunction(() => document.getElementById("error").textContent.length > 0, null, { timeout: TIMEOUT });
+    assert.match(await page.textContent("#error"), /broken\.gguf/);
+    assert.equal(await page.textContent("#model-name"), before);
+    assert.equal(await generateWith(page, prompt, 16), demoIds);
+  });
+  await gpu.close();
+
+  await check("without WebGPU the page says so and the CPU path generates the same tokens", async () => {
+    const cpu = await browser(false);
+    const page = await cpu.newPage();
+    await page.goto(`${base}index.html?prompt=${encodeURIComponent(prompt)}&max_new_tokens=16&temperature=0&autorun=1`);
+    await waitForModel(page);
+    assert.equal(await page.isVisible("#no-webgpu"), true);
+    assert.match(await page.textContent("#engine"), /CPU/);
+    assert.equal(await generated(page), demoIds);
+    await cpu.close();
+  });
+} finally {
+  server.close();
+}
+console.log(`all ${results.length} page tests passed; screenshot in ${join(artifacts, "page.png")}`);
