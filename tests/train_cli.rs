@@ -442,23 +442,35 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
         .map(String::from)
         .to_vec()
     };
+    // `args` with each of `more`'s flags set (a value after a flag replaces the one there).
     let with = |mut args: Vec<String>, more: &[&str]| {
-        args.extend(more.iter().map(|s| s.to_string()));
+        let mut i = 0;
+        while i < more.len() {
+            let value = more.get(i + 1).filter(|v| !v.starts_with("--"));
+            match (args.iter().position(|a| a == more[i]), value) {
+                (Some(at), Some(v)) => args[at + 1] = v.to_string(),
+                (Some(_), None) => {}
+                (None, _) => args.extend(
+                    std::iter::once(more[i])
+                        .chain(value.copied())
+                        .map(String::from),
+                ),
+            }
+            i += 1 + usize::from(value.is_some());
+        }
         args
     };
+    let context_300 = with(base(&data), &["--context", "300"]);
     let cases: Vec<(Vec<String>, &str)> = vec![
         (base(&empty), "holds no text"),
         (base(&binary), "not UTF-8"),
         (base(&dir.join("missing.txt")), "missing.txt"),
         (base(&short), "shorter than one window of 32 tokens"),
-        (
-            with(base(&data), &["--context", "300"]),
-            "longer than the model's 256 positions",
-        ),
+        (context_300, "longer than the model's 256 positions"),
         (with(base(&data), &["--device", "gpu"]), "not available yet"),
         (with(base(&data), &["--resume"]), "no checkpoint to resume"),
         (with(base(&data), &["--vocab-size", "10"]), "at least 258"),
-        (with(base(&data), &["--model", s(&dir)]), "no config.json"),
+        (with(base(&data), &["--model", s(&dir)]), "neither model.safetensors"),
     ];
     for (args, message) in cases {
         let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
