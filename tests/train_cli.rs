@@ -470,7 +470,10 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
         (with(base(&data), &["--device", "gpu"]), "not available yet"),
         (with(base(&data), &["--resume"]), "no checkpoint to resume"),
         (with(base(&data), &["--vocab-size", "10"]), "at least 258"),
-        (with(base(&data), &["--model", s(&dir)]), "neither model.safetensors"),
+        (
+            with(base(&data), &["--model", s(&dir)]),
+            "neither model.safetensors",
+        ),
     ];
     for (args, message) in cases {
         let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
