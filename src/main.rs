@@ -46,6 +46,9 @@ enum Command {
     Convert(ConvertArgs),
     /// Prompt and decoding speed, and GPU memory, of a model on the GPU.
     Bench(BenchArgs),
+    /// Train a model on text files (new, or fine-tuning a checkpoint), on the CPU: loss.csv,
+    /// loss.png, a resumable checkpoint/, the packed model/ and the full-precision master/.
+    Train(TrainArgs),
 }
 
 #[derive(Args)]
@@ -205,6 +208,99 @@ struct PerplexityArgs {
     context: Option<usize>,
 }
 
+#[derive(Args)]
+struct TrainArgs {
+    /// UTF-8 text files to train on, joined in order with the tokenizer's eos between them.
+    #[arg(long, num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
+    /// The run's folder: new or empty, or with --resume the folder of the run to continue.
+    #[arg(long)]
+    out: PathBuf,
+    /// A checkpoint to fine-tune (folder or .gguf), with its tokenizer.
+    #[arg(long, conflicts_with = "config")]
+    model: Option<PathBuf>,
+    /// A new model: `tiny` (about 0.43M parameters) or a config.json file [default: tiny].
+    #[arg(long)]
+    config: Option<String>,
+    /// Optimizer steps in the whole run.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// Windows per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 128)]
+    context: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    schedule: ScheduleArg,
+    /// Steps of linear warm-up from 0.
+    #[arg(long, default_value_t = 50)]
+    warmup: usize,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f32,
+    #[arg(long, value_enum, default_value_t = OptimizerArg::Adamw)]
+    optimizer: OptimizerArg,
+    /// Clip the global gradient norm to this (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f32,
+    /// Micro-batches whose gradients are averaged into one step.
+    #[arg(long, default_value_t = 1)]
+    accumulate: usize,
+    /// Seeds the new model's weights and the order of the windows.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Take consecutive windows from the start instead of a shuffled order.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// A text to report eval loss and perplexity on.
+    #[arg(long)]
+    eval_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    eval_every: usize,
+    /// Score only the first N windows of --eval-file [default: all].
+    #[arg(long)]
+    eval_windows: Option<usize>,
+    /// Save checkpoint/, model/, master/ and the loss files every N steps (and at the end).
+    #[arg(long, default_value_t = 100)]
+    save_every: usize,
+    /// `bitnet`: ternary weights and int8 activations in every forward (QAT); `none`: full
+    /// precision (the baseline; exported to master/ only).
+    #[arg(long, value_enum, default_value_t = QuantArg::Bitnet)]
+    quant: QuantArg,
+    /// For a new model: train a byte-level BPE of this many tokens on the data [default: the
+    /// byte-level fallback, 258 tokens].
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// Continue the run in --out from its checkpoint (the same options give the same result as
+    /// an uninterrupted run, bit for bit).
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ScheduleArg {
+    Constant,
+    Cosine,
+    Linear,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OptimizerArg {
+    Adamw,
+    Sgd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum QuantArg {
+    Bitnet,
+    None,
+}
+
 /// The CLI's errors: the library's, plus messages about arguments and files.
 type CliResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -236,7 +332,138 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&*e),
         },
+        Command::Train(args) => match train(&args) {
+            Ok(code) => code,
+            Err(e) => fail(&*e),
+        },
     }
+}
+
+/// `bitnet train`: the options to the library's run, a progress bar, Ctrl-C to stop and save.
+fn train(args: &TrainArgs) -> CliResult<ExitCode> {
+    use bitnet_wgpu::train::Quant;
+    use bitnet_wgpu::train::run::{
+        Event, ModelSource, OptimizerKind, ScheduleKind, TrainDevice, TrainOptions,
+    };
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut o = TrainOptions::new(args.data.clone(), args.out.clone());
+    o.model = match (&args.model, args.config.as_deref()) {
+        (Some(path), _) => ModelSource::Checkpoint(path.clone()),
+        (None, None | Some("tiny")) => ModelSource::Tiny,
+        (None, Some(file)) => ModelSource::ConfigFile(PathBuf::from(file)),
+    };
+    (o.steps, o.batch, o.context, o.accumulate) =
+        (args.steps, args.batch, args.context, args.accumulate);
+    (o.lr, o.warmup, o.weight_decay, o.grad_clip) =
+        (args.lr, args.warmup, args.weight_decay, args.grad_clip);
+    o.schedule = match args.schedule {
+        ScheduleArg::Constant => ScheduleKind::Constant,
+        ScheduleArg::Cosine => ScheduleKind::Cosine,
+        ScheduleArg::Linear => ScheduleKind::Linear,
+    };
+    o.optimizer = match args.optimizer {
+        OptimizerArg::Adamw => OptimizerKind::AdamW,
+        OptimizerArg::Sgd => OptimizerKind::Sgd,
+    };
+    o.quant = match args.quant {
+        QuantArg::Bitnet => Quant::BitNet,
+        QuantArg::None => Quant::None,
+    };
+    o.device = match args.device {
+        Device::Auto => TrainDevice::Auto,
+        Device::Gpu => TrainDevice::Gpu,
+        Device::Cpu => TrainDevice::Cpu,
+    };
+    (o.seed, o.shuffle, o.resume) = (args.seed, !args.no_shuffle, args.resume);
+    (o.eval_file, o.eval_every, o.eval_windows) =
+        (args.eval_file.clone(), args.eval_every, args.eval_windows);
+    (o.save_every, o.vocab_size) = (args.save_every, args.vocab_size);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: quitting without saving");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    })?;
+    let bar = ProgressBar::hidden();
+    let summary = bitnet_wgpu::train::run::train(&o, &stop, &mut |event| match event {
+        Event::Note(line) => eprintln!("{line}"),
+        Event::Started {
+            engine,
+            parameters,
+            vocab_size,
+            tokens,
+            windows_per_pass,
+            start_step,
+            steps,
+        } => {
+            eprintln!(
+                "training {parameters} parameters (vocab {vocab_size}) on {tokens} tokens \
+                 ({windows_per_pass} windows of {} per pass), engine: {engine}{}",
+                o.context,
+                if start_step > 0 {
+                    format!(", resuming at step {start_step}")
+                } else {
+                    String::new()
+                }
+            );
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            bar.set_length(steps as u64);
+            bar.set_position(start_step as u64);
+            bar.reset_eta();
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} step {pos}/{len} {msg} [{elapsed_precise}, eta {eta_precise}]",
+                )
+                .expect("a valid template"),
+            );
+        }
+        Event::Step {
+            step,
+            loss,
+            tokens_per_s,
+            ..
+        } => {
+            bar.set_position(step as u64);
+            bar.set_message(format!("loss {loss:.4}, {tokens_per_s:.0} tokens/s"));
+        }
+        Event::Eval {
+            step,
+            loss,
+            perplexity,
+        } => bar.println(format!(
+            "step {step}: eval loss {loss:.4}, perplexity {perplexity:.2}"
+        )),
+        Event::Saved { .. } => {}
+    })?;
+    bar.finish_and_clear();
+    let out = o.out.display();
+    if summary.interrupted {
+        eprintln!(
+            "stopped at step {} of {}; saved. Continue with the same command plus --resume",
+            summary.steps, o.steps
+        );
+        return Ok(ExitCode::from(130));
+    }
+    eprintln!(
+        "done: {} steps, last loss {}{}; wrote {out}/loss.csv, loss.png, checkpoint/, {}master/",
+        summary.steps,
+        summary.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        summary.last_eval_loss.map_or(String::new(), |l| format!(
+            ", eval loss {l:.4} (perplexity {:.2})",
+            l.exp()
+        )),
+        if o.quant == Quant::BitNet {
+            "model/, "
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn bench(args: &BenchArgs) -> CliResult<()> {

@@ -34,7 +34,7 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
 /// Llama 3's pre-tokenizer split (its tokenizer.json, and bitnet-b1.58-2B-4T's): contractions
 /// in any case, letters with one leading non-letter, digits in groups of up to three.
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Byte-level fallback: ids 0..=255 are the bytes, 256 marks the beginning of a sequence, 257 its
 /// end; any further ids up to the model's vocabulary are specials that decode to nothing.
@@ -267,6 +267,46 @@ impl Tokenizer {
         }
         ids.extend(special(self.add_eos, self.eos));
         Ok(ids)
+    }
+
+    /// This tokenizer as the text of a `tokenizer.json` that tokenizes as [`Tokenizer::encode`]
+    /// does (a GGUF vocabulary's bos/eos rule becomes a post-processor), for saving beside a
+    /// model; `None` for the byte-level fallback, which needs no file. Errors: a failure to
+    /// build the post-processor or to serialize.
+    pub fn to_json(&self) -> Result<Option<String>> {
+        let Kind::Hf(inner, _) = &self.kind else {
+            return Ok(None);
+        };
+        let mut inner = (**inner).clone();
+        let token = |id: Option<u32>| id.and_then(|id| inner.id_to_token(id).map(|t| (t, id)));
+        let bos = token(self.bos).filter(|_| self.add_bos);
+        let eos = token(self.eos).filter(|_| self.add_eos);
+        if bos.is_some() || eos.is_some() {
+            use tokenizers::processors::template::TemplateProcessing;
+            let specials: Vec<(String, u32)> = bos.iter().chain(&eos).cloned().collect();
+            let name = |t: &Option<(String, u32)>| t.as_ref().map(|(s, _)| s.clone());
+            let around = |middle: &str| {
+                [name(&bos), Some(middle.to_string()), name(&eos)]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let fail = |e: String| Error::invalid("tokenizer post-processor", e);
+            let template = TemplateProcessing::builder()
+                .try_single(around("$A"))
+                .map_err(fail)?
+                .try_pair(format!("{} {}", around("$A"), around("$B:1")))
+                .map_err(fail)?
+                .special_tokens(specials)
+                .build()
+                .map_err(|e| fail(e.to_string()))?;
+            inner.with_post_processor(Some(template));
+        }
+        inner
+            .to_string(true)
+            .map(Some)
+            .map_err(|e| Error::invalid("tokenizer", e))
     }
 
     /// The text of `ids`, special tokens left out. Bytes that do not form valid UTF-8 become

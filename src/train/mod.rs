@@ -9,6 +9,11 @@
 //! and an [`Optimizer`] (torch's AdamW or SGD) at a [`Schedule`]d rate. [`TrainModel::to_weights`]
 //! hands the result to the inference code.
 //!
+//! Natively, [`run::train`] is a whole run as `bitnet train` drives it: [`data`] (text files to
+//! token windows in a resumable order), [`bpe`] (a tokenizer trained on the data),
+//! [`checkpoint`] (the resumable state and the packed and full-precision exports, written
+//! atomically) and the loss curve.
+//!
 //! ```
 //! use bitnet_wgpu::model::ModelConfig;
 //! use bitnet_wgpu::train::{AdamW, Optimizer, Quant, Schedule, TrainModel, Trainer};
@@ -26,12 +31,22 @@
 
 mod backward;
 #[cfg(not(target_arch = "wasm32"))]
+pub mod bpe;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod checkpoint;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod data;
+#[cfg(not(target_arch = "wasm32"))]
 mod fast;
 mod forward;
 mod linear;
 mod model;
 mod optim;
 mod params;
+#[cfg(not(target_arch = "wasm32"))]
+mod plot;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod run;
 mod schedule;
 #[cfg(test)]
 mod testing;

@@ -37,6 +37,18 @@ impl AdamW {
         }
     }
 
+    /// The first and second moments (`None` before the first step) and the number of steps
+    /// taken: everything a checkpoint needs to continue the run.
+    pub fn state(&self) -> (Option<(&Parameters, &Parameters)>, u32) {
+        (self.moments.as_ref().map(|(m, v)| (m, v)), self.steps)
+    }
+
+    /// Sets the moments and step count, as [`AdamW::state`] gave them (resuming a run).
+    pub fn restore(&mut self, moments: Option<(Parameters, Parameters)>, steps: u32) {
+        self.moments = moments;
+        self.steps = steps;
+    }
+
     /// One update of every parameter from its gradient at learning rate `lr`, as torch's
     /// single-tensor AdamW (amsgrad off) computes it, per scalar in f32:
     ///
@@ -100,6 +112,16 @@ impl Sgd {
             weight_decay,
             buffer: None,
         }
+    }
+
+    /// The momentum buffer (`None` before the first step or without momentum history).
+    pub fn buffer(&self) -> Option<&Parameters> {
+        self.buffer.as_ref()
+    }
+
+    /// Sets the momentum buffer, as [`Sgd::buffer`] gave it (resuming a run).
+    pub fn restore(&mut self, buffer: Option<Parameters>) {
+        self.buffer = buffer;
     }
 
     /// One update at learning rate `lr`, per scalar as torch computes it:

@@ -52,11 +52,24 @@ impl Trainer {
         self.steps
     }
 
+    /// Sets the count of steps taken (resuming a run from a checkpoint: the schedule continues
+    /// from there).
+    pub fn set_steps(&mut self, steps: usize) {
+        self.steps = steps;
+    }
+
     /// One optimizer step on a batch of token windows: the loss and gradients of
     /// [`TrainModel::loss_and_gradients`] (accumulated over micro-batches, each weighted by its
     /// share of the batch's predictions, so the result is the whole batch's mean), the global
-    /// norm clip, then the optimizer's update at the scheduled rate. Errors as
-    /// [`TrainModel::loss`], and a micro-batch of 0 windows; on error the model is unchanged.
+    /// norm clip, then the optimizer's update at the scheduled rate.
+    ///
+    /// Natively the loss and gradients come from the multi-threaded
+    /// [`TrainModel::loss_and_gradients_fast`] (equal to the reference within float rounding,
+    /// and the same from run to run on one machine); on wasm from the reference itself.
+    ///
+    /// Errors as [`TrainModel::loss`], a micro-batch of 0 windows, and a loss or gradient norm
+    /// that is NaN or infinite ([`Error::Invalid`] naming it); on error the model and the
+    /// optimizer are unchanged.
     pub fn step(&mut self, windows: &[&[u32]]) -> Result<StepReport> {
         let count = self.model.check_windows(windows)?;
         let micro = match self.micro_batch {
@@ -68,14 +81,29 @@ impl Trainer {
         let mut loss = 0.0;
         for chunk in windows.chunks(micro) {
             let share = chunk.iter().map(|w| w.len() - 1).sum::<usize>() as f64 / count as f64;
+            #[cfg(not(target_arch = "wasm32"))]
+            let (chunk_loss, chunk_grads) = self.model.loss_and_gradients_fast(chunk)?;
+            #[cfg(target_arch = "wasm32")]
             let (chunk_loss, chunk_grads) = self.model.loss_and_gradients(chunk)?;
             loss += share * chunk_loss;
             grads.add_scaled(&chunk_grads, share as f32)?;
+        }
+        if !loss.is_finite() {
+            return Err(Error::invalid(
+                "training loss",
+                format!("{loss} (not a finite number)"),
+            ));
         }
         let grad_norm = match self.max_grad_norm {
             Some(max_norm) => clip_grad_norm(&mut grads, max_norm)?,
             None => grads.global_norm(),
         };
+        if !grad_norm.is_finite() {
+            return Err(Error::invalid(
+                "gradient norm",
+                format!("{grad_norm} (not a finite number; the loss was {loss})"),
+            ));
+        }
         let lr = self.lr * self.schedule.factor(self.steps);
         self.optimizer.update(&mut self.model.params, &grads, lr)?;
         self.steps += 1;
