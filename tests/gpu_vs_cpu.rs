@@ -144,3 +144,10 @@ fn gpu_nll_matches_cpu() {
 fn nll_matches_cpu() {
     pollster::block_on(common::nll::nll_matches_cpu(&mut context()));
 }
+
+#[test]
+fn ternary_matmul_backward_matches_cpu() {
+    pollster::block_on(common::backward::ternary_matmul_backward_matches_cpu(
+        &mut context(),
+    ));
+}

@@ -136,3 +136,8 @@ async fn gpu_nll_matches_cpu() {
 async fn nll_matches_cpu() {
     common::nll::nll_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn ternary_matmul_backward_matches_cpu() {
+    common::backward::ternary_matmul_backward_matches_cpu(&mut context().await).await;
+}

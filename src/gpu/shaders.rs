@@ -55,10 +55,11 @@ pub enum Kernel {
     Embedding,
     LmHead,
     Nll,
+    TernaryMatmulBackward,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 13] = [
+    pub const ALL: [Kernel; 14] = [
         Kernel::ActQuant,
         Kernel::Argmax,
         Kernel::TernaryPack,
@@ -72,6 +73,7 @@ impl Kernel {
         Kernel::Embedding,
         Kernel::LmHead,
         Kernel::Nll,
+        Kernel::TernaryMatmulBackward,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +91,7 @@ impl Kernel {
             Kernel::Embedding => "embedding",
             Kernel::LmHead => "lm_head",
             Kernel::Nll => "nll",
+            Kernel::TernaryMatmulBackward => "ternary_matmul_backward",
         }
     }
 
@@ -108,6 +111,7 @@ impl Kernel {
             Kernel::Embedding => &["embedding"],
             Kernel::LmHead => &["lm_head"],
             Kernel::Nll => &["nll"],
+            Kernel::TernaryMatmulBackward => &["ternary_dx", "ternary_dw"],
         }
     }
 
@@ -145,6 +149,9 @@ impl Kernel {
                 include_str!("../../shaders/lm_head.wgsl")
             ),
             Kernel::Nll => include_str!("../../shaders/nll.wgsl"),
+            Kernel::TernaryMatmulBackward => {
+                include_str!("../../shaders/ternary_matmul_backward.wgsl")
+            }
         }
     }
 

@@ -1,0 +1,126 @@
+//! The backward shaders against their CPU twins (`cpu::*_backward`, `cpu::cross_entropy`, the
+//! optimizers of `train::optim`). Gradients are float sums whose order differs between GPU and
+//! CPU, so each value is compared within a relative tolerance of the sum of the absolute values
+//! of its terms (stated per kernel); integers (token ids, codes) are exact.
+
+use super::pick;
+use bitnet_wgpu::cpu;
+use bitnet_wgpu::gpu::{self, GpuActivations, GpuContext};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// Relative tolerance of the ternary matmul gradients: sums of at most 130 terms in f32, each side
+/// rounding at most (n - 1) * 2^-24 of the sum of |terms|.
+pub const MATMUL_GRAD_REL_TOL: f64 = 2e-5;
+
+/// `|gpu - cpu| <= tol * scale` (plus the smallest normal, for zero sums) for every element.
+fn assert_grad_close(gpu: &[f32], cpu: &[f32], scale: &[f64], tol: f64, what: &str) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
+    for (i, ((&g, &c), &s)) in gpu.iter().zip(cpu).zip(scale).enumerate() {
+        let err = (f64::from(g) - f64::from(c)).abs();
+        assert!(
+            err <= tol * s + f64::from(f32::MIN_POSITIVE),
+            "{what}: element {i}: gpu {g:e} cpu {c:e} (scale {s:e})"
+        );
+    }
+}
+
+/// Records what `record` puts into one pass, and submits it.
+fn run(ctx: &GpuContext, record: impl FnOnce(&mut wgpu::ComputePass<'_>)) {
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    let mut pass = encoder.begin_compute_pass(&Default::default());
+    record(&mut pass);
+    drop(pass);
+    ctx.queue.submit([encoder.finish()]);
+}
+
+fn gradients(rng: &mut SmallRng, n: usize) -> Vec<f32> {
+    let magnitude = pick(rng, &[1.0f32, 1e-3, 30.0]);
+    (0..n)
+        .map(|_| rng.random_range(-1.0f32..1.0) * magnitude)
+        .collect()
+}
+
+/// ternary_matmul_backward.wgsl == cpu::ternary_matmul_backward: dx from the packed codes and dw
+/// over the dequantized activations, within MATMUL_GRAD_REL_TOL of the sum of |terms|, for both
+/// scale granularities, one token, and inner sizes that are no multiple of 4, 16 or 128.
+pub async fn ternary_matmul_backward_matches_cpu(ctx: &mut GpuContext) {
+    let ms = [1usize, 1, 2, 3, 5, 7, 8, 9, 33, 40];
+    let ks = [1usize, 3, 4, 15, 16, 17, 100, 129, 300, 1030];
+    let ns = [1usize, 2, 3, 5, 31, 33, 64, 65, 130];
+    let mut rng = SmallRng::seed_from_u64(31);
+    for case in 0..200 {
+        let (m, k, n) = (
+            pick(&mut rng, &ms),
+            pick(&mut rng, &ks),
+            pick(&mut rng, &ns),
+        );
+        let opts = super::weight_options(&mut rng);
+        let w = super::weights(&mut rng, n * k);
+        let packed = cpu::ternary_pack(&w, n, k, opts).expect("pack");
+        let ternary = cpu::TernaryWeights {
+            rows: n,
+            cols: k,
+            codes: bitnet_wgpu::packing::gpu_words::unpack(&packed.words, n, k).expect("unpack"),
+            scales: packed.scales.clone(),
+        };
+        let x = super::activations(&mut rng, m, k);
+        let qx = cpu::act_quant(&x, m, k).expect("cpu act_quant");
+        let dy = gradients(&mut rng, m * n);
+        let (want_dx, want_dw) =
+            cpu::ternary_matmul_backward(&qx, &ternary, &dy).expect("cpu backward");
+
+        let x_buf = ctx.upload("x", &x).expect("upload");
+        let acts = GpuActivations::new(ctx, m, k).expect("activations");
+        let wt = gpu::GpuTernary::upload(ctx, &packed).expect("weights");
+        let dy_buf = ctx.upload("dy", &dy).expect("upload");
+        let dx_buf = ctx.upload("dx", &vec![f32::NAN; m * k]).expect("dx");
+        let dw_buf = ctx.upload("dw", &vec![f32::NAN; n * k]).expect("dw");
+        run(ctx, |pass| {
+            gpu::act_quant::record(ctx, pass, &x_buf, &acts).expect("act_quant");
+            gpu::ternary_matmul::record_dx(ctx, pass, m, &wt, &dy_buf, &dx_buf).expect("dx");
+            gpu::ternary_matmul::record_dw(ctx, pass, &acts, n, &dy_buf, &dw_buf).expect("dw");
+        });
+        let got_dx: Vec<f32> = ctx.read(&dx_buf, m * k).await.expect("read dx");
+        let got_dw: Vec<f32> = ctx.read(&dw_buf, n * k).await.expect("read dw");
+
+        let sw =
+            |r: usize| f64::from(ternary.scales[if ternary.scales.len() == 1 { 0 } else { r }]);
+        let x_hat = |r: usize, c: usize| f64::from(qx.codes[r * k + c]) / f64::from(qx.scales[r]);
+        let dx_scale: Vec<f64> = (0..m * k)
+            .map(|i| {
+                let (r, c) = (i / k, i % k);
+                (0..n)
+                    .map(|j| {
+                        (f64::from(dy[r * n + j]) * f64::from(ternary.codes[j * k + c]) / sw(j))
+                            .abs()
+                    })
+                    .sum()
+            })
+            .collect();
+        let dw_scale: Vec<f64> = (0..n * k)
+            .map(|i| {
+                let (j, c) = (i / k, i % k);
+                (0..m)
+                    .map(|r| (f64::from(dy[r * n + j]) * x_hat(r, c)).abs())
+                    .sum()
+            })
+            .collect();
+        let what = format!("case {case} (m {m}, k {k}, n {n}, {opts:?})");
+        assert_grad_close(
+            &got_dx,
+            &want_dx,
+            &dx_scale,
+            MATMUL_GRAD_REL_TOL,
+            &format!("{what}: dx"),
+        );
+        assert_grad_close(
+            &got_dw,
+            &want_dw,
+            &dw_scale,
+            MATMUL_GRAD_REL_TOL,
+            &format!("{what}: dw"),
+        );
+    }
+    ctx.check().expect("no device error");
+}
