@@ -151,3 +151,10 @@ fn ternary_matmul_backward_matches_cpu() {
         &mut context(),
     ));
 }
+
+#[test]
+fn rmsnorm_backward_matches_cpu() {
+    pollster::block_on(common::backward::rmsnorm_backward_matches_cpu(
+        &mut context(),
+    ));
+}

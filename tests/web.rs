@@ -141,3 +141,8 @@ async fn nll_matches_cpu() {
 async fn ternary_matmul_backward_matches_cpu() {
     common::backward::ternary_matmul_backward_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn rmsnorm_backward_matches_cpu() {
+    common::backward::rmsnorm_backward_matches_cpu(&mut context().await).await;
+}

@@ -56,10 +56,11 @@ pub enum Kernel {
     LmHead,
     Nll,
     TernaryMatmulBackward,
+    RmsnormBackward,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 14] = [
+    pub const ALL: [Kernel; 15] = [
         Kernel::ActQuant,
         Kernel::Argmax,
         Kernel::TernaryPack,
@@ -74,6 +75,7 @@ impl Kernel {
         Kernel::LmHead,
         Kernel::Nll,
         Kernel::TernaryMatmulBackward,
+        Kernel::RmsnormBackward,
     ];
 
     pub fn name(self) -> &'static str {
@@ -92,6 +94,7 @@ impl Kernel {
             Kernel::LmHead => "lm_head",
             Kernel::Nll => "nll",
             Kernel::TernaryMatmulBackward => "ternary_matmul_backward",
+            Kernel::RmsnormBackward => "rmsnorm_backward",
         }
     }
 
@@ -112,6 +115,7 @@ impl Kernel {
             Kernel::LmHead => &["lm_head"],
             Kernel::Nll => &["nll"],
             Kernel::TernaryMatmulBackward => &["ternary_dx", "ternary_dw"],
+            Kernel::RmsnormBackward => &["rmsnorm_dx", "rmsnorm_dweight"],
         }
     }
 
@@ -152,6 +156,10 @@ impl Kernel {
             Kernel::TernaryMatmulBackward => {
                 include_str!("../../shaders/ternary_matmul_backward.wgsl")
             }
+            Kernel::RmsnormBackward => concat!(
+                include_str!("../../shaders/common/rms.wgsl"),
+                include_str!("../../shaders/rmsnorm_backward.wgsl")
+            ),
         }
     }
 

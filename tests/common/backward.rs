@@ -124,3 +124,90 @@ pub async fn ternary_matmul_backward_matches_cpu(ctx: &mut GpuContext) {
     }
     ctx.check().expect("no device error");
 }
+
+/// Relative tolerance of rmsnorm's dx, of the sum of |terms| of both of its parts: the dot
+/// product g · x runs left to right over up to 1000 columns on the CPU.
+pub const RMSNORM_DX_REL_TOL: f64 = 1e-4;
+/// Relative tolerance of sums over at most 40 rows (dweight, and the like), of the sum of |terms|.
+pub const ROW_SUM_REL_TOL: f64 = 1e-5;
+
+/// rmsnorm_backward.wgsl == cpu::rmsnorm_backward: dx within RMSNORM_DX_REL_TOL, dweight within
+/// ROW_SUM_REL_TOL, on rows of awkward widths, one row included.
+pub async fn rmsnorm_backward_matches_cpu(ctx: &mut GpuContext) {
+    let mut rng = SmallRng::seed_from_u64(32);
+    for case in 0..200 {
+        let rows = pick(&mut rng, &[1usize, 1, 2, 3, 5, 9, 17, 40]);
+        let cols = pick(&mut rng, &super::ODD_COLS);
+        let eps = pick(&mut rng, &[1e-5f32, 1e-6, 0.5]);
+        let magnitude = pick(&mut rng, &[1.0f32, 1e-3, 50.0]);
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0f32..1.0) * magnitude)
+            .collect();
+        let weight: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.5f32..1.5)).collect();
+        let dy = gradients(&mut rng, rows * cols);
+        let (want_dx, want_dw) =
+            cpu::rmsnorm_backward(&x, rows, &weight, eps, &dy).expect("cpu backward");
+
+        let x_buf = ctx.upload("x", &x).expect("upload");
+        let w_buf = ctx.upload("weight", &weight).expect("upload");
+        let dy_buf = ctx.upload("dy", &dy).expect("upload");
+        let dx_buf = ctx.upload("dx", &vec![f32::NAN; rows * cols]).expect("dx");
+        let dw_buf = ctx.upload("dweight", &vec![f32::NAN; cols]).expect("dw");
+        run(ctx, |pass| {
+            gpu::rmsnorm::record_backward(
+                ctx, pass, &x_buf, &w_buf, &dy_buf, &dx_buf, &dw_buf, rows, cols, eps,
+            )
+            .expect("record");
+        });
+        let got_dx: Vec<f32> = ctx.read(&dx_buf, rows * cols).await.expect("read dx");
+        let got_dw: Vec<f32> = ctx.read(&dw_buf, cols).await.expect("read dweight");
+
+        let inv: Vec<f64> = x
+            .chunks(cols)
+            .map(|row| {
+                let mean = row
+                    .iter()
+                    .map(|&v| f64::from(v) * f64::from(v))
+                    .sum::<f64>()
+                    / cols as f64;
+                1.0 / (mean + f64::from(eps)).sqrt()
+            })
+            .collect();
+        let mut dx_scale = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            let g = |i: usize| f64::from(dy[r * cols + i]) * f64::from(weight[i]);
+            let abs_dot: f64 = (0..cols)
+                .map(|i| (g(i) * f64::from(x[r * cols + i])).abs())
+                .sum();
+            for i in 0..cols {
+                let through = inv[r].powi(3) * abs_dot / cols as f64;
+                dx_scale.push((inv[r] * g(i)).abs() + through * f64::from(x[r * cols + i]).abs());
+            }
+        }
+        let dw_scale: Vec<f64> = (0..cols)
+            .map(|i| {
+                (0..rows)
+                    .map(|r| {
+                        (f64::from(dy[r * cols + i]) * f64::from(x[r * cols + i]) * inv[r]).abs()
+                    })
+                    .sum()
+            })
+            .collect();
+        let what = format!("case {case} ({rows}x{cols}, eps {eps:e})");
+        assert_grad_close(
+            &got_dx,
+            &want_dx,
+            &dx_scale,
+            RMSNORM_DX_REL_TOL,
+            &format!("{what}: dx"),
+        );
+        assert_grad_close(
+            &got_dw,
+            &want_dw,
+            &dw_scale,
+            ROW_SUM_REL_TOL,
+            &format!("{what}: dweight"),
+        );
+    }
+    ctx.check().expect("no device error");
+}
