@@ -158,3 +158,8 @@ fn rmsnorm_backward_matches_cpu() {
         &mut context(),
     ));
 }
+
+#[test]
+fn cross_entropy_matches_cpu() {
+    pollster::block_on(common::backward::cross_entropy_matches_cpu(&mut context()));
+}

@@ -146,3 +146,8 @@ async fn ternary_matmul_backward_matches_cpu() {
 async fn rmsnorm_backward_matches_cpu() {
     common::backward::rmsnorm_backward_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn cross_entropy_matches_cpu() {
+    common::backward::cross_entropy_matches_cpu(&mut context().await).await;
+}

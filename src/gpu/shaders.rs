@@ -57,10 +57,11 @@ pub enum Kernel {
     Nll,
     TernaryMatmulBackward,
     RmsnormBackward,
+    CrossEntropy,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 15] = [
+    pub const ALL: [Kernel; 16] = [
         Kernel::ActQuant,
         Kernel::Argmax,
         Kernel::TernaryPack,
@@ -76,6 +77,7 @@ impl Kernel {
         Kernel::Nll,
         Kernel::TernaryMatmulBackward,
         Kernel::RmsnormBackward,
+        Kernel::CrossEntropy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +97,7 @@ impl Kernel {
             Kernel::Nll => "nll",
             Kernel::TernaryMatmulBackward => "ternary_matmul_backward",
             Kernel::RmsnormBackward => "rmsnorm_backward",
+            Kernel::CrossEntropy => "cross_entropy",
         }
     }
 
@@ -116,6 +119,7 @@ impl Kernel {
             Kernel::Nll => &["nll"],
             Kernel::TernaryMatmulBackward => &["ternary_dx", "ternary_dw"],
             Kernel::RmsnormBackward => &["rmsnorm_dx", "rmsnorm_dweight"],
+            Kernel::CrossEntropy => &["cross_entropy"],
         }
     }
 
@@ -152,13 +156,20 @@ impl Kernel {
                 include_str!("../../shaders/common/table.wgsl"),
                 include_str!("../../shaders/lm_head.wgsl")
             ),
-            Kernel::Nll => include_str!("../../shaders/nll.wgsl"),
+            Kernel::Nll => concat!(
+                include_str!("../../shaders/common/softmax.wgsl"),
+                include_str!("../../shaders/nll.wgsl")
+            ),
             Kernel::TernaryMatmulBackward => {
                 include_str!("../../shaders/ternary_matmul_backward.wgsl")
             }
             Kernel::RmsnormBackward => concat!(
                 include_str!("../../shaders/common/rms.wgsl"),
                 include_str!("../../shaders/rmsnorm_backward.wgsl")
+            ),
+            Kernel::CrossEntropy => concat!(
+                include_str!("../../shaders/common/softmax.wgsl"),
+                include_str!("../../shaders/cross_entropy.wgsl")
             ),
         }
     }

@@ -211,3 +211,118 @@ pub async fn rmsnorm_backward_matches_cpu(ctx: &mut GpuContext) {
     }
     ctx.check().expect("no device error");
 }
+
+/// Relative tolerance of the softmax gradient, of each probability (f32 exp and a vocabulary-wide
+/// f32 sum against the twin's f64).
+pub const DLOGITS_REL_TOL: f64 = 1e-4;
+
+/// cross_entropy.wgsl == cpu::cross_entropy: losses within 1e-4 of the row's largest |logit| (as
+/// nll.wgsl), dlogits in place within DLOGITS_REL_TOL of each probability times the gradient
+/// scale; -inf logits, rows of -inf only (loss +inf) and NaN logits (loss NaN; their gradients are
+/// not compared), targets and losses at offsets.
+pub async fn cross_entropy_matches_cpu(ctx: &mut GpuContext) {
+    let mut rng = SmallRng::seed_from_u64(33);
+    for case in 0..200 {
+        let vocab = pick(
+            &mut rng,
+            &[1usize, 2, 3, 17, 255, 256, 257, 1000, 5000, 32001],
+        );
+        let rows = pick(&mut rng, &[1usize, 1, 2, 3, 5]);
+        let (target_offset, loss_offset) = (rng.random_range(0..3), rng.random_range(0..3));
+        let magnitude = pick(&mut rng, &[1.0f32, 10.0, 40.0]);
+        let grad_scale = pick(&mut rng, &[1.0f32, 1.0 / rows as f32, 0.125]);
+        let mut logits: Vec<f32> = (0..rows * vocab)
+            .map(|_| rng.random_range(-1.0f32..1.0) * magnitude)
+            .collect();
+        for _ in 0..rng.random_range(0..4) {
+            let i = rng.random_range(0..logits.len());
+            logits[i] = f32::NEG_INFINITY;
+        }
+        match case % 12 {
+            0 => logits[..vocab].fill(f32::NEG_INFINITY),
+            1 => {
+                let i = rng.random_range(0..logits.len());
+                logits[i] = f32::NAN;
+            }
+            _ => {}
+        }
+        let targets: Vec<u32> = (0..target_offset + rows)
+            .map(|_| rng.random_range(0..vocab as u32))
+            .collect();
+        let (want_loss, want_d) =
+            cpu::cross_entropy(&logits, vocab, &targets[target_offset..]).expect("cpu");
+
+        let logits_buf = ctx.upload("logits", &logits).expect("upload");
+        let targets_buf = ctx.upload("targets", &targets).expect("upload");
+        let losses = ctx
+            .upload("losses", &vec![-7.25f32; loss_offset + rows])
+            .expect("upload");
+        run(ctx, |pass| {
+            gpu::nll::record_cross_entropy(
+                ctx,
+                pass,
+                &logits_buf,
+                rows,
+                vocab,
+                &targets_buf,
+                target_offset,
+                &losses,
+                loss_offset,
+                grad_scale,
+            )
+            .expect("record");
+        });
+        let got_loss: Vec<f32> = ctx.read(&losses, loss_offset + rows).await.expect("read");
+        let got_d: Vec<f32> = ctx.read(&logits_buf, rows * vocab).await.expect("read");
+        let what = format!("case {case} ({rows} rows of {vocab}, scale {grad_scale})");
+        assert!(
+            got_loss[..loss_offset].iter().all(|&v| v == -7.25),
+            "{what}: wrote before its offset"
+        );
+        for r in 0..rows {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            let (g, want) = (got_loss[loss_offset + r], want_loss[r]);
+            let what = format!("{what}: row {r}: loss gpu {g}, cpu {want}");
+            if want.is_nan() || want.is_infinite() {
+                assert!(
+                    (g.is_nan() && want.is_nan()) || f64::from(g) == want,
+                    "{what}"
+                );
+            } else {
+                let scale = row
+                    .iter()
+                    .filter(|v| v.is_finite())
+                    .fold(1.0f32, |m, v| m.max(v.abs()));
+                assert!(
+                    (f64::from(g) - want).abs() <= 1e-4 * f64::from(scale),
+                    "{what}"
+                );
+            }
+            if row.iter().any(|v| v.is_nan()) || row.iter().all(|&v| v == f32::NEG_INFINITY) {
+                continue;
+            }
+            let target = targets[target_offset + r] as usize;
+            let want_scaled: Vec<f32> = want_d[r * vocab..(r + 1) * vocab]
+                .iter()
+                .map(|&d| (f64::from(d) * f64::from(grad_scale)) as f32)
+                .collect();
+            // The probability of each entry, the size of the error both sides may make.
+            let scale: Vec<f64> = want_d[r * vocab..(r + 1) * vocab]
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| {
+                    let p = f64::from(d) + if i == target { 1.0 } else { 0.0 };
+                    p.abs() * f64::from(grad_scale) + 1e-7 * f64::from(grad_scale)
+                })
+                .collect();
+            assert_grad_close(
+                &got_d[r * vocab..(r + 1) * vocab],
+                &want_scaled,
+                &scale,
+                DLOGITS_REL_TOL,
+                &format!("{what}: dlogits"),
+            );
+        }
+    }
+    ctx.check().expect("no device error");
+}
