@@ -163,3 +163,13 @@ fn rmsnorm_backward_matches_cpu() {
 fn cross_entropy_matches_cpu() {
     pollster::block_on(common::backward::cross_entropy_matches_cpu(&mut context()));
 }
+
+#[test]
+fn optimizers_match_cpu() {
+    pollster::block_on(common::backward::optimizers_match_cpu(&mut context()));
+}
+
+#[test]
+fn grad_norm_matches_cpu() {
+    pollster::block_on(common::backward::grad_norm_matches_cpu(&mut context()));
+}

@@ -151,3 +151,13 @@ async fn rmsnorm_backward_matches_cpu() {
 async fn cross_entropy_matches_cpu() {
     common::backward::cross_entropy_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn optimizers_match_cpu() {
+    common::backward::optimizers_match_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn grad_norm_matches_cpu() {
+    common::backward::grad_norm_matches_cpu(&mut context().await).await;
+}

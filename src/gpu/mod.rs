@@ -27,6 +27,7 @@ pub mod embedding;
 pub mod lm_head;
 pub mod nll;
 pub mod norm_matmul;
+pub mod optim;
 mod profiler;
 pub mod relu2_gate;
 pub mod rmsnorm;

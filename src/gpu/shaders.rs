@@ -58,10 +58,11 @@ pub enum Kernel {
     TernaryMatmulBackward,
     RmsnormBackward,
     CrossEntropy,
+    Optim,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 17] = [
         Kernel::ActQuant,
         Kernel::Argmax,
         Kernel::TernaryPack,
@@ -78,6 +79,7 @@ impl Kernel {
         Kernel::TernaryMatmulBackward,
         Kernel::RmsnormBackward,
         Kernel::CrossEntropy,
+        Kernel::Optim,
     ];
 
     pub fn name(self) -> &'static str {
@@ -98,6 +100,7 @@ impl Kernel {
             Kernel::TernaryMatmulBackward => "ternary_matmul_backward",
             Kernel::RmsnormBackward => "rmsnorm_backward",
             Kernel::CrossEntropy => "cross_entropy",
+            Kernel::Optim => "optim",
         }
     }
 
@@ -120,6 +123,7 @@ impl Kernel {
             Kernel::TernaryMatmulBackward => &["ternary_dx", "ternary_dw"],
             Kernel::RmsnormBackward => &["rmsnorm_dx", "rmsnorm_dweight"],
             Kernel::CrossEntropy => &["cross_entropy"],
+            Kernel::Optim => &["adamw", "sgd", "grad_sum_squares", "grad_sum", "grad_clip"],
         }
     }
 
@@ -171,6 +175,7 @@ impl Kernel {
                 include_str!("../../shaders/common/softmax.wgsl"),
                 include_str!("../../shaders/cross_entropy.wgsl")
             ),
+            Kernel::Optim => include_str!("../../shaders/optim.wgsl"),
         }
     }
 

@@ -326,3 +326,228 @@ pub async fn cross_entropy_matches_cpu(ctx: &mut GpuContext) {
     }
     ctx.check().expect("no device error");
 }
+
+/// Relative tolerance of the optimizer updates and of the gradient norm, of the sum of |terms|
+/// (WGSL's sqrt and division may be off by a few ulp; the norm's f32 sum against the twin's f64).
+pub const OPTIM_REL_TOL: f64 = 1e-5;
+
+async fn read_f32s(ctx: &GpuContext, buffers: &[&wgpu::Buffer], count: usize) -> Vec<Vec<f32>> {
+    let mut out = Vec::new();
+    for b in buffers {
+        out.push(ctx.read(b, count).await.expect("read back"));
+    }
+    out
+}
+
+/// optim.wgsl's adamw and sgd == train::adamw_tensor and train::sgd_tensor (the optimizers'
+/// arithmetic per tensor) within OPTIM_REL_TOL, from moments of earlier steps, with and without a
+/// clipping coefficient, on tensors of awkward lengths.
+pub async fn optimizers_match_cpu(ctx: &mut GpuContext) {
+    use bitnet_wgpu::train::{AdamW, AdamWStep, Sgd, adamw_tensor, sgd_tensor};
+    let mut rng = SmallRng::seed_from_u64(34);
+    for case in 0..200 {
+        let n = pick(&mut rng, &[1usize, 3, 255, 256, 257, 1000, 4097]);
+        let w: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let g = gradients(&mut rng, n);
+        let coef = pick(&mut rng, &[None, Some(1.0f32), Some(0.37)]);
+        let clip = coef.map(|c| ctx.upload("clip", &[3.5f32, c]).expect("upload"));
+        let lr = pick(&mut rng, &[1e-3f32, 0.1, 3e-4]);
+        let what = format!("case {case} (n {n}, clip {coef:?}, lr {lr})");
+        let w_buf = ctx.upload("w", &w).expect("upload");
+        let g_buf = ctx.upload("g", &g).expect("upload");
+        if case % 2 == 0 {
+            let opt = AdamW::new(
+                pick(&mut rng, &[0.9f32, 0.8]),
+                pick(&mut rng, &[0.999f32, 0.95]),
+                pick(&mut rng, &[1e-8f32, 1e-6]),
+                pick(&mut rng, &[0.0f32, 0.01, 0.1]),
+            );
+            let t = rng.random_range(1..6);
+            let step = AdamWStep::new(&opt, lr, t);
+            let (m, v): (Vec<f32>, Vec<f32>) = if t == 1 {
+                (vec![0.0; n], vec![0.0; n])
+            } else {
+                let m = gradients(&mut rng, n);
+                let v = m
+                    .iter()
+                    .map(|x| x * x * rng.random_range(0.5f32..2.0))
+                    .collect();
+                (m, v)
+            };
+            let (mut cw, mut cm, mut cv) = (w.clone(), m.clone(), v.clone());
+            adamw_tensor(&mut cw, &g, &mut cm, &mut cv, coef.unwrap_or(1.0), &step);
+            let m_buf = ctx.upload("m", &m).expect("upload");
+            let v_buf = ctx.upload("v", &v).expect("upload");
+            run(ctx, |pass| {
+                gpu::optim::record_adamw(
+                    ctx,
+                    pass,
+                    &w_buf,
+                    &g_buf,
+                    &m_buf,
+                    &v_buf,
+                    n,
+                    &step,
+                    clip.as_ref(),
+                )
+                .expect("record");
+            });
+            let got = read_f32s(ctx, &[&w_buf, &m_buf, &v_buf], n).await;
+            let gs: Vec<f64> = g
+                .iter()
+                .map(|&x| f64::from(x * coef.unwrap_or(1.0)))
+                .collect();
+            let m_scale: Vec<f64> = (0..n)
+                .map(|i| f64::from(m[i]).abs() + gs[i].abs())
+                .collect();
+            let v_scale: Vec<f64> = (0..n)
+                .map(|i| f64::from(v[i]).abs() + gs[i] * gs[i])
+                .collect();
+            let w_scale: Vec<f64> = (0..n)
+                .map(|i| {
+                    let denom =
+                        f64::from(cv[i]).sqrt() / f64::from(step.bias2_sqrt) + f64::from(step.eps);
+                    f64::from(w[i]).abs()
+                        + (f64::from(step.step_size) * f64::from(cm[i]) / denom).abs()
+                })
+                .collect();
+            assert_grad_close(
+                &got[0],
+                &cw,
+                &w_scale,
+                OPTIM_REL_TOL,
+                &format!("{what}: adamw w"),
+            );
+            assert_grad_close(
+                &got[1],
+                &cm,
+                &m_scale,
+                OPTIM_REL_TOL,
+                &format!("{what}: adamw m"),
+            );
+            assert_grad_close(
+                &got[2],
+                &cv,
+                &v_scale,
+                OPTIM_REL_TOL,
+                &format!("{what}: adamw v"),
+            );
+        } else {
+            let opt = Sgd::new(
+                pick(&mut rng, &[0.0f32, 0.9]),
+                pick(&mut rng, &[0.0f32, 0.01]),
+            );
+            let first = rng.random_bool(0.5);
+            let b = gradients(&mut rng, n);
+            let (mut cw, mut cb) = (w.clone(), b.clone());
+            sgd_tensor(&mut cw, &g, &mut cb, coef.unwrap_or(1.0), &opt, lr, first);
+            let b_buf = ctx.upload("momentum", &b).expect("upload");
+            run(ctx, |pass| {
+                gpu::optim::record_sgd(
+                    ctx,
+                    pass,
+                    &w_buf,
+                    &g_buf,
+                    &b_buf,
+                    n,
+                    &opt,
+                    lr,
+                    first,
+                    clip.as_ref(),
+                )
+                .expect("record");
+            });
+            let got = read_f32s(ctx, &[&w_buf, &b_buf], n).await;
+            let d_scale: Vec<f64> = (0..n)
+                .map(|i| {
+                    f64::from(g[i]).abs()
+                        + f64::from(opt.weight_decay * w[i]).abs()
+                        + f64::from(opt.momentum * b[i]).abs()
+                })
+                .collect();
+            let w_scale: Vec<f64> = (0..n)
+                .map(|i| f64::from(w[i]).abs() + f64::from(lr) * d_scale[i])
+                .collect();
+            assert_grad_close(
+                &got[0],
+                &cw,
+                &w_scale,
+                OPTIM_REL_TOL,
+                &format!("{what}: sgd w"),
+            );
+            assert_grad_close(
+                &got[1],
+                &cb,
+                &d_scale,
+                OPTIM_REL_TOL,
+                &format!("{what}: sgd b"),
+            );
+        }
+    }
+    ctx.check().expect("no device error");
+}
+
+/// optim.wgsl's global gradient norm == train::clip_grad_norm's norm within OPTIM_REL_TOL, and
+/// its coefficient torch's, over one to four tensors of awkward lengths (empty ones, and more than
+/// 1024 blocks for a second level now and then); the same bits on a second run.
+pub async fn grad_norm_matches_cpu(ctx: &mut GpuContext) {
+    use bitnet_wgpu::train::{Parameters, clip_grad_norm};
+    let mut rng = SmallRng::seed_from_u64(35);
+    for case in 0..200 {
+        let tensors = rng.random_range(1..5);
+        let lens: Vec<usize> = (0..tensors)
+            .map(|_| {
+                if case % 50 == 7 {
+                    1_100_003
+                } else {
+                    pick(&mut rng, &[0usize, 1, 3, 1023, 1024, 1025, 5000, 70_001])
+                }
+            })
+            .collect();
+        let values: Vec<Vec<f32>> = lens.iter().map(|&n| gradients(&mut rng, n)).collect();
+        let max_norm = pick(&mut rng, &[1.0f32, 0.1, 1e6, 0.0]);
+        let mut all = Parameters {
+            embed_tokens: values.concat(),
+            layers: vec![],
+            norm: vec![],
+            lm_head: None,
+        };
+        let want_norm = clip_grad_norm(&mut all, max_norm).expect("cpu");
+        let want_coef = (max_norm / (want_norm + 1e-6)).min(1.0);
+        let buffers: Vec<wgpu::Buffer> = values
+            .iter()
+            .map(|v| ctx.upload("grad", v).expect("upload"))
+            .collect();
+        let list: Vec<(&wgpu::Buffer, usize)> = buffers.iter().zip(lens.iter().copied()).collect();
+        let out = ctx.upload("clip", &[f32::NAN; 2]).expect("upload");
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            run(ctx, |pass| {
+                gpu::optim::record_grad_norm(ctx, pass, &list, max_norm, &out).expect("record");
+            });
+            runs.push(ctx.read::<f32>(&out, 2).await.expect("read back"));
+        }
+        let what = format!("case {case} (lengths {lens:?}, max_norm {max_norm})");
+        assert_eq!(
+            runs[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            runs[1].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{what}: two runs differ"
+        );
+        let got = &runs[0];
+        assert_grad_close(
+            &got[..1],
+            &[want_norm],
+            &[f64::from(want_norm)],
+            OPTIM_REL_TOL,
+            &format!("{what}: norm"),
+        );
+        assert_grad_close(
+            &got[1..],
+            &[want_coef],
+            &[f64::from(want_coef)],
+            OPTIM_REL_TOL,
+            &format!("{what}: coefficient"),
+        );
+    }
+    ctx.check().expect("no device error");
+}
