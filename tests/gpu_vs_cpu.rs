@@ -173,3 +173,10 @@ fn optimizers_match_cpu() {
 fn grad_norm_matches_cpu() {
     pollster::block_on(common::backward::grad_norm_matches_cpu(&mut context()));
 }
+
+#[test]
+fn embedding_backward_matches_cpu() {
+    pollster::block_on(common::backward::embedding_backward_matches_cpu(
+        &mut context(),
+    ));
+}

@@ -161,3 +161,8 @@ async fn optimizers_match_cpu() {
 async fn grad_norm_matches_cpu() {
     common::backward::grad_norm_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn embedding_backward_matches_cpu() {
+    common::backward::embedding_backward_matches_cpu(&mut context().await).await;
+}

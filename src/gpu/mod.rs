@@ -41,7 +41,7 @@ pub use act_quant::GpuActivations;
 pub use context::{AdapterSummary, Capabilities, GpuContext};
 pub use profiler::KernelTime;
 pub use shaders::{Kernel, ShaderVariant};
-pub use table::{GpuTable, TableStorage};
+pub use table::{GpuGradTable, GpuTable, TableStorage};
 pub use ternary_matmul::{MatmulOptions, MatmulOutput, MatmulPath};
 pub use ternary_pack::GpuTernary;
 

@@ -59,10 +59,11 @@ pub enum Kernel {
     RmsnormBackward,
     CrossEntropy,
     Optim,
+    EmbeddingBackward,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 17] = [
+    pub const ALL: [Kernel; 18] = [
         Kernel::ActQuant,
         Kernel::Argmax,
         Kernel::TernaryPack,
@@ -80,6 +81,7 @@ impl Kernel {
         Kernel::RmsnormBackward,
         Kernel::CrossEntropy,
         Kernel::Optim,
+        Kernel::EmbeddingBackward,
     ];
 
     pub fn name(self) -> &'static str {
@@ -101,6 +103,7 @@ impl Kernel {
             Kernel::RmsnormBackward => "rmsnorm_backward",
             Kernel::CrossEntropy => "cross_entropy",
             Kernel::Optim => "optim",
+            Kernel::EmbeddingBackward => "embedding_backward",
         }
     }
 
@@ -124,6 +127,7 @@ impl Kernel {
             Kernel::RmsnormBackward => &["rmsnorm_dx", "rmsnorm_dweight"],
             Kernel::CrossEntropy => &["cross_entropy"],
             Kernel::Optim => &["adamw", "sgd", "grad_sum_squares", "grad_sum", "grad_clip"],
+            Kernel::EmbeddingBackward => &["embedding_links", "embedding_zero", "embedding_dtable"],
         }
     }
 
@@ -176,6 +180,7 @@ impl Kernel {
                 include_str!("../../shaders/cross_entropy.wgsl")
             ),
             Kernel::Optim => include_str!("../../shaders/optim.wgsl"),
+            Kernel::EmbeddingBackward => include_str!("../../shaders/embedding_backward.wgsl"),
         }
     }
 

@@ -551,3 +551,38 @@ pub async fn grad_norm_matches_cpu(ctx: &mut GpuContext) {
     }
     ctx.check().expect("no device error");
 }
+
+/// embedding_backward.wgsl == cpu::embedding_backward exactly (the same sums in the same token
+/// order): repeated tokens, tokens never looked up (zero rows), one token, tables in chunks of
+/// awkward sizes.
+pub async fn embedding_backward_matches_cpu(ctx: &mut GpuContext) {
+    let mut rng = SmallRng::seed_from_u64(36);
+    for case in 0..200 {
+        let vocab = pick(&mut rng, &[1usize, 2, 3, 17, 100, 1000]);
+        let hidden = pick(&mut rng, &[1usize, 3, 4, 5, 16, 17, 100, 129]);
+        let rows = pick(&mut rng, &[1usize, 1, 2, 3, 5, 9, 33, 70]);
+        // A few distinct tokens now and then, so that most repeat.
+        let distinct = pick(&mut rng, &[vocab, vocab.min(3), 1]);
+        let tokens: Vec<u32> = (0..rows)
+            .map(|_| rng.random_range(0..distinct as u32))
+            .collect();
+        let dy = gradients(&mut rng, rows * hidden);
+        let chunk_rows = pick(&mut rng, &[1usize, 3, 7, vocab]);
+        let want = cpu::embedding_backward(&tokens, &dy, vocab, hidden).expect("cpu");
+
+        let tokens_buf = ctx.upload("tokens", &tokens).expect("upload");
+        let dy_buf = ctx.upload("dy", &dy).expect("upload");
+        let dtable =
+            gpu::GpuGradTable::new_chunked(ctx, vocab, hidden, chunk_rows).expect("dtable");
+        run(ctx, |pass| {
+            gpu::embedding::record_backward(ctx, pass, &tokens_buf, &dy_buf, &dtable, rows)
+                .expect("record");
+        });
+        let got = dtable.read(ctx).await.expect("read back");
+        assert_eq!(
+            got, want,
+            "case {case} (vocab {vocab}, hidden {hidden}, {rows} tokens, chunks of {chunk_rows})"
+        );
+    }
+    ctx.check().expect("no device error");
+}
