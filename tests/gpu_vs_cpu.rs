@@ -180,3 +180,10 @@ fn embedding_backward_matches_cpu() {
         &mut context(),
     ));
 }
+
+#[test]
+fn lm_head_backward_matches_cpu() {
+    pollster::block_on(common::backward::lm_head_backward_matches_cpu(
+        &mut context(),
+    ));
+}

@@ -166,3 +166,8 @@ async fn grad_norm_matches_cpu() {
 async fn embedding_backward_matches_cpu() {
     common::backward::embedding_backward_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn lm_head_backward_matches_cpu() {
+    common::backward::lm_head_backward_matches_cpu(&mut context().await).await;
+}

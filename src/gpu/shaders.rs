@@ -60,10 +60,11 @@ pub enum Kernel {
     CrossEntropy,
     Optim,
     EmbeddingBackward,
+    LmHeadBackward,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 18] = [
+    pub const ALL: [Kernel; 19] = [
         Kernel::ActQuant,
         Kernel::Argmax,
         Kernel::TernaryPack,
@@ -82,6 +83,7 @@ impl Kernel {
         Kernel::CrossEntropy,
         Kernel::Optim,
         Kernel::EmbeddingBackward,
+        Kernel::LmHeadBackward,
     ];
 
     pub fn name(self) -> &'static str {
@@ -104,6 +106,7 @@ impl Kernel {
             Kernel::CrossEntropy => "cross_entropy",
             Kernel::Optim => "optim",
             Kernel::EmbeddingBackward => "embedding_backward",
+            Kernel::LmHeadBackward => "lm_head_backward",
         }
     }
 
@@ -128,6 +131,7 @@ impl Kernel {
             Kernel::CrossEntropy => &["cross_entropy"],
             Kernel::Optim => &["adamw", "sgd", "grad_sum_squares", "grad_sum", "grad_clip"],
             Kernel::EmbeddingBackward => &["embedding_links", "embedding_zero", "embedding_dtable"],
+            Kernel::LmHeadBackward => &["lm_head_dx", "lm_head_dtable"],
         }
     }
 
@@ -181,6 +185,10 @@ impl Kernel {
             ),
             Kernel::Optim => include_str!("../../shaders/optim.wgsl"),
             Kernel::EmbeddingBackward => include_str!("../../shaders/embedding_backward.wgsl"),
+            Kernel::LmHeadBackward => concat!(
+                include_str!("../../shaders/common/table.wgsl"),
+                include_str!("../../shaders/lm_head_backward.wgsl")
+            ),
         }
     }
 

@@ -586,3 +586,114 @@ pub async fn embedding_backward_matches_cpu(ctx: &mut GpuContext) {
     }
     ctx.check().expect("no device error");
 }
+
+/// Relative tolerance of sums over up to 1000 terms (lm_head's dx runs over the vocabulary; the
+/// CPU adds left to right), of the sum of |terms|.
+pub const LONG_SUM_REL_TOL: f64 = 1e-4;
+
+/// lm_head_backward.wgsl == cpu::lm_head_backward: dx within LONG_SUM_REL_TOL and dtable within
+/// ROW_SUM_REL_TOL of the sum of |terms|, for f32 and f16 tables in chunks of awkward sizes,
+/// dlogits split into groups of rows bound at unaligned offsets, and dtable added to an existing
+/// gradient (tied embeddings).
+pub async fn lm_head_backward_matches_cpu(ctx: &mut GpuContext) {
+    use bitnet_wgpu::gpu::{GpuGradTable, GpuTable, TableStorage};
+    let mut rng = SmallRng::seed_from_u64(37);
+    for case in 0..200 {
+        let vocab = pick(&mut rng, &[1usize, 2, 3, 17, 33, 100, 1000]);
+        let hidden = pick(&mut rng, &[1usize, 3, 4, 5, 16, 17, 33, 100, 129]);
+        let rows = pick(&mut rng, &[1usize, 1, 2, 3, 5, 9, 33, 70]);
+        let storage = pick(&mut rng, &[TableStorage::F32, TableStorage::F16]);
+        // Few enough chunks and groups that a case records at most a few hundred dispatches.
+        let chunk_rows = pick(&mut rng, &[1usize, 17, vocab.div_ceil(3), vocab]).max(vocab / 64);
+        let grad_chunk_rows =
+            pick(&mut rng, &[1usize, 5, vocab.div_ceil(2), vocab]).max(vocab / 64);
+        let group_rows = pick(&mut rng, &[1usize, 2, 7, rows]).max(rows / 8);
+        let accumulate = rng.random_bool(0.25);
+        let x: Vec<f32> = (0..rows * hidden)
+            .map(|_| rng.random_range(-2.0f32..2.0))
+            .collect();
+        let table: Vec<f32> = (0..vocab * hidden)
+            .map(|_| storage.round(rng.random_range(-1.0f32..1.0)))
+            .collect();
+        let dl = gradients(&mut rng, rows * vocab);
+        let before: Vec<f32> = (0..vocab * hidden)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let (want_dx, mut want_dt) =
+            cpu::lm_head_backward(&x, rows, &table, vocab, hidden, &dl).expect("cpu");
+        let mut dt_scale: Vec<f64> = (0..vocab * hidden)
+            .map(|i| {
+                let (v, h) = (i / hidden, i % hidden);
+                (0..rows)
+                    .map(|r| (f64::from(dl[r * vocab + v]) * f64::from(x[r * hidden + h])).abs())
+                    .sum()
+            })
+            .collect();
+        if accumulate {
+            for i in 0..want_dt.len() {
+                want_dt[i] += before[i];
+                dt_scale[i] += f64::from(before[i]).abs();
+            }
+        }
+        let dx_scale: Vec<f64> = (0..rows * hidden)
+            .map(|i| {
+                let (r, h) = (i / hidden, i % hidden);
+                (0..vocab)
+                    .map(|v| {
+                        (f64::from(dl[r * vocab + v]) * f64::from(table[v * hidden + h])).abs()
+                    })
+                    .sum()
+            })
+            .collect();
+
+        let gpu_table =
+            GpuTable::upload_f32_chunked(ctx, &table, vocab, hidden, storage, chunk_rows)
+                .expect("table");
+        let dtable =
+            GpuGradTable::new_chunked(ctx, vocab, hidden, grad_chunk_rows).expect("dtable");
+        if accumulate {
+            let mut encoder = ctx.device.create_command_encoder(&Default::default());
+            for i in 0..dtable.chunk_count() {
+                let (first, n, buffer) = dtable.chunk(i).expect("chunk");
+                let src = ctx
+                    .upload("before", &before[first * hidden..(first + n) * hidden])
+                    .expect("upload");
+                encoder.copy_buffer_to_buffer(&src, 0, buffer, 0, (n * hidden * 4) as u64);
+            }
+            ctx.queue.submit([encoder.finish()]);
+        }
+        let x_buf = ctx.upload("x", &x).expect("upload");
+        let dl_buf = ctx.upload("dlogits", &dl).expect("upload");
+        let dx_buf = ctx
+            .upload("dx", &vec![f32::NAN; rows * hidden])
+            .expect("dx");
+        run(ctx, |pass| {
+            gpu::lm_head::record_backward_grouped(
+                ctx, pass, &x_buf, &gpu_table, &dl_buf, &dx_buf, &dtable, rows, accumulate,
+                group_rows,
+            )
+            .expect("record");
+        });
+        let got_dx: Vec<f32> = ctx.read(&dx_buf, rows * hidden).await.expect("read dx");
+        let got_dt = dtable.read(ctx).await.expect("read dtable");
+        let what = format!(
+            "case {case} ({rows} rows, {vocab} x {hidden} {storage:?} in chunks of {chunk_rows}, \
+             gradient chunks of {grad_chunk_rows}, groups of {group_rows}, accumulate {accumulate})"
+        );
+        assert_grad_close(
+            &got_dx,
+            &want_dx,
+            &dx_scale,
+            LONG_SUM_REL_TOL,
+            &format!("{what}: dx"),
+        );
+        assert_grad_close(
+            &got_dt,
+            &want_dt,
+            &dt_scale,
+            ROW_SUM_REL_TOL,
+            &format!("{what}: dtable"),
+        );
+    }
+    ctx.check().expect("no device error");
+}
