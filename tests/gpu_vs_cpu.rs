@@ -187,3 +187,10 @@ fn lm_head_backward_matches_cpu() {
         &mut context(),
     ));
 }
+
+#[test]
+fn relu2_gate_backward_matches_cpu() {
+    pollster::block_on(common::backward::relu2_gate_backward_matches_cpu(
+        &mut context(),
+    ));
+}

@@ -171,3 +171,8 @@ async fn embedding_backward_matches_cpu() {
 async fn lm_head_backward_matches_cpu() {
     common::backward::lm_head_backward_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn relu2_gate_backward_matches_cpu() {
+    common::backward::relu2_gate_backward_matches_cpu(&mut context().await).await;
+}

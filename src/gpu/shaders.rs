@@ -61,10 +61,11 @@ pub enum Kernel {
     Optim,
     EmbeddingBackward,
     LmHeadBackward,
+    Relu2GateBackward,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 19] = [
+    pub const ALL: [Kernel; 20] = [
         Kernel::ActQuant,
         Kernel::Argmax,
         Kernel::TernaryPack,
@@ -84,6 +85,7 @@ impl Kernel {
         Kernel::Optim,
         Kernel::EmbeddingBackward,
         Kernel::LmHeadBackward,
+        Kernel::Relu2GateBackward,
     ];
 
     pub fn name(self) -> &'static str {
@@ -107,6 +109,7 @@ impl Kernel {
             Kernel::Optim => "optim",
             Kernel::EmbeddingBackward => "embedding_backward",
             Kernel::LmHeadBackward => "lm_head_backward",
+            Kernel::Relu2GateBackward => "relu2_gate_backward",
         }
     }
 
@@ -132,6 +135,7 @@ impl Kernel {
             Kernel::Optim => &["adamw", "sgd", "grad_sum_squares", "grad_sum", "grad_clip"],
             Kernel::EmbeddingBackward => &["embedding_links", "embedding_zero", "embedding_dtable"],
             Kernel::LmHeadBackward => &["lm_head_dx", "lm_head_dtable"],
+            Kernel::Relu2GateBackward => &["relu2_gate_backward"],
         }
     }
 
@@ -189,6 +193,7 @@ impl Kernel {
                 include_str!("../../shaders/common/table.wgsl"),
                 include_str!("../../shaders/lm_head_backward.wgsl")
             ),
+            Kernel::Relu2GateBackward => include_str!("../../shaders/relu2_gate_backward.wgsl"),
         }
     }
 

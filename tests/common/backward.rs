@@ -697,3 +697,49 @@ pub async fn lm_head_backward_matches_cpu(ctx: &mut GpuContext) {
     }
     ctx.check().expect("no device error");
 }
+
+/// relu2_gate_backward.wgsl == cpu::relu2_gate_backward bit for bit (products only, in the same
+/// order), in the fused gate/up layout: closed gates, a gate at exactly 0, one row, odd widths.
+pub async fn relu2_gate_backward_matches_cpu(ctx: &mut GpuContext) {
+    use super::model_ops::{assert_bits_eq, values};
+    let mut rng = SmallRng::seed_from_u64(38);
+    for case in 0..200 {
+        let rows = pick(&mut rng, &super::ODD_ROWS);
+        let inter = pick(&mut rng, &super::ODD_COLS);
+        let mut gate_up = Vec::with_capacity(rows * 2 * inter);
+        for _ in 0..rows {
+            let mut gate = values(&mut rng, inter, &[1.0, 30.0, 1e-3]);
+            gate[rng.random_range(0..inter)] = 0.0;
+            gate_up.extend(gate);
+            gate_up.extend(values(&mut rng, inter, &[1.0, 30.0, 1e-3]));
+        }
+        let dy = values(&mut rng, rows * inter, &[1.0, 1e-3, 30.0]);
+        let (gate, up): (Vec<f32>, Vec<f32>) = gate_up
+            .chunks(2 * inter)
+            .flat_map(|row| {
+                row[..inter]
+                    .iter()
+                    .copied()
+                    .zip(row[inter..].iter().copied())
+            })
+            .unzip();
+        let (dgate, dup) = cpu::relu2_gate_backward(&gate, &up, &dy).expect("cpu");
+        let want: Vec<f32> = dgate
+            .chunks(inter)
+            .zip(dup.chunks(inter))
+            .flat_map(|(g, u)| g.iter().chain(u).copied())
+            .collect();
+        let gu_buf = ctx.upload("gate_up", &gate_up).expect("upload");
+        let dy_buf = ctx.upload("dy", &dy).expect("upload");
+        let out = ctx
+            .upload("d_gate_up", &vec![f32::NAN; rows * 2 * inter])
+            .expect("out");
+        run(ctx, |pass| {
+            gpu::relu2_gate::record_backward(ctx, pass, &gu_buf, &dy_buf, &out, rows, inter)
+                .expect("record");
+        });
+        let got: Vec<f32> = ctx.read(&out, rows * 2 * inter).await.expect("read back");
+        assert_bits_eq(&got, &want, &format!("case {case} ({rows} x {inter})"));
+    }
+    ctx.check().expect("no device error");
+}
