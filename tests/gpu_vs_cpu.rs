@@ -194,3 +194,8 @@ fn relu2_gate_backward_matches_cpu() {
         &mut context(),
     ));
 }
+
+#[test]
+fn rope_backward_matches_cpu() {
+    pollster::block_on(common::backward::rope_backward_matches_cpu(&mut context()));
+}

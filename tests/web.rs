@@ -176,3 +176,8 @@ async fn lm_head_backward_matches_cpu() {
 async fn relu2_gate_backward_matches_cpu() {
     common::backward::relu2_gate_backward_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn rope_backward_matches_cpu() {
+    common::backward::rope_backward_matches_cpu(&mut context().await).await;
+}

@@ -62,10 +62,11 @@ pub enum Kernel {
     EmbeddingBackward,
     LmHeadBackward,
     Relu2GateBackward,
+    RopeBackward,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 20] = [
+    pub const ALL: [Kernel; 21] = [
         Kernel::ActQuant,
         Kernel::Argmax,
         Kernel::TernaryPack,
@@ -86,6 +87,7 @@ impl Kernel {
         Kernel::EmbeddingBackward,
         Kernel::LmHeadBackward,
         Kernel::Relu2GateBackward,
+        Kernel::RopeBackward,
     ];
 
     pub fn name(self) -> &'static str {
@@ -110,6 +112,7 @@ impl Kernel {
             Kernel::EmbeddingBackward => "embedding_backward",
             Kernel::LmHeadBackward => "lm_head_backward",
             Kernel::Relu2GateBackward => "relu2_gate_backward",
+            Kernel::RopeBackward => "rope_backward",
         }
     }
 
@@ -136,6 +139,7 @@ impl Kernel {
             Kernel::EmbeddingBackward => &["embedding_links", "embedding_zero", "embedding_dtable"],
             Kernel::LmHeadBackward => &["lm_head_dx", "lm_head_dtable"],
             Kernel::Relu2GateBackward => &["relu2_gate_backward"],
+            Kernel::RopeBackward => &["rope_backward"],
         }
     }
 
@@ -194,6 +198,7 @@ impl Kernel {
                 include_str!("../../shaders/lm_head_backward.wgsl")
             ),
             Kernel::Relu2GateBackward => include_str!("../../shaders/relu2_gate_backward.wgsl"),
+            Kernel::RopeBackward => include_str!("../../shaders/rope_backward.wgsl"),
         }
     }
 

@@ -743,3 +743,36 @@ pub async fn relu2_gate_backward_matches_cpu(ctx: &mut GpuContext) {
     }
     ctx.check().expect("no device error");
 }
+
+/// rope_backward.wgsl == cpu::rope_backward bit for bit, in place, at positions up to the
+/// thousands (angles whose cos and sin the host computes), one row, one head, head_dim 2.
+pub async fn rope_backward_matches_cpu(ctx: &mut GpuContext) {
+    use super::model_ops::{assert_bits_eq, values};
+    let mut rng = SmallRng::seed_from_u64(39);
+    for case in 0..200 {
+        let rows = pick(&mut rng, &super::ODD_ROWS);
+        let heads = pick(&mut rng, &[1usize, 2, 3, 5, 8]);
+        let head_dim = pick(&mut rng, &[2usize, 4, 6, 8, 64, 128]);
+        let theta = pick(&mut rng, &[10000.0f32, 500000.0]);
+        let start = pick(&mut rng, &[0usize, 1, 17, 4090]);
+        // Windows of a batch restart at 0 now and then.
+        let period = pick(&mut rng, &[rows, 3, 1]);
+        let positions: Vec<usize> = (0..rows).map(|r| start + r % period).collect();
+        let dx = values(&mut rng, rows * heads * head_dim, &[1.0, 30.0, 1e-3]);
+        let mut want = dx.clone();
+        cpu::rope_backward(&mut want, &positions, heads, head_dim, theta).expect("cpu");
+        let table = gpu::rope::cos_sin_at(ctx, &positions, head_dim, theta).expect("table");
+        let buf = ctx.upload("dx", &dx).expect("upload");
+        run(ctx, |pass| {
+            gpu::rope::record_backward(ctx, pass, &buf, &table, rows, heads, head_dim)
+                .expect("record");
+        });
+        let got: Vec<f32> = ctx.read(&buf, dx.len()).await.expect("read back");
+        assert_bits_eq(
+            &got,
+            &want,
+            &format!("case {case} ({rows} rows at {positions:?}, {heads} x {head_dim})"),
+        );
+    }
+    ctx.check().expect("no device error");
+}
