@@ -199,3 +199,10 @@ fn relu2_gate_backward_matches_cpu() {
 fn rope_backward_matches_cpu() {
     pollster::block_on(common::backward::rope_backward_matches_cpu(&mut context()));
 }
+
+#[test]
+fn attention_backward_matches_cpu() {
+    pollster::block_on(common::backward::attention_backward_matches_cpu(
+        &mut context(),
+    ));
+}

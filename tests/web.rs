@@ -181,3 +181,8 @@ async fn relu2_gate_backward_matches_cpu() {
 async fn rope_backward_matches_cpu() {
     common::backward::rope_backward_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn attention_backward_matches_cpu() {
+    common::backward::attention_backward_matches_cpu(&mut context().await).await;
+}

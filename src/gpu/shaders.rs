@@ -63,10 +63,11 @@ pub enum Kernel {
     LmHeadBackward,
     Relu2GateBackward,
     RopeBackward,
+    AttentionBackward,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 21] = [
+    pub const ALL: [Kernel; 22] = [
         Kernel::ActQuant,
         Kernel::Argmax,
         Kernel::TernaryPack,
@@ -88,6 +89,7 @@ impl Kernel {
         Kernel::LmHeadBackward,
         Kernel::Relu2GateBackward,
         Kernel::RopeBackward,
+        Kernel::AttentionBackward,
     ];
 
     pub fn name(self) -> &'static str {
@@ -113,6 +115,7 @@ impl Kernel {
             Kernel::LmHeadBackward => "lm_head_backward",
             Kernel::Relu2GateBackward => "relu2_gate_backward",
             Kernel::RopeBackward => "rope_backward",
+            Kernel::AttentionBackward => "attention_backward",
         }
     }
 
@@ -140,6 +143,7 @@ impl Kernel {
             Kernel::LmHeadBackward => &["lm_head_dx", "lm_head_dtable"],
             Kernel::Relu2GateBackward => &["relu2_gate_backward"],
             Kernel::RopeBackward => &["rope_backward"],
+            Kernel::AttentionBackward => &["attention_dq", "attention_dkv"],
         }
     }
 
@@ -199,6 +203,7 @@ impl Kernel {
             ),
             Kernel::Relu2GateBackward => include_str!("../../shaders/relu2_gate_backward.wgsl"),
             Kernel::RopeBackward => include_str!("../../shaders/rope_backward.wgsl"),
+            Kernel::AttentionBackward => include_str!("../../shaders/attention_backward.wgsl"),
         }
     }
 

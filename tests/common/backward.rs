@@ -776,3 +776,112 @@ pub async fn rope_backward_matches_cpu(ctx: &mut GpuContext) {
     }
     ctx.check().expect("no device error");
 }
+
+/// Relative tolerance of the attention gradients, of the sum of |terms| (each softmax weight
+/// recomputed in f32 with exp, dot products over head_dim, sums over up to 60 keys).
+pub const ATTENTION_GRAD_REL_TOL: f64 = 1e-4;
+
+/// attention_backward.wgsl == cpu::attention_backward within ATTENTION_GRAD_REL_TOL of the sum of
+/// |terms|: grouped-query shapes, one query row, queries that are the last rows of a longer cache,
+/// head sizes that are no multiple of 4 and above 128.
+pub async fn attention_backward_matches_cpu(ctx: &mut GpuContext) {
+    use bitnet_wgpu::cpu::AttentionShape;
+    let mut rng = SmallRng::seed_from_u64(40);
+    for case in 0..200 {
+        let (heads, kv_heads) = pick(
+            &mut rng,
+            &[(1usize, 1usize), (2, 1), (4, 2), (3, 3), (6, 2)],
+        );
+        let head_dim = pick(&mut rng, &[1usize, 2, 3, 4, 16, 33, 64, 128, 129]);
+        let n = pick(&mut rng, &[1usize, 1, 2, 3, 5, 9, 17]);
+        let t = n + pick(&mut rng, &[0usize, 0, 1, 7, 40]);
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
+        // Scores of moderate size: the f32 exp of a score off by a few ulp of it stays within
+        // the tolerance.
+        let q_magnitude = pick(&mut rng, &[1.0f32, 0.1, 3.0]);
+        let q: Vec<f32> = (0..n * qw)
+            .map(|_| rng.random_range(-1.0f32..1.0) * q_magnitude)
+            .collect();
+        let k: Vec<f32> = (0..t * kw)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let v: Vec<f32> = (0..t * kw)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let dout = gradients(&mut rng, n * qw);
+        let (want_dq, want_dk, want_dv) =
+            cpu::attention_backward(&q, &k, &v, &dout, shape).expect("cpu");
+
+        let bufs: Vec<wgpu::Buffer> = [&q, &k, &v, &dout]
+            .iter()
+            .map(|d| ctx.upload("input", d).expect("upload"))
+            .collect();
+        let dq = ctx.upload("dq", &vec![f32::NAN; n * qw]).expect("dq");
+        let dk = ctx.upload("dk", &vec![f32::NAN; t * kw]).expect("dk");
+        let dv = ctx.upload("dv", &vec![f32::NAN; t * kw]).expect("dv");
+        run(ctx, |pass| {
+            gpu::attention::record_backward(
+                ctx, pass, &bufs[0], &bufs[1], &bufs[2], &bufs[3], &dq, &dk, &dv, n, t, shape,
+            )
+            .expect("record");
+        });
+        let got_dq: Vec<f32> = ctx.read(&dq, n * qw).await.expect("read");
+        let got_dk: Vec<f32> = ctx.read(&dk, t * kw).await.expect("read");
+        let got_dv: Vec<f32> = ctx.read(&dv, t * kw).await.expect("read");
+
+        // Error scales in f64: |ds[j]| bounded through |da| <= sum |dout * v| and |D| <= sum a |da|.
+        let (mut s_dq, mut s_dk, mut s_dv) = (
+            vec![0.0f64; n * qw],
+            vec![0.0f64; t * kw],
+            vec![0.0f64; t * kw],
+        );
+        let scaling = 1.0 / (head_dim as f64).sqrt();
+        let group = heads / kv_heads;
+        for r in 0..n {
+            let visible = t - n + r + 1;
+            for h in 0..heads {
+                let g = h / group;
+                let qa = (r * heads + h) * head_dim;
+                let ka = |j: usize| (j * kv_heads + g) * head_dim;
+                let scores: Vec<f64> = (0..visible)
+                    .map(|j| {
+                        (0..head_dim)
+                            .map(|d| f64::from(q[qa + d]) * f64::from(k[ka(j) + d]))
+                            .sum::<f64>()
+                            * scaling
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                let a: Vec<f64> = scores.iter().map(|s| (s - max).exp() / total).collect();
+                let da_abs: Vec<f64> = (0..visible)
+                    .map(|j| {
+                        (0..head_dim)
+                            .map(|d| (f64::from(dout[qa + d]) * f64::from(v[ka(j) + d])).abs())
+                            .sum()
+                    })
+                    .collect();
+                let d_abs: f64 = a.iter().zip(&da_abs).map(|(x, y)| x * y).sum();
+                for j in 0..visible {
+                    let ds = a[j] * (da_abs[j] + d_abs) * scaling;
+                    for d in 0..head_dim {
+                        s_dq[qa + d] += ds * f64::from(k[ka(j) + d]).abs();
+                        s_dk[ka(j) + d] += ds * f64::from(q[qa + d]).abs();
+                        s_dv[ka(j) + d] += a[j] * f64::from(dout[qa + d]).abs();
+                    }
+                }
+            }
+        }
+        let what = format!("case {case} (n {n}, t {t}, {shape:?})");
+        let tol = ATTENTION_GRAD_REL_TOL;
+        assert_grad_close(&got_dq, &want_dq, &s_dq, tol, &format!("{what}: dq"));
+        assert_grad_close(&got_dk, &want_dk, &s_dk, tol, &format!("{what}: dk"));
+        assert_grad_close(&got_dv, &want_dv, &s_dv, tol, &format!("{what}: dv"));
+    }
+    ctx.check().expect("no device error");
+}
