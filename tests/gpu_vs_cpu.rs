@@ -206,3 +206,10 @@ fn attention_backward_matches_cpu() {
         &mut context(),
     ));
 }
+
+#[test]
+fn backward_bad_shapes_are_errors() {
+    pollster::block_on(common::backward::backward_bad_shapes_are_errors(
+        &mut context(),
+    ));
+}

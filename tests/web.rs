@@ -186,3 +186,8 @@ async fn rope_backward_matches_cpu() {
 async fn attention_backward_matches_cpu() {
     common::backward::attention_backward_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn backward_bad_shapes_are_errors() {
+    common::backward::backward_bad_shapes_are_errors(&mut context().await).await;
+}

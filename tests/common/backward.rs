@@ -885,3 +885,146 @@ pub async fn attention_backward_matches_cpu(ctx: &mut GpuContext) {
     }
     ctx.check().expect("no device error");
 }
+
+/// The backward kernels refuse bad shapes, aliased outputs and bad settings with errors, never a
+/// panic or a device error.
+pub async fn backward_bad_shapes_are_errors(ctx: &mut GpuContext) {
+    use bitnet_wgpu::cpu::{AttentionShape, WeightQuantOptions};
+    use bitnet_wgpu::gpu::{GpuGradTable, GpuTable, TableStorage};
+    use bitnet_wgpu::train::{AdamW, AdamWStep, Sgd};
+    let small = ctx.upload("small", &[0.0f32; 3]).expect("upload");
+    let big = ctx.upload("big", &[0.0f32; 64]).expect("upload");
+    let big2 = ctx.upload("big2", &[0.0f32; 64]).expect("upload");
+    let big3 = ctx.upload("big3", &[0.0f32; 64]).expect("upload");
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    let mut compute = encoder.begin_compute_pass(&Default::default());
+    let pass = &mut compute;
+
+    let packed =
+        cpu::ternary_pack(&[0.5; 16 * 3], 3, 16, WeightQuantOptions::default()).expect("pack");
+    let w = gpu::GpuTernary::upload(ctx, &packed).expect("upload");
+    let acts = GpuActivations::new(ctx, 2, 16).expect("activations");
+    // dy of 2 x 3 needs 6 values; dx of 2 x 16 needs 32.
+    assert!(gpu::ternary_matmul::record_dx(ctx, pass, 2, &w, &small, &big).is_err());
+    assert!(gpu::ternary_matmul::record_dx(ctx, pass, 2, &w, &big, &small).is_err());
+    assert!(gpu::ternary_matmul::record_dx(ctx, pass, 2, &w, &big, &big).is_err());
+    assert!(gpu::ternary_matmul::record_dw(ctx, pass, &acts, 3, &big, &small).is_err());
+
+    assert!(
+        gpu::rmsnorm::record_backward(ctx, pass, &big, &big2, &big3, &big, &small, 2, 8, 1e-5)
+            .is_err(),
+        "dx aliasing x"
+    );
+    assert!(
+        gpu::rmsnorm::record_backward(ctx, pass, &big, &big2, &big3, &small, &big, 2, 8, 1e-5)
+            .is_err(),
+        "short dx"
+    );
+    assert!(
+        gpu::rmsnorm::record_backward(ctx, pass, &big, &small, &big3, &big2, &big, 2, 8, 0.0)
+            .is_err(),
+        "eps 0"
+    );
+
+    let targets = ctx.upload("targets", &[0u32; 2]).expect("upload");
+    assert!(
+        gpu::nll::record_cross_entropy(ctx, pass, &big, 2, 0, &targets, 0, &big2, 0, 1.0).is_err()
+    );
+    assert!(
+        gpu::nll::record_cross_entropy(ctx, pass, &big, 2, 8, &targets, 1, &big2, 0, 1.0).is_err(),
+        "targets past the buffer"
+    );
+    assert!(
+        gpu::nll::record_cross_entropy(ctx, pass, &big, 2, 8, &targets, 0, &big, 0, 1.0).is_err(),
+        "losses aliasing logits"
+    );
+    assert!(
+        gpu::nll::record_cross_entropy(ctx, pass, &big, 2, 8, &targets, 0, &big2, 0, f32::NAN)
+            .is_err()
+    );
+
+    let step = AdamWStep::new(&AdamW::default(), 1e-3, 1);
+    assert!(
+        gpu::optim::record_adamw(ctx, pass, &big, &big2, &big3, &small, 8, &step, None).is_err()
+    );
+    assert!(
+        gpu::optim::record_adamw(ctx, pass, &big, &big2, &big3, &big3, 8, &step, None).is_err()
+    );
+    assert!(
+        gpu::optim::record_sgd(
+            ctx,
+            pass,
+            &big,
+            &big,
+            &big3,
+            8,
+            &Sgd::default(),
+            0.1,
+            true,
+            None
+        )
+        .is_err()
+    );
+    assert!(gpu::optim::record_grad_norm(ctx, pass, &[(&big, 8)], f32::NAN, &big2).is_err());
+    assert!(gpu::optim::record_grad_norm(ctx, pass, &[(&big, 8)], 1.0, &big).is_err());
+    assert!(gpu::optim::record_grad_norm(ctx, pass, &[(&small, 8)], 1.0, &big).is_err());
+
+    let dtable = GpuGradTable::new(ctx, 5, 4).expect("dtable");
+    assert!(GpuGradTable::new(ctx, 0, 4).is_err());
+    assert!(gpu::embedding::record_backward(ctx, pass, &targets, &small, &dtable, 2).is_err());
+    let table = GpuTable::upload_f32(ctx, &[0.0; 20], 5, 4, TableStorage::F32).expect("table");
+    let other = GpuGradTable::new(ctx, 4, 4).expect("dtable");
+    assert!(
+        gpu::lm_head::record_backward(ctx, pass, &big, &table, &big2, &big3, &other, 2, false)
+            .is_err(),
+        "dtable shaped unlike the table"
+    );
+    assert!(
+        gpu::lm_head::record_backward(ctx, pass, &big, &table, &small, &big3, &dtable, 2, false)
+            .is_err(),
+        "short dlogits"
+    );
+
+    assert!(gpu::relu2_gate::record_backward(ctx, pass, &big, &big2, &big, 2, 4).is_err());
+    assert!(gpu::relu2_gate::record_backward(ctx, pass, &big, &small, &big2, 2, 4).is_err());
+
+    let cos_sin = gpu::rope::cos_sin_at(ctx, &[0, 1], 4, 10000.0).expect("table");
+    assert!(gpu::rope::record_backward(ctx, pass, &small, &cos_sin, 2, 1, 4).is_err());
+    assert!(gpu::rope::record_backward(ctx, pass, &big, &cos_sin, 2, 1, 3).is_err());
+
+    let shape = |heads, kv_heads, head_dim| AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    };
+    let bufs: Vec<wgpu::Buffer> = (0..7)
+        .map(|_| ctx.upload("attention", &[0.0f32; 600]).expect("upload"))
+        .collect();
+    let b = |i: usize| &bufs[i];
+    let attn = |ctx: &GpuContext, pass: &mut wgpu::ComputePass<'_>, n, t, s, dq: &wgpu::Buffer| {
+        gpu::attention::record_backward(ctx, pass, b(0), b(1), b(2), b(3), dq, b(5), b(6), n, t, s)
+    };
+    assert!(
+        attn(ctx, pass, 2, 3, shape(3, 2, 4), b(4)).is_err(),
+        "heads % kv_heads"
+    );
+    assert!(
+        attn(ctx, pass, 1, 1, shape(1, 1, 257), b(4)).is_err(),
+        "head_dim > 256"
+    );
+    assert!(
+        attn(ctx, pass, 3, 2, shape(1, 1, 4), b(4)).is_err(),
+        "n > t"
+    );
+    assert!(
+        attn(ctx, pass, 2, 3, shape(2, 1, 4), b(0)).is_err(),
+        "dq aliasing q"
+    );
+    assert!(
+        attn(ctx, pass, 2, 200, shape(2, 1, 4), b(4)).is_err(),
+        "short k"
+    );
+    drop(compute);
+    drop(encoder);
+    ctx.check().expect("no device error was raised");
+}
