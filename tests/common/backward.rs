@@ -341,11 +341,12 @@ async fn read_f32s(ctx: &GpuContext, buffers: &[&wgpu::Buffer], count: usize) ->
 
 /// optim.wgsl's adamw and sgd == train::adamw_tensor and train::sgd_tensor (the optimizers'
 /// arithmetic per tensor) within OPTIM_REL_TOL, from moments of earlier steps, with and without a
-/// clipping coefficient, on tensors of awkward lengths.
+/// clipping coefficient, on tensors of awkward lengths: 200 cases of each.
 pub async fn optimizers_match_cpu(ctx: &mut GpuContext) {
     use bitnet_wgpu::train::{AdamW, AdamWStep, Sgd, adamw_tensor, sgd_tensor};
     let mut rng = SmallRng::seed_from_u64(34);
-    for case in 0..200 {
+    // 200 cases of each optimizer.
+    for case in 0..400 {
         let n = pick(&mut rng, &[1usize, 3, 255, 256, 257, 1000, 4097]);
         let w: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let g = gradients(&mut rng, n);
