@@ -18,41 +18,6 @@ struct Params {
 @group(0) @binding(2) var<storage, read> targets: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
-var<workgroup> slots: array<f32, WG>;
-
-// By its bits: a compiler may assume that v != v is false.
-fn is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
-
-// max(a, b), but NaN when either is: WGSL's max need not keep a NaN.
-fn max_or_nan(a: f32, b: f32) -> f32 {
-    return select(max(a, b), a + b, is_nan(a) || is_nan(b));
-}
-
-fn fold_max(v: f32, lid: u32) -> f32 {
-    slots[lid] = v;
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        workgroupBarrier();
-        if lid < s {
-            slots[lid] = max_or_nan(slots[lid], slots[lid + s]);
-        }
-    }
-    return workgroupUniformLoad(&slots[0]);
-}
-
-fn fold_sum(v: f32, lid: u32) -> f32 {
-    workgroupBarrier();
-    slots[lid] = v;
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        workgroupBarrier();
-        if lid < s {
-            slots[lid] = slots[lid] + slots[lid + s];
-        }
-    }
-    return workgroupUniformLoad(&slots[0]);
-}
-
 @compute @workgroup_size(WG)
 fn nll(
     @builtin(workgroup_id) wid: vec3<u32>,

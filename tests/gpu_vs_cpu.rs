@@ -144,3 +144,72 @@ fn gpu_nll_matches_cpu() {
 fn nll_matches_cpu() {
     pollster::block_on(common::nll::nll_matches_cpu(&mut context()));
 }
+
+#[test]
+fn ternary_matmul_backward_matches_cpu() {
+    pollster::block_on(common::backward::ternary_matmul_backward_matches_cpu(
+        &mut context(),
+    ));
+}
+
+#[test]
+fn rmsnorm_backward_matches_cpu() {
+    pollster::block_on(common::backward::rmsnorm_backward_matches_cpu(
+        &mut context(),
+    ));
+}
+
+#[test]
+fn cross_entropy_matches_cpu() {
+    pollster::block_on(common::backward::cross_entropy_matches_cpu(&mut context()));
+}
+
+#[test]
+fn optimizers_match_cpu() {
+    pollster::block_on(common::backward::optimizers_match_cpu(&mut context()));
+}
+
+#[test]
+fn grad_norm_matches_cpu() {
+    pollster::block_on(common::backward::grad_norm_matches_cpu(&mut context()));
+}
+
+#[test]
+fn embedding_backward_matches_cpu() {
+    pollster::block_on(common::backward::embedding_backward_matches_cpu(
+        &mut context(),
+    ));
+}
+
+#[test]
+fn lm_head_backward_matches_cpu() {
+    pollster::block_on(common::backward::lm_head_backward_matches_cpu(
+        &mut context(),
+    ));
+}
+
+#[test]
+fn relu2_gate_backward_matches_cpu() {
+    pollster::block_on(common::backward::relu2_gate_backward_matches_cpu(
+        &mut context(),
+    ));
+}
+
+#[test]
+fn rope_backward_matches_cpu() {
+    pollster::block_on(common::backward::rope_backward_matches_cpu(&mut context()));
+}
+
+#[test]
+fn attention_backward_matches_cpu() {
+    pollster::block_on(common::backward::attention_backward_matches_cpu(
+        &mut context(),
+    ));
+}
+
+#[test]
+fn backward_bad_shapes_are_errors() {
+    pollster::block_on(common::backward::backward_bad_shapes_are_errors(
+        &mut context(),
+    ));
+}

@@ -136,3 +136,58 @@ async fn gpu_nll_matches_cpu() {
 async fn nll_matches_cpu() {
     common::nll::nll_matches_cpu(&mut context().await).await;
 }
+
+#[wasm_bindgen_test]
+async fn ternary_matmul_backward_matches_cpu() {
+    common::backward::ternary_matmul_backward_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn rmsnorm_backward_matches_cpu() {
+    common::backward::rmsnorm_backward_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn cross_entropy_matches_cpu() {
+    common::backward::cross_entropy_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn optimizers_match_cpu() {
+    common::backward::optimizers_match_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn grad_norm_matches_cpu() {
+    common::backward::grad_norm_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn embedding_backward_matches_cpu() {
+    common::backward::embedding_backward_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn lm_head_backward_matches_cpu() {
+    common::backward::lm_head_backward_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn relu2_gate_backward_matches_cpu() {
+    common::backward::relu2_gate_backward_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn rope_backward_matches_cpu() {
+    common::backward::rope_backward_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn attention_backward_matches_cpu() {
+    common::backward::attention_backward_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn backward_bad_shapes_are_errors() {
+    common::backward::backward_bad_shapes_are_errors(&mut context().await).await;
+}

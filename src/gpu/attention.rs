@@ -1,7 +1,7 @@
-//! Host side of `shaders/attention.wgsl`.
+//! Host side of `shaders/attention.wgsl` and of its gradients, `shaders/attention_backward.wgsl`.
 
 use crate::cpu::AttentionShape;
-use crate::gpu::{GpuContext, Kernel, check_distinct, groups_for};
+use crate::gpu::{GpuContext, Kernel, check_distinct, check_f32s, groups_for};
 use crate::{Error, Result};
 
 /// The largest head_dim (`MAX_HEAD_DIM` in the shader).
@@ -200,5 +200,152 @@ pub fn record(
             groups_for(new_rows * heads, 1)?,
         );
     }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct BackwardParams {
+    n: u32,
+    t: u32,
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    scaling: f32,
+    pad: [u32; 2],
+}
+
+/// Records the gradients of causal grouped-query attention (`cpu::attention_backward`) for the
+/// upstream gradient `dout` (`[n, heads * head_dim]`, like `q`): `dq` (like `q`), `dk` and `dv`
+/// (like `k` and `v`: `[t, kv_heads * head_dim]`, `t >= n`, the queries being the last `n`
+/// positions). The softmax is recomputed from `q` and `k`; a kv head's gradients sum over the
+/// query heads that share it in a fixed order, without atomics. `head_dim <= 256`.
+#[allow(clippy::too_many_arguments)]
+pub fn record_backward(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    q: &wgpu::Buffer,
+    k: &wgpu::Buffer,
+    v: &wgpu::Buffer,
+    dout: &wgpu::Buffer,
+    dq: &wgpu::Buffer,
+    dk: &wgpu::Buffer,
+    dv: &wgpu::Buffer,
+    n: usize,
+    t: usize,
+    shape: AttentionShape,
+) -> Result<()> {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    if heads == 0 || kv_heads == 0 || head_dim == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(Error::invalid(
+            "attention shape",
+            format!("{heads} heads, {kv_heads} kv heads, head_dim {head_dim}"),
+        ));
+    }
+    if head_dim > MAX_HEAD_DIM {
+        return Err(Error::invalid(
+            "attention head_dim",
+            format!("{head_dim} exceeds {MAX_HEAD_DIM}"),
+        ));
+    }
+    if n > t {
+        return Err(Error::shape(
+            "attention cache rows",
+            format!("at least the {n} query rows"),
+            t,
+        ));
+    }
+    let q_len = n.checked_mul(heads * head_dim);
+    let kv_len = t.checked_mul(kv_heads * head_dim);
+    for (what, buffer, len) in [
+        ("attention_backward q", q, q_len),
+        ("attention_backward dout", dout, q_len),
+        ("attention_backward dq", dq, q_len),
+        ("attention_backward k", k, kv_len),
+        ("attention_backward v", v, kv_len),
+        ("attention_backward dk", dk, kv_len),
+        ("attention_backward dv", dv, kv_len),
+    ] {
+        check_f32s(what, buffer, len)?;
+    }
+    if q_len.and_then(|l| u32::try_from(l).ok()).is_none()
+        || kv_len.and_then(|l| u32::try_from(l).ok()).is_none()
+    {
+        return Err(Error::invalid("attention_backward", "too many rows"));
+    }
+    for out in [dq, dk, dv] {
+        for input in [q, k, v, dout] {
+            check_distinct("attention_backward", input, out)?;
+        }
+    }
+    check_distinct("attention_backward", dq, dk)?;
+    check_distinct("attention_backward", dq, dv)?;
+    check_distinct("attention_backward", dk, dv)?;
+    if t == 0 {
+        return Ok(());
+    }
+    let params = ctx.uniform(
+        "attention backward params",
+        &BackwardParams {
+            n: n as u32,
+            t: t as u32,
+            heads: heads as u32,
+            kv_heads: kv_heads as u32,
+            head_dim: head_dim as u32,
+            scaling: 1.0 / (head_dim as f32).sqrt(),
+            pad: [0; 2],
+        },
+    );
+    if n == 0 {
+        // No query sees any key: zero gradients, through the key pass with no pairs.
+        let stats = ctx.scratch("attention backward stats", 16)?;
+        return record_dkv(
+            ctx,
+            pass,
+            &params,
+            [q, k, v, dout, &stats, dk, dv],
+            t * kv_heads,
+        );
+    }
+    let stats = ctx.scratch("attention backward stats", (n * heads * 16) as u64)?;
+    let pipeline = ctx.pipeline(Kernel::AttentionBackward, "attention_dq", &[])?;
+    ctx.dispatch(
+        pass,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            q.as_entire_binding(),
+            k.as_entire_binding(),
+            v.as_entire_binding(),
+            dout.as_entire_binding(),
+            stats.as_entire_binding(),
+            dq.as_entire_binding(),
+        ],
+        groups_for(n * heads, 1)?,
+    );
+    record_dkv(
+        ctx,
+        pass,
+        &params,
+        [q, k, v, dout, &stats, dk, dv],
+        t * kv_heads,
+    )
+}
+
+fn record_dkv(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    params: &wgpu::Buffer,
+    buffers: [&wgpu::Buffer; 7],
+    groups: usize,
+) -> Result<()> {
+    let pipeline = ctx.pipeline(Kernel::AttentionBackward, "attention_dkv", &[])?;
+    let mut entries = vec![params.as_entire_binding()];
+    entries.extend(buffers.iter().map(|b| b.as_entire_binding()));
+    ctx.dispatch(pass, &pipeline, &entries, groups_for(groups, 1)?);
     Ok(())
 }

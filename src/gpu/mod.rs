@@ -27,6 +27,7 @@ pub mod embedding;
 pub mod lm_head;
 pub mod nll;
 pub mod norm_matmul;
+pub mod optim;
 mod profiler;
 pub mod relu2_gate;
 pub mod rmsnorm;
@@ -40,7 +41,7 @@ pub use act_quant::GpuActivations;
 pub use context::{AdapterSummary, Capabilities, GpuContext};
 pub use profiler::KernelTime;
 pub use shaders::{Kernel, ShaderVariant};
-pub use table::{GpuTable, TableStorage};
+pub use table::{GpuGradTable, GpuTable, TableStorage};
 pub use ternary_matmul::{MatmulOptions, MatmulOutput, MatmulPath};
 pub use ternary_pack::GpuTernary;
 

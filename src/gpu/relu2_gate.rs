@@ -1,5 +1,5 @@
 //! Host side of `shaders/relu2_gate.wgsl`: `cpu::relu2_gate` on the fused gate/up matmul output,
-//! and `cpu::act_quant` of it fused, bit for bit.
+//! and `cpu::act_quant` of it fused, bit for bit; and its gradients (`shaders/relu2_gate_backward.wgsl`).
 
 use crate::gpu::{GpuActivations, GpuContext, Kernel, check_distinct, check_f32s, groups_for};
 use crate::{Error, Result};
@@ -97,6 +97,46 @@ pub fn record_quant(
             acts.sums.as_entire_binding(),
         ],
         groups_for(acts.rows, 1)?,
+    );
+    Ok(())
+}
+
+/// Records the gradients of [`record`] (`cpu::relu2_gate_backward`) for the upstream gradient
+/// `dy` (`[rows, inter]` f32) into `d_gate_up` (`[rows, 2 * inter]`, gate first, the layout of
+/// `gate_up` and of the fused gate/up matmul's output), bit for bit where no intermediate is
+/// subnormal. `d_gate_up` must differ from both inputs.
+pub fn record_backward(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    gate_up: &wgpu::Buffer,
+    dy: &wgpu::Buffer,
+    d_gate_up: &wgpu::Buffer,
+    rows: usize,
+    inter: usize,
+) -> Result<()> {
+    let params = params(ctx, gate_up, rows, inter)?;
+    check_f32s("relu2_gate_backward dy", dy, rows.checked_mul(inter))?;
+    check_f32s(
+        "relu2_gate_backward d_gate_up",
+        d_gate_up,
+        rows.checked_mul(inter).and_then(|n| n.checked_mul(2)),
+    )?;
+    check_distinct("relu2_gate_backward", gate_up, d_gate_up)?;
+    check_distinct("relu2_gate_backward", dy, d_gate_up)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let pipeline = ctx.pipeline(Kernel::Relu2GateBackward, "relu2_gate_backward", &[])?;
+    ctx.dispatch(
+        pass,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            gate_up.as_entire_binding(),
+            dy.as_entire_binding(),
+            d_gate_up.as_entire_binding(),
+        ],
+        groups_for(rows * inter, WG)?,
     );
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! Host side of `shaders/rmsnorm.wgsl`: `cpu::rmsnorm`, and `cpu::act_quant(cpu::rmsnorm(..))`
-//! fused, bit for bit.
+//! fused, bit for bit; and the gradients of the norm (`shaders/rmsnorm_backward.wgsl`).
 
 use crate::gpu::{GpuActivations, GpuContext, Kernel, check_distinct, check_f32s, groups_for};
 use crate::{Error, Result};
@@ -125,6 +125,97 @@ pub fn record_quant(
             acts.sums.as_entire_binding(),
         ],
         groups_for(rows, 1)?,
+    );
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct BackwardParams {
+    rows: u32,
+    cols: u32,
+    no_fuse: u32,
+    pad0: u32,
+    eps: f32,
+    pad: [u32; 3],
+}
+
+/// Columns per `rmsnorm_dweight` workgroup.
+const DWEIGHT_WG: usize = 64;
+
+/// Records the gradients of [`record`] (`cpu::rmsnorm_backward`) for the upstream gradient `dy`:
+/// `dx` (`[rows, cols]`, like `x` and `dy`) and `dweight` (`cols`), the latter summed over the
+/// rows in order. `1 / rms` of each row is formed bit for bit as the forward forms it; the dot
+/// products and sums are f32 in an order of their own. Buffers as [`record`]; `dx` and `dweight`
+/// must differ from the inputs.
+#[allow(clippy::too_many_arguments)]
+pub fn record_backward(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    x: &wgpu::Buffer,
+    weight: &wgpu::Buffer,
+    dy: &wgpu::Buffer,
+    dx: &wgpu::Buffer,
+    dweight: &wgpu::Buffer,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<()> {
+    params(ctx, rows, cols, eps)?;
+    for (what, buffer) in [
+        ("rmsnorm_backward input", x),
+        ("rmsnorm_backward dy", dy),
+        ("rmsnorm_backward dx", dx),
+    ] {
+        check_f32s(what, buffer, rows.checked_mul(cols))?;
+    }
+    check_f32s("rmsnorm weight", weight, Some(cols))?;
+    check_f32s("rmsnorm_backward dweight", dweight, Some(cols))?;
+    for input in [x, weight, dy] {
+        check_distinct("rmsnorm_backward", input, dx)?;
+        check_distinct("rmsnorm_backward", input, dweight)?;
+    }
+    check_distinct("rmsnorm_backward", dx, dweight)?;
+    let params = ctx.uniform(
+        "rmsnorm backward params",
+        &BackwardParams {
+            rows: rows as u32,
+            cols: cols as u32,
+            no_fuse: 0,
+            pad0: 0,
+            eps,
+            pad: [0; 3],
+        },
+    );
+    let inv_rms = ctx.scratch("rmsnorm inv_rms", rows.max(1) as u64 * 4)?;
+    if rows > 0 {
+        let pipeline = ctx.pipeline(Kernel::RmsnormBackward, "rmsnorm_dx", &[])?;
+        ctx.dispatch(
+            pass,
+            &pipeline,
+            &[
+                params.as_entire_binding(),
+                x.as_entire_binding(),
+                dy.as_entire_binding(),
+                inv_rms.as_entire_binding(),
+                weight.as_entire_binding(),
+                dx.as_entire_binding(),
+            ],
+            groups_for(rows, 1)?,
+        );
+    }
+    let pipeline = ctx.pipeline(Kernel::RmsnormBackward, "rmsnorm_dweight", &[])?;
+    ctx.dispatch(
+        pass,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            x.as_entire_binding(),
+            dy.as_entire_binding(),
+            inv_rms.as_entire_binding(),
+            dweight.as_entire_binding(),
+        ],
+        groups_for(cols, DWEIGHT_WG)?,
     );
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Host side of `shaders/rope.wgsl`: `cpu::rope`, bit for bit, from a source buffer into rows of a
 //! destination (a KV cache, or a query buffer), or from a fused q/k/v projection into the query
-//! buffer and the KV cache at once.
+//! buffer and the KV cache at once; and its gradient in place (`shaders/rope_backward.wgsl`).
 
 use crate::cpu::{AttentionShape, rope_inv_freq};
 use crate::gpu::{GpuContext, Kernel, check_distinct, check_f32s, groups_for};
@@ -227,6 +227,93 @@ pub fn record_qkv(
             v_cache.as_entire_binding(),
         ],
         groups_for(rows * all_heads * head_dim / 2, WG)?,
+    );
+    Ok(())
+}
+
+/// [`cos_sin`] for any list of positions, one row each (training windows: `0..T` for every
+/// window of a batch).
+pub fn cos_sin_at(
+    ctx: &GpuContext,
+    positions: &[usize],
+    head_dim: usize,
+    theta: f32,
+) -> Result<wgpu::Buffer> {
+    check_head_dim(head_dim)?;
+    let inv_freq = rope_inv_freq(head_dim, theta);
+    let mut table = Vec::with_capacity(positions.len().max(1) * head_dim);
+    for &pos in positions {
+        for &f in &inv_freq {
+            let angle = pos as f32 * f;
+            table.extend([angle.cos(), angle.sin()]);
+        }
+    }
+    if table.is_empty() {
+        table.extend([1.0, 0.0]);
+    }
+    ctx.upload_shared("rope cos/sin", &table)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct BackwardParams {
+    rows: u32,
+    heads: u32,
+    half_dim: u32,
+    no_fuse: u32,
+}
+
+/// Records the gradient of rope (`cpu::rope_backward`) in place: `dx` (`[rows, heads *
+/// head_dim]` f32) holds the gradient wrt the rotated rows and receives the gradient wrt the
+/// rows before rotation, bit for bit; `table` holds each row's cos/sin ([`cos_sin`],
+/// [`cos_sin_at`]).
+pub fn record_backward(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    dx: &wgpu::Buffer,
+    table: &wgpu::Buffer,
+    rows: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    check_head_dim(head_dim)?;
+    let width = heads.checked_mul(head_dim);
+    check_f32s(
+        "rope_backward gradient",
+        dx,
+        width.and_then(|w| w.checked_mul(rows)),
+    )?;
+    check_f32s("rope cos/sin table", table, rows.checked_mul(head_dim))?;
+    check_distinct("rope_backward", table, dx)?;
+    let pairs = rows * heads * (head_dim / 2);
+    if u32::try_from(pairs * 2).is_err() {
+        return Err(Error::invalid(
+            "rope_backward",
+            format!("{rows} rows of {heads} heads is too many"),
+        ));
+    }
+    if pairs == 0 {
+        return Ok(());
+    }
+    let params = ctx.uniform(
+        "rope backward params",
+        &BackwardParams {
+            rows: rows as u32,
+            heads: heads as u32,
+            half_dim: (head_dim / 2) as u32,
+            no_fuse: 0,
+        },
+    );
+    let pipeline = ctx.pipeline(Kernel::RopeBackward, "rope_backward", &[])?;
+    ctx.dispatch(
+        pass,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            table.as_entire_binding(),
+            dx.as_entire_binding(),
+        ],
+        groups_for(pairs, WG)?,
     );
     Ok(())
 }

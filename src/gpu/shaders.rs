@@ -55,10 +55,19 @@ pub enum Kernel {
     Embedding,
     LmHead,
     Nll,
+    TernaryMatmulBackward,
+    RmsnormBackward,
+    CrossEntropy,
+    Optim,
+    EmbeddingBackward,
+    LmHeadBackward,
+    Relu2GateBackward,
+    RopeBackward,
+    AttentionBackward,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 13] = [
+    pub const ALL: [Kernel; 22] = [
         Kernel::ActQuant,
         Kernel::Argmax,
         Kernel::TernaryPack,
@@ -72,6 +81,15 @@ impl Kernel {
         Kernel::Embedding,
         Kernel::LmHead,
         Kernel::Nll,
+        Kernel::TernaryMatmulBackward,
+        Kernel::RmsnormBackward,
+        Kernel::CrossEntropy,
+        Kernel::Optim,
+        Kernel::EmbeddingBackward,
+        Kernel::LmHeadBackward,
+        Kernel::Relu2GateBackward,
+        Kernel::RopeBackward,
+        Kernel::AttentionBackward,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +107,15 @@ impl Kernel {
             Kernel::Embedding => "embedding",
             Kernel::LmHead => "lm_head",
             Kernel::Nll => "nll",
+            Kernel::TernaryMatmulBackward => "ternary_matmul_backward",
+            Kernel::RmsnormBackward => "rmsnorm_backward",
+            Kernel::CrossEntropy => "cross_entropy",
+            Kernel::Optim => "optim",
+            Kernel::EmbeddingBackward => "embedding_backward",
+            Kernel::LmHeadBackward => "lm_head_backward",
+            Kernel::Relu2GateBackward => "relu2_gate_backward",
+            Kernel::RopeBackward => "rope_backward",
+            Kernel::AttentionBackward => "attention_backward",
         }
     }
 
@@ -108,6 +135,15 @@ impl Kernel {
             Kernel::Embedding => &["embedding"],
             Kernel::LmHead => &["lm_head"],
             Kernel::Nll => &["nll"],
+            Kernel::TernaryMatmulBackward => &["ternary_dx", "ternary_dw"],
+            Kernel::RmsnormBackward => &["rmsnorm_dx", "rmsnorm_dweight"],
+            Kernel::CrossEntropy => &["cross_entropy"],
+            Kernel::Optim => &["adamw", "sgd", "grad_sum_squares", "grad_sum", "grad_clip"],
+            Kernel::EmbeddingBackward => &["embedding_links", "embedding_zero", "embedding_dtable"],
+            Kernel::LmHeadBackward => &["lm_head_dx", "lm_head_dtable"],
+            Kernel::Relu2GateBackward => &["relu2_gate_backward"],
+            Kernel::RopeBackward => &["rope_backward"],
+            Kernel::AttentionBackward => &["attention_dq", "attention_dkv"],
         }
     }
 
@@ -144,7 +180,30 @@ impl Kernel {
                 include_str!("../../shaders/common/table.wgsl"),
                 include_str!("../../shaders/lm_head.wgsl")
             ),
-            Kernel::Nll => include_str!("../../shaders/nll.wgsl"),
+            Kernel::Nll => concat!(
+                include_str!("../../shaders/common/softmax.wgsl"),
+                include_str!("../../shaders/nll.wgsl")
+            ),
+            Kernel::TernaryMatmulBackward => {
+                include_str!("../../shaders/ternary_matmul_backward.wgsl")
+            }
+            Kernel::RmsnormBackward => concat!(
+                include_str!("../../shaders/common/rms.wgsl"),
+                include_str!("../../shaders/rmsnorm_backward.wgsl")
+            ),
+            Kernel::CrossEntropy => concat!(
+                include_str!("../../shaders/common/softmax.wgsl"),
+                include_str!("../../shaders/cross_entropy.wgsl")
+            ),
+            Kernel::Optim => include_str!("../../shaders/optim.wgsl"),
+            Kernel::EmbeddingBackward => include_str!("../../shaders/embedding_backward.wgsl"),
+            Kernel::LmHeadBackward => concat!(
+                include_str!("../../shaders/common/table.wgsl"),
+                include_str!("../../shaders/lm_head_backward.wgsl")
+            ),
+            Kernel::Relu2GateBackward => include_str!("../../shaders/relu2_gate_backward.wgsl"),
+            Kernel::RopeBackward => include_str!("../../shaders/rope_backward.wgsl"),
+            Kernel::AttentionBackward => include_str!("../../shaders/attention_backward.wgsl"),
         }
     }
 

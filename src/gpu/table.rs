@@ -197,3 +197,101 @@ pub(crate) fn row_words(cols: usize, storage: TableStorage) -> usize {
     };
     words.next_multiple_of(4)
 }
+
+/// A dense row-major `[rows, cols]` f32 matrix in row chunks that each fit one storage binding:
+/// the gradient of a [`GpuTable`] (embeddings, lm_head), written by the backward kernels.
+pub struct GpuGradTable {
+    rows: usize,
+    cols: usize,
+    chunks: Vec<TableChunk>,
+}
+
+impl GpuGradTable {
+    /// Room for `rows x cols` f32 in as few chunks as the adapter's binding limit allows
+    /// (contents undefined until a kernel writes them).
+    pub fn new(ctx: &GpuContext, rows: usize, cols: usize) -> Result<Self> {
+        let caps = ctx.capabilities();
+        let limit = caps.max_storage_binding.min(caps.max_buffer);
+        let chunk_rows = limit / (4 * cols as u64).max(1);
+        if chunk_rows == 0 {
+            return Err(Error::Limit {
+                what: format!("one gradient row of {cols} values"),
+                limit: "max_storage_buffer_binding_size",
+                needed: 4 * cols as u64,
+                available: limit,
+            });
+        }
+        Self::new_chunked(ctx, rows, cols, chunk_rows as usize)
+    }
+
+    /// [`GpuGradTable::new`] with at most `chunk_rows` rows per chunk, so that tests can exercise
+    /// chunking on small tables.
+    #[doc(hidden)]
+    pub fn new_chunked(
+        ctx: &GpuContext,
+        rows: usize,
+        cols: usize,
+        chunk_rows: usize,
+    ) -> Result<Self> {
+        if rows == 0 || cols == 0 {
+            return Err(Error::Empty("gradient table"));
+        }
+        if chunk_rows == 0 {
+            return Err(Error::invalid("table chunk rows", "must be positive"));
+        }
+        if rows
+            .checked_mul(cols)
+            .and_then(|n| u32::try_from(n).ok())
+            .is_none()
+        {
+            return Err(Error::invalid(
+                "gradient table",
+                format!("{rows} x {cols} is too large"),
+            ));
+        }
+        let mut chunks = Vec::with_capacity(rows.div_ceil(chunk_rows));
+        let mut first = 0;
+        while first < rows {
+            let n = chunk_rows.min(rows - first);
+            chunks.push(TableChunk {
+                first,
+                rows: n,
+                buffer: ctx.storage("gradient table chunk", (n * cols * 4) as u64)?,
+            });
+            first += n;
+        }
+        Ok(GpuGradTable { rows, cols, chunks })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// How many buffers the matrix is split into.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// The buffer of chunk `index`, with its first row and row count (e.g. for an optimizer
+    /// update chunk by chunk).
+    pub fn chunk(&self, index: usize) -> Option<(usize, usize, &wgpu::Buffer)> {
+        self.chunks.get(index).map(|c| (c.first, c.rows, &c.buffer))
+    }
+
+    pub(crate) fn chunks(&self) -> &[TableChunk] {
+        &self.chunks
+    }
+
+    /// Reads the whole matrix back, row-major.
+    pub async fn read(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for c in &self.chunks {
+            out.extend(ctx.read::<f32>(&c.buffer, c.rows * self.cols).await?);
+        }
+        Ok(out)
+    }
+}

@@ -1,6 +1,9 @@
-//! Host side of `shaders/ternary_matmul.wgsl`.
+//! Host side of `shaders/ternary_matmul.wgsl` and its straight-through backward,
+//! `shaders/ternary_matmul_backward.wgsl`.
 
-use crate::gpu::{GpuActivations, GpuContext, GpuTernary, Kernel, groups_for};
+use crate::gpu::{
+    GpuActivations, GpuContext, GpuTernary, Kernel, check_distinct, check_f32s, groups_for,
+};
 use crate::packing::gpu_words;
 use crate::{Error, Result};
 
@@ -136,6 +139,133 @@ pub fn record(
             w.scales.as_entire_binding(),
             bias.as_entire_binding(),
             y.as_entire_binding(),
+        ],
+        groups_for(groups, 1)?,
+    );
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct BackwardParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    k_words: u32,
+    per_channel: u32,
+    x_row_words: u32,
+    pad: [u32; 2],
+}
+
+/// Weight words (16 columns each) per `ternary_dx` workgroup, and its tokens.
+const DX_WORDS: usize = 64;
+const DX_TOKENS: usize = 4;
+/// Output rows and columns of one `ternary_dw` workgroup.
+const DW_TILE: usize = 32;
+
+fn backward_params(
+    ctx: &GpuContext,
+    m: usize,
+    w: &GpuTernary,
+    dy: &wgpu::Buffer,
+) -> Result<wgpu::Buffer> {
+    check_f32s("ternary_matmul_backward dy", dy, m.checked_mul(w.rows))?;
+    if w.cols == 0 {
+        return Err(Error::Empty("ternary matmul inner dimension"));
+    }
+    Ok(ctx.uniform(
+        "matmul backward params",
+        &BackwardParams {
+            m: m as u32,
+            n: w.rows as u32,
+            k: w.cols as u32,
+            k_words: gpu_words::words_per_row(w.cols) as u32,
+            per_channel: w.per_channel as u32,
+            x_row_words: GpuActivations::row_words(w.cols) as u32,
+            pad: [0; 2],
+        },
+    ))
+}
+
+/// Records the straight-through input gradient of [`record`] (`cpu::ternary_matmul_backward`'s
+/// `dx`): `dx = dy · Ŵ` with `Ŵ = codes / sw` read from the packed words, adds and subtracts only.
+/// `dy` holds `[rows, w.rows]` f32 and `dx` receives `[rows, w.cols]` (row-major).
+pub fn record_dx(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    rows: usize,
+    w: &GpuTernary,
+    dy: &wgpu::Buffer,
+    dx: &wgpu::Buffer,
+) -> Result<()> {
+    let params = backward_params(ctx, rows, w, dy)?;
+    check_f32s("ternary_matmul_backward dx", dx, rows.checked_mul(w.cols))?;
+    check_distinct("ternary_matmul_backward", dy, dx)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let words = gpu_words::words_per_row(w.cols);
+    let groups = rows.div_ceil(DX_TOKENS) * words.div_ceil(DX_WORDS);
+    let pipeline = ctx.pipeline(Kernel::TernaryMatmulBackward, "ternary_dx", &[])?;
+    ctx.dispatch(
+        pass,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            dy.as_entire_binding(),
+            w.words.as_entire_binding(),
+            w.scales.as_entire_binding(),
+            dx.as_entire_binding(),
+        ],
+        groups_for(groups, 1)?,
+    );
+    Ok(())
+}
+
+/// Records the straight-through weight gradient of [`record`] (`cpu::ternary_matmul_backward`'s
+/// `dw`): `dw = dyᵀ · x̂` in f32 over the `x.rows` tokens, `x̂ = codes / sx` the dequantized
+/// activations the forward multiplied. `dy` holds `[x.rows, n]` f32 and `dw` receives `[n, x.cols]`,
+/// the latent weights' shape. A token whose scale is NaN (non-finite input) gives NaN gradients.
+pub fn record_dw(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    x: &GpuActivations,
+    n: usize,
+    dy: &wgpu::Buffer,
+    dw: &wgpu::Buffer,
+) -> Result<()> {
+    if x.cols == 0 {
+        return Err(Error::Empty("ternary matmul inner dimension"));
+    }
+    check_f32s("ternary_matmul_backward dy", dy, x.rows.checked_mul(n))?;
+    check_f32s("ternary_matmul_backward dw", dw, n.checked_mul(x.cols))?;
+    check_distinct("ternary_matmul_backward", dy, dw)?;
+    let params = ctx.uniform(
+        "matmul backward params",
+        &BackwardParams {
+            m: x.rows as u32,
+            n: n as u32,
+            k: x.cols as u32,
+            k_words: gpu_words::words_per_row(x.cols) as u32,
+            per_channel: 0,
+            x_row_words: GpuActivations::row_words(x.cols) as u32,
+            pad: [0; 2],
+        },
+    );
+    if n == 0 {
+        return Ok(());
+    }
+    let groups = n.div_ceil(DW_TILE) * x.cols.div_ceil(DW_TILE);
+    let pipeline = ctx.pipeline(Kernel::TernaryMatmulBackward, "ternary_dw", &[])?;
+    ctx.dispatch(
+        pass,
+        &pipeline,
+        &[
+            params.as_entire_binding(),
+            dy.as_entire_binding(),
+            x.codes.as_entire_binding(),
+            x.scales.as_entire_binding(),
+            dw.as_entire_binding(),
         ],
         groups_for(groups, 1)?,
     );

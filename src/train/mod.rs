@@ -54,7 +54,7 @@ mod trainer;
 
 pub use linear::Quant;
 pub use model::TrainModel;
-pub use optim::{AdamW, Optimizer, Sgd, clip_grad_norm};
+pub use optim::{AdamW, AdamWStep, Optimizer, Sgd, adamw_tensor, clip_grad_norm, sgd_tensor};
 pub use params::{LayerParameters, Parameters};
 pub use schedule::Schedule;
 pub use trainer::{StepReport, Trainer};

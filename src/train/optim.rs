@@ -195,6 +195,85 @@ pub fn clip_grad_norm(grads: &mut Parameters, max_norm: f32) -> Result<f32> {
     Ok(norm)
 }
 
+/// The f32 factors of one AdamW step, formed as [`AdamW::update`] forms them (in f64, rounded to
+/// f32), for updating one tensor at a time ([`adamw_tensor`], and the GPU's optimizer shader).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub beta2: f32,
+    pub eps: f32,
+    /// `1 - lr * weight_decay`.
+    pub decay: f32,
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub bias2_sqrt: f32,
+}
+
+impl AdamWStep {
+    /// The factors of step `t` (counted from 1) of `opt`'s hyper-parameters at learning rate `lr`.
+    pub fn new(opt: &AdamW, lr: f32, t: u32) -> Self {
+        let t = f64::from(t);
+        let (lr64, beta1, beta2) = (f64::from(lr), f64::from(opt.beta1), f64::from(opt.beta2));
+        AdamWStep {
+            beta2: opt.beta2,
+            eps: opt.eps,
+            decay: (1.0 - lr64 * f64::from(opt.weight_decay)) as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            step_size: (lr64 / (1.0 - beta1.powf(t))) as f32,
+            bias2_sqrt: (1.0 - beta2.powf(t)).sqrt() as f32,
+        }
+    }
+}
+
+/// One AdamW update of one tensor `w` from its gradient `g` times `grad_scale` (a clipping
+/// coefficient, 1 for none), with its moments `m` and `v`: per scalar exactly the arithmetic of
+/// [`AdamW::update`], so that an optimizer state kept per tensor (on the GPU) has a CPU twin.
+/// Panics when the slices differ in length.
+pub fn adamw_tensor(
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    grad_scale: f32,
+    step: &AdamWStep,
+) {
+    assert!(g.len() == w.len() && m.len() == w.len() && v.len() == w.len());
+    for i in 0..w.len() {
+        let g = g[i] * grad_scale;
+        w[i] *= step.decay;
+        m[i] += step.one_minus_beta1 * (g - m[i]);
+        v[i] = v[i] * step.beta2 + step.one_minus_beta2 * g * g;
+        let denom = v[i].sqrt() / step.bias2_sqrt + step.eps;
+        w[i] -= step.step_size * (m[i] / denom);
+    }
+}
+
+/// One SGD update of one tensor `w` from its gradient `g` times `grad_scale`, with its momentum
+/// buffer `b` (untouched when `opt.momentum` is 0; `first` for the optimizer's first step): per
+/// scalar exactly the arithmetic of [`Sgd::update`]. Panics when the slices differ in length.
+pub fn sgd_tensor(
+    w: &mut [f32],
+    g: &[f32],
+    b: &mut [f32],
+    grad_scale: f32,
+    opt: &Sgd,
+    lr: f32,
+    first: bool,
+) {
+    assert!(g.len() == w.len() && b.len() == w.len());
+    for i in 0..w.len() {
+        let mut d = g[i] * grad_scale + opt.weight_decay * w[i];
+        if opt.momentum != 0.0 {
+            b[i] = if first { d } else { opt.momentum * b[i] + d };
+            d = b[i];
+        }
+        w[i] -= lr * d;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,5 +344,47 @@ mod tests {
         assert_eq!(g.embed_tokens, [3.0 * coef, 4.0 * coef]);
         assert!((g.global_norm() - 1.3).abs() < 1e-6);
         assert!(clip_grad_norm(&mut g, -1.0).is_err());
+    }
+
+    #[test]
+    fn per_tensor_updates_are_the_optimizers_own() {
+        // Three steps of both optimizers on two tensors, by Parameters and by tensor, bit for bit.
+        let mut rng = crate::rng::SplitMix64(7);
+        let mut values = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+                .collect()
+        };
+        let shaped = |a: &[f32], b: &[f32]| Parameters {
+            embed_tokens: a.to_vec(),
+            layers: vec![],
+            norm: b.to_vec(),
+            lm_head: None,
+        };
+        let (w0, w1) = (values(7), values(3));
+        let mut adam = AdamW::new(0.9, 0.95, 1e-8, 0.1);
+        let mut sgd = Sgd::new(0.9, 0.01);
+        let (mut by_params, mut sgd_params) = (shaped(&w0, &w1), shaped(&w0, &w1));
+        let (mut tw, mut sw) = ([w0.clone(), w1.clone()], [w0, w1]);
+        let mut m = [vec![0.0; 7], vec![0.0; 3]];
+        let mut v = m.clone();
+        let mut b = m.clone();
+        for t in 1..=3 {
+            let (g0, g1) = (values(7), values(3));
+            adam.update(&mut by_params, &shaped(&g0, &g1), 0.01)
+                .unwrap();
+            sgd.update(&mut sgd_params, &shaped(&g0, &g1), 0.01)
+                .unwrap();
+            let step = AdamWStep::new(&adam, 0.01, t);
+            for (i, g) in [g0, g1].iter().enumerate() {
+                adamw_tensor(&mut tw[i], g, &mut m[i], &mut v[i], 1.0, &step);
+                sgd_tensor(&mut sw[i], g, &mut b[i], 1.0, &sgd, 0.01, t == 1);
+            }
+            assert_eq!((&by_params.embed_tokens, &by_params.norm), (&tw[0], &tw[1]));
+            assert_eq!(
+                (&sgd_params.embed_tokens, &sgd_params.norm),
+                (&sw[0], &sw[1])
+            );
+        }
     }
 }

@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 
 pub mod argmax;
 pub mod attention_head;
+pub mod backward;
 pub mod fused_ops;
 pub mod model;
 pub mod model_ops;
