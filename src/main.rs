@@ -14,7 +14,8 @@ use bitnet_wgpu::gpu::table::TableStorage;
 use bitnet_wgpu::gpu::{AdapterSummary, GpuContext};
 use bitnet_wgpu::model::{
     DecodePath, Device as EngineDevice, Engine, GenerationParams, Generator, GpuModel, Logits,
-    ModelConfig, Sampler, SamplingParams, Stop, load_model, perplexity_windows, synthetic,
+    ModelConfig, Sampler, SamplingParams, Stop, load_model, load_model_from_bytes,
+    perplexity_windows, synthetic,
 };
 use bitnet_wgpu::rng::SplitMix64;
 use bitnet_wgpu::tokenizer::Tokenizer;
@@ -160,9 +161,10 @@ enum Device {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// A Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json) or a .gguf file.
+    /// A Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json) or a .gguf file
+    /// [default: the demo model built into this program, models/demo].
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
     /// Print one JSON object on stdout instead of text.
@@ -687,10 +689,27 @@ fn fail(e: &dyn std::error::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// The project's demo model (models/demo: a small BitNet b1.58 model trained on public-domain
+/// books), so that `generate` writes English with no download.
+const DEMO_MODEL: [(&str, &[u8]); 3] = [
+    ("config.json", include_bytes!("../models/demo/config.json")),
+    (
+        "model.safetensors",
+        include_bytes!("../models/demo/model.safetensors"),
+    ),
+    (
+        "tokenizer.json",
+        include_bytes!("../models/demo/tokenizer.json"),
+    ),
+];
+
 /// Loads the model behind `args` and starts its engine, saying on stderr why `auto` fell back
 /// to the CPU.
 async fn open(args: &ModelArgs) -> CliResult<(Engine, Tokenizer)> {
-    let (weights, tokenizer) = load_model(&args.model)?;
+    let (weights, tokenizer) = match &args.model {
+        Some(path) => load_model(path)?,
+        None => load_model_from_bytes(&DEMO_MODEL)?,
+    };
     let device = match args.device {
         Device::Auto => EngineDevice::Auto,
         Device::Gpu => EngineDevice::Gpu,

@@ -457,7 +457,7 @@ fn errors_name_the_problem() {
         path_str(&dir.0.join("no-such.txt")),
     ]);
     assert!(stderr.contains("no-such.txt"), "{stderr}");
-    let stderr = failure(&["generate", "--prompt", "x"]);
+    let stderr = failure(&["generate", "--prompt", "x", "--model"]);
     assert!(stderr.contains("--model"), "{stderr}");
     let stderr = failure(&[
         "generate",
@@ -1016,4 +1016,27 @@ fn convert_writes_gguf_that_generates_alike() {
     ]);
     assert!(stderr.contains("inside the input"), "{stderr}");
     assert!(!inside.exists());
+}
+
+/// Without --model, the demo model built into the program runs: a prompt in English gets
+/// its bos from the demo's tokenizer and a continuation, the same on both engines.
+#[test]
+fn the_built_in_demo_model_generates() {
+    let args = [
+        "generate",
+        "--prompt",
+        "It was a dark and stormy night",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--json",
+    ];
+    let cpu = bitnet_json(&[&args[..], &["--device", "cpu"]].concat());
+    let prompt = ids(&cpu["prompt_ids"]);
+    assert_eq!(prompt[0], 0, "the demo tokenizer's template adds <|begin_of_text|>");
+    assert_eq!(ids(&cpu["generated_ids"]).len(), 12, "{cpu}");
+    assert!(!cpu["text"].as_str().unwrap().is_empty(), "{cpu}");
+    let gpu = bitnet_json(&[&args[..], &["--device", "gpu"]].concat());
+    assert_eq!(gpu["generated_ids"], cpu["generated_ids"]);
 }

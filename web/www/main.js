@@ -46,7 +46,7 @@ function showModel(name, info) {
   label.dataset.state = "ready";
   $("engine").textContent = info.gpu_bytes > 0 ? "on WebGPU" : "on the CPU (WebAssembly, slower)";
   const facts = {
-    adapter: info.adapter,
+    adapter: info.adapter || "unnamed (the browser does not say)",
     backend: info.backend,
     features: info.features.join(", ") || "none",
     "GPU memory (weights + KV cache)": info.gpu_bytes > 0 ? megabytes(info.gpu_bytes) : "none",
