@@ -1034,7 +1034,10 @@ fn the_built_in_demo_model_generates() {
     ];
     let cpu = bitnet_json(&[&args[..], &["--device", "cpu"]].concat());
     let prompt = ids(&cpu["prompt_ids"]);
-    assert_eq!(prompt[0], 0, "the demo tokenizer's template adds <|begin_of_text|>");
+    assert_eq!(
+        prompt[0], 0,
+        "the demo tokenizer's template adds <|begin_of_text|>"
+    );
     assert_eq!(ids(&cpu["generated_ids"]).len(), 12, "{cpu}");
     assert!(!cpu["text"].as_str().unwrap().is_empty(), "{cpu}");
     let gpu = bitnet_json(&[&args[..], &["--device", "gpu"]].concat());

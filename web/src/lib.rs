@@ -16,7 +16,9 @@ use wasm_bindgen_futures::future_to_promise;
 /// One model in the browser: load it from file bytes, then generate, stop, or ask what runs it.
 #[wasm_bindgen]
 pub struct Demo {
+    /// The loaded model; taken out while a generation runs.
     generator: Rc<RefCell<Option<Generator>>>,
+    busy: Rc<Cell<bool>>,
     cancel: Rc<Cell<bool>>,
 }
 
@@ -32,6 +34,7 @@ impl Demo {
     pub fn new() -> Demo {
         Demo {
             generator: Rc::new(RefCell::new(None)),
+            busy: Rc::new(Cell::new(false)),
             cancel: Rc::new(Cell::new(false)),
         }
     }
@@ -42,7 +45,11 @@ impl Demo {
     /// model loaded before stays in use when this fails.
     pub fn load(&self, files: Array, device: String) -> Promise {
         let slot = self.generator.clone();
+        let busy = self.busy.clone();
         future_to_promise(async move {
+            if busy.get() {
+                return Err(message("a generation is running; stop it first".into()));
+            }
             let device = match device.as_str() {
                 "auto" => Device::Auto,
                 "gpu" => Device::Gpu,
@@ -67,10 +74,7 @@ impl Demo {
             let (engine, fallback) = Engine::new(device, weights).await.map_err(error)?;
             let generator = Generator::new(engine, tokenizer);
             let description = describe(&generator, fallback.map(|e| e.to_string()));
-            *slot
-                .try_borrow_mut()
-                .map_err(|_| message("a generation is running; stop it first".into()))? =
-                Some(generator);
+            *slot.borrow_mut() = Some(generator);
             Ok(JsValue::from_str(&description))
         })
     }
@@ -90,15 +94,18 @@ impl Demo {
         on_text: Function,
     ) -> Promise {
         let slot = self.generator.clone();
+        let busy = self.busy.clone();
         let cancel = self.cancel.clone();
-        cancel.set(false);
         future_to_promise(async move {
-            let mut guard = slot
-                .try_borrow_mut()
-                .map_err(|_| message("a generation is already running".into()))?;
-            let generator = guard
-                .as_mut()
+            if busy.get() {
+                return Err(message("a generation is already running".into()));
+            }
+            let mut generator = slot
+                .borrow_mut()
+                .take()
                 .ok_or_else(|| message("no model is loaded".into()))?;
+            busy.set(true);
+            cancel.set(false);
             let params = GenerationParams {
                 max_new_tokens,
                 sampling: SamplingParams {
@@ -113,8 +120,10 @@ impl Demo {
                     let _ = on_text.call1(&JsValue::NULL, &JsValue::from_str(piece));
                     !cancel.get()
                 })
-                .await
-                .map_err(error)?;
+                .await;
+            *slot.borrow_mut() = Some(generator);
+            busy.set(false);
+            let generation = generation.map_err(error)?;
             let json = serde_json::json!({
                 "prompt_ids": generation.prompt_ids,
                 "generated_ids": generation.generated_ids,
