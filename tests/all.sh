@@ -29,6 +29,6 @@ CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
 echo "== the demo page in headless Chromium (Playwright), against the native program"
 web/build.sh --dev
 cargo build --bin bitnet
-BITNET_BIN=target/debug/bitnet node web/tests/page.test.mjs
+BITNET_BIN="${CARGO_TARGET_DIR:-target}/debug/bitnet" node web/tests/page.test.mjs
 
 echo "== all tests passed"

@@ -9,11 +9,12 @@ profile=release
 if [ "${1:-}" = "--dev" ]; then profile=dev; fi
 cargo build --profile "$profile" --target wasm32-unknown-unknown -p bitnet-web
 out_dir=$([ "$profile" = dev ] && echo debug || echo release)
+target_dir=${CARGO_TARGET_DIR:-$PWD/../target}
 
 rm -rf dist
 mkdir -p dist/pkg dist/models/demo
 wasm-bindgen --target web --no-typescript --out-dir dist/pkg \
-  "../target/wasm32-unknown-unknown/$out_dir/bitnet_web.wasm"
+  "$target_dir/wasm32-unknown-unknown/$out_dir/bitnet_web.wasm"
 cp www/index.html www/main.js www/worker.js www/style.css dist/
 cp ../models/demo/config.json ../models/demo/model.safetensors ../models/demo/tokenizer.json \
   dist/models/demo/

@@ -147,21 +147,9 @@ const LLAMA3_PRE_TOKENIZERS: [&str; 9] = [
     "jina-v5-nano",
 ];
 
-/// Pre-tokenizers for which llama.cpp adds a bos when `tokenizer.ggml.add_bos_token` is absent
-/// (its Llama-3 family, and two others that set the same flag).
-const PRE_TOKENIZERS_ADDING_BOS: [&str; 11] = [
-    "llama3",
-    "llama-v3",
-    "llama-bpe",
-    "falcon3",
-    "falcon-h1",
-    "pixtral",
-    "midm-2.0",
-    "lfm2",
-    "jina-v5-nano",
-    "tekken",
-    "chameleon",
-];
+/// Pre-tokenizers outside the Llama-3 family for which llama.cpp also adds a bos when
+/// `tokenizer.ggml.add_bos_token` is absent.
+const OTHER_PRE_TOKENIZERS_ADDING_BOS: [&str; 2] = ["tekken", "chameleon"];
 
 impl GgufTokenizer {
     /// Whether llama.cpp puts the bos before a text: `tokenizer.ggml.add_bos_token` when the
@@ -190,10 +178,13 @@ impl GgufTokenizer {
     pub fn adds_bos(&self) -> bool {
         self.add_bos.unwrap_or_else(|| match self.model.as_str() {
             "llama" => true,
-            "gpt2" => self
-                .pre
-                .as_deref()
-                .is_some_and(|pre| PRE_TOKENIZERS_ADDING_BOS.contains(&pre)),
+            "gpt2" => {
+                self.splits_like_llama3()
+                    || self
+                        .pre
+                        .as_deref()
+                        .is_some_and(|pre| OTHER_PRE_TOKENIZERS_ADDING_BOS.contains(&pre))
+            }
             _ => false,
         })
     }

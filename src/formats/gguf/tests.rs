@@ -98,6 +98,7 @@ fn bos_keys_round_trip_and_default_by_pre_tokenizer() {
     let model = tiny(3, true);
     for (pre, add_bos, adds) in [
         (Some("llama-bpe"), None, true),
+        (Some("tekken"), None, true),
         (Some("gpt-2"), None, false),
         (None, None, false),
         (Some("gpt-2"), Some(true), true),
