@@ -484,43 +484,4 @@ mod tests {
             [9.0, 4.0, 1.0, 12.0, 5.0, 0.5, 15.0, 6.0, 0.0]
         );
     }
-
-    /// Times the reference against the fast path at a small but non-toy shape (run with
-    /// `cargo test --release --lib train::fast -- --ignored --nocapture`).
-    #[test]
-    #[ignore]
-    fn fast_path_speed() {
-        let mut config = tiny_config(true);
-        (
-            config.vocab_size,
-            config.hidden_size,
-            config.intermediate_size,
-        ) = (512, 256, 688);
-        (
-            config.num_hidden_layers,
-            config.num_attention_heads,
-            config.num_key_value_heads,
-        ) = (4, 8, 4);
-        (config.head_dim, config.max_position_embeddings) = (32, 128);
-        let model = TrainModel::new(config, Quant::BitNet, 1).unwrap();
-        let text: Vec<u32> = (0..8 * 128).map(|i| (i * 7 % 512) as u32).collect();
-        let windows: Vec<&[u32]> = text.chunks(128).collect();
-        let time = |f: &dyn Fn() -> f64| {
-            let start = std::time::Instant::now();
-            let loss = f();
-            (start.elapsed().as_secs_f64(), loss)
-        };
-        let (slow, a) = time(&|| model.loss_and_gradients(&windows).unwrap().0);
-        let (fast, b) = time(&|| model.loss_and_gradients_fast(&windows).unwrap().0);
-        let tokens = text.len() as f64;
-        eprintln!(
-            "{} threads; reference {slow:.3} s ({:.0} tokens/s), fast {fast:.3} s ({:.0} tokens/s), \
-             {:.1}x; losses {a} {b}",
-            rayon::current_num_threads(),
-            tokens / slow,
-            tokens / fast,
-            slow / fast
-        );
-        assert!((a - b).abs() < 1e-5 * a);
-    }
 }
