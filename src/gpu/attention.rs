@@ -75,6 +75,38 @@ fn plan(new_rows: usize, total_rows: usize, heads: usize, head_dim: usize) -> Pl
     }
 }
 
+/// The checks attention and its backward share: a usable shape and no more query rows than
+/// cached rows.
+fn check_shape(shape: AttentionShape, query_rows: usize, cache_rows: usize) -> Result<()> {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    if heads == 0
+        || kv_heads == 0
+        || head_dim == 0
+        || !heads.is_multiple_of(kv_heads)
+        || head_dim > MAX_HEAD_DIM
+    {
+        return Err(Error::invalid(
+            "attention shape",
+            format!(
+                "{heads} heads, {kv_heads} kv heads, head_dim {head_dim}: all must be positive, \
+                 heads a multiple of kv heads and head_dim at most {MAX_HEAD_DIM}"
+            ),
+        ));
+    }
+    if query_rows > cache_rows {
+        return Err(Error::shape(
+            "attention cache rows",
+            format!("at least the {query_rows} query rows"),
+            cache_rows,
+        ));
+    }
+    Ok(())
+}
+
 /// Records causal grouped-query attention (`cpu::attention`) of the `new_rows` query rows `q`
 /// (`[new_rows, heads * head_dim]` f32, already rotated) over the first `total_rows` rows of the
 /// caches (`[capacity, kv_heads * head_dim]` f32, keys already rotated) into `out`
@@ -95,32 +127,12 @@ pub fn record(
     total_rows: usize,
     shape: AttentionShape,
 ) -> Result<()> {
+    check_shape(shape, new_rows, total_rows)?;
     let AttentionShape {
         heads,
         kv_heads,
         head_dim,
     } = shape;
-    if heads == 0
-        || kv_heads == 0
-        || head_dim == 0
-        || !heads.is_multiple_of(kv_heads)
-        || head_dim > MAX_HEAD_DIM
-    {
-        return Err(Error::invalid(
-            "attention shape",
-            format!(
-                "{heads} heads, {kv_heads} kv heads, head_dim {head_dim}: all must be positive, \
-                 heads a multiple of kv heads and head_dim at most {MAX_HEAD_DIM}"
-            ),
-        ));
-    }
-    if new_rows > total_rows {
-        return Err(Error::shape(
-            "attention cache rows",
-            format!("at least the {new_rows} query rows"),
-            total_rows,
-        ));
-    }
     let q_bytes = (new_rows * heads * head_dim * 4) as u64;
     let kv_bytes = (total_rows * kv_heads * head_dim * 4) as u64;
     for (what, buffer, needed) in [
@@ -235,30 +247,12 @@ pub fn record_backward(
     t: usize,
     shape: AttentionShape,
 ) -> Result<()> {
+    check_shape(shape, n, t)?;
     let AttentionShape {
         heads,
         kv_heads,
         head_dim,
     } = shape;
-    if heads == 0 || kv_heads == 0 || head_dim == 0 || !heads.is_multiple_of(kv_heads) {
-        return Err(Error::invalid(
-            "attention shape",
-            format!("{heads} heads, {kv_heads} kv heads, head_dim {head_dim}"),
-        ));
-    }
-    if head_dim > MAX_HEAD_DIM {
-        return Err(Error::invalid(
-            "attention head_dim",
-            format!("{head_dim} exceeds {MAX_HEAD_DIM}"),
-        ));
-    }
-    if n > t {
-        return Err(Error::shape(
-            "attention cache rows",
-            format!("at least the {n} query rows"),
-            t,
-        ));
-    }
     let q_len = n.checked_mul(heads * head_dim);
     let kv_len = t.checked_mul(kv_heads * head_dim);
     for (what, buffer, len) in [
