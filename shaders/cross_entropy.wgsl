@@ -39,19 +39,9 @@ fn cross_entropy(
     let target_index = targets[params.target_offset + row];
     // Read before the barriers below, and so before any invocation overwrites the row.
     let target_logit = logits[base + target_index];
-    // Start from an element of the row (WGSL has no -inf constant).
-    var top = logits[base + min(lid, params.vocab - 1u)];
-    for (var k = lid; k < params.vocab; k += WG) {
-        top = max_or_nan(top, logits[base + k]);
-    }
-    top = fold_max(top, lid);
-    // exp(-inf - -inf) would be NaN: a row of -inf only has no finite max to subtract.
-    let shift = select(top, 0.0, bitcast<u32>(top) == 0xff800000u);
-    var sum = 0.0;
-    for (var k = lid; k < params.vocab; k += WG) {
-        sum += exp(logits[base + k] - shift);
-    }
-    sum = fold_sum(sum, lid);
+    let shift_sum = softmax_shift_and_sum(base, lid);
+    let shift = shift_sum.x;
+    let sum = shift_sum.y;
     if lid == 0u {
         // Only a row of -inf sums to 0: log(1) = 0 leaves +inf, where WGSL's log(0) is not defined.
         losses[params.loss_offset + row] = (shift + log(select(sum, 1.0, sum == 0.0))) - target_logit;

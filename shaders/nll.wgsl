@@ -29,22 +29,11 @@ fn nll(
         return;
     }
     let base = row * params.vocab;
-    // Start from an element of the row (WGSL has no -inf constant).
-    var top = logits[base + min(lid, params.vocab - 1u)];
-    for (var k = lid; k < params.vocab; k += WG) {
-        top = max_or_nan(top, logits[base + k]);
-    }
-    top = fold_max(top, lid);
-    // exp(-inf - -inf) would be NaN: a row of -inf only has no finite max to subtract.
-    let shift = select(top, 0.0, bitcast<u32>(top) == 0xff800000u);
-    var sum = 0.0;
-    for (var k = lid; k < params.vocab; k += WG) {
-        sum += exp(logits[base + k] - shift);
-    }
-    sum = fold_sum(sum, lid);
+    let shift_sum = softmax_shift_and_sum(base, lid);
+    let shift = shift_sum.x;
     // Only a row of -inf sums to 0 (else the max adds exp(0) = 1): its target is -inf too, and
     // log(1) = 0 leaves +inf, where WGSL's log(0) is not defined.
-    sum = select(sum, 1.0, sum == 0.0);
+    let sum = select(shift_sum.y, 1.0, shift_sum.y == 0.0);
     if lid == 0u {
         let next = targets[params.target_offset + row];
         out[params.out_offset + row] = (shift + log(sum)) - logits[base + next];
