@@ -3,6 +3,8 @@
 #![cfg(target_arch = "wasm32")]
 
 mod common;
+#[path = "common/train_step.rs"]
+mod train_step;
 
 use bitnet_wgpu::gpu::GpuContext;
 use wasm_bindgen_test::{wasm_bindgen_test, wasm_bindgen_test_configure};
@@ -190,4 +192,19 @@ async fn attention_backward_matches_cpu() {
 #[wasm_bindgen_test]
 async fn backward_bad_shapes_are_errors() {
     common::backward::backward_bad_shapes_are_errors(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn train_step_gradients_match_cpu() {
+    train_step::train_step_gradients_match_cpu(&context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn train_steps_match_cpu() {
+    train_step::train_steps_match_cpu(&context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn train_step_errors_keep_the_state() {
+    train_step::train_step_errors_keep_the_state(&context().await).await;
 }

@@ -129,7 +129,7 @@ impl Kernel {
             Kernel::Rmsnorm => &["rmsnorm", "rmsnorm_quant"],
             Kernel::NormMatmul => &["norm_gemv", "norm_gemv_rope"],
             Kernel::Rope => &["rope", "rope_qkv"],
-            Kernel::Elementwise => &["copy_rows"],
+            Kernel::Elementwise => &["copy_rows", "add_rows", "copy_block"],
             Kernel::Relu2Gate => &["relu2_gate", "relu2_gate_quant"],
             Kernel::Attention => &["attention_split", "attention_tiles", "attention_merge"],
             Kernel::Embedding => &["embedding"],

@@ -4,7 +4,7 @@
 use half::f16;
 
 use crate::cpu::{PackedTernary, ScaleGranularity, WeightQuantOptions};
-use crate::gpu::{GpuContext, Kernel, groups_for};
+use crate::gpu::{GpuContext, Kernel, check_f32s, groups_for};
 use crate::packing::gpu_words;
 use crate::{Error, Result};
 
@@ -194,6 +194,33 @@ pub fn record_from_buffer(
     opts: WeightQuantOptions,
 ) -> Result<GpuTernary> {
     check_input(rows, cols, rows * cols, &opts)?;
+    let per_channel = opts.granularity == ScaleGranularity::PerChannel;
+    let segments = if per_channel { rows } else { 1 };
+    let k_words = gpu_words::words_per_row(cols);
+    let out = GpuTernary {
+        rows,
+        cols,
+        per_channel,
+        words: ctx.storage("ternary words", (rows * k_words) as u64 * 4)?,
+        scales: ctx.storage("ternary scales", segments as u64 * 4)?,
+    };
+    record_into(ctx, pass, weights, &out, opts)?;
+    Ok(out)
+}
+
+/// Records quantization and packing of finite f32 weights already on the GPU (`[out.rows,
+/// out.cols]`) into the buffers of `out`, whose granularity must be `opts`': re-deriving the
+/// ternary codes of weights that an optimizer changed, with no allocation but the reduction's
+/// reused scratch.
+pub fn record_into(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    weights: &wgpu::Buffer,
+    out: &GpuTernary,
+    opts: WeightQuantOptions,
+) -> Result<()> {
+    let (rows, cols) = (out.rows, out.cols);
+    check_input(rows, cols, rows * cols, &opts)?;
     if weights.size() < (rows * cols * 4) as u64 {
         return Err(Error::shape(
             "weight buffer bytes",
@@ -202,20 +229,30 @@ pub fn record_from_buffer(
         ));
     }
     let per_channel = opts.granularity == ScaleGranularity::PerChannel;
+    if per_channel != out.per_channel {
+        return Err(Error::invalid(
+            "ternary_pack",
+            "the scale granularity differs from the target's",
+        ));
+    }
     let (segments, seg_len) = if per_channel {
         (rows, cols)
     } else {
         (1, rows * cols)
     };
+    let k_words = gpu_words::words_per_row(cols);
+    check_f32s("ternary scales", &out.scales, Some(segments))?;
+    check_f32s("ternary words", &out.words, rows.checked_mul(k_words))?;
 
-    // Sum |w| per segment, level by level, exactly as cpu::tree_sum orders it.
+    // Sum |w| per segment, level by level, exactly as cpu::tree_sum orders it. Each level's
+    // sums are smaller than the last's, so the scratch buffers of one reduction never coincide.
     let reduce = ctx.pipeline(Kernel::TernaryPack, "reduce_sum", &[])?;
     let mut src: Option<wgpu::Buffer> = None;
     let mut len = seg_len;
     let mut take_abs = 1;
     loop {
         let blocks = len.div_ceil(BLOCK);
-        let dst = ctx.storage("weight sums", (segments * blocks) as u64 * 4)?;
+        let dst = ctx.scratch("weight sums", (segments * blocks) as u64 * 4)?;
         let params = ctx.uniform(
             "reduce params",
             &ReduceParams {
@@ -245,7 +282,6 @@ pub fn record_from_buffer(
     }
     let sums = src.expect("the loop runs at least once");
 
-    let scales = ctx.storage("ternary scales", segments as u64 * 4)?;
     let params = ctx.uniform(
         "scale params",
         &ScaleParams {
@@ -261,13 +297,11 @@ pub fn record_from_buffer(
         &[
             params.as_entire_binding(),
             sums.as_entire_binding(),
-            scales.as_entire_binding(),
+            out.scales.as_entire_binding(),
         ],
         groups_for(segments, WG)?,
     );
 
-    let k_words = gpu_words::words_per_row(cols);
-    let words = ctx.storage("ternary words", (rows * k_words) as u64 * 4)?;
     let params = ctx.uniform(
         "pack params",
         &PackParams {
@@ -286,16 +320,10 @@ pub fn record_from_buffer(
         &[
             params.as_entire_binding(),
             weights.as_entire_binding(),
-            scales.as_entire_binding(),
-            words.as_entire_binding(),
+            out.scales.as_entire_binding(),
+            out.words.as_entire_binding(),
         ],
         groups_for(rows * k_words, WG)?,
     );
-    Ok(GpuTernary {
-        rows,
-        cols,
-        per_channel,
-        words,
-        scales,
-    })
+    Ok(())
 }

@@ -39,6 +39,7 @@ pub mod data;
 #[cfg(not(target_arch = "wasm32"))]
 mod fast;
 mod forward;
+mod gpu;
 mod linear;
 mod model;
 mod optim;
@@ -52,6 +53,7 @@ mod schedule;
 mod testing;
 mod trainer;
 
+pub use gpu::GpuTrainer;
 pub use linear::Quant;
 pub use model::TrainModel;
 pub use optim::{AdamW, AdamWStep, Optimizer, Sgd, adamw_tensor, clip_grad_norm, sgd_tensor};
