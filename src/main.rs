@@ -276,6 +276,8 @@ struct TrainArgs {
     /// byte-level fallback, 258 tokens].
     #[arg(long)]
     vocab_size: Option<usize>,
+    /// `auto`: a hardware GPU that can train the model, else the CPU (a software adapter such
+    /// as lavapipe trains slower than the CPU); `gpu`: the adapter that opens, or an error.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
     /// Continue the run in --out from its checkpoint (the same options give the same result as

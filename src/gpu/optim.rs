@@ -31,6 +31,34 @@ fn no_clip(ctx: &GpuContext) -> Result<wgpu::Buffer> {
     ctx.upload_shared("no clipping", &[0.0f32, 1.0])
 }
 
+/// A uniform buffer for one optimizer update that its owner rewrites every step. Uniforms
+/// cached by content ([`record_adamw`]) suit a few distinct updates; a run's rate and bias
+/// corrections change every step, so each step would add one. Each dispatch of a submission
+/// needs its own.
+pub struct UpdateUniform(wgpu::Buffer);
+
+impl UpdateUniform {
+    pub fn new(ctx: &GpuContext) -> Self {
+        UpdateUniform(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("optimizer update"),
+            size: size_of::<Params>() as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }))
+    }
+
+    /// `params` in `uniform` (written before the next submission), or in a cached uniform.
+    fn holding(ctx: &GpuContext, uniform: Option<&UpdateUniform>, params: &Params) -> wgpu::Buffer {
+        match uniform {
+            Some(u) => {
+                ctx.queue.write_buffer(&u.0, 0, bytemuck::bytes_of(params));
+                u.0.clone()
+            }
+            None => ctx.uniform("optimizer params", params),
+        }
+    }
+}
+
 fn check_clip(clip: Option<&wgpu::Buffer>) -> Result<()> {
     match clip {
         Some(c) => check_f32s("clipping state", c, Some(2)),
@@ -54,6 +82,40 @@ pub fn record_adamw(
     step: &AdamWStep,
     clip: Option<&wgpu::Buffer>,
 ) -> Result<()> {
+    adamw(ctx, pass, None, w, grad, m, v, count, step, clip)
+}
+
+/// [`record_adamw`] with the step's factors written into `uniform` rather than a uniform
+/// cached by content: for a training run, whose factors change every step.
+#[allow(clippy::too_many_arguments)]
+pub fn record_adamw_in(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    uniform: &UpdateUniform,
+    w: &wgpu::Buffer,
+    grad: &wgpu::Buffer,
+    m: &wgpu::Buffer,
+    v: &wgpu::Buffer,
+    count: usize,
+    step: &AdamWStep,
+    clip: Option<&wgpu::Buffer>,
+) -> Result<()> {
+    adamw(ctx, pass, Some(uniform), w, grad, m, v, count, step, clip)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn adamw(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    uniform: Option<&UpdateUniform>,
+    w: &wgpu::Buffer,
+    grad: &wgpu::Buffer,
+    m: &wgpu::Buffer,
+    v: &wgpu::Buffer,
+    count: usize,
+    step: &AdamWStep,
+    clip: Option<&wgpu::Buffer>,
+) -> Result<()> {
     for (what, b) in [
         ("weights", w),
         ("gradient", grad),
@@ -69,8 +131,9 @@ pub fn record_adamw(
             check_distinct("adamw", a, b)?;
         }
     }
-    let params = ctx.uniform(
-        "adamw params",
+    let params = UpdateUniform::holding(
+        ctx,
+        uniform,
         &Params {
             count: count_u32(count)?,
             f: [
@@ -129,6 +192,55 @@ pub fn record_sgd(
     first: bool,
     clip: Option<&wgpu::Buffer>,
 ) -> Result<()> {
+    sgd(
+        ctx, pass, None, w, grad, momentum, count, opt, lr, first, clip,
+    )
+}
+
+/// [`record_sgd`] with the factors written into `uniform`, as [`record_adamw_in`].
+#[allow(clippy::too_many_arguments)]
+pub fn record_sgd_in(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    uniform: &UpdateUniform,
+    w: &wgpu::Buffer,
+    grad: &wgpu::Buffer,
+    momentum: &wgpu::Buffer,
+    count: usize,
+    opt: &Sgd,
+    lr: f32,
+    first: bool,
+    clip: Option<&wgpu::Buffer>,
+) -> Result<()> {
+    sgd(
+        ctx,
+        pass,
+        Some(uniform),
+        w,
+        grad,
+        momentum,
+        count,
+        opt,
+        lr,
+        first,
+        clip,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sgd(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    uniform: Option<&UpdateUniform>,
+    w: &wgpu::Buffer,
+    grad: &wgpu::Buffer,
+    momentum: &wgpu::Buffer,
+    count: usize,
+    opt: &Sgd,
+    lr: f32,
+    first: bool,
+    clip: Option<&wgpu::Buffer>,
+) -> Result<()> {
     for (what, b) in [("weights", w), ("gradient", grad), ("momentum", momentum)] {
         check_f32s(what, b, Some(count))?;
     }
@@ -136,8 +248,9 @@ pub fn record_sgd(
     check_distinct("sgd", grad, w)?;
     check_distinct("sgd", grad, momentum)?;
     check_distinct("sgd", w, momentum)?;
-    let params = ctx.uniform(
-        "sgd params",
+    let params = UpdateUniform::holding(
+        ctx,
+        uniform,
         &Params {
             count: count_u32(count)?,
             first_step: first as u32,

@@ -15,8 +15,9 @@ use super::checkpoint::{
 };
 use super::data::{Batches, DataPosition, fingerprint, read_text, read_texts, tokenize};
 use super::plot::plot_losses;
-use super::{AdamW, Optimizer, Quant, Schedule, Sgd, StepReport, TrainModel, Trainer};
+use super::{AdamW, GpuTrainer, Optimizer, Quant, Schedule, Sgd, StepReport, TrainModel, Trainer};
 use crate::formats::hf;
+use crate::gpu::GpuContext;
 use crate::model::{ModelConfig, load_model, perplexity_windows};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -43,12 +44,16 @@ pub enum ModelSource {
     ConfigFile(PathBuf),
 }
 
-/// Which processor trains. Only the CPU does so far; the GPU engine is coming.
+/// Which processor trains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TrainDevice {
-    /// The best engine available (today the CPU).
+    /// A hardware GPU when one opens and can train the model ([`GpuTrainer::new`]'s
+    /// conditions), else the CPU. A software adapter (lavapipe, SwiftShader) counts as none:
+    /// the multi-threaded CPU path trains faster than it.
     Auto,
+    /// [`GpuTrainer`] on the adapter [`GpuContext::new`] opens, or an error.
     Gpu,
+    /// The multi-threaded CPU path of [`Trainer::step`].
     Cpu,
 }
 
@@ -153,7 +158,8 @@ impl TrainOptions {
 pub enum Event {
     /// Training is about to start (or continue from `start_step`).
     Started {
-        engine: &'static str,
+        /// "cpu" or the adapter's name.
+        engine: String,
         parameters: usize,
         vocab_size: usize,
         tokens: usize,
@@ -223,32 +229,82 @@ pub fn tiny_config(vocab_size: usize) -> ModelConfig {
     }
 }
 
-/// Computes one optimizer step somewhere. The CPU engine is the only one so far; a GPU engine
-/// will implement the same.
+/// Computes one optimizer step somewhere.
 trait StepEngine {
-    fn name(&self) -> &'static str;
+    fn name(&self) -> String;
     fn step(&mut self, trainer: &mut Trainer, windows: &[&[u32]]) -> Result<StepReport>;
+    /// Brings `trainer`'s weights and optimizer state up to date, before they are evaluated or
+    /// saved.
+    fn sync(&mut self, trainer: &mut Trainer) -> Result<()>;
 }
 
 /// [`Trainer::step`]: the multi-threaded CPU path.
 struct CpuEngine;
 
 impl StepEngine for CpuEngine {
-    fn name(&self) -> &'static str {
-        "cpu"
+    fn name(&self) -> String {
+        "cpu".into()
     }
     fn step(&mut self, trainer: &mut Trainer, windows: &[&[u32]]) -> Result<StepReport> {
         trainer.step(windows)
     }
+    fn sync(&mut self, _: &mut Trainer) -> Result<()> {
+        Ok(())
+    }
 }
 
-fn engine(device: TrainDevice) -> Result<Box<dyn StepEngine>> {
+/// [`GpuTrainer`]: the weights and optimizer state live on the GPU between syncs.
+struct GpuEngine {
+    ctx: GpuContext,
+    trainer: GpuTrainer,
+}
+
+impl StepEngine for GpuEngine {
+    fn name(&self) -> String {
+        self.ctx.adapter_info().name.clone()
+    }
+    fn step(&mut self, trainer: &mut Trainer, windows: &[&[u32]]) -> Result<StepReport> {
+        pollster::block_on(self.trainer.step(&self.ctx, trainer, windows))
+    }
+    fn sync(&mut self, trainer: &mut Trainer) -> Result<()> {
+        pollster::block_on(self.trainer.read_into(&self.ctx, trainer))
+    }
+}
+
+/// The adapter `device` asks for: opened for [`TrainDevice::Gpu`] (or the error), a hardware
+/// one for [`TrainDevice::Auto`] (or none), none for [`TrainDevice::Cpu`].
+fn open_gpu(device: TrainDevice) -> Result<Option<GpuContext>> {
     match device {
-        TrainDevice::Auto | TrainDevice::Cpu => Ok(Box::new(CpuEngine)),
-        TrainDevice::Gpu => Err(Error::invalid(
-            "device",
-            "training on the GPU is not available yet; use --device cpu (or auto)",
-        )),
+        TrainDevice::Cpu => Ok(None),
+        TrainDevice::Gpu => Ok(Some(pollster::block_on(GpuContext::new())?)),
+        TrainDevice::Auto => Ok(pollster::block_on(GpuContext::new())
+            .ok()
+            .filter(|ctx| ctx.adapter_info().device_type != wgpu::DeviceType::Cpu)),
+    }
+}
+
+/// The engine that trains `trainer` on windows of up to `context` tokens: the GPU when `ctx` is
+/// open and can train the model (with `--device gpu`, an error when it cannot), else the CPU.
+fn engine(
+    ctx: Option<GpuContext>,
+    device: TrainDevice,
+    trainer: &Trainer,
+    context: usize,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Box<dyn StepEngine>> {
+    let Some(ctx) = ctx else {
+        return Ok(Box::new(CpuEngine));
+    };
+    match GpuTrainer::new(&ctx, trainer, context) {
+        Ok(gpu) => Ok(Box::new(GpuEngine { ctx, trainer: gpu })),
+        Err(e) if device == TrainDevice::Gpu => Err(e),
+        Err(e) => {
+            on_event(Event::Note(format!(
+                "training on the CPU: {} cannot train this model ({e})",
+                ctx.adapter_info().name
+            )));
+            Ok(Box::new(CpuEngine))
+        }
     }
 }
 
@@ -279,8 +335,8 @@ pub fn train(
     on_event: &mut dyn FnMut(Event),
 ) -> Result<RunSummary> {
     let o = options;
-    let mut engine = engine(o.device)?;
     check_options(o)?;
+    let gpu = open_gpu(o.device)?;
     check_out_dir(o)?;
     let checkpoint_dir = o.out.join(CHECKPOINT_DIR);
     let texts = read_texts(&o.data)?;
@@ -390,6 +446,7 @@ pub fn train(
         });
         rows = read_rows(&o.out.join(LOSS_CSV), checkpoint.meta.step)?;
     }
+    let mut engine = engine(gpu, o.device, &trainer, o.context, on_event)?;
     // The last check: the folder can be written. Nothing was written before this point.
     create_dir(&o.out)
         .and_then(|()| write_atomic(&o.out.join(".write-test"), b""))
@@ -489,8 +546,13 @@ pub fn train(
             tokens_per_s,
         });
         let last = step == o.steps;
+        let save_now = step.is_multiple_of(o.save_every.max(1)) || last;
+        let eval_now = eval.is_some() && (step.is_multiple_of(o.eval_every.max(1)) || last);
+        if save_now || eval_now {
+            engine.sync(&mut trainer)?;
+        }
         if let Some((ids, windows)) = &eval
-            && (step.is_multiple_of(o.eval_every.max(1)) || last)
+            && eval_now
         {
             let loss = eval_loss(&trainer.model, ids, windows)?;
             row.eval_loss = Some(loss);
@@ -501,13 +563,14 @@ pub fn train(
             });
         }
         rows.push(row);
-        if step.is_multiple_of(o.save_every.max(1)) || last {
+        if save_now {
             save(&trainer, &batches, &rows)?;
             saved_step = Some(step);
             on_event(Event::Saved { step });
         }
     }
     if interrupted {
+        engine.sync(&mut trainer)?;
         save(&trainer, &batches, &rows)?;
         on_event(Event::Saved {
             step: trainer.steps(),
@@ -854,16 +917,27 @@ mod tests {
         o
     }
 
-    #[test]
-    fn a_stopped_run_resumes_to_the_uninterrupted_result() {
-        let dir = std::env::temp_dir().join(format!("bitnet-run-{}", std::process::id()));
+    /// A run stopped after step 4 and resumed ends where the uninterrupted run ends, bit for bit.
+    fn check_resume(device: TrainDevice, tag: &str) {
+        let dir = std::env::temp_dir().join(format!("bitnet-run-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let options = |name: &str| TrainOptions {
+            device,
+            ..options(&dir, name)
+        };
         let never = AtomicBool::new(false);
-        let whole = train(&options(&dir, "whole"), &never, &mut |_| {}).unwrap();
+        let mut engine = String::new();
+        let whole = train(&options("whole"), &never, &mut |e| {
+            if let Event::Started { engine: name, .. } = e {
+                engine = name;
+            }
+        })
+        .unwrap();
         assert_eq!((whole.steps, whole.interrupted), (8, false));
+        assert_eq!(engine == "cpu", device == TrainDevice::Cpu, "{engine}");
 
         let stop = AtomicBool::new(false);
-        let cut = options(&dir, "cut");
+        let cut = options("cut");
         let summary = train(&cut, &stop, &mut |e| {
             if let Event::Step { step: 4, .. } = e {
                 stop.store(true, Ordering::SeqCst);
@@ -893,13 +967,27 @@ mod tests {
     }
 
     #[test]
-    fn gpu_training_is_not_there_yet() {
-        let o = TrainOptions::new(vec![], PathBuf::from("/nonexistent"));
+    fn a_stopped_run_resumes_to_the_uninterrupted_result() {
+        check_resume(TrainDevice::Cpu, "cpu");
+    }
+
+    #[test]
+    fn a_stopped_gpu_run_resumes_to_the_uninterrupted_result() {
+        check_resume(TrainDevice::Gpu, "gpu");
+    }
+
+    #[test]
+    fn gpu_training_refuses_what_it_cannot_train_before_writing() {
+        let dir = std::env::temp_dir().join(format!("bitnet-run-refuse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
         let o = TrainOptions {
             device: TrainDevice::Gpu,
-            ..o
+            quant: Quant::None,
+            ..options(&dir, "float")
         };
         let err = train(&o, &AtomicBool::new(false), &mut |_| {}).unwrap_err();
-        assert!(err.to_string().contains("not available yet"), "{err}");
+        assert!(err.to_string().contains("train on the CPU"), "{err}");
+        assert!(!o.out.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

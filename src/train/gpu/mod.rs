@@ -57,6 +57,8 @@ pub struct GpuTrainer {
     losses: wgpu::Buffer,
     /// `[norm, clipping coefficient]`.
     norm: wgpu::Buffer,
+    /// Each piece's update factors, rewritten every step.
+    uniforms: Vec<optim::UpdateUniform>,
     /// Updates applied: AdamW's step count, and whether SGD's momentum has a history.
     updates: u32,
 }
@@ -94,7 +96,12 @@ impl GpuTrainer {
             Optimizer::AdamW(a) => a.state().1,
             Optimizer::Sgd(s) => u32::from(s.buffer().is_some()),
         };
+        let uniforms = params
+            .pieces()
+            .map(|_| optim::UpdateUniform::new(ctx))
+            .collect();
         let trainer = GpuTrainer {
+            uniforms,
             params,
             tape: Tape::new(ctx, c, max_window - 1)?,
             tokens: Vec::new(),
@@ -179,16 +186,17 @@ impl GpuTrainer {
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            for piece in self.params.pieces() {
+            for (piece, uniform) in self.params.pieces().zip(&self.uniforms) {
                 match &trainer.optimizer {
                     Optimizer::AdamW(a) => {
                         let step = AdamWStep::new(a, lr, self.updates + 1);
                         let v = piece.v.as_ref().ok_or_else(|| {
                             Error::invalid("GPU trainer", "made for SGD, stepped with AdamW")
                         })?;
-                        optim::record_adamw(
+                        optim::record_adamw_in(
                             ctx,
                             &mut pass,
+                            uniform,
                             &piece.w,
                             &piece.grad,
                             &piece.m,
@@ -198,9 +206,10 @@ impl GpuTrainer {
                             clip,
                         )?;
                     }
-                    Optimizer::Sgd(s) => optim::record_sgd(
+                    Optimizer::Sgd(s) => optim::record_sgd_in(
                         ctx,
                         &mut pass,
+                        uniform,
                         &piece.w,
                         &piece.grad,
                         &piece.m,
