@@ -1,13 +1,19 @@
 //! The browser side of the demo: what the page's Web Worker calls (see `www/worker.js`). A
-//! [`Demo`] holds one loaded model; every method returns a promise and never blocks the worker.
-//! Nothing here runs natively: the library itself is what native code uses.
+//! [`Demo`] holds one loaded model; it generates, fine-tunes in the tab and exports the result.
+//! Every method that computes returns a promise and never blocks the worker. Nothing here runs
+//! natively: the library itself is what native code uses.
 #![cfg(target_arch = "wasm32")]
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use bitnet_wgpu::formats::hf::{config_json, to_safetensors_bytes};
 use bitnet_wgpu::model::{
-    Device, Engine, GenerationParams, Generator, SamplingParams, Stop, load_model_from_bytes,
+    Device, Engine, GenerationParams, Generator, ModelWeights, SamplingParams, Stop,
+    load_model_from_bytes,
+};
+use bitnet_wgpu::train::{
+    AdamW, GpuTrainer, Optimizer, Quant, Schedule, StepReport, TrainModel, Trainer,
 };
 use js_sys::{Array, Function, Promise, Uint8Array};
 use wasm_bindgen::prelude::*;
@@ -16,11 +22,20 @@ use wasm_bindgen_futures::future_to_promise;
 /// One model in the browser: load it from file bytes, then generate, stop, or ask what runs it.
 #[wasm_bindgen]
 pub struct Demo {
-    /// The loaded model; taken out while a generation runs.
+    /// The loaded model; taken out while a generation or a fine-tune runs.
     generator: Rc<RefCell<Option<Generator>>>,
+    /// The loaded model's weights on the host, kept for fine-tuning and export when the model is
+    /// small enough to train in a tab ([`MAX_TUNE_PARAMETERS`]).
+    weights: Rc<RefCell<Option<ModelWeights>>>,
+    /// The device the model was loaded for, which the tuned model runs on too.
+    device: Rc<Cell<Device>>,
     busy: Rc<Cell<bool>>,
     cancel: Rc<Cell<bool>>,
 }
+
+/// Fine-tuning keeps four f32 copies of every parameter (weights, gradients, two moments): at
+/// this size 1 GiB, well within a tab's wasm32 memory and a browser GPU's.
+const MAX_TUNE_PARAMETERS: usize = 64 << 20;
 
 impl Default for Demo {
     fn default() -> Self {
@@ -34,6 +49,8 @@ impl Demo {
     pub fn new() -> Demo {
         Demo {
             generator: Rc::new(RefCell::new(None)),
+            weights: Rc::new(RefCell::new(None)),
+            device: Rc::new(Cell::new(Device::Auto)),
             busy: Rc::new(Cell::new(false)),
             cancel: Rc::new(Cell::new(false)),
         }
@@ -45,6 +62,8 @@ impl Demo {
     /// model loaded before stays in use when this fails.
     pub fn load(&self, files: Array, device: String) -> Promise {
         let slot = self.generator.clone();
+        let weights_slot = self.weights.clone();
+        let device_slot = self.device.clone();
         let busy = self.busy.clone();
         future_to_promise(async move {
             if busy.get() {
@@ -71,10 +90,13 @@ impl Demo {
             let (weights, tokenizer) = load_model_from_bytes(&named).map_err(error)?;
             drop(named);
             drop(owned);
+            let kept = (parameters(&weights) <= MAX_TUNE_PARAMETERS).then(|| weights.clone());
             let (engine, fallback) = Engine::new(device, weights).await.map_err(error)?;
             let generator = Generator::new(engine, tokenizer);
             let description = describe(&generator, fallback.map(|e| e.to_string()));
             *slot.borrow_mut() = Some(generator);
+            *weights_slot.borrow_mut() = kept;
+            device_slot.set(device);
             Ok(JsValue::from_str(&description))
         })
     }
@@ -142,10 +164,233 @@ impl Demo {
         })
     }
 
-    /// Asks the running generation to stop after its current token.
+    /// Asks the running generation to stop after its current token, or the running fine-tune
+    /// after its current step.
     pub fn stop(&self) {
         self.cancel.set(true);
     }
+
+    /// Fine-tunes the loaded model on `text` in the tab: `steps` AdamW steps (betas 0.9 and
+    /// 0.95, gradient norm clipped to 1) at rate `lr`, each on `batch` windows of up to
+    /// `context` tokens taken in order from the text (its tokens as `generate` tokenizes a
+    /// prompt), on the GPU with the backward shaders (on the CPU path where the model runs on
+    /// the CPU). Calls `on_step(step, loss, tokens_per_s)` after each step; [`Demo::stop`] ends
+    /// the run after its current step, keeping what it learned. The tuned model then replaces
+    /// the loaded one. Resolves to JSON text: `steps`, `losses`, `tokens_per_s`, `engine`, and
+    /// the model's new description (as [`Demo::load`]'s) in `model`. On error the loaded model
+    /// stays as it was.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finetune(
+        &self,
+        text: String,
+        steps: usize,
+        lr: f32,
+        context: usize,
+        batch: usize,
+        on_step: Function,
+    ) -> Promise {
+        let slot = self.generator.clone();
+        let weights_slot = self.weights.clone();
+        let device = self.device.get();
+        let busy = self.busy.clone();
+        let cancel = self.cancel.clone();
+        future_to_promise(async move {
+            if busy.get() {
+                return Err(message("the model is busy; stop it first".into()));
+            }
+            let weights = weights_slot.borrow().clone().ok_or_else(|| {
+                message(format!(
+                    "no model to fine-tune: load one of at most {}M parameters",
+                    MAX_TUNE_PARAMETERS >> 20
+                ))
+            })?;
+            let generator = slot
+                .borrow_mut()
+                .take()
+                .ok_or_else(|| message("no model is loaded".into()))?;
+            busy.set(true);
+            cancel.set(false);
+            let request = TuneRequest {
+                text: &text,
+                steps,
+                lr,
+                context,
+                batch,
+            };
+            let tuned = tune(&generator, &weights, &request, &on_step, &cancel).await;
+            let result = match tuned {
+                Ok((tuned, mut summary)) => {
+                    let tokenizer = generator.tokenizer().clone();
+                    // The old model's GPU memory is released before the tuned one's is taken.
+                    drop(generator);
+                    match Engine::new(device, tuned.clone()).await {
+                        Ok((engine, fallback)) => {
+                            let generator = Generator::new(engine, tokenizer);
+                            summary["model"] = serde_json::from_str(&describe(
+                                &generator,
+                                fallback.map(|e| e.to_string()),
+                            ))
+                            .unwrap_or_default();
+                            *slot.borrow_mut() = Some(generator);
+                            *weights_slot.borrow_mut() = Some(tuned);
+                            Ok(JsValue::from_str(&summary.to_string()))
+                        }
+                        Err(e) => Err(message(format!(
+                            "the tuned model did not start ({e}); load a model again"
+                        ))),
+                    }
+                }
+                Err(e) => {
+                    *slot.borrow_mut() = Some(generator);
+                    Err(error(e))
+                }
+            };
+            busy.set(false);
+            result
+        })
+    }
+
+    /// The loaded model as the files of a Hugging Face folder that `bitnet generate --model DIR`
+    /// and transformers load: an array of `[name, Uint8Array]` pairs (config.json,
+    /// model.safetensors with the packed ternary weights, and tokenizer.json unless the model
+    /// uses the byte-level fallback).
+    pub fn export(&self) -> Result<Array, JsValue> {
+        let weights = self.weights.borrow();
+        let weights = weights.as_ref().ok_or_else(|| {
+            message(format!(
+                "only models of at most {}M parameters are kept for export",
+                MAX_TUNE_PARAMETERS >> 20
+            ))
+        })?;
+        let generator = self.generator.borrow();
+        let generator = generator
+            .as_ref()
+            .ok_or_else(|| message("the model is busy; try again when it is done".into()))?;
+        let mut files = vec![
+            ("config.json", config_json(&weights.config).into_bytes()),
+            (
+                "model.safetensors",
+                to_safetensors_bytes(weights, &[]).map_err(error)?,
+            ),
+        ];
+        if let Some(json) = generator.tokenizer().to_json().map_err(error)? {
+            files.push(("tokenizer.json", json.into_bytes()));
+        }
+        Ok(files
+            .into_iter()
+            .map(|(name, bytes)| {
+                Array::of2(
+                    &JsValue::from_str(name),
+                    &Uint8Array::from(bytes.as_slice()),
+                )
+            })
+            .collect())
+    }
+}
+
+/// What [`Demo::finetune`] was asked.
+struct TuneRequest<'a> {
+    text: &'a str,
+    steps: usize,
+    lr: f32,
+    context: usize,
+    batch: usize,
+}
+
+/// Trains a copy of `weights` as `request` says, on the GPU of `generator`'s engine when it has
+/// one, and returns the tuned weights with a summary.
+async fn tune(
+    generator: &Generator,
+    weights: &ModelWeights,
+    request: &TuneRequest<'_>,
+    on_step: &Function,
+    cancel: &Cell<bool>,
+) -> bitnet_wgpu::Result<(ModelWeights, serde_json::Value)> {
+    let invalid = |why: String| bitnet_wgpu::Error::Invalid {
+        what: "fine-tuning",
+        why,
+    };
+    if request.steps == 0 || request.batch == 0 {
+        return Err(invalid("steps and batch must be at least 1".into()));
+    }
+    if !(request.lr.is_finite() && request.lr > 0.0) {
+        return Err(invalid(format!("learning rate {} is not positive", request.lr)));
+    }
+    let ids = generator.tokenizer().encode(request.text, true)?;
+    let context = request
+        .context
+        .min(weights.config.max_position_embeddings)
+        .max(2);
+    let windows: Vec<&[u32]> = ids.chunks(context).filter(|w| w.len() >= 2).collect();
+    if windows.is_empty() {
+        return Err(invalid(format!(
+            "the text is {} token(s); a prediction needs 2",
+            ids.len()
+        )));
+    }
+    let model = TrainModel::from_weights(weights, Quant::BitNet)?;
+    let adam = Optimizer::AdamW(AdamW::new(0.9, 0.95, 1e-8, 0.0));
+    let mut trainer = Trainer::new(model, adam, request.lr, Schedule::Constant { warmup: 0 });
+    trainer.max_grad_norm = Some(1.0);
+    let mut gpu = match generator.engine() {
+        Engine::Gpu(g) => Some((&g.0, GpuTrainer::new(&g.0, &trainer, context)?)),
+        Engine::Cpu(_) => None,
+    };
+    let (mut losses, mut speeds) = (Vec::new(), Vec::new());
+    for step in 0..request.steps {
+        if cancel.get() {
+            break;
+        }
+        let batch: Vec<&[u32]> = (0..request.batch)
+            .map(|i| windows[(step * request.batch + i) % windows.len()])
+            .collect();
+        let started = js_sys::Date::now();
+        let report: StepReport = match &mut gpu {
+            Some((ctx, g)) => g.step(ctx, &mut trainer, &batch).await?,
+            None => trainer.step(&batch)?,
+        };
+        let seconds = ((js_sys::Date::now() - started) / 1e3).max(1e-3);
+        let tokens: usize = batch.iter().map(|w| w.len()).sum();
+        let speed = tokens as f64 / seconds;
+        losses.push(report.loss);
+        speeds.push(speed);
+        let _ = on_step.call3(
+            &JsValue::NULL,
+            &JsValue::from(step + 1),
+            &JsValue::from(report.loss),
+            &JsValue::from(speed),
+        );
+    }
+    if let Some((ctx, g)) = &gpu {
+        g.read_into(ctx, &mut trainer).await?;
+    }
+    let engine = match gpu {
+        Some((ctx, _)) => ctx.adapter_info().name.clone(),
+        None => "cpu".to_string(),
+    };
+    let tuned = trainer.model.to_weights()?;
+    let summary = serde_json::json!({
+        "steps": losses.len(),
+        "losses": losses,
+        "tokens_per_s": speeds.iter().sum::<f64>() / speeds.len().max(1) as f64,
+        "engine": engine,
+    });
+    Ok((tuned, summary))
+}
+
+/// The trainable parameters of `weights`: every linear, norm and table.
+fn parameters(weights: &ModelWeights) -> usize {
+    let layer = |l: &bitnet_wgpu::model::LayerWeights| -> usize {
+        l.linears().iter().map(|w| w.codes.len()).sum::<usize>()
+            + l.input_layernorm.len()
+            + l.attn_sub_norm.len()
+            + l.post_attention_layernorm.len()
+            + l.ffn_sub_norm.len()
+    };
+    weights.embed_tokens.len()
+        + weights.layers.iter().map(layer).sum::<usize>()
+        + weights.norm.len()
+        + weights.lm_head.as_ref().map_or(0, Vec::len)
 }
 
 /// What the page shows about a loaded model: JSON text with `adapter`, `backend`, `features`

@@ -1,7 +1,7 @@
 // The demo page in headless Chromium (Debian's chromium, driven by playwright-core), checked
 // against the native `bitnet` program: the page must give the tokens `bitnet generate
-// --device cpu --temperature 0` gives, on WebGPU and on the CPU path, from the demo model and
-// from models opened with the file input. Needs web/build.sh's web/dist and BITNET_BIN (the
+// --device cpu --temperature 0` gives, on WebGPU and on the CPU path, from the demo model, from
+// models opened with the file input, and from a model fine-tuned in the tab and downloaded. Needs web/build.sh's web/dist and BITNET_BIN (the
 // native binary). Fails, never skips, when something is missing.
 import { chromium } from "playwright-core";
 import { createServer } from "node:http";
@@ -131,6 +131,34 @@ try {
     assert.match(await page.textContent("#error"), /broken\.gguf/);
     assert.equal(await page.textContent("#model-name"), before);
     assert.equal(await generateWith(page, prompt, 16), demoIds);
+  });
+
+  await check("fine-tuning in the tab lowers the loss; the downloaded model generates natively as the page does", async () => {
+    await page.fill("#tune-text", "The little robot sang a song to the moon every night. ".repeat(12));
+    await page.fill("#tune-steps", "4");
+    await page.fill("#tune-lr", "0.003");
+    await page.fill("#tune-context", "16");
+    await page.fill("#tune-batch", "2");
+    await page.click("#tune");
+    await page.waitForSelector('#tune-status[data-state="done"], #tune-status[data-state="error"]', { timeout: TIMEOUT });
+    assert.equal(await page.getAttribute("#tune-status", "data-state"), "done", await page.textContent("#error"));
+    const losses = (await page.getAttribute("#tune-status", "data-losses")).split(",").map(Number);
+    assert.equal(losses.length, 4);
+    assert.ok(losses[3] < losses[0], `losses ${losses}`);
+    assert.match(await page.textContent("#model-name"), /\(tuned\)$/);
+    const tunedPrompt = "The little robot";
+    const pageIds = await generateWith(page, tunedPrompt, 12);
+    await page.screenshot({ path: join(artifacts, "page-tuned.png"), fullPage: true });
+    const folder = join(scratch, "tuned");
+    mkdirSync(folder);
+    const downloads = [];
+    page.on("download", (d) => downloads.push(d.saveAs(join(folder, d.suggestedFilename()))));
+    await page.click("#download");
+    for (let waited = 0; downloads.length < 3 && waited < 100; waited++) await page.waitForTimeout(100);
+    await Promise.all(downloads);
+    assert.equal(downloads.length, 3);
+    assert.equal(nativeIds(folder, tunedPrompt, 12), pageIds);
+    assert.notEqual(nativeIds(demo, tunedPrompt, 12), pageIds, "the tuned model generates as the untuned one");
   });
   await gpu.close();
 

@@ -8,6 +8,7 @@ let nextId = 1;
 let loadedName = null;
 const pending = new Map();
 let onText = null;
+let onStep = null;
 
 // One request to the worker, answered by a message with the same id.
 function ask(message, transfer = []) {
@@ -22,6 +23,10 @@ worker.onmessage = (event) => {
   const m = event.data;
   if (m.type === "text") {
     onText?.(m.piece);
+    return;
+  }
+  if (m.type === "step") {
+    onStep?.(m);
     return;
   }
   const waiting = pending.get(m.id);
@@ -63,6 +68,8 @@ function showModel(name, info) {
     list.append(dt, dd);
   }
   $("generate").disabled = false;
+  $("tune").disabled = false;
+  $("download").disabled = false;
 }
 
 // Loads `files` ([name, ArrayBuffer] pairs) in the worker; the model before stays on failure.
@@ -232,6 +239,83 @@ async function generate() {
   }
 }
 
+// The loss curve: one point per step, the axis from 0 to the largest loss.
+function drawLosses(losses) {
+  const canvas = $("loss-curve");
+  const g = canvas.getContext("2d");
+  g.clearRect(0, 0, canvas.width, canvas.height);
+  if (losses.length === 0) return;
+  const top = Math.max(...losses) * 1.05;
+  const x = (i) => (losses.length === 1 ? 0 : (i / (losses.length - 1)) * (canvas.width - 8)) + 4;
+  const y = (loss) => canvas.height - 4 - (loss / top) * (canvas.height - 8);
+  g.strokeStyle = "#2563eb";
+  g.lineWidth = 2;
+  g.beginPath();
+  losses.forEach((loss, i) => (i === 0 ? g.moveTo(x(i), y(loss)) : g.lineTo(x(i), y(loss))));
+  g.stroke();
+  g.fillStyle = "#333";
+  g.fillText(`loss ${losses[0].toFixed(3)} → ${losses[losses.length - 1].toFixed(3)}`, 8, 14);
+}
+
+async function finetune() {
+  showError(null);
+  const status = $("tune-status");
+  status.dataset.state = "running";
+  delete status.dataset.losses;
+  for (const id of ["tune", "generate", "download"]) $(id).disabled = true;
+  $("tune-stop").disabled = false;
+  const losses = [];
+  const steps = Number($("tune-steps").value);
+  onStep = (m) => {
+    losses.push(m.loss);
+    drawLosses(losses);
+    status.textContent = `step ${m.step} of ${steps}: loss ${m.loss.toFixed(4)}, ${m.tokensPerS.toFixed(0)} tokens/s`;
+  };
+  try {
+    const { result } = await ask({
+      type: "finetune",
+      params: {
+        text: $("tune-text").value,
+        steps,
+        lr: Number($("tune-lr").value),
+        context: Number($("tune-context").value),
+        batch: Number($("tune-batch").value),
+      },
+    });
+    status.textContent =
+      `${result.steps} steps on ${result.engine}: loss ${result.losses[0].toFixed(4)} → ` +
+      `${result.losses[result.losses.length - 1].toFixed(4)}, ${result.tokens_per_s.toFixed(0)} tokens/s. ` +
+      "The tuned model now generates above.";
+    status.dataset.losses = result.losses.join(",");
+    status.dataset.state = "done";
+    showModel(`${loadedName.replace(/ \(tuned\)$/, "")} (tuned)`, result.model);
+  } catch (error) {
+    status.dataset.state = "error";
+    status.textContent = "";
+    showError(error);
+  } finally {
+    onStep = null;
+    $("tune-stop").disabled = true;
+    for (const id of ["tune", "generate", "download"]) $(id).disabled = !loadedName;
+  }
+}
+
+async function download() {
+  showError(null);
+  try {
+    const { files } = await ask({ type: "export" });
+    for (const [name, buffer] of files) {
+      const link = document.createElement("a");
+      link.href = URL.createObjectURL(new Blob([buffer]));
+      link.download = name;
+      link.click();
+      URL.revokeObjectURL(link.href);
+    }
+  } catch (error) {
+    showError(error);
+  }
+}
+
 async function start() {
   if (!navigator.gpu || !(await navigator.gpu.requestAdapter().catch(() => null))) {
     $("no-webgpu").hidden = false;
@@ -250,6 +334,16 @@ async function start() {
   drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
   drop.ondragleave = () => drop.classList.remove("over");
   drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); openFiles(e.dataTransfer.files); };
+  $("tune").onclick = finetune;
+  $("tune-stop").onclick = () => worker.postMessage({ type: "stop" });
+  $("download").onclick = download;
+  const tuneText = $("tune-text");
+  tuneText.ondragover = (e) => e.preventDefault();
+  tuneText.ondrop = async (e) => {
+    e.preventDefault();
+    const file = e.dataTransfer.files[0];
+    if (file) tuneText.value = await file.text();
+  };
   $("cached-load").onclick = () => loadCached().catch(showError);
   $("cached-delete").onclick = () => deleteCached().catch(showError);
   await listCached().catch(showError);

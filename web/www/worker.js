@@ -1,5 +1,6 @@
 // The Web Worker that owns the model: wasm, tokenizer and GPU context live here, so the page
-// never freezes. Messages in: load, generate, stop. Messages out: loaded, text, done, error.
+// never freezes. Messages in: load, generate, finetune, export, stop. Messages out: loaded, text,
+// step, done, tuned, exported, error.
 import init, { Demo } from "./pkg/bitnet_web.js";
 
 const ready = init();
@@ -21,6 +22,16 @@ self.onmessage = async (event) => {
         (piece) => self.postMessage({ type: "text", id: message.id, piece }),
       );
       self.postMessage({ type: "done", id: message.id, result: JSON.parse(result) });
+    } else if (message.type === "finetune") {
+      const p = message.params;
+      const result = await demo.finetune(
+        p.text, p.steps, p.lr, p.context, p.batch,
+        (step, loss, tokensPerS) => self.postMessage({ type: "step", id: message.id, step, loss, tokensPerS }),
+      );
+      self.postMessage({ type: "tuned", id: message.id, result: JSON.parse(result) });
+    } else if (message.type === "export") {
+      const files = demo.export().map(([name, bytes]) => [name, bytes.buffer]);
+      self.postMessage({ type: "exported", id: message.id, files }, files.map(([, buffer]) => buffer));
     } else if (message.type === "stop") {
       demo.stop();
     }
