@@ -24,6 +24,10 @@ struct Params {
     pad: u32,
 }
 
+crate::gpu::shaders::uniforms! {
+    ActQuant.params = Params { rows, cols, row_words, pad };
+}
+
 impl GpuActivations {
     /// Room for `rows x cols` quantized activations.
     pub fn new(ctx: &GpuContext, rows: usize, cols: usize) -> Result<Self> {

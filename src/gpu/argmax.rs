@@ -19,6 +19,10 @@ struct Params {
     pad: [u32; 2],
 }
 
+crate::gpu::shaders::uniforms! {
+    Argmax.params = Params { count, partials, pad };
+}
+
 /// Records `cpu::argmax(&logits[..count])` into `result` ([`RESULT_BYTES`]; its first word is
 /// the token, so `result` can feed the embedding of the next step). [`interpret`] turns the four
 /// words read back into what `cpu::argmax` returns.

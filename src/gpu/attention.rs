@@ -35,6 +35,14 @@ struct Params {
     pad: u32,
 }
 
+crate::gpu::shaders::uniforms! {
+    Attention.params = Params {
+        new_rows, total_rows, heads, kv_heads, head_dim, scaling, splits, split_keys, block_rows,
+        tile_keys, stats_offset, pad,
+    };
+    AttentionBackward.params = BackwardParams { n, t, heads, kv_heads, head_dim, scaling, pad };
+}
+
 /// How one call is cut into workgroups.
 struct Plan {
     entry: &'static str,

@@ -16,6 +16,13 @@ struct Params {
     pad: u32,
 }
 
+crate::gpu::shaders::uniforms! {
+    Elementwise.copy_params = Params { n, dst_offset, src_offset, pad };
+    Elementwise.block_params = BlockParams {
+        rows, cols, src_stride, src_col, dst_stride, dst_col, pad,
+    };
+}
+
 /// Records the copy of `rows` rows of `cols` f32 from row `src_row` of `src` into `dst` from row
 /// `dst_row` on (e.g. new V rows into a cache of capacity `dst.size() / (4 * cols)` rows, or the
 /// last token's row to the front of a buffer). `src` and `dst` must be different buffers.

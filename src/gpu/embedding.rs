@@ -17,6 +17,11 @@ struct Params {
     pad: [u32; 3],
 }
 
+crate::gpu::shaders::uniforms! {
+    Embedding.params = Params { rows, cols, first, count, row_words, pad };
+    EmbeddingBackward.params = BackwardParams { tokens, cols, first, count, vocab, pad };
+}
+
 /// Records `out[r] = table[tokens[r]]` (`cpu::embedding`) for `rows` u32 tokens into `out`
 /// (`[rows, table.cols()]` f32; f16 tables widened exactly). Tokens must be below
 /// `table.rows()`, which the caller checks before uploading them: the rows of a larger token

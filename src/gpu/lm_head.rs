@@ -19,6 +19,13 @@ struct Params {
     pad: [u32; 2],
 }
 
+crate::gpu::shaders::uniforms! {
+    LmHead.params = Params { rows, cols, vocab, first, count, row_vecs, pad };
+    LmHeadBackward.params = BackwardParams {
+        m, hidden, k, vocab, first, shift, row0, row_words, accumulate, pad,
+    };
+}
+
 /// Records `logits[r, v] = x[r] · table[v]` (`cpu::lm_head`) for the `rows` rows of `x`
 /// (`[rows, table.cols()]` f32) into `logits` (`[rows, table.rows()]` f32), one dispatch per
 /// table chunk.

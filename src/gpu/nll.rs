@@ -14,6 +14,13 @@ struct Params {
     out_offset: u32,
 }
 
+crate::gpu::shaders::uniforms! {
+    Nll.params = Params { rows, vocab, target_offset, out_offset };
+    CrossEntropy.params = CrossEntropyParams {
+        rows, vocab, target_offset, loss_offset, grad_scale, pad,
+    };
+}
+
 /// Records `out[out_offset + r] = cpu::nll(logits row r, targets[target_offset + r])` for
 /// `r < rows`, in f32 (`logits`: `[rows, vocab]`; `targets`: u32 ids below `vocab`, which the
 /// caller checks).

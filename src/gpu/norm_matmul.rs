@@ -45,6 +45,13 @@ struct Params {
     pad: u32,
 }
 
+crate::gpu::shaders::uniforms! {
+    NormMatmul.params = Params {
+        rows, cols, n, k_words, no_fuse, eps, per_channel, heads, kv_heads, half_dim, cache_row,
+        pad,
+    };
+}
+
 /// Whether this adapter runs the fused kernel for rows of `cols` inputs.
 pub fn supported(ctx: &GpuContext, cols: usize) -> bool {
     cols <= MAX_COLS && ctx.capabilities().max_workgroup_memory >= WORKGROUP_BYTES

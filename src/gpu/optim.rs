@@ -21,6 +21,10 @@ struct Params {
     pad1: u32,
 }
 
+crate::gpu::shaders::uniforms! {
+    Optim.params = Params { count, first, first_step, pad0, f, pad1 };
+}
+
 fn count_u32(count: usize) -> Result<u32> {
     u32::try_from(count)
         .map_err(|_| Error::invalid("optimizer tensor", format!("{count} elements is too many")))

@@ -15,6 +15,11 @@ struct Params {
     pad: u32,
 }
 
+crate::gpu::shaders::uniforms! {
+    Relu2Gate.params = Params { rows, inter, row_words, pad };
+    Relu2GateBackward.params = Params { rows, inter, row_words, pad };
+}
+
 fn params(
     ctx: &GpuContext,
     gate_up: &wgpu::Buffer,

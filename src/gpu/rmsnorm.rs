@@ -21,6 +21,11 @@ struct Params {
     pad: [u32; 3],
 }
 
+crate::gpu::shaders::uniforms! {
+    Rmsnorm.params = Params { rows, cols, row_words, no_fuse, eps, pad };
+    RmsnormBackward.params = BackwardParams { rows, cols, no_fuse, pad0, eps, pad };
+}
+
 /// Rejects an eps for which the GPU's norm would not match `cpu::rmsnorm` (NaN included).
 pub(crate) fn check_eps(eps: f32) -> Result<()> {
     if !(MIN_EPS..=f32::MAX).contains(&eps) {

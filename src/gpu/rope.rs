@@ -20,6 +20,11 @@ struct Params {
     pad: [u32; 2],
 }
 
+crate::gpu::shaders::uniforms! {
+    Rope.params = Params { rows, heads, half_dim, dst_row, no_fuse, kv_heads, pad };
+    RopeBackward.params = BackwardParams { rows, heads, half_dim, no_fuse };
+}
+
 /// The (cos, sin) of every angle of `rows` positions from `first_position`, computed with the
 /// CPU's own expressions (WGSL's cos and sin are far from correctly rounded at large angles):
 /// what the rope kernels read. Positions share a table across calls with the same content.

@@ -39,174 +39,80 @@ impl ShaderVariant {
     };
 }
 
-/// The kernel families, one WGSL file each.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kernel {
-    ActQuant,
-    Argmax,
-    TernaryPack,
-    TernaryMatmul,
-    Rmsnorm,
-    NormMatmul,
-    Rope,
-    Elementwise,
-    Relu2Gate,
-    Attention,
-    Embedding,
-    LmHead,
-    Nll,
-    TernaryMatmulBackward,
-    RmsnormBackward,
-    CrossEntropy,
-    Optim,
-    EmbeddingBackward,
-    LmHeadBackward,
-    Relu2GateBackward,
-    RopeBackward,
-    AttentionBackward,
+/// Declares every kernel once, as `Variant: "name", common [..], entries [..];`: its file
+/// `shaders/NAME.wgsl`, the files of `shaders/common/` it includes before its own (after the
+/// preamble every kernel gets) and its entry points.
+macro_rules! kernels {
+    ($(
+        $kernel:ident: $name:literal,
+        common [$($common:literal),*],
+        entries [$($entry:literal),+];
+    )+) => {
+        /// The kernel families, one WGSL file each.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Kernel {
+            $($kernel,)+
+        }
+
+        impl Kernel {
+            pub const ALL: [Kernel; [$(stringify!($kernel)),+].len()] = [$(Kernel::$kernel),+];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Kernel::$kernel => $name,)+
+                }
+            }
+
+            /// The entry points of the file.
+            pub fn entries(self) -> &'static [&'static str] {
+                match self {
+                    $(Kernel::$kernel => &[$($entry),+],)+
+                }
+            }
+
+            fn body(self) -> &'static str {
+                match self {
+                    $(Kernel::$kernel => concat!(
+                        $(include_str!(concat!("../../shaders/common/", $common, ".wgsl")),)*
+                        include_str!(concat!("../../shaders/", $name, ".wgsl"))
+                    ),)+
+                }
+            }
+        }
+    };
+}
+
+kernels! {
+    ActQuant: "act_quant", common ["quantize_row"], entries ["act_quant"];
+    Argmax: "argmax", common [], entries ["argmax_partial", "argmax_final"];
+    TernaryPack: "ternary_pack", common [],
+        entries ["reduce_sum", "finish_scales", "pack_words", "widen_f16"];
+    TernaryMatmul: "ternary_matmul", common [], entries ["gemv", "gemm"];
+    Rmsnorm: "rmsnorm", common ["rms", "quantize_row"], entries ["rmsnorm", "rmsnorm_quant"];
+    NormMatmul: "norm_matmul", common ["rms"], entries ["norm_gemv", "norm_gemv_rope"];
+    Rope: "rope", common [], entries ["rope", "rope_qkv"];
+    Elementwise: "elementwise", common [], entries ["copy_rows", "add_rows", "copy_block"];
+    Relu2Gate: "relu2_gate", common ["quantize_row"], entries ["relu2_gate", "relu2_gate_quant"];
+    Attention: "attention", common [],
+        entries ["attention_split", "attention_tiles", "attention_merge"];
+    Embedding: "embedding", common ["table"], entries ["embedding"];
+    LmHead: "lm_head", common ["table"], entries ["lm_head"];
+    Nll: "nll", common ["softmax"], entries ["nll"];
+    TernaryMatmulBackward: "ternary_matmul_backward", common [],
+        entries ["ternary_dx", "ternary_dw"];
+    RmsnormBackward: "rmsnorm_backward", common ["rms"], entries ["rmsnorm_dx", "rmsnorm_dweight"];
+    CrossEntropy: "cross_entropy", common ["softmax"], entries ["cross_entropy"];
+    Optim: "optim", common [],
+        entries ["adamw", "sgd", "grad_sum_squares", "grad_sum", "grad_clip"];
+    EmbeddingBackward: "embedding_backward", common [],
+        entries ["embedding_links", "embedding_zero", "embedding_dtable"];
+    LmHeadBackward: "lm_head_backward", common ["table"], entries ["lm_head_dx", "lm_head_dtable"];
+    Relu2GateBackward: "relu2_gate_backward", common [], entries ["relu2_gate_backward"];
+    RopeBackward: "rope_backward", common [], entries ["rope_backward"];
+    AttentionBackward: "attention_backward", common [], entries ["attention_dq", "attention_dkv"];
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 22] = [
-        Kernel::ActQuant,
-        Kernel::Argmax,
-        Kernel::TernaryPack,
-        Kernel::TernaryMatmul,
-        Kernel::Rmsnorm,
-        Kernel::NormMatmul,
-        Kernel::Rope,
-        Kernel::Elementwise,
-        Kernel::Relu2Gate,
-        Kernel::Attention,
-        Kernel::Embedding,
-        Kernel::LmHead,
-        Kernel::Nll,
-        Kernel::TernaryMatmulBackward,
-        Kernel::RmsnormBackward,
-        Kernel::CrossEntropy,
-        Kernel::Optim,
-        Kernel::EmbeddingBackward,
-        Kernel::LmHeadBackward,
-        Kernel::Relu2GateBackward,
-        Kernel::RopeBackward,
-        Kernel::AttentionBackward,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kernel::ActQuant => "act_quant",
-            Kernel::Argmax => "argmax",
-            Kernel::TernaryPack => "ternary_pack",
-            Kernel::TernaryMatmul => "ternary_matmul",
-            Kernel::Rmsnorm => "rmsnorm",
-            Kernel::NormMatmul => "norm_matmul",
-            Kernel::Rope => "rope",
-            Kernel::Elementwise => "elementwise",
-            Kernel::Relu2Gate => "relu2_gate",
-            Kernel::Attention => "attention",
-            Kernel::Embedding => "embedding",
-            Kernel::LmHead => "lm_head",
-            Kernel::Nll => "nll",
-            Kernel::TernaryMatmulBackward => "ternary_matmul_backward",
-            Kernel::RmsnormBackward => "rmsnorm_backward",
-            Kernel::CrossEntropy => "cross_entropy",
-            Kernel::Optim => "optim",
-            Kernel::EmbeddingBackward => "embedding_backward",
-            Kernel::LmHeadBackward => "lm_head_backward",
-            Kernel::Relu2GateBackward => "relu2_gate_backward",
-            Kernel::RopeBackward => "rope_backward",
-            Kernel::AttentionBackward => "attention_backward",
-        }
-    }
-
-    /// The entry points of the file.
-    pub fn entries(self) -> &'static [&'static str] {
-        match self {
-            Kernel::ActQuant => &["act_quant"],
-            Kernel::Argmax => &["argmax_partial", "argmax_final"],
-            Kernel::TernaryPack => &["reduce_sum", "finish_scales", "pack_words", "widen_f16"],
-            Kernel::TernaryMatmul => &["gemv", "gemm"],
-            Kernel::Rmsnorm => &["rmsnorm", "rmsnorm_quant"],
-            Kernel::NormMatmul => &["norm_gemv", "norm_gemv_rope"],
-            Kernel::Rope => &["rope", "rope_qkv"],
-            Kernel::Elementwise => &["copy_rows", "add_rows", "copy_block"],
-            Kernel::Relu2Gate => &["relu2_gate", "relu2_gate_quant"],
-            Kernel::Attention => &["attention_split", "attention_tiles", "attention_merge"],
-            Kernel::Embedding => &["embedding"],
-            Kernel::LmHead => &["lm_head"],
-            Kernel::Nll => &["nll"],
-            Kernel::TernaryMatmulBackward => &["ternary_dx", "ternary_dw"],
-            Kernel::RmsnormBackward => &["rmsnorm_dx", "rmsnorm_dweight"],
-            Kernel::CrossEntropy => &["cross_entropy"],
-            Kernel::Optim => &["adamw", "sgd", "grad_sum_squares", "grad_sum", "grad_clip"],
-            Kernel::EmbeddingBackward => &["embedding_links", "embedding_zero", "embedding_dtable"],
-            Kernel::LmHeadBackward => &["lm_head_dx", "lm_head_dtable"],
-            Kernel::Relu2GateBackward => &["relu2_gate_backward"],
-            Kernel::RopeBackward => &["rope_backward"],
-            Kernel::AttentionBackward => &["attention_dq", "attention_dkv"],
-        }
-    }
-
-    fn body(self) -> &'static str {
-        match self {
-            Kernel::ActQuant => concat!(
-                include_str!("../../shaders/common/quantize_row.wgsl"),
-                include_str!("../../shaders/act_quant.wgsl")
-            ),
-            Kernel::Argmax => include_str!("../../shaders/argmax.wgsl"),
-            Kernel::TernaryPack => include_str!("../../shaders/ternary_pack.wgsl"),
-            Kernel::TernaryMatmul => include_str!("../../shaders/ternary_matmul.wgsl"),
-            Kernel::Rmsnorm => concat!(
-                include_str!("../../shaders/common/rms.wgsl"),
-                include_str!("../../shaders/common/quantize_row.wgsl"),
-                include_str!("../../shaders/rmsnorm.wgsl")
-            ),
-            Kernel::NormMatmul => concat!(
-                include_str!("../../shaders/common/rms.wgsl"),
-                include_str!("../../shaders/norm_matmul.wgsl")
-            ),
-            Kernel::Rope => include_str!("../../shaders/rope.wgsl"),
-            Kernel::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
-            Kernel::Relu2Gate => concat!(
-                include_str!("../../shaders/common/quantize_row.wgsl"),
-                include_str!("../../shaders/relu2_gate.wgsl")
-            ),
-            Kernel::Attention => include_str!("../../shaders/attention.wgsl"),
-            Kernel::Embedding => concat!(
-                include_str!("../../shaders/common/table.wgsl"),
-                include_str!("../../shaders/embedding.wgsl")
-            ),
-            Kernel::LmHead => concat!(
-                include_str!("../../shaders/common/table.wgsl"),
-                include_str!("../../shaders/lm_head.wgsl")
-            ),
-            Kernel::Nll => concat!(
-                include_str!("../../shaders/common/softmax.wgsl"),
-                include_str!("../../shaders/nll.wgsl")
-            ),
-            Kernel::TernaryMatmulBackward => {
-                include_str!("../../shaders/ternary_matmul_backward.wgsl")
-            }
-            Kernel::RmsnormBackward => concat!(
-                include_str!("../../shaders/common/rms.wgsl"),
-                include_str!("../../shaders/rmsnorm_backward.wgsl")
-            ),
-            Kernel::CrossEntropy => concat!(
-                include_str!("../../shaders/common/softmax.wgsl"),
-                include_str!("../../shaders/cross_entropy.wgsl")
-            ),
-            Kernel::Optim => include_str!("../../shaders/optim.wgsl"),
-            Kernel::EmbeddingBackward => include_str!("../../shaders/embedding_backward.wgsl"),
-            Kernel::LmHeadBackward => concat!(
-                include_str!("../../shaders/common/table.wgsl"),
-                include_str!("../../shaders/lm_head_backward.wgsl")
-            ),
-            Kernel::Relu2GateBackward => include_str!("../../shaders/relu2_gate_backward.wgsl"),
-            Kernel::RopeBackward => include_str!("../../shaders/rope_backward.wgsl"),
-            Kernel::AttentionBackward => include_str!("../../shaders/attention_backward.wgsl"),
-        }
-    }
-
     /// The full WGSL text of this kernel for `variant`.
     pub fn source(self, variant: ShaderVariant) -> String {
         let mut text = String::new();
@@ -235,9 +141,122 @@ impl Kernel {
     }
 }
 
+/// Declares, in a host module, the `var<uniform>` each of its uniform structs fills, one line
+/// each: `Kernel.global = Struct { every field };`. The WGSL and Rust structs are written
+/// separately; a test compares these declarations with the layout naga gives the WGSL. Naming a
+/// field twice or leaving one out does not compile (the pattern below is exhaustive).
+macro_rules! uniforms {
+    ($($kernel:ident . $global:ident = $ty:ident { $($field:ident),+ $(,)? };)+) => {
+        #[cfg(test)]
+        pub(crate) const UNIFORMS: &[$crate::gpu::shaders::UniformLayout] = &[$({
+            const _: fn($ty) = |s| {
+                let $ty { $($field: _),+ } = s;
+            };
+            $crate::gpu::shaders::UniformLayout {
+                kernel: $crate::gpu::Kernel::$kernel,
+                global: stringify!($global),
+                size: ::std::mem::size_of::<$ty>(),
+                fields: &[$($crate::gpu::shaders::UniformField::of(
+                    stringify!($field),
+                    ::std::mem::offset_of!($ty, $field),
+                    |s: &$ty| &s.$field,
+                )),+],
+            }
+        }),+];
+    };
+}
+pub(crate) use uniforms;
+
+/// The 4-byte scalars uniform members hold.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scalar {
+    U32,
+    F32,
+}
+
+/// A Rust type a uniform field may have: a 4-byte scalar, or an array of them that stands for as
+/// many WGSL members.
+#[cfg(test)]
+pub(crate) trait UniformMember {
+    const SCALAR: Scalar;
+}
+
+#[cfg(test)]
+impl UniformMember for u32 {
+    const SCALAR: Scalar = Scalar::U32;
+}
+
+#[cfg(test)]
+impl UniformMember for f32 {
+    const SCALAR: Scalar = Scalar::F32;
+}
+
+#[cfg(test)]
+impl<T: UniformMember, const N: usize> UniformMember for [T; N] {
+    const SCALAR: Scalar = T::SCALAR;
+}
+
+/// One field of a host uniform struct.
+#[cfg(test)]
+pub(crate) struct UniformField {
+    name: &'static str,
+    offset: usize,
+    size: usize,
+    scalar: Scalar,
+}
+
+#[cfg(test)]
+impl UniformField {
+    /// The field `name` at `offset`; `field`, which selects it, gives its type.
+    pub(crate) const fn of<S, T: UniformMember>(
+        name: &'static str,
+        offset: usize,
+        _field: fn(&S) -> &T,
+    ) -> Self {
+        UniformField {
+            name,
+            offset,
+            size: size_of::<T>(),
+            scalar: T::SCALAR,
+        }
+    }
+}
+
+/// A host struct written into the uniform `global` of `kernel`.
+#[cfg(test)]
+pub(crate) struct UniformLayout {
+    pub(crate) kernel: Kernel,
+    pub(crate) global: &'static str,
+    pub(crate) size: usize,
+    pub(crate) fields: &'static [UniformField],
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::{
+        act_quant, argmax, attention, elementwise, embedding, lm_head, nll, norm_matmul, optim,
+        relu2_gate, rmsnorm, rope, ternary_matmul, ternary_pack,
+    };
+
+    /// Every host module's uniform declarations.
+    const HOST_UNIFORMS: &[&[UniformLayout]] = &[
+        act_quant::UNIFORMS,
+        argmax::UNIFORMS,
+        attention::UNIFORMS,
+        elementwise::UNIFORMS,
+        embedding::UNIFORMS,
+        lm_head::UNIFORMS,
+        nll::UNIFORMS,
+        norm_matmul::UNIFORMS,
+        optim::UNIFORMS,
+        relu2_gate::UNIFORMS,
+        rmsnorm::UNIFORMS,
+        rope::UNIFORMS,
+        ternary_matmul::UNIFORMS,
+        ternary_pack::UNIFORMS,
+    ];
 
     fn validate(kernel: Kernel, variant: ShaderVariant) {
         let source = kernel.source(variant);
@@ -296,6 +315,120 @@ mod tests {
             validator
                 .validate(&module)
                 .unwrap_or_else(|e| panic!("{}: {}", kernel.name(), e.emit_to_string(&source)));
+        }
+    }
+
+    /// One 4-byte word of a uniform struct: its byte offset, the member or field holding it, and
+    /// its scalar.
+    struct Word<'a> {
+        offset: usize,
+        name: &'a str,
+        scalar: Scalar,
+    }
+
+    /// The words of the WGSL struct `ty` and its size, as naga lays them out.
+    fn wgsl_words(module: &naga::Module, ty: naga::Handle<naga::Type>) -> (usize, Vec<Word<'_>>) {
+        let naga::TypeInner::Struct { members, span } = &module.types[ty].inner else {
+            panic!("a uniform that is not a struct");
+        };
+        let words = members
+            .iter()
+            .map(|m| {
+                let name = m.name.as_deref().unwrap_or_default();
+                let scalar = match module.types[m.ty].inner {
+                    naga::TypeInner::Scalar(naga::Scalar::U32) => Scalar::U32,
+                    naga::TypeInner::Scalar(naga::Scalar::F32) => Scalar::F32,
+                    ref other => panic!("member `{name}` is a {other:?}: extend this test"),
+                };
+                Word {
+                    offset: m.offset as usize,
+                    name,
+                    scalar,
+                }
+            })
+            .collect();
+        (*span as usize, words)
+    }
+
+    /// Checks that `host` has the size of the WGSL struct and a field of the same scalar at each
+    /// of its words; named as the WGSL member, except that an array field stands for several
+    /// members, and the host may fill a word the shader leaves as padding, never the reverse.
+    fn compare(host: &UniformLayout, module: &naga::Module, ty: naga::Handle<naga::Type>) {
+        let what = format!("{} `{}`", host.kernel.name(), host.global);
+        let (size, wgsl) = wgsl_words(module, ty);
+        assert_eq!(host.size, size, "{what}: size");
+        let mut fields: Vec<&UniformField> = host.fields.iter().collect();
+        fields.sort_by_key(|f| f.offset);
+        let rust: Vec<(Word<'_>, bool)> = fields
+            .iter()
+            .flat_map(|f| {
+                (0..f.size / 4).map(move |i| {
+                    let word = Word {
+                        offset: f.offset + 4 * i,
+                        name: f.name,
+                        scalar: f.scalar,
+                    };
+                    (word, f.size > 4)
+                })
+            })
+            .collect();
+        assert_eq!(
+            rust.iter().map(|(w, _)| w.offset).collect::<Vec<_>>(),
+            wgsl.iter().map(|w| w.offset).collect::<Vec<_>>(),
+            "{what}: word offsets of the host fields and the WGSL members"
+        );
+        for ((r, array), w) in rust.iter().zip(&wgsl) {
+            let at = format!(
+                "{what} at byte {}: host `{}` {:?}, WGSL `{}` {:?}",
+                r.offset, r.name, r.scalar, w.name, w.scalar
+            );
+            assert_eq!(r.scalar, w.scalar, "{at}");
+            let host_pad = r.name.starts_with("pad");
+            let wgsl_pad = w.name.starts_with("_pad");
+            if host_pad {
+                assert!(
+                    wgsl_pad,
+                    "{at}: the shader reads a word the host leaves as padding"
+                );
+            } else if !array && !wgsl_pad {
+                assert_eq!(r.name, w.name, "{at}");
+            }
+        }
+    }
+
+    #[test]
+    fn host_uniforms_match_the_wgsl_structs() {
+        let host: Vec<&UniformLayout> = HOST_UNIFORMS.iter().flat_map(|m| m.iter()).collect();
+        let mut found = Vec::new();
+        for kernel in Kernel::ALL {
+            let source = kernel.source(ShaderVariant::PORTABLE);
+            let module = naga::front::wgsl::parse_str(&source).expect("parses");
+            for (_, global) in module.global_variables.iter() {
+                if global.space != naga::AddressSpace::Uniform {
+                    continue;
+                }
+                let name = global.name.as_deref().unwrap_or_default();
+                let decls: Vec<&&UniformLayout> = host
+                    .iter()
+                    .filter(|u| u.kernel == kernel && u.global == name)
+                    .collect();
+                assert_eq!(
+                    decls.len(),
+                    1,
+                    "{} `{name}`: host declarations (the `uniforms!` of its module)",
+                    kernel.name()
+                );
+                compare(decls[0], &module, global.ty);
+                found.push((kernel, name.to_string()));
+            }
+        }
+        for u in &host {
+            assert!(
+                found.iter().any(|(k, g)| *k == u.kernel && g == u.global),
+                "{} has no uniform `{}`",
+                u.kernel.name(),
+                u.global
+            );
         }
     }
 }

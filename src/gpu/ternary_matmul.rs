@@ -56,6 +56,13 @@ struct Params {
     pad: [u32; 3],
 }
 
+crate::gpu::shaders::uniforms! {
+    TernaryMatmul.params = Params { m, n, k_words, per_channel, has_bias, pad };
+    TernaryMatmulBackward.params = BackwardParams {
+        m, n, k, k_words, per_channel, x_row_words, pad,
+    };
+}
+
 /// Records `y = x · wᵀ` (`[x.rows, w.rows]`, f32, row-major) into `y`.
 pub fn record(
     ctx: &GpuContext,

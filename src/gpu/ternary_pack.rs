@@ -74,6 +74,13 @@ struct ReduceParams {
     take_abs: u32,
 }
 
+crate::gpu::shaders::uniforms! {
+    TernaryPack.reduce_params = ReduceParams { seg_len, segments, blocks, take_abs };
+    TernaryPack.scale_params = ScaleParams { segments, count, pad };
+    TernaryPack.pack_params = PackParams { rows, cols, k_words, per_channel, threshold, pad };
+    TernaryPack.widen_params = WidenParams { count, pad };
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct ScaleParams {
