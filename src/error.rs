@@ -35,9 +35,16 @@ pub enum Error {
         needed: u64,
         available: u64,
     },
-    /// The GPU device reported an error (validation, out of memory, lost device).
+    /// The GPU device reported an error (validation, out of memory).
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// The GPU device was lost (driver reset, GPU removed, or destroyed): its buffers are gone,
+    /// and work continues only on a new context with the model loaded again.
+    #[error(
+        "the GPU device was lost ({0}); open a new context (GpuContext::new) and load the \
+         model again"
+    )]
+    DeviceLost(String),
     /// A safetensors file could not be read or written.
     #[error("safetensors: {0}")]
     Safetensors(String),

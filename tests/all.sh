@@ -19,7 +19,7 @@ WGPU_BACKEND=vulkan cargo test --lib --bins --tests
 WGPU_BACKEND=vulkan cargo test --doc
 
 echo "== GPU tests again on a second adapter: OpenGL (llvmpipe over EGL)"
-WGPU_BACKEND=gl cargo test --test gpu_vs_cpu --test bitlinear_gpu --test train_gpu
+WGPU_BACKEND=gl cargo test --test gpu_vs_cpu --test bitlinear_gpu --test train_gpu --test faults
 
 echo "== GPU tests in headless Chromium on WebGPU"
 CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \

@@ -113,6 +113,8 @@ pub struct GpuContext {
     /// orders the dispatches of a pass that share a buffer.
     scratch: Mutex<HashMap<(&'static str, u64), wgpu::Buffer>>,
     device_error: Arc<Mutex<Option<String>>>,
+    /// Why the device was lost, once it is.
+    lost: Arc<Mutex<Option<String>>>,
     profiler: Option<Profiler>,
 }
 
@@ -186,6 +188,16 @@ impl GpuContext {
             let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
             slot.get_or_insert_with(|| e.to_string());
         }));
+        let lost = Arc::new(Mutex::new(None));
+        let sink = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert_with(|| match reason {
+                wgpu::DeviceLostReason::Destroyed => "destroyed".to_string(),
+                wgpu::DeviceLostReason::Unknown if message.is_empty() => "reason unknown".into(),
+                wgpu::DeviceLostReason::Unknown => message,
+            });
+        });
         let profiler = profile.then(|| Profiler::new(&device));
         Ok(GpuContext {
             profiler,
@@ -201,6 +213,7 @@ impl GpuContext {
             capabilities,
             pipelines: Mutex::new(HashMap::new()),
             device_error,
+            lost,
         })
     }
 
@@ -296,8 +309,32 @@ impl GpuContext {
     pub fn check(&self) -> Result<()> {
         let mut slot = self.device_error.lock().unwrap_or_else(|p| p.into_inner());
         match slot.take() {
-            Some(message) => Err(Error::Gpu(message)),
+            Some(message) => Err(self.error(message)),
             None => Ok(()),
+        }
+    }
+
+    /// Why the device was lost, once it is: every later call on this context fails with
+    /// [`Error::DeviceLost`].
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A failure the device reported, as [`Error::DeviceLost`] when the device is gone (whatever
+    /// the symptom: an invalid buffer, a failed map or poll) and as [`Error::Gpu`] otherwise.
+    fn error(&self, message: impl ToString) -> Error {
+        // wgpu reports a loss from a poll that finds the queue drained, which a failing call
+        // may not have reached yet (natively; on the web the browser reports it by itself).
+        #[cfg(not(target_arch = "wasm32"))]
+        if self.lost().is_none() {
+            let _ = self.device.poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: Some(std::time::Duration::from_secs(1)),
+            });
+        }
+        match self.lost() {
+            Some(reason) => Error::DeviceLost(reason),
+            None => Error::Gpu(message.to_string()),
         }
     }
 
@@ -339,7 +376,7 @@ impl GpuContext {
         buffer
             .slice(..)
             .get_mapped_range_mut()
-            .map_err(|e| Error::Gpu(e.to_string()))?
+            .map_err(|e| self.error(e))?
             .slice(..bytes.len())
             .copy_from_slice(bytes);
         buffer.unmap();
@@ -467,17 +504,15 @@ impl GpuContext {
                 submission_index: Some(submission),
                 timeout: None,
             })
-            .map_err(|e| Error::Gpu(format!("poll: {e}")))?;
+            .map_err(|e| self.error(format!("poll: {e}")))?;
         #[cfg(target_arch = "wasm32")]
         let _ = submission;
         let mapped = rx
             .await
-            .map_err(|_| Error::Gpu("the device was lost before the readback finished".into()))?;
-        mapped.map_err(|e| Error::Gpu(format!("map_async: {e}")))?;
+            .map_err(|_| self.error("the readback was dropped before it finished"))?;
+        mapped.map_err(|e| self.error(format!("map_async: {e}")))?;
         self.check()?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| Error::Gpu(e.to_string()))?;
+        let view = staging.get_mapped_range(..).map_err(|e| self.error(e))?;
         let out = bytemuck::pod_collect_to_vec(&view[..count * size_of::<T>()]);
         drop(view);
         staging.unmap();
