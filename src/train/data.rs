@@ -3,6 +3,7 @@
 //! resume exactly.
 
 use std::ops::Range;
+#[cfg(not(target_arch = "wasm32"))]
 use std::path::{Path, PathBuf};
 
 use crate::rng::SplitMix64;
@@ -11,6 +12,7 @@ use crate::{Error, Result};
 
 /// Reads UTF-8 text files. Errors name the file: one that cannot be read, is not UTF-8, or holds
 /// no text at all; and an empty list.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn read_texts(paths: &[PathBuf]) -> Result<Vec<String>> {
     if paths.is_empty() {
         return Err(Error::Empty("the list of data files"));
@@ -19,6 +21,7 @@ pub fn read_texts(paths: &[PathBuf]) -> Result<Vec<String>> {
 }
 
 /// One UTF-8 text file, refused when empty (or only whitespace) or not UTF-8.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn read_text(path: &Path) -> Result<String> {
     let io = |source| Error::Io {
         path: path.display().to_string(),

@@ -34,7 +34,6 @@ mod backward;
 pub mod bpe;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod checkpoint;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod data;
 #[cfg(not(target_arch = "wasm32"))]
 mod fast;

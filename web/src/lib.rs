@@ -12,6 +12,7 @@ use bitnet_wgpu::model::{
     Device, Engine, GenerationParams, Generator, ModelWeights, SamplingParams, Stop,
     load_model_from_bytes,
 };
+use bitnet_wgpu::train::data::{Batches, tokenize};
 use bitnet_wgpu::train::{
     AdamW, GpuTrainer, Optimizer, Quant, Schedule, StepReport, TrainModel, Trainer,
 };
@@ -171,9 +172,9 @@ impl Demo {
     }
 
     /// Fine-tunes the loaded model on `text` in the tab: `steps` AdamW steps (betas 0.9 and
-    /// 0.95, gradient norm clipped to 1) at rate `lr`, each on `batch` windows of up to
-    /// `context` tokens taken in order from the text (its tokens as `generate` tokenizes a
-    /// prompt), on the GPU with the backward shaders (on the CPU path where the model runs on
+    /// 0.95, no weight decay, gradient norm clipped to 1) at the constant rate `lr`, each on
+    /// `batch` windows of `context` tokens taken in order from the text (what `bitnet train
+    /// --no-shuffle` takes from a file holding it), on the GPU with the backward shaders (on the CPU path where the model runs on
     /// the CPU). Calls `on_step(step, loss, tokens_per_s)` after each step; [`Demo::stop`] ends
     /// the run after its current step, keeping what it learned. The tuned model then replaces
     /// the loaded one. Resolves to JSON text: `steps`, `losses`, `tokens_per_s`, `engine`, and
@@ -314,20 +315,15 @@ async fn tune(
         return Err(invalid("steps and batch must be at least 1".into()));
     }
     if !(request.lr.is_finite() && request.lr > 0.0) {
-        return Err(invalid(format!("learning rate {} is not positive", request.lr)));
-    }
-    let ids = generator.tokenizer().encode(request.text, true)?;
-    let context = request
-        .context
-        .min(weights.config.max_position_embeddings)
-        .max(2);
-    let windows: Vec<&[u32]> = ids.chunks(context).filter(|w| w.len() >= 2).collect();
-    if windows.is_empty() {
         return Err(invalid(format!(
-            "the text is {} token(s); a prediction needs 2",
-            ids.len()
+            "learning rate {} is not positive",
+            request.lr
         )));
     }
+    // The windows `bitnet train --no-shuffle` takes from a file holding this text.
+    let ids = tokenize(&[request.text.to_string()], generator.tokenizer())?;
+    let context = request.context.min(weights.config.max_position_embeddings);
+    let mut batches = Batches::new(ids.len(), context, false, 0)?;
     let model = TrainModel::from_weights(weights, Quant::BitNet)?;
     let adam = Optimizer::AdamW(AdamW::new(0.9, 0.95, 1e-8, 0.0));
     let mut trainer = Trainer::new(model, adam, request.lr, Schedule::Constant { warmup: 0 });
@@ -341,9 +337,8 @@ async fn tune(
         if cancel.get() {
             break;
         }
-        let batch: Vec<&[u32]> = (0..request.batch)
-            .map(|i| windows[(step * request.batch + i) % windows.len()])
-            .collect();
+        let ranges = batches.next_batch(request.batch);
+        let batch: Vec<&[u32]> = ranges.iter().map(|r| &ids[r.clone()]).collect();
         let started = js_sys::Date::now();
         let report: StepReport = match &mut gpu {
             Some((ctx, g)) => g.step(ctx, &mut trainer, &batch).await?,

@@ -134,7 +134,8 @@ try {
   });
 
   await check("fine-tuning in the tab lowers the loss; the downloaded model generates natively as the page does", async () => {
-    await page.fill("#tune-text", "The little robot sang a song to the moon every night. ".repeat(12));
+    const text = "The little robot sang a song to the moon every night. ".repeat(12);
+    await page.fill("#tune-text", text);
     await page.fill("#tune-steps", "4");
     await page.fill("#tune-lr", "0.003");
     await page.fill("#tune-context", "16");
@@ -145,6 +146,19 @@ try {
     const losses = (await page.getAttribute("#tune-status", "data-losses")).split(",").map(Number);
     assert.equal(losses.length, 4);
     assert.ok(losses[3] < losses[0], `losses ${losses}`);
+    // The same run natively on the CPU: the same windows and update, so the same losses up to
+    // float rounding (the first exactly so but for the f32 rounding of each token's loss).
+    const textFile = join(scratch, "tune.txt");
+    writeFileSync(textFile, text);
+    const run = join(scratch, "native-tune");
+    bitnet("train", "--model", demo, "--data", textFile, "--out", run, "--steps", "4", "--batch", "2",
+      "--context", "16", "--lr", "0.003", "--schedule", "constant", "--warmup", "0", "--weight-decay", "0",
+      "--grad-clip", "1", "--no-shuffle", "--device", "cpu");
+    const native = readFileSync(join(run, "loss.csv"), "utf8").trim().split("\n").slice(1)
+      .map((line) => Number(line.split(",")[1]));
+    assert.equal(native.length, 4);
+    native.forEach((loss, i) => assert.ok(Math.abs(loss - losses[i]) <= 1e-3 * loss,
+      `step ${i + 1}: page ${losses[i]}, native ${loss}`));
     assert.match(await page.textContent("#model-name"), /\(tuned\)$/);
     const tunedPrompt = "The little robot";
     const pageIds = await generateWith(page, tunedPrompt, 12);
