@@ -119,9 +119,15 @@ fn sqrt_rn(a: f32) -> f32 {
     return bitcast<f32>((u32(half_e + 127) << 23u) | (mant & 0x7fffffu));
 }
 
-// 1 / sqrt(sum / cols + eps) of the row, rounded as the CPU rounds each step.
+// 1 / sqrt(sum / cols + eps) of the row, rounded as the CPU rounds each step. A NaN in the row
+// gives NaN, so that every normalized value of the row is NaN, as on the CPU and in torch (the
+// mean's test below would take a NaN sum for zero).
 fn inv_rms(base: u32, lid: u32) -> f32 {
     let sum = sum_of_squares(base, lid);
+    if (bitcast<u32>(sum) & 0x7fffffffu) > 0x7f800000u {
+        // Made from bits at run time: WGSL has no NaN constant.
+        return bitcast<f32>(0x7fc00000u | params.no_fuse);
+    }
     let n = f32(params.cols);
     // div_rn does not produce subnormals; a mean that small vanishes into eps >= 1e-30 anyway.
     var mean = 0.0;

@@ -13,6 +13,10 @@ use crate::{Error, Result};
 /// order of the GPU's workgroup reduction, so that the mean agrees with the shader bit for bit;
 /// `1 / sqrt` is spelled out because WGSL's `inverseSqrt` is not correctly rounded.
 ///
+/// Non-finite values follow IEEE, as in torch: a NaN makes every output of its row NaN, and an
+/// infinity (`1 / sqrt(inf) = 0`) gives NaN for itself and signed zeros for the row's finite
+/// values. The shaders follow the same rule.
+///
 /// ```
 /// use bitnet_wgpu::cpu::rmsnorm;
 /// // mean([3², 4²]) = 12.5; 3 / sqrt(12.5) = 0.8485..., 4 / sqrt(12.5) = 1.1313...
@@ -109,6 +113,19 @@ mod tests {
         assert!((y[1] + 4.0 / r).abs() < 1e-6);
         // An all-zero row stays zero (eps keeps it finite).
         assert_eq!(&y[2..], [0.0, 0.0]);
+    }
+
+    #[test]
+    fn non_finite_values_follow_ieee() {
+        let y = rmsnorm(
+            &[1.0, f32::NAN, 2.0, 3.0, f32::INFINITY, -2.0],
+            2,
+            &[1.0; 3],
+            1e-5,
+        )
+        .unwrap();
+        assert!(y[..3].iter().all(|v| v.is_nan()), "{y:?}");
+        assert!(y[4].is_nan() && y[3] == 0.0 && y[5] == 0.0 && y[5].is_sign_negative());
     }
 
     #[test]

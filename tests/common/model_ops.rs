@@ -38,17 +38,19 @@ pub fn residual_rows(rng: &mut SmallRng, rows: usize, cols: usize) -> Vec<f32> {
     x
 }
 
+/// Equal bits, or NaN for NaN (whose payload no one promises).
 pub fn assert_bits_eq(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!(
-            g.to_bits() == w.to_bits(),
+            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
             "{what}: element {i}: gpu {g:e} cpu {w:e}"
         );
     }
 }
 
-/// rmsnorm.wgsl == cpu::rmsnorm, and rmsnorm_quant == cpu::act_quant(cpu::rmsnorm), bit for bit.
+/// rmsnorm.wgsl == cpu::rmsnorm, and rmsnorm_quant == cpu::act_quant(cpu::rmsnorm), bit for bit,
+/// NaN and infinities included (a NaN makes its whole row NaN).
 pub async fn rmsnorm_matches_cpu(ctx: &mut GpuContext) {
     for variant in variants(ctx) {
         ctx.set_variant(variant).expect("variant");
@@ -58,7 +60,12 @@ pub async fn rmsnorm_matches_cpu(ctx: &mut GpuContext) {
             let cols = pick(&mut rng, &COLS);
             let eps = pick(&mut rng, &[1e-5f32, 1e-6, 1e-30]);
             let what = format!("{variant:?} case {case} ({rows}x{cols}, eps {eps:e})");
-            let x = residual_rows(&mut rng, rows, cols);
+            let mut x = residual_rows(&mut rng, rows, cols);
+            if case % 13 == 4 {
+                // A NaN makes its whole row NaN; an infinity, NaN for itself and zeros around.
+                let i = rng.random_range(0..x.len());
+                x[i] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][case / 13 % 3];
+            }
             let weight: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0f32..2.0)).collect();
             let expected = cpu::rmsnorm(&x, rows, &weight, eps).expect("cpu");
             let expected_q = cpu::act_quant(&expected, rows, cols).expect("cpu act_quant");
