@@ -4,7 +4,7 @@
 
 mod common;
 
-use bitnet_wgpu::gpu::GpuContext;
+use bitnet_wgpu::gpu::{GpuContext, ShaderVariant, norm_matmul};
 
 fn context() -> GpuContext {
     let ctx = pollster::block_on(GpuContext::new())
@@ -15,6 +15,19 @@ fn context() -> GpuContext {
         info.name, info.backend, info.device_type
     );
     ctx
+}
+
+/// The shader variants that every per-variant case runs on this adapter. lavapipe offers
+/// subgroups and dot4, so there all four must run; elsewhere the test says which did.
+#[test]
+fn shader_variants_tested() {
+    let ctx = context();
+    let tested = common::variants_tested(&ctx);
+    eprintln!("shader variants tested: {tested:?}");
+    let info = ctx.adapter_info();
+    if info.backend == wgpu::Backend::Vulkan && info.name.starts_with("llvmpipe") {
+        assert_eq!(tested, ShaderVariant::ALL, "lavapipe runs every variant");
+    }
 }
 
 #[test]
@@ -113,6 +126,20 @@ fn norm_matmul_matches_cpu() {
     pollster::block_on(common::fused_ops::norm_matmul_matches_cpu(&mut context()));
 }
 
+/// On an adapter with WebGPU's default limits (16 KiB of workgroup memory, too little for the
+/// fused decode kernels) the fused cases and the model test the path a model takes there.
+#[test]
+fn fused_paths_at_webgpu_default_limits() {
+    let mut ctx = pollster::block_on(GpuContext::with_limits(wgpu::Limits::default()))
+        .unwrap_or_else(|e| panic!("GPU tests need an adapter (lavapipe in CI): {e}"));
+    assert!(ctx.capabilities().max_workgroup_memory < norm_matmul::WORKGROUP_BYTES);
+    pollster::block_on(async {
+        common::fused_ops::norm_matmul_matches_cpu(&mut ctx).await;
+        common::fused_ops::norm_matmul_rope_matches_cpu(&mut ctx).await;
+        common::model::gpu_model_matches_cpu(&ctx).await;
+    });
+}
+
 #[test]
 fn rope_qkv_matches_cpu() {
     pollster::block_on(common::fused_ops::rope_qkv_matches_cpu(&mut context()));
@@ -138,6 +165,17 @@ fn argmax_matches_cpu() {
 #[test]
 fn gpu_nll_matches_cpu() {
     pollster::block_on(common::model::gpu_nll_matches_cpu(&context()));
+}
+
+#[test]
+fn gpu_logits_all_past_the_binding_limit() {
+    let limits = wgpu::Limits {
+        max_storage_buffer_binding_size: common::model::LOGITS_BINDING_LIMIT,
+        ..wgpu::Limits::default()
+    };
+    let ctx = pollster::block_on(GpuContext::with_limits(limits))
+        .unwrap_or_else(|e| panic!("GPU tests need an adapter (lavapipe in CI): {e}"));
+    pollster::block_on(common::model::gpu_logits_all_past_the_binding_limit(&ctx));
 }
 
 #[test]

@@ -19,6 +19,13 @@ async fn context() -> GpuContext {
     ctx
 }
 
+/// The shader variants that every per-variant case runs on this browser's adapter.
+#[wasm_bindgen_test]
+async fn shader_variants_tested() {
+    let tested = common::variants_tested(&context().await);
+    web_sys::console::log_1(&format!("shader variants tested: {tested:?}").into());
+}
+
 #[wasm_bindgen_test]
 async fn act_quant_matches_cpu() {
     common::act_quant_matches_cpu(&mut context().await).await;
@@ -107,6 +114,18 @@ async fn gpu_model_matches_cpu() {
 #[wasm_bindgen_test]
 async fn norm_matmul_matches_cpu() {
     common::fused_ops::norm_matmul_matches_cpu(&mut context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn gpu_logits_all_past_the_binding_limit() {
+    let limits = wgpu::Limits {
+        max_storage_buffer_binding_size: common::model::LOGITS_BINDING_LIMIT,
+        ..wgpu::Limits::default()
+    };
+    let ctx = GpuContext::with_limits(limits)
+        .await
+        .unwrap_or_else(|e| panic!("browser tests need WebGPU: {e}"));
+    common::model::gpu_logits_all_past_the_binding_limit(&ctx).await;
 }
 
 #[wasm_bindgen_test]

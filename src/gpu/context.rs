@@ -30,9 +30,8 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    fn of(adapter: &wgpu::Adapter, instance: &wgpu::Instance) -> Self {
+    fn of(adapter: &wgpu::Adapter, limits: &wgpu::Limits, instance: &wgpu::Instance) -> Self {
         let features = adapter.features();
-        let limits = adapter.limits();
         let info = adapter.get_info();
         Capabilities {
             subgroups: features.contains(wgpu::Features::SUBGROUP),
@@ -158,11 +157,26 @@ impl GpuContext {
     pub async fn new() -> Result<Self> {
         let instance = instance();
         let adapter = pick_adapter(&instance).await?;
-        Self::open(&instance, adapter).await
+        let limits = adapter.limits();
+        Self::open(&instance, adapter, limits).await
     }
 
-    async fn open(instance: &wgpu::Instance, adapter: wgpu::Adapter) -> Result<Self> {
-        let capabilities = Capabilities::of(&adapter, instance);
+    /// Opens the adapter [`GpuContext::new`] picks with no more than `limits` (nor more than it
+    /// offers): how an adapter that offers only those runs, such as one with WebGPU's defaults
+    /// (`wgpu::Limits::default()`: 16 KiB of workgroup memory, 128 MiB per storage binding).
+    pub async fn with_limits(limits: wgpu::Limits) -> Result<Self> {
+        let instance = instance();
+        let adapter = pick_adapter(&instance).await?;
+        let limits = limits.or_worse_values_from(&adapter.limits());
+        Self::open(&instance, adapter, limits).await
+    }
+
+    async fn open(
+        instance: &wgpu::Instance,
+        adapter: wgpu::Adapter,
+        limits: wgpu::Limits,
+    ) -> Result<Self> {
+        let capabilities = Capabilities::of(&adapter, &limits, instance);
         let mut required_features = wgpu::Features::empty();
         if capabilities.subgroups {
             required_features |= wgpu::Features::SUBGROUP;
@@ -177,7 +191,7 @@ impl GpuContext {
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("bitnet"),
                 required_features,
-                required_limits: adapter.limits(),
+                required_limits: limits,
                 ..Default::default()
             })
             .await
@@ -225,7 +239,7 @@ impl GpuContext {
         for adapter in instance.enumerate_adapters(wgpu::Backends::all()).await {
             out.push(AdapterSummary {
                 info: adapter.get_info(),
-                capabilities: Capabilities::of(&adapter, &instance),
+                capabilities: Capabilities::of(&adapter, &adapter.limits(), &instance),
             });
         }
         out

@@ -15,7 +15,7 @@ use crate::model::{ModelConfig, ModelWeights};
 use crate::packing::gpu_words;
 use crate::{Error, Result};
 
-/// Rows of logits [`GpuModel::nll`] makes at a time.
+/// Rows of logits [`GpuModel::nll`] and [`Logits::All`] make at a time.
 pub const NLL_BLOCK: usize = 64;
 
 /// Which logits a forward step reads back.
@@ -24,7 +24,9 @@ pub enum Logits {
     /// Only the last token's (`[vocab]`): what generation needs, and a prompt's lm_head costs
     /// one row instead of hundreds.
     Last,
-    /// Every new token's (`[tokens, vocab]`), for perplexity.
+    /// Every new token's (`[tokens, vocab]`), for perplexity. Made and read back [`NLL_BLOCK`]
+    /// rows at a time: a GPU buffer of them all would pass the storage binding limit (128 MiB on
+    /// WebGPU by default) beyond 261 tokens at 2B4T's vocabulary of 128256.
     All,
 }
 
@@ -456,7 +458,10 @@ impl GpuModel {
     ) -> Result<Vec<f32>> {
         self.check_tokens(tokens)?;
         let n = tokens.len();
-        let logit_rows = if which == Logits::All { n } else { 1 };
+        let logit_rows = match which {
+            Logits::All => n.min(NLL_BLOCK),
+            Logits::Last => 1,
+        };
         self.scratch(ctx, n, logit_rows)?;
         let s = self.scratch.as_ref().expect("scratch was just made");
         ctx.queue
@@ -468,9 +473,22 @@ impl GpuModel {
             self.record_step(ctx, pass, &s.tokens, n, Some(which))?;
         }
         ctx.queue.submit([encoder.finish()]);
-        let logits = ctx
-            .read(&s.logits, logit_rows * self.config.vocab_size)
-            .await?;
+        let vocab = self.config.vocab_size;
+        let mut logits = ctx.read(&s.logits, logit_rows * vocab).await?;
+        if which == Logits::All {
+            for first in (NLL_BLOCK..n).step_by(NLL_BLOCK) {
+                let rows = (n - first).min(NLL_BLOCK);
+                let mut encoder = ctx.device.create_command_encoder(&Default::default());
+                self.record_logits(
+                    ctx,
+                    &mut encoder.begin_compute_pass(&Default::default()),
+                    first,
+                    rows,
+                )?;
+                ctx.queue.submit([encoder.finish()]);
+                logits.extend(ctx.read::<f32>(&s.logits, rows * vocab).await?);
+            }
+        }
         self.len += n;
         Ok(logits)
     }
@@ -487,8 +505,7 @@ impl GpuModel {
         let s = self.scratch.as_ref().expect("scratch was just made");
         ctx.queue
             .write_buffer(&s.tokens, 0, bytemuck::cast_slice(tokens));
-        let (hidden, vocab) = (self.config.hidden_size, self.config.vocab_size);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let vocab = self.config.vocab_size;
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         {
             let pass = &mut encoder.begin_compute_pass(&Default::default());
@@ -496,22 +513,7 @@ impl GpuModel {
             self.record_step(ctx, pass, &s.tokens, n, None)?;
             for first in (0..scored).step_by(NLL_BLOCK) {
                 let rows = (scored - first).min(NLL_BLOCK);
-                let x = if first == 0 {
-                    &s.final_norm
-                } else {
-                    elementwise::copy_rows(
-                        ctx,
-                        pass,
-                        &s.final_norm,
-                        first,
-                        &s.proj,
-                        0,
-                        rows,
-                        hidden,
-                    )?;
-                    &s.proj
-                };
-                lm_head::record(ctx, pass, x, head, &s.logits, rows)?;
+                self.record_logits(ctx, pass, first, rows)?;
                 gpu::nll::record(
                     ctx,
                     pass,
@@ -647,9 +649,9 @@ impl GpuModel {
     }
 
     /// Records one forward step of the `n` tokens in `tokens` at the cached positions into
-    /// `pass`, up to the final norm, then the logits `which` asks for (if any) into the scratch's
-    /// logits buffer. The scratch must be sized for them; the cache length is the caller's to
-    /// advance.
+    /// `pass`, up to the final norm, then the logits `which` asks for (if any; the first
+    /// [`NLL_BLOCK`] rows of all) into the scratch's logits buffer. The scratch must be sized
+    /// for them; the cache length is the caller's to advance.
     fn record_step(
         &self,
         ctx: &GpuContext,
@@ -757,19 +759,32 @@ impl GpuModel {
             )?;
         }
         rmsnorm::record(ctx, pass, &s.x, &self.norm, &s.final_norm, n, hidden, eps)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         match which {
-            None => {}
-            Some(Logits::All) => lm_head::record(ctx, pass, &s.final_norm, head, &s.logits, n)?,
-            Some(Logits::Last) if n == 1 => {
-                lm_head::record(ctx, pass, &s.final_norm, head, &s.logits, 1)?
-            }
-            Some(Logits::Last) => {
-                // The last row alone: copy it to the front, then one lm_head row.
-                elementwise::copy_rows(ctx, pass, &s.final_norm, n - 1, &s.proj, 0, 1, hidden)?;
-                lm_head::record(ctx, pass, &s.proj, head, &s.logits, 1)?;
-            }
+            None => Ok(()),
+            Some(Logits::All) => self.record_logits(ctx, pass, 0, n.min(NLL_BLOCK)),
+            Some(Logits::Last) => self.record_logits(ctx, pass, n - 1, 1),
         }
-        Ok(())
+    }
+
+    /// Records the logits of `rows` rows of the final norm, from row `first` on, into the front
+    /// of the scratch's logits buffer. Rows past the first are copied to the front of the
+    /// projection scratch first (the step is done with it), as lm_head reads from row 0.
+    fn record_logits(
+        &self,
+        ctx: &GpuContext,
+        pass: &mut wgpu::ComputePass<'_>,
+        first: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let s = self.scratch.as_ref().expect("the caller sized the scratch");
+        let x = if first == 0 {
+            &s.final_norm
+        } else {
+            let hidden = self.config.hidden_size;
+            elementwise::copy_rows(ctx, pass, &s.final_norm, first, &s.proj, 0, rows, hidden)?;
+            &s.proj
+        };
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        lm_head::record(ctx, pass, x, head, &s.logits, rows)
     }
 }

@@ -26,7 +26,7 @@ async fn gpu_argmax(ctx: &GpuContext, logits: &[f32], count: usize) -> bitnet_wg
 
 pub async fn argmax_matches_cpu(ctx: &mut GpuContext) {
     let mut rng = SmallRng::seed_from_u64(18);
-    for case in 0..120 {
+    for case in 0..200 {
         let len = pick(&mut rng, &LENGTHS);
         // Values from a small set, so that ties are common.
         let levels = pick(&mut rng, &[2usize, 5, 1000]);

@@ -184,7 +184,18 @@ pub async fn attention_long_context_matches_cpu(ctx: &mut GpuContext) {
 }
 
 /// Table shapes: odd sizes, and chunk sizes that split them unevenly (0: the adapter's limit).
-const TABLES: [(usize, usize); 6] = [(37, 40), (1001, 129), (5, 1), (64, 3), (300, 16), (2, 257)];
+/// lm_head stages x 2560 columns at a time for one row, 640 for more: 2B4T's hidden size 2560
+/// takes four spans of several rows, 2600 two spans of one row.
+const TABLES: [(usize, usize); 8] = [
+    (37, 40),
+    (1001, 129),
+    (5, 1),
+    (64, 3),
+    (300, 16),
+    (2, 257),
+    (50, 2560),
+    (9, 2600),
+];
 const CHUNK_ROWS: [usize; 6] = [1, 2, 7, 64, 1000, 0];
 
 /// A random table with f16 subnormals, zeros of both signs and values up to ±2.

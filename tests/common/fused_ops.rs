@@ -82,7 +82,9 @@ fn cpu_rope_qkv(
 }
 
 /// norm_matmul.wgsl gives the bits of rmsnorm_quant + gemv (+ relu2_gate) and matches
-/// cpu::norm_matmul within the epilogue's division tolerance.
+/// cpu::norm_matmul within the epilogue's division tolerance. Where the adapter lacks the
+/// workgroup memory it needs (16 KiB, WebGPU's default), the model takes the separate kernels:
+/// the fused one must refuse, and the separate ones match the CPU.
 pub async fn norm_matmul_matches_cpu(ctx: &mut GpuContext) {
     for variant in variants(ctx) {
         ctx.set_variant(variant).expect("variant");
@@ -125,10 +127,15 @@ pub async fn norm_matmul_matches_cpu(ctx: &mut GpuContext) {
                 .expect("gate_up");
             let mut encoder = ctx.device.create_command_encoder(&Default::default());
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            gpu::norm_matmul::record(
+            let fused_here = gpu::norm_matmul::supported(ctx, cols);
+            let recorded = gpu::norm_matmul::record(
                 ctx, &mut pass, &input, rows, &norm_buf, eps, &gw, &fused, output,
-            )
-            .expect("record fused");
+            );
+            assert_eq!(
+                recorded.is_ok(),
+                fused_here,
+                "{what}: fused kernel recorded"
+            );
             gpu::rmsnorm::record_quant(ctx, &mut pass, &input, &norm_buf, &acts, eps)
                 .expect("record rmsnorm_quant");
             let (out, target) = match output {
@@ -148,14 +155,14 @@ pub async fn norm_matmul_matches_cpu(ctx: &mut GpuContext) {
             }
             drop(pass);
             ctx.queue.submit([encoder.finish()]);
-            let got: Vec<f32> = ctx.read(&fused, rows * n).await.expect("read back");
-            let want: Vec<f32> = ctx.read(&split, rows * n).await.expect("read back");
-            for (i, (g, s)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    g.to_bits() == s.to_bits() || (g.is_nan() && s.is_nan()),
-                    "{what}: output {i}: fused {g:e}, separate kernels {s:e}"
-                );
-            }
+            let separate: Vec<f32> = ctx.read(&split, rows * n).await.expect("read back");
+            let got = if fused_here {
+                let got: Vec<f32> = ctx.read(&fused, rows * n).await.expect("read back");
+                assert_bits_eq(&got, &separate, &format!("{what}: fused vs separate"));
+                got
+            } else {
+                separate
+            };
             for (i, (g, c)) in got.iter().zip(&cpu_out).enumerate() {
                 if output == NormMatmulOutput::Add {
                     let r = before[i];
@@ -224,12 +231,13 @@ pub async fn rope_qkv_matches_cpu(ctx: &mut GpuContext) {
 }
 
 /// norm_gemv_rope gives the bits of rmsnorm_quant + gemv + rope_qkv (queries, keys in the cache,
-/// values in the cache, other cache rows untouched) and matches the CPU.
+/// values in the cache, other cache rows untouched) and matches the CPU. Where the adapter cannot
+/// run it, it refuses, and the separate kernels the model then takes match the CPU.
 pub async fn norm_matmul_rope_matches_cpu(ctx: &mut GpuContext) {
     for variant in variants(ctx) {
         ctx.set_variant(variant).expect("variant");
         let mut rng = SmallRng::seed_from_u64(17);
-        for case in 0..100 {
+        for case in 0..200 {
             let rows = pick(&mut rng, &[1usize, 1, 2, 3]);
             let cols = pick(&mut rng, &[1usize, 17, 40, 129, 1025, 2600]);
             let kv_heads = pick(&mut rng, &[1usize, 2, 3]);
@@ -280,11 +288,16 @@ pub async fn norm_matmul_rope_matches_cpu(ctx: &mut GpuContext) {
             let qkv = ctx.storage("qkv", (rows * width * 4) as u64).expect("qkv");
             let mut encoder = ctx.device.create_command_encoder(&Default::default());
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            gpu::norm_matmul::record_qkv(
+            let fused_here = gpu::norm_matmul::supported(ctx, cols);
+            let recorded = gpu::norm_matmul::record_qkv(
                 ctx, &mut pass, &input, rows, &norm_buf, eps, &gw, &table, &fused.0, &fused.1,
                 &fused.2, cache_row, shape,
-            )
-            .expect("record fused");
+            );
+            assert_eq!(
+                recorded.is_ok(),
+                fused_here,
+                "{what}: fused kernel recorded"
+            );
             gpu::rmsnorm::record_quant(ctx, &mut pass, &input, &norm_buf, &acts, eps)
                 .expect("record");
             let gemv = MatmulOptions {
@@ -320,9 +333,18 @@ pub async fn norm_matmul_rope_matches_cpu(ctx: &mut GpuContext) {
                     cpu_cache(&cpu_v),
                 ),
             ] {
-                let got: Vec<f32> = ctx.read(f, len).await.expect("read back");
-                let want: Vec<f32> = ctx.read(s, len).await.expect("read back");
-                assert_bits_eq(&got, &want, &format!("{what}: {name}, fused vs separate"));
+                let separate: Vec<f32> = ctx.read(s, len).await.expect("read back");
+                let got = if fused_here {
+                    let got: Vec<f32> = ctx.read(f, len).await.expect("read back");
+                    assert_bits_eq(
+                        &got,
+                        &separate,
+                        &format!("{what}: {name}, fused vs separate"),
+                    );
+                    got
+                } else {
+                    separate
+                };
                 let scale = cpu_values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 for (i, (g, c)) in got.iter().zip(&cpu_values).enumerate() {
                     assert_close(*g, *c, scale, &format!("{what}: {name} {i}"));

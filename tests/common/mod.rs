@@ -46,6 +46,15 @@ pub fn variants(ctx: &GpuContext) -> Vec<gpu::ShaderVariant> {
         .collect()
 }
 
+/// The variants [`variants`] gives, checked to hold the one a model uses here (the best) and
+/// the portable one every adapter runs; printed by the callers, as which ran varies by adapter.
+pub fn variants_tested(ctx: &GpuContext) -> Vec<gpu::ShaderVariant> {
+    let tested = variants(ctx);
+    assert!(tested.contains(&ctx.capabilities().best_variant()));
+    assert!(tested.contains(&gpu::ShaderVariant::PORTABLE));
+    tested
+}
+
 fn pick<T: Copy>(rng: &mut SmallRng, items: &[T]) -> T {
     items[rng.random_range(0..items.len())]
 }
@@ -147,10 +156,12 @@ fn weight_options(rng: &mut SmallRng) -> WeightQuantOptions {
     }
 }
 
+/// Latent weights with at least one nonzero ternary code, at magnitudes from under the 1e-5 floor
+/// of mean |W| to 1e20, with some or most of them zero.
 fn weights(rng: &mut SmallRng, len: usize) -> Vec<f32> {
-    let magnitude = pick(rng, &[1.0f32, 0.02, 1e-20, 1e20, 1e-6]);
-    let zero_share = pick(rng, &[0.0f64, 0.3, 1.0]);
-    (0..len)
+    let magnitude = pick(rng, &[1.0f32, 0.02, 1e20, 1e-6, 1e-20]);
+    let zero_share = pick(rng, &[0.0f64, 0.3, 0.9]);
+    let mut w: Vec<f32> = (0..len)
         .map(|_| {
             if rng.random_bool(zero_share) {
                 0.0
@@ -158,7 +169,51 @@ fn weights(rng: &mut SmallRng, len: usize) -> Vec<f32> {
                 rng.random_range(-1.0f32..1.0) * magnitude
             }
         })
+        .collect();
+    if magnitude < 1e-5 {
+        // Under the floor the scale is 1e5 and these weights alone all quantize to 0: one in
+        // eight becomes an outlier that quantizes to ±1 while the mean stays under the floor
+        // (in groups of more than a dozen weights).
+        for v in w.iter_mut().step_by(8) {
+            *v = rng.random_range(1e-5f32..1e-4) * pick(rng, &[1.0f32, -1.0]);
+        }
+    } else {
+        // One nonzero weight is enough: where mean |W| is at or above the floor, the largest
+        // |w| * scale is at least 1, above every threshold.
+        let i = rng.random_range(0..len);
+        w[i] = rng.random_range(0.5f32..1.0) * pick(rng, &[magnitude, -magnitude]);
+    }
+    w
+}
+
+/// Every 25th ternary_pack and ternary_matmul case quantizes weights whose codes are all 0.
+fn zero_codes_case(case: usize) -> bool {
+    case.is_multiple_of(25)
+}
+
+/// Weights whose codes are all 0: exact zeros, or a mean |W| under the 1e-5 floor (scale 1e5)
+/// with every |w| * 1e5 at most 0.1, under every threshold.
+fn zero_code_weights(rng: &mut SmallRng, len: usize) -> Vec<f32> {
+    let magnitude = pick(rng, &[0.0f32, 1e-6, 1e-20]);
+    (0..len)
+        .map(|_| rng.random_range(-1.0f32..1.0) * magnitude)
         .collect()
+}
+
+/// Whether any code of a packed matrix is nonzero.
+fn has_nonzero_code(packed: &cpu::PackedTernary) -> bool {
+    bitnet_wgpu::packing::gpu_words::unpack(&packed.words, packed.rows, packed.cols)
+        .expect("unpack")
+        .iter()
+        .any(|&c| c != 0)
+}
+
+/// Checks that a case's codes are all 0 exactly where `zero_codes_case` says so, and returns
+/// whether it has nonzero codes.
+fn check_codes(case: usize, packed: &cpu::PackedTernary, what: &str) -> bool {
+    let real = has_nonzero_code(packed);
+    assert_eq!(real, !zero_codes_case(case), "{what}: nonzero codes");
+    real
 }
 
 async fn assert_pack_eq(
@@ -179,16 +234,23 @@ async fn assert_pack_eq(
 }
 
 /// ternary_pack.wgsl == cpu::ternary_pack for f32 and f16 weights: words and scales bit for bit.
+/// All but the zero-code cases quantize to some nonzero codes.
 pub async fn ternary_pack_matches_cpu(ctx: &mut GpuContext) {
+    const CASES: usize = 200;
     for variant in variants(ctx) {
         ctx.set_variant(variant).expect("variant");
         let mut rng = SmallRng::seed_from_u64(2);
-        for case in 0..200 {
+        let mut real = 0;
+        for case in 0..CASES {
             let rows = pick(&mut rng, &ODD_ROWS);
             let cols = pick(&mut rng, &ODD_COLS);
             let opts = weight_options(&mut rng);
             let what = format!("{variant:?} case {case} ({rows}x{cols}, {opts:?})");
-            let w = weights(&mut rng, rows * cols);
+            let w = if zero_codes_case(case) {
+                zero_code_weights(&mut rng, rows * cols)
+            } else {
+                weights(&mut rng, rows * cols)
+            };
             let mut encoder = ctx.device.create_command_encoder(&Default::default());
             let mut pass = encoder.begin_compute_pass(&Default::default());
             if case % 4 == 0 {
@@ -199,6 +261,7 @@ pub async fn ternary_pack_matches_cpu(ctx: &mut GpuContext) {
                     .collect();
                 let widened: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
                 let expected = cpu::ternary_pack(&widened, rows, cols, opts).expect("cpu");
+                real += usize::from(check_codes(case, &expected, &what));
                 let packed =
                     gpu::ternary_pack::record_f16(ctx, &mut pass, &halves, rows, cols, opts)
                         .expect("record");
@@ -207,6 +270,7 @@ pub async fn ternary_pack_matches_cpu(ctx: &mut GpuContext) {
                 assert_pack_eq(ctx, packed, expected, &format!("f16 {what}")).await;
             } else {
                 let expected = cpu::ternary_pack(&w, rows, cols, opts).expect("cpu");
+                real += usize::from(check_codes(case, &expected, &what));
                 let packed = gpu::ternary_pack::record(ctx, &mut pass, &w, rows, cols, opts)
                     .expect("record");
                 drop(pass);
@@ -214,6 +278,8 @@ pub async fn ternary_pack_matches_cpu(ctx: &mut GpuContext) {
                 assert_pack_eq(ctx, packed, expected, &what).await;
             }
         }
+        eprintln!("ternary_pack {variant:?}: {real} of {CASES} cases with nonzero codes");
+        assert_eq!(real, CASES - CASES.div_ceil(25), "{variant:?}: real cases");
     }
 }
 
@@ -273,21 +339,31 @@ async fn gpu_matmul(
 /// ternary_matmul.wgsl == cpu::ternary_matmul on both paths: accumulators bit for bit, scaled
 /// outputs within EPILOGUE_REL_TOL, NaN rows where the activations held a NaN or infinity.
 pub async fn ternary_matmul_matches_cpu(ctx: &mut GpuContext) {
+    const CASES: usize = 200;
     let ms = [1usize, 1, 2, 3, 7, 8, 9, 33, 40, 70];
-    let ks = [1usize, 3, 4, 15, 16, 17, 100, 129, 300];
+    // Past 1024 columns each GEMV invocation loops over more than one group of words; 2560 and
+    // 6912 are 2B4T's hidden and intermediate sizes.
+    let ks = [1usize, 3, 4, 15, 16, 17, 100, 129, 300, 1030, 2560, 6912];
     let ns = [1usize, 2, 3, 5, 31, 33, 64, 65];
     for variant in variants(ctx) {
         ctx.set_variant(variant).expect("variant");
         let mut rng = SmallRng::seed_from_u64(4);
-        for case in 0..200 {
+        let (mut real, mut nonzero_acc) = (0, 0);
+        for case in 0..CASES {
             let (m, k, n) = (
                 pick(&mut rng, &ms),
                 pick(&mut rng, &ks),
                 pick(&mut rng, &ns),
             );
             let opts = weight_options(&mut rng);
-            let w = weights(&mut rng, n * k);
+            let w = if zero_codes_case(case) {
+                zero_code_weights(&mut rng, n * k)
+            } else {
+                weights(&mut rng, n * k)
+            };
             let packed = cpu::ternary_pack(&w, n, k, opts).expect("pack");
+            let what = format!("{variant:?} case {case} (m {m}, k {k}, n {n}, {opts:?})");
+            real += usize::from(check_codes(case, &packed, &what));
             let ternary = cpu::TernaryWeights {
                 rows: n,
                 cols: k,
@@ -305,11 +381,11 @@ pub async fn ternary_matmul_matches_cpu(ctx: &mut GpuContext) {
                 .then(|| (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect());
             let qx = cpu::act_quant(&x, m, k).expect("cpu act_quant");
             let acc = cpu::ternary_matmul_acc(&qx, &ternary).expect("cpu acc");
+            nonzero_acc += usize::from(acc.iter().any(|&a| a != 0));
             let y = cpu::ternary_matmul(&qx, &ternary, bias.as_deref()).expect("cpu matmul");
             let zeros = vec![0.0f32; m * n];
             for path in [MatmulPath::Gemv, MatmulPath::Gemm] {
-                let what =
-                    format!("{variant:?} {path:?} case {case} (m {m}, k {k}, n {n}, {opts:?})");
+                let what = format!("{what} {path:?}");
                 let got = gpu_matmul(
                     ctx,
                     &x,
@@ -374,6 +450,17 @@ pub async fn ternary_matmul_matches_cpu(ctx: &mut GpuContext) {
                 }
             }
         }
+        eprintln!(
+            "ternary_matmul {variant:?}: {real} of {CASES} cases with nonzero codes, \
+             {nonzero_acc} with nonzero accumulators"
+        );
+        assert_eq!(real, CASES - CASES.div_ceil(25), "{variant:?}: real cases");
+        // The others meet activation rows whose codes are all 0 or whose scale is NaN, which
+        // act_quant's own cases are about.
+        assert!(
+            nonzero_acc >= CASES * 3 / 4,
+            "{variant:?}: only {nonzero_acc} cases with nonzero accumulators"
+        );
     }
 }
 

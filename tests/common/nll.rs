@@ -12,7 +12,7 @@ const VOCABS: [usize; 9] = [1, 2, 3, 255, 256, 257, 1000, 5000, 32001];
 
 pub async fn nll_matches_cpu(ctx: &mut GpuContext) {
     let mut rng = SmallRng::seed_from_u64(19);
-    for case in 0..150 {
+    for case in 0..200 {
         let vocab = pick(&mut rng, &VOCABS);
         let rows = pick(&mut rng, &[1usize, 2, 3, 5]);
         let (target_offset, out_offset) = (rng.random_range(0..3), rng.random_range(0..3));
