@@ -344,7 +344,15 @@ pub fn train(
         OptimizerKind::AdamW => Optimizer::AdamW(AdamW::new(0.9, 0.95, 1e-8, o.weight_decay)),
         OptimizerKind::Sgd => Optimizer::Sgd(Sgd::new(0.9, o.weight_decay)),
     };
-    let (start, resumed) = if o.resume {
+    let state_file = checkpoint_dir.join(STATE_FILE);
+    if o.resume && !state_file.is_file() {
+        on_event(Event::Note(format!(
+            "{} holds no checkpoint yet (the run stopped during its first save): starting from \
+             step 0",
+            o.out.display()
+        )));
+    }
+    let (start, resumed) = if o.resume && state_file.is_file() {
         let checkpoint = load_checkpoint(&checkpoint_dir, optimizer.clone())?;
         let wanted = wanted_config(o)?;
         let c = &checkpoint.model.config;
@@ -625,7 +633,8 @@ fn check_options(o: &TrainOptions) -> Result<()> {
 }
 
 /// Refuses an --out that is a file, that holds anything when not resuming (another run, or
-/// other files), or that holds no checkpoint when resuming.
+/// other files), or that holds no checkpoint when resuming, unless all it holds is what a run
+/// writes before its first checkpoint (a run killed then starts again from step 0).
 fn check_out_dir(o: &TrainOptions) -> Result<()> {
     let out = &o.out;
     let state = out.join(CHECKPOINT_DIR).join(STATE_FILE);
@@ -636,7 +645,7 @@ fn check_out_dir(o: &TrainOptions) -> Result<()> {
         )));
     }
     if o.resume {
-        if !state.is_file() {
+        if !state.is_file() && !only_a_first_save(out) {
             return Err(bad_option(format!(
                 "--resume: {} holds no checkpoint to resume ({} is missing)",
                 out.display(),
@@ -668,6 +677,25 @@ fn check_out_dir(o: &TrainOptions) -> Result<()> {
         "--out {} is not empty; a run needs a new or empty folder",
         out.display()
     )))
+}
+
+/// Whether `out` holds nothing but what a run writes before its first checkpoint is complete:
+/// its exports, loss curve and tokenizer, and temporary files (a save killed midway).
+fn only_a_first_save(out: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return false;
+    };
+    let ours = [LOSS_CSV, LOSS_PNG, CHECKPOINT_DIR, MODEL_DIR, MASTER_DIR];
+    let mut any = false;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(ours.contains(&name.as_ref()) || name.starts_with('.')) {
+            return false;
+        }
+        any = true;
+    }
+    any
 }
 
 /// The model's config that the options ask for without building anything (for --resume), or
