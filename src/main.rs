@@ -218,10 +218,13 @@ struct TrainArgs {
     /// The run's folder: new or empty, or with --resume the folder of the run to continue.
     #[arg(long)]
     out: PathBuf,
-    /// A checkpoint to fine-tune (folder or .gguf), with its tokenizer.
+    /// A checkpoint to fine-tune (folder or .gguf), with its tokenizer [default: the demo model
+    /// built into this program, models/demo, unless --config or --vocab-size asks for a new
+    /// model].
     #[arg(long, conflicts_with = "config")]
     model: Option<PathBuf>,
-    /// A new model: `tiny` (about 0.43M parameters) or a config.json file [default: tiny].
+    /// A new model: `tiny` (about 0.43M parameters) or a config.json file [default with
+    /// --vocab-size: tiny].
     #[arg(long)]
     config: Option<String>,
     /// Optimizer steps in the whole run.
@@ -352,10 +355,16 @@ fn train(args: &TrainArgs) -> CliResult<ExitCode> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let mut o = TrainOptions::new(args.data.clone(), args.out.clone());
-    o.model = match (&args.model, args.config.as_deref()) {
-        (Some(path), _) => ModelSource::Checkpoint(path.clone()),
-        (None, None | Some("tiny")) => ModelSource::Tiny,
-        (None, Some(file)) => ModelSource::ConfigFile(PathBuf::from(file)),
+    o.model = match (&args.model, args.config.as_deref(), args.vocab_size) {
+        (Some(path), _, _) => ModelSource::Checkpoint(path.clone()),
+        (None, None, None) => ModelSource::Files(
+            DEMO_MODEL
+                .iter()
+                .map(|&(name, bytes)| (name.to_string(), bytes.to_vec()))
+                .collect(),
+        ),
+        (None, None | Some("tiny"), _) => ModelSource::Tiny,
+        (None, Some(file), _) => ModelSource::ConfigFile(PathBuf::from(file)),
     };
     (o.steps, o.batch, o.context, o.accumulate) =
         (args.steps, args.batch, args.context, args.accumulate);

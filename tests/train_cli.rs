@@ -211,6 +211,8 @@ fn resume_after_ctrl_c_equals_an_uninterrupted_run() {
             "5",
             "--device",
             "cpu",
+            "--config",
+            "tiny",
         ]
         .map(String::from)
         .to_vec()
@@ -467,7 +469,10 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
         (base(&dir.join("missing.txt")), "missing.txt"),
         (base(&short), "shorter than one window of 32 tokens"),
         (context_300, "longer than the model's 256 positions"),
-        (with(base(&data), &["--device", "gpu"]), "not available yet"),
+        (
+            with(base(&data), &["--device", "gpu", "--quant", "none"]),
+            "train on the CPU",
+        ),
         (with(base(&data), &["--resume"]), "no checkpoint to resume"),
         (with(base(&data), &["--vocab-size", "10"]), "at least 258"),
         (
@@ -651,6 +656,8 @@ fn sigkill_at_any_moment_leaves_complete_files_and_resumes_bit_for_bit() {
             "3",
             "--device",
             "cpu",
+            "--config",
+            "tiny",
         ]
         .map(String::from)
         .to_vec()
@@ -698,5 +705,44 @@ fn sigkill_at_any_moment_leaves_complete_files_and_resumes_bit_for_bit() {
             );
         }
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn with_no_model_named_train_fine_tunes_the_built_in_demo_model() {
+    let dir = scratch("demo");
+    let data = write(&dir, "data.txt", TEXT.repeat(20));
+    let out = dir.join("run");
+    let o = ok(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--steps",
+        "2",
+        "--batch",
+        "1",
+        "--context",
+        "16",
+        "--warmup",
+        "0",
+        "--lr",
+        "1e-2",
+        "--device",
+        "cpu",
+    ]);
+    assert!(stderr(&o).contains("(vocab 4096)"), "{}", stderr(&o));
+    let (tuned, _) = load_model(out.join("model")).unwrap();
+    let (demo, _) = load_model(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")).unwrap();
+    assert_eq!(tuned.config, demo.config);
+    let changed = tuned.layers.iter().zip(&demo.layers).any(|(a, b)| {
+        a.linears()
+            .iter()
+            .zip(b.linears())
+            .any(|(x, y)| x.codes != y.codes || x.scales != y.scales)
+    });
+    assert!(changed, "two steps changed nothing");
+    assert!(out.join("model/tokenizer.json").is_file());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -18,7 +18,9 @@ use super::plot::plot_losses;
 use super::{AdamW, GpuTrainer, Optimizer, Quant, Schedule, Sgd, StepReport, TrainModel, Trainer};
 use crate::formats::hf;
 use crate::gpu::GpuContext;
-use crate::model::{ModelConfig, load_model, perplexity_windows};
+use crate::model::{
+    ModelConfig, ModelWeights, load_model, load_model_from_bytes, perplexity_windows,
+};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -38,6 +40,9 @@ pub enum ModelSource {
     /// tokenizer. A full-precision folder (such as a run's master/) gives its latent weights
     /// as they are; a packed one its ternary weights ([`TrainModel::from_weights`]).
     Checkpoint(PathBuf),
+    /// Fine-tune a checkpoint held in memory as its files' names and bytes (what
+    /// [`load_model_from_bytes`] loads; the demo model built into `bitnet`), with its tokenizer.
+    Files(Vec<(String, Vec<u8>)>),
     /// A new model of [`tiny_config`]'s shape.
     Tiny,
     /// A new model shaped by a config.json file.
@@ -621,7 +626,9 @@ fn check_options(o: &TrainOptions) -> Result<()> {
             )));
         }
     }
-    if o.vocab_size.is_some() && matches!(o.model, ModelSource::Checkpoint(_)) {
+    if o.vocab_size.is_some()
+        && matches!(o.model, ModelSource::Checkpoint(_) | ModelSource::Files(_))
+    {
         return Err(bad_option(
             "--vocab-size trains a tokenizer for a new model; a --model comes with its own",
         ));
@@ -702,8 +709,8 @@ fn only_a_first_save(out: &Path) -> bool {
 /// `None` when they name none.
 fn wanted_config(o: &TrainOptions) -> Result<Option<ModelConfig>> {
     Ok(Some(match &o.model {
-        ModelSource::Checkpoint(path) => {
-            let (weights, _) = load_model(path)?;
+        ModelSource::Checkpoint(_) | ModelSource::Files(_) => {
+            let (weights, _) = load_source(&o.model)?.expect("a checkpoint source");
             let mut c = weights.config;
             c.tie_word_embeddings = weights.lm_head.is_none();
             c
@@ -760,12 +767,28 @@ fn describe(c: &ModelConfig) -> String {
     )
 }
 
+/// The weights and tokenizer of a checkpoint source, `None` for a new model.
+fn load_source(source: &ModelSource) -> Result<Option<(ModelWeights, Tokenizer)>> {
+    match source {
+        ModelSource::Checkpoint(path) => load_model(path).map(Some),
+        ModelSource::Files(files) => {
+            let named: Vec<(&str, &[u8])> = files
+                .iter()
+                .map(|(name, bytes)| (name.as_str(), bytes.as_slice()))
+                .collect();
+            load_model_from_bytes(&named).map(Some)
+        }
+        ModelSource::Tiny | ModelSource::ConfigFile(_) => Ok(None),
+    }
+}
+
 /// A new run's model and tokenizer.
 fn new_start(o: &TrainOptions, texts: &[String], on_event: &mut dyn FnMut(Event)) -> Result<Start> {
-    if let ModelSource::Checkpoint(path) = &o.model {
-        let (weights, tokenizer) = load_model(path)?;
+    if let Some((weights, tokenizer)) = load_source(&o.model)? {
         let mut model = TrainModel::from_weights(&weights, o.quant)?;
-        if let Some(latent) = load_latent(path, &model)? {
+        if let ModelSource::Checkpoint(path) = &o.model
+            && let Some(latent) = load_latent(path, &model)?
+        {
             model.params = latent;
             on_event(Event::Note(format!(
                 "{}: full-precision weights, fine-tuned as they are",
