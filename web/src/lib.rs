@@ -7,6 +7,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use bitnet_wgpu::Error;
 use bitnet_wgpu::formats::hf::{config_json, to_safetensors_bytes};
 use bitnet_wgpu::model::{
     Device, Engine, GenerationParams, Generator, ModelWeights, SamplingParams, Stop,
@@ -25,8 +26,8 @@ use wasm_bindgen_futures::future_to_promise;
 pub struct Demo {
     /// The loaded model; taken out while a generation or a fine-tune runs.
     generator: Rc<RefCell<Option<Generator>>>,
-    /// The loaded model's weights on the host, kept for fine-tuning and export when the model is
-    /// small enough to train in a tab ([`MAX_TUNE_PARAMETERS`]).
+    /// The loaded model's weights on the host, kept for fine-tuning, export and a restart after a
+    /// lost GPU device when the model is small enough to train in a tab ([`MAX_TUNE_PARAMETERS`]).
     weights: Rc<RefCell<Option<ModelWeights>>>,
     /// The device the model was loaded for, which the tuned model runs on too.
     device: Rc<Cell<Device>>,
@@ -104,7 +105,9 @@ impl Demo {
 
     /// Generates from `prompt`, calling `on_text(piece)` as text arrives. Resolves to JSON text:
     /// `prompt_ids`, `generated_ids`, `text`, `prompt_tokens_per_s`, `tokens_per_s`,
-    /// `first_token_ms` and `stop`.
+    /// `first_token_ms` and `stop`. When the GPU device was lost, the model (if small enough to
+    /// be kept, [`MAX_TUNE_PARAMETERS`]) starts again on a new device and the generation runs
+    /// again: then `recovered_from` names the loss and `model` describes the new engine.
     #[allow(clippy::too_many_arguments)]
     pub fn generate(
         &self,
@@ -117,6 +120,8 @@ impl Demo {
         on_text: Function,
     ) -> Promise {
         let slot = self.generator.clone();
+        let weights = self.weights.clone();
+        let device = self.device.get();
         let busy = self.busy.clone();
         let cancel = self.cancel.clone();
         future_to_promise(async move {
@@ -138,12 +143,31 @@ impl Demo {
                     seed: seed.into(),
                 },
             };
-            let generation = generator
-                .generate(&prompt, &params, |piece| {
-                    let _ = on_text.call1(&JsValue::NULL, &JsValue::from_str(piece));
-                    !cancel.get()
-                })
-                .await;
+            let on_piece = |piece: &str| {
+                let _ = on_text.call1(&JsValue::NULL, &JsValue::from_str(piece));
+                !cancel.get()
+            };
+            let mut generation = generator.generate(&prompt, &params, on_piece).await;
+            // A lost GPU device takes the model's buffers with it: start the kept weights on a
+            // new device and generate again, once.
+            let mut recovered = None;
+            if let Err(Error::DeviceLost(reason)) = &generation {
+                let kept = weights.borrow().clone();
+                if let Some(kept) = kept {
+                    let tokenizer = generator.tokenizer().clone();
+                    match Engine::new(device, kept).await {
+                        Ok((engine, fallback)) => {
+                            generator = Generator::new(engine, tokenizer);
+                            recovered = Some((reason.clone(), fallback.map(|e| e.to_string())));
+                            generation = generator.generate(&prompt, &params, on_piece).await;
+                        }
+                        Err(e) => generation = Err(e),
+                    }
+                }
+            }
+            let model = recovered
+                .as_ref()
+                .map(|(_, fallback)| describe(&generator, fallback.clone()));
             *slot.borrow_mut() = Some(generator);
             busy.set(false);
             let generation = generation.map_err(error)?;
@@ -160,9 +184,21 @@ impl Demo {
                     Stop::ContextFull => "context full",
                     Stop::Cancelled => "stopped",
                 },
+                "recovered_from": recovered.map(|(reason, _)| reason),
+                "model": model.and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok()),
             });
             Ok(JsValue::from_str(&json.to_string()))
         })
+    }
+
+    /// Destroys the loaded model's GPU device, as a driver reset or a removed GPU would lose
+    /// it: the page's way to show (and test) that it recovers. Nothing happens on the CPU path.
+    pub fn lose_device(&self) {
+        if let Some(generator) = self.generator.borrow().as_ref()
+            && let Engine::Gpu(gpu) = generator.engine()
+        {
+            gpu.0.device.destroy();
+        }
     }
 
     /// Asks the running generation to stop after its current token, or the running fine-tune
@@ -307,7 +343,7 @@ async fn tune(
     on_step: &Function,
     cancel: &Cell<bool>,
 ) -> bitnet_wgpu::Result<(ModelWeights, serde_json::Value)> {
-    let invalid = |why: String| bitnet_wgpu::Error::Invalid {
+    let invalid = |why: String| Error::Invalid {
         what: "fine-tuning",
         why,
     };
@@ -434,7 +470,7 @@ fn describe(generator: &Generator, fallback: Option<String>) -> String {
     .to_string()
 }
 
-fn error(e: bitnet_wgpu::Error) -> JsValue {
+fn error(e: Error) -> JsValue {
     message(e.to_string())
 }
 

@@ -133,6 +133,16 @@ try {
     assert.equal(await generateWith(page, prompt, 16), demoIds);
   });
 
+  await check("a lost GPU device is reported and the page generates again on a new one", async () => {
+    await page.goto(`${base}index.html?debug=1`);
+    await waitForModel(page);
+    await page.click("#lose-device");
+    assert.equal(await generateWith(page, prompt, 16), demoIds);
+    assert.match(await page.textContent("#notice"), /GPU device was lost \(destroyed\)/);
+    assert.match(await page.textContent("#engine"), /WebGPU/);
+    assert.equal(await generateWith(page, prompt, 16), demoIds);
+  });
+
   await check("fine-tuning in the tab lowers the loss; the downloaded model generates natively as the page does", async () => {
     const text = "The little robot sang a song to the moon every night. ".repeat(12);
     await page.fill("#tune-text", text);

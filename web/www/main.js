@@ -201,6 +201,7 @@ async function openFiles(fileList) {
 
 async function generate() {
   showError(null);
+  $("notice").hidden = true;
   const output = $("output");
   output.textContent = "";
   output.dataset.state = "running";
@@ -222,6 +223,12 @@ async function generate() {
       },
     });
     output.textContent = result.text;
+    if (result.recovered_from) {
+      $("notice").hidden = false;
+      $("notice").textContent = `The GPU device was lost (${result.recovered_from}); the model ` +
+        "started again on a new device and generated this.";
+      showModel(loadedName, result.model);
+    }
     output.dataset.tokenIds = result.generated_ids.join(",");
     output.dataset.state = "done";
     $("stats").textContent =
@@ -334,6 +341,8 @@ async function start() {
   drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
   drop.ondragleave = () => drop.classList.remove("over");
   drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); openFiles(e.dataTransfer.files); };
+  $("lose-device").hidden = params.get("debug") !== "1";
+  $("lose-device").onclick = () => worker.postMessage({ type: "lose-device" });
   $("tune").onclick = finetune;
   $("tune-stop").onclick = () => worker.postMessage({ type: "stop" });
   $("download").onclick = download;

@@ -1,5 +1,5 @@
 // The Web Worker that owns the model: wasm, tokenizer and GPU context live here, so the page
-// never freezes. Messages in: load, generate, finetune, export, stop. Messages out: loaded, text,
+// never freezes. Messages in: load, generate, finetune, export, stop, lose-device. Messages out: loaded, text,
 // step, done, tuned, exported, error.
 import init, { Demo } from "./pkg/bitnet_web.js";
 
@@ -32,6 +32,8 @@ self.onmessage = async (event) => {
     } else if (message.type === "export") {
       const files = demo.export().map(([name, bytes]) => [name, bytes.buffer]);
       self.postMessage({ type: "exported", id: message.id, files }, files.map(([, buffer]) => buffer));
+    } else if (message.type === "lose-device") {
+      demo.lose_device();
     } else if (message.type === "stop") {
       demo.stop();
     }
