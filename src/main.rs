@@ -153,7 +153,8 @@ struct InfoArgs {
 /// Which processor runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Device {
-    /// The GPU when the model can run there, else the CPU.
+    /// A hardware GPU when the model can run there, else the CPU engine (a software adapter
+    /// such as lavapipe is slower than the CPU engine).
     Auto,
     Gpu,
     Cpu,

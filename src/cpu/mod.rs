@@ -1,11 +1,13 @@
 //! The CPU reference: every operation the shaders perform, in plain Rust. This is the
 //! specification; each function here has a shader twin of the same name in `shaders/`. The
-//! `*_backward` functions are the gradients training needs, each beside its forward.
+//! `*_backward` functions are the gradients training needs, each beside its forward. [`fast`]
+//! holds the CPU engine's kernels, each equal to its reference twin bit for bit.
 
 mod act_quant;
 mod argmax;
 mod attention;
 mod embedding;
+pub mod fast;
 #[cfg(test)]
 pub(crate) mod gradcheck;
 mod lm_head;

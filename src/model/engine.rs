@@ -6,7 +6,8 @@ use std::ops::Range;
 use crate::cpu::nll;
 use crate::gpu::GpuContext;
 use crate::gpu::table::TableStorage;
-use crate::model::{GpuModel, KvCache, Logits, ModelConfig, ModelWeights, forward};
+use crate::model::packed::PackedModel;
+use crate::model::{GpuModel, KvCache, Logits, ModelConfig, ModelWeights};
 use crate::{Error, Result};
 
 /// Embedding tables from this size (as f32) are kept as f16 on the GPU: 2B4T's 1.3 GB becomes
@@ -16,31 +17,43 @@ const F16_TABLES_FROM_BYTES: usize = 256 << 20;
 /// Where [`Engine::new`] runs a model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Device {
-    /// The GPU when an adapter opens and the model fits it, else the CPU.
+    /// The GPU when a hardware adapter opens and the model fits it, else the CPU. Natively a
+    /// software adapter (lavapipe, SwiftShader: device type `Cpu`) counts as none, the CPU
+    /// engine being faster; in the browser WebGPU is taken whatever runs it.
     #[default]
     Auto,
-    /// The GPU or an error.
+    /// The GPU (any adapter, software ones included) or an error.
     Gpu,
-    /// The CPU reference.
+    /// The CPU engine.
     Cpu,
 }
 
-/// A model ready to run one sequence at a time, on the CPU reference or resident on a GPU.
+/// A model ready to run one sequence at a time, on the CPU engine or resident on a GPU.
 pub enum Engine {
     Cpu(Box<CpuEngine>),
     Gpu(Box<(GpuContext, GpuModel)>),
 }
 
 impl Engine {
-    /// Starts `weights` on `device`. With [`Device::Auto`], a GPU that does not open or cannot
-    /// hold the model gives a CPU engine, and the second value says why; with [`Device::Gpu`]
-    /// that is the error.
+    /// Starts `weights` on `device`. With [`Device::Auto`], a GPU that does not open, is a
+    /// software adapter (natively) or cannot hold the model gives a CPU engine, and the second
+    /// value says why; with [`Device::Gpu`] that is the error (a software adapter is used).
     pub async fn new(device: Device, weights: ModelWeights) -> Result<(Self, Option<Error>)> {
         if device == Device::Cpu {
             return Ok((Engine::Cpu(Box::new(CpuEngine::new(weights)?)), None));
         }
         let on_gpu = async {
             let ctx = GpuContext::new().await?;
+            let info = ctx.adapter_info();
+            if device == Device::Auto
+                && info.device_type == wgpu::DeviceType::Cpu
+                && cfg!(not(target_arch = "wasm32"))
+            {
+                return Err(Error::NoAdapter(format!(
+                    "{} is a software adapter, slower than the CPU engine (--device gpu uses it)",
+                    info.name
+                )));
+            }
             let c = &weights.config;
             // f16 tables round the embeddings; only big tables are worth that.
             let tables = if c.vocab_size * c.hidden_size * 4 >= F16_TABLES_FROM_BYTES {
@@ -62,7 +75,7 @@ impl Engine {
     /// `Logits::Last`, at least the last token's row (the GPU then computes only that one).
     pub async fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         match self {
-            Engine::Cpu(e) => e.forward(tokens),
+            Engine::Cpu(e) => e.forward_logits(tokens, which),
             Engine::Gpu(gpu) => gpu.1.forward(&gpu.0, tokens, which).await,
         }
     }
@@ -120,8 +133,10 @@ impl Engine {
     }
 }
 
-/// The CPU reference forward with its own KV cache: each [`CpuEngine::forward`] continues the
-/// sequence where the previous one stopped.
+/// The CPU engine with its own KV cache: each [`CpuEngine::forward`] continues the sequence
+/// where the previous one stopped. Its logits equal the reference [`crate::model::forward`]'s bit
+/// for bit; the weights stay packed (2 bits per ternary weight) and the products run on SIMD
+/// integer dot products over all cores ([`crate::cpu::fast`]).
 ///
 /// ```
 /// # use bitnet_wgpu::model::{CpuEngine, ModelWeights};
@@ -134,23 +149,29 @@ impl Engine {
 /// ```
 #[derive(Clone, Debug)]
 pub struct CpuEngine {
-    weights: ModelWeights,
+    model: PackedModel,
     cache: KvCache,
 }
 
 impl CpuEngine {
-    /// An engine over `weights`, checked once here ([`ModelWeights::validate`]).
+    /// An engine over `weights`, checked once here ([`ModelWeights::validate`]) and packed.
     pub fn new(weights: ModelWeights) -> Result<Self> {
-        weights.validate()?;
         let cache = KvCache::new(&weights.config);
-        Ok(CpuEngine { weights, cache })
+        let model = PackedModel::new(weights)?;
+        Ok(CpuEngine { model, cache })
     }
 
     /// Logits `[tokens.len(), vocab_size]` of `tokens` placed after the positions seen so far; the
     /// cache advances by `tokens.len()`. Errors are those of [`forward`] (no tokens, an id outside
     /// the vocabulary, past `max_position_embeddings`); the cache is unchanged after one.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        forward(&self.weights, tokens, &mut self.cache)
+        self.forward_logits(tokens, Logits::All)
+    }
+
+    /// As [`CpuEngine::forward`]; with [`Logits::Last`] only the last token's row (`[vocab]`)
+    /// is computed, all that generation needs.
+    pub fn forward_logits(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        self.model.forward(tokens, &mut self.cache, which)
     }
 
     /// Forgets the sequence, to start a new one.
@@ -164,11 +185,12 @@ impl CpuEngine {
     }
 
     pub fn config(&self) -> &ModelConfig {
-        &self.weights.config
+        self.model.config()
     }
 
-    pub fn weights(&self) -> &ModelWeights {
-        &self.weights
+    /// Bytes the weights take in memory (ternary weights at 2 bits, tables, norms).
+    pub fn weight_bytes(&self) -> usize {
+        self.model.bytes()
     }
 }
 
@@ -196,7 +218,7 @@ pub fn perplexity_windows(n_tokens: usize, context: usize) -> Vec<Range<usize>> 
 mod tests {
     use super::*;
     use crate::cpu::{WeightQuantOptions, weight_quant};
-    use crate::model::LayerWeights;
+    use crate::model::{LayerWeights, forward};
 
     fn tiny_weights() -> ModelWeights {
         let config = ModelConfig {
@@ -266,7 +288,137 @@ mod tests {
         assert_eq!(engine.position(), 3);
         assert!(engine.forward(&[11]).is_err());
         assert_eq!(engine.config().vocab_size, 11);
-        assert_eq!(engine.weights(), &weights);
+        // Linears at 2 bits per weight, rows padded to 128 (one scale per row), the f32 table
+        // padded to 64 rows, the norms.
+        let linears = 8 + 4 + 4 + 8 + 12 + 12 + 8;
+        let (table, norms) = (4 * 64 * 8, 4 * (8 + 8 + 8 + 12 + 8));
+        assert_eq!(
+            engine.weight_bytes(),
+            linears * 32 + 4 * linears + table + norms
+        );
+    }
+
+    fn floats(rng: &mut rand::rngs::SmallRng, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+        use rand::Rng;
+        (0..len).map(|_| rng.random_range(lo..hi)).collect()
+    }
+
+    /// A random model of `config`: latent weights quantized per tensor or per channel, norms
+    /// near 1, the tables f16-exact for even seeds (as a GGUF's F16 table), tied or not.
+    fn random_model(config: ModelConfig, seed: u64, per_channel: bool) -> ModelWeights {
+        use crate::cpu::ScaleGranularity;
+        use rand::SeedableRng;
+        let rng = &mut rand::rngs::SmallRng::seed_from_u64(seed);
+        let c = config.clone();
+        let (hidden, inter) = (c.hidden_size, c.intermediate_size);
+        let (attn, kv) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let granularity = if per_channel {
+            ScaleGranularity::PerChannel
+        } else {
+            ScaleGranularity::PerTensor
+        };
+        let opts = WeightQuantOptions {
+            granularity,
+            threshold: 0.5,
+        };
+        let linear = |rng: &mut _, rows: usize, cols: usize| {
+            weight_quant(&floats(rng, rows * cols, -0.1, 0.1), rows, cols, opts).unwrap()
+        };
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| LayerWeights {
+                input_layernorm: floats(rng, hidden, 0.8, 1.2),
+                q_proj: linear(rng, attn, hidden),
+                k_proj: linear(rng, kv, hidden),
+                v_proj: linear(rng, kv, hidden),
+                o_proj: linear(rng, hidden, attn),
+                attn_sub_norm: floats(rng, attn, 0.8, 1.2),
+                post_attention_layernorm: floats(rng, hidden, 0.8, 1.2),
+                gate_proj: linear(rng, inter, hidden),
+                up_proj: linear(rng, inter, hidden),
+                down_proj: linear(rng, hidden, inter),
+                ffn_sub_norm: floats(rng, inter, 0.8, 1.2),
+            })
+            .collect();
+        let table_len = c.vocab_size * hidden;
+        let table = |rng: &mut _| {
+            let mut t = floats(rng, table_len, -1.0, 1.0);
+            if seed.is_multiple_of(2) {
+                t.iter_mut()
+                    .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+            }
+            t
+        };
+        ModelWeights {
+            embed_tokens: table(rng),
+            layers,
+            norm: floats(rng, hidden, 0.8, 1.2),
+            lm_head: (!c.tie_word_embeddings).then(|| table(rng)),
+            config,
+        }
+    }
+
+    #[test]
+    fn cpu_engine_equals_the_reference_bit_for_bit() {
+        let same_bits = |a: &[f32], b: &[f32]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+        };
+        // (hidden, intermediate, heads, kv heads, head_dim, vocab, tied): odd sizes, sizes just
+        // past a 128-weight block, grouped-query and plain heads.
+        let shapes = [
+            (40, 56, 2, 1, 20, 37, true),
+            (67, 45, 3, 1, 6, 50, false),
+            (129, 257, 4, 2, 34, 33, true),
+            (256, 384, 4, 4, 64, 300, false),
+            (10, 7, 5, 5, 2, 17, true),
+        ];
+        for (seed, &(hidden, inter, heads, kv_heads, head_dim, vocab, tied)) in
+            shapes.iter().enumerate()
+        {
+            let config = ModelConfig {
+                vocab_size: vocab,
+                hidden_size: hidden,
+                intermediate_size: inter,
+                num_hidden_layers: 2,
+                num_attention_heads: heads,
+                num_key_value_heads: kv_heads,
+                head_dim,
+                max_position_embeddings: 12,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10_000.0,
+                tie_word_embeddings: tied,
+                bos_token_id: None,
+                eos_token_id: None,
+            };
+            let weights = random_model(config, seed as u64, seed % 3 == 1);
+            let mut engine = CpuEngine::new(weights.clone()).unwrap();
+            let mut cache = KvCache::new(&weights.config);
+            let v = vocab as u32;
+            // A prompt, single decoding steps, a chunk, then a last-row-only step.
+            for (step, tokens) in [
+                vec![1, v - 1, 0, 5 % v, 2],
+                vec![3],
+                vec![v / 2],
+                vec![4, 4, 1],
+            ]
+            .iter()
+            .enumerate()
+            {
+                let want = forward(&weights, tokens, &mut cache).unwrap();
+                let got = engine.forward(tokens).unwrap();
+                assert!(same_bits(&got, &want), "shape {seed}, step {step}");
+                assert!(want.iter().all(|x| x.is_finite()));
+            }
+            let want = forward(&weights, &[2], &mut cache.clone()).unwrap();
+            let last = engine.forward_logits(&[2], Logits::Last).unwrap();
+            assert!(same_bits(&last, &want), "shape {seed}, last row");
+            assert_eq!(engine.position(), 11);
+            let (keys, values) = cache.layer(1).unwrap();
+            let (k2, v2) = engine.cache.layer(1).unwrap();
+            assert!(same_bits(keys, &k2[..keys.len()]) && same_bits(values, &v2[..values.len()]));
+        }
     }
 
     #[test]

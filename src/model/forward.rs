@@ -199,26 +199,46 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
 /// `vocab_size`, and more positions than `max_position_embeddings`.
 pub fn forward(weights: &ModelWeights, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
     weights.validate()?;
-    let c = &weights.config;
-    cache.check_fits(c)?;
-    c.check_tokens(tokens)?;
-    let start = cache.len;
-    if tokens.len() > cache.max_len - start {
-        return Err(Error::invalid(
-            "kv cache",
-            format!(
-                "{start} cached + {} new positions exceed max_position_embeddings {}",
-                tokens.len(),
-                cache.max_len
-            ),
-        ));
+    cache.extend_with(&weights.config, tokens, |cache| {
+        run_layers(weights, tokens, cache)
+    })
+}
+
+impl KvCache {
+    /// Checks `tokens` against `config` and the positions left, then runs `layers`, which
+    /// appends one row per token to every layer's keys and values ([`KvCache::layers_mut`]):
+    /// the cache advances when it succeeds and is left as it was when it fails.
+    pub(super) fn extend_with<T>(
+        &mut self,
+        config: &ModelConfig,
+        tokens: &[u32],
+        layers: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        self.check_fits(config)?;
+        config.check_tokens(tokens)?;
+        let start = self.len;
+        if tokens.len() > self.max_len - start {
+            return Err(Error::invalid(
+                "kv cache",
+                format!(
+                    "{start} cached + {} new positions exceed max_position_embeddings {}",
+                    tokens.len(),
+                    self.max_len
+                ),
+            ));
+        }
+        let result = layers(self);
+        match &result {
+            Ok(_) => self.len = start + tokens.len(),
+            Err(_) => self.truncate(start),
+        }
+        result
     }
-    let logits = run_layers(weights, tokens, cache);
-    match &logits {
-        Ok(_) => cache.len = start + tokens.len(),
-        Err(_) => cache.truncate(start),
+
+    /// Every layer's keys and values, to append the new positions' rows to.
+    pub(super) fn layers_mut(&mut self) -> impl Iterator<Item = (&mut Vec<f32>, &mut Vec<f32>)> {
+        self.keys.iter_mut().zip(&mut self.values)
     }
-    logits
 }
 
 /// The forward proper, on checked inputs; it appends to the cache's rows but leaves its length

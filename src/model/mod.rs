@@ -1,5 +1,5 @@
 //! The BitNet b1.58 transformer (Hugging Face `BitNetForCausalLM`): configuration, weights in
-//! memory, and the CPU reference forward with its KV cache.
+//! memory, the CPU reference forward with its KV cache, and the engines that run it.
 
 mod config;
 mod engine;
@@ -7,6 +7,7 @@ mod forward;
 mod generator;
 mod gpu;
 mod load;
+mod packed;
 mod sampling;
 mod synthetic;
 mod weights;

@@ -1,0 +1,206 @@
+//! Attention and rotary embeddings for the CPU engine: the reference's arithmetic, heads split
+//! over threads and the rotation angles computed once per position.
+
+use super::for_each_chunk;
+use crate::cpu::{AttentionShape, rope_inv_freq};
+use crate::{Error, Result};
+
+/// Equals [`crate::cpu::attention`] bit for bit (same shapes, same errors for bad ones), one
+/// (query row, head) per task.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Result<Vec<f32>> {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    if heads == 0 || kv_heads == 0 || head_dim == 0 || !heads.is_multiple_of(kv_heads) {
+        // The reference names the problem.
+        return crate::cpu::attention(q, k, v, shape);
+    }
+    let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+    if !q.len().is_multiple_of(q_width)
+        || !k.len().is_multiple_of(kv_width)
+        || v.len() != k.len()
+        || q.len() / q_width > k.len() / kv_width
+    {
+        return crate::cpu::attention(q, k, v, shape);
+    }
+    let (n, t) = (q.len() / q_width, k.len() / kv_width);
+    let group = heads / kv_heads;
+    let scaling = 1.0 / (head_dim as f32).sqrt();
+    let mut out = vec![0.0f32; q.len()];
+    // Heads per task: about 64k multiply-adds each.
+    let per_task = (65_536 / (2 * t * head_dim).max(1)).max(1);
+    for_each_chunk(&mut out, per_task * head_dim, |task, out| {
+        let mut scores = Vec::with_capacity(t);
+        for (i, acc) in out.chunks_exact_mut(head_dim).enumerate() {
+            let index = task * per_task + i;
+            let (r, h) = (index / heads, index % heads);
+            let g = h / group;
+            let visible = t - n + r + 1;
+            let q_h = &q[r * q_width + h * head_dim..][..head_dim];
+            let key = |j: usize| &k[j * kv_width + g * head_dim..][..head_dim];
+            scores.clear();
+            scores.extend((0..visible).map(|j| dot(q_h, key(j)) * scaling));
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+            }
+            let total: f32 = scores.iter().sum();
+            for (j, &e) in scores.iter().enumerate() {
+                let weight = e / total;
+                let value = &v[j * kv_width + g * head_dim..][..head_dim];
+                for (a, &val) in acc.iter_mut().zip(value) {
+                    *a += weight * val;
+                }
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// Left-to-right f32 dot product, as the reference's.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(&x, &y)| x * y).sum()
+}
+
+/// The cosines and sines [`crate::cpu::rope`] rotates by, computed once per position:
+/// [`RopeTable::rotate`] equals `rope` bit for bit without recomputing them for each call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeTable {
+    head_dim: usize,
+    inv_freq: Vec<f32>,
+    /// `[positions, head_dim / 2]` pairs `(cos, sin)`, for the positions reserved so far.
+    angles: Vec<(f32, f32)>,
+}
+
+/// An empty table for heads of `head_dim` (even and positive) and base `theta`.
+pub fn rope_table(head_dim: usize, theta: f32) -> Result<RopeTable> {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(Error::invalid(
+            "rope head_dim",
+            format!("{head_dim} is not a positive even number"),
+        ));
+    }
+    Ok(RopeTable {
+        head_dim,
+        inv_freq: rope_inv_freq(head_dim, theta),
+        angles: Vec::new(),
+    })
+}
+
+impl RopeTable {
+    /// Makes the angles of every position below `positions` ready.
+    pub fn reserve(&mut self, positions: usize) {
+        let half = self.head_dim / 2;
+        for pos in self.angles.len() / half..positions {
+            self.angles.extend(self.inv_freq.iter().map(|&f| {
+                let angle = pos as f32 * f;
+                (angle.cos(), angle.sin())
+            }));
+        }
+    }
+
+    /// Rotates the rows `x` (`[positions.len(), heads * head_dim]`) in place by their
+    /// positions, as [`crate::cpu::rope`] does.
+    pub fn rotate(&self, x: &mut [f32], positions: &[usize]) -> Result<()> {
+        let half = self.head_dim / 2;
+        let table_len = self.angles.len() / half;
+        let row_len = x.len() / positions.len().max(1);
+        if positions.len() * row_len != x.len()
+            || !row_len.is_multiple_of(self.head_dim)
+            || positions.iter().any(|&p| p >= table_len)
+        {
+            return Err(Error::shape(
+                "rope rows and positions",
+                format!(
+                    "{} rows of whole heads of {} at positions below {table_len} (reserved)",
+                    positions.len(),
+                    self.head_dim
+                ),
+                format!("{} values, positions {positions:?}", x.len()),
+            ));
+        }
+        for (&pos, row) in positions.iter().zip(x.chunks_exact_mut(row_len.max(1))) {
+            let angles = &self.angles[pos * half..][..half];
+            for head in row.chunks_exact_mut(self.head_dim) {
+                let (low, high) = head.split_at_mut(half);
+                for ((l, h), &(cos, sin)) in low.iter_mut().zip(high).zip(angles) {
+                    let (a, b) = (*l, *h);
+                    *l = a * cos + (-b) * sin;
+                    *h = b * cos + a * sin;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::rope;
+    use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+    fn floats(rng: &mut SmallRng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.random_range(-2.0..2.0)).collect()
+    }
+
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    #[test]
+    fn attention_equals_the_reference() {
+        let mut rng = SmallRng::seed_from_u64(21);
+        for (heads, kv_heads, head_dim, n, t) in [
+            (1, 1, 1, 1, 1),
+            (2, 1, 6, 3, 3),
+            (6, 2, 10, 1, 37),
+            (4, 4, 64, 5, 9),
+            (20, 5, 128, 2, 300),
+        ] {
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+            };
+            let q = floats(&mut rng, n * heads * head_dim);
+            let k = floats(&mut rng, t * kv_heads * head_dim);
+            let v = floats(&mut rng, t * kv_heads * head_dim);
+            let fast = attention(&q, &k, &v, shape).unwrap();
+            let reference = crate::cpu::attention(&q, &k, &v, shape).unwrap();
+            assert!(same_bits(&fast, &reference), "{shape:?}, {n} of {t}");
+        }
+        let shape = AttentionShape {
+            heads: 3,
+            kv_heads: 2,
+            head_dim: 2,
+        };
+        assert!(attention(&[0.0; 6], &[0.0; 4], &[0.0; 4], shape).is_err());
+        let shape = AttentionShape {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 2,
+        };
+        assert!(attention(&[0.0; 8], &[0.0; 2], &[0.0; 2], shape).is_err());
+    }
+
+    #[test]
+    fn rope_table_equals_the_reference() {
+        let mut rng = SmallRng::seed_from_u64(4);
+        for (heads, head_dim, theta) in [(1, 2, 10_000.0), (3, 20, 500_000.0), (2, 128, 10.0)] {
+            let positions = [0, 1, 7, 1000, 4095];
+            let mut table = rope_table(head_dim, theta).unwrap();
+            table.reserve(2000);
+            table.reserve(4096);
+            let mut x = floats(&mut rng, positions.len() * heads * head_dim);
+            let mut want = x.clone();
+            rope(&mut want, &positions, heads, head_dim, theta).unwrap();
+            table.rotate(&mut x, &positions).unwrap();
+            assert!(same_bits(&x, &want), "{heads} x {head_dim}");
+            assert!(table.rotate(&mut x, &[4096; 5]).is_err());
+        }
+        assert!(rope_table(3, 1.0).is_err());
+    }
+}

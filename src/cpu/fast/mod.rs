@@ -1,0 +1,50 @@
+//! The fast CPU engine's kernels, beside the reference they are tested against: the same exact
+//! integer accumulators and the same f32 operations in the same order, so every result is equal
+//! to its reference twin's bit for bit. What changes is the layout (ternary weights packed 2 bits
+//! each, float tables interleaved for SIMD), the instructions (AVX2 chosen at run time on x86-64,
+//! portable Rust elsewhere) and the threads (`rayon`, natively; the browser's wasm build runs the
+//! same code on its one thread).
+
+mod attention;
+mod rows;
+mod ternary;
+
+pub use attention::{RopeTable, attention, rope_table};
+pub use rows::InterleavedRows;
+pub use ternary::PackedMatrix;
+
+/// Runs `f(index, chunk)` on every `chunk`-sized piece of `out`, on all cores natively.
+#[cfg(not(target_arch = "wasm32"))]
+fn for_each_chunk<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    use rayon::prelude::*;
+    out.par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| f(i, c));
+}
+
+/// Runs `f(index, chunk)` on every `chunk`-sized piece of `out`; the browser has one thread.
+#[cfg(target_arch = "wasm32")]
+fn for_each_chunk<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    out.chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| f(i, c));
+}
+
+/// Items per task so that each task has about `work` units of work, given `per_item` units per
+/// item: small products stay on one thread, where splitting costs more than it saves.
+fn items_per_task(items: usize, per_item: usize, work: usize) -> usize {
+    let threads = threads();
+    let by_work = work.div_ceil(per_item.max(1));
+    let by_threads = items.div_ceil(4 * threads);
+    by_work.max(by_threads).max(1)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[cfg(target_arch = "wasm32")]
+fn threads() -> usize {
+    1
+}

@@ -1,0 +1,326 @@
+//! A float table (the embeddings, the lm_head) laid out for the CPU engine's products.
+
+use super::{for_each_chunk, items_per_task};
+use crate::{Error, Result};
+use half::f16;
+
+/// Rows stored side by side, a column of them in 8 AVX vectors: 8 independent chains of adds
+/// keep the adder busy (each row's own sum is a chain that must stay in order).
+const LANES: usize = 64;
+/// Table bytes a task reads at least.
+const TASK_BYTES: usize = 256 << 10;
+
+/// A `[rows, cols]` f32 table (row-major in memory elsewhere) stored in groups of [`LANES`]
+/// rows interleaved column by column, so that the products of one vector with every row run
+/// [`LANES`] rows per instruction, each row still summed left to right as the reference's
+/// `sum_k x[k] * row[k]`. Kept as f16 when every value is one exactly (a GGUF's F16 table):
+/// half the bytes to read, the same values.
+///
+/// ```
+/// use bitnet_wgpu::cpu::fast::InterleavedRows;
+/// let table = InterleavedRows::new(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 3, 2)?;
+/// assert_eq!(table.row(1), [3.0, 4.0]);
+/// assert_eq!(table.products(&[1.0, -1.0], 1)?, [-1.0, -1.0, -1.0]);
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct InterleavedRows {
+    rows: usize,
+    cols: usize,
+    values: Values,
+}
+
+/// `[groups, cols, LANES]`, rows past the end zero.
+#[derive(Clone, Debug, PartialEq)]
+enum Values {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
+}
+
+impl InterleavedRows {
+    /// The table `values` (`[rows, cols]`, row-major).
+    pub fn new(values: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        if cols == 0 {
+            return Err(Error::Empty("table row"));
+        }
+        if rows.checked_mul(cols) != Some(values.len()) {
+            return Err(Error::shape(
+                "table",
+                format!("{rows} x {cols}"),
+                values.len(),
+            ));
+        }
+        let exact_f16 = values
+            .iter()
+            .all(|&v| f16::from_f32(v).to_f32().to_bits() == v.to_bits());
+        let values = if exact_f16 {
+            Values::F16(interleave(values, cols, 0, |v| f16::from_f32(v).to_bits()))
+        } else {
+            Values::F32(interleave(values, cols, 0.0, |v| v))
+        };
+        Ok(InterleavedRows { rows, cols, values })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match &self.values {
+            Values::F32(v) => 4 * v.len(),
+            Values::F16(v) => 2 * v.len(),
+        }
+    }
+
+    /// Row `r` (an embedding), as f32.
+    pub fn row(&self, r: usize) -> Vec<f32> {
+        let at = r / LANES * LANES * self.cols + r % LANES;
+        let column = (0..self.cols).map(|k| at + k * LANES);
+        match &self.values {
+            Values::F32(v) => column.map(|i| v[i]).collect(),
+            Values::F16(v) => column.map(|i| f16::from_bits(v[i]).to_f32()).collect(),
+        }
+    }
+
+    /// `y[m, r] = sum_k x[m, k] * row_r[k]` for the `n` vectors `x` (`[n, cols]`), `[n, rows]`
+    /// row-major: each sum left to right from `-0.0`, as `Iterator::sum` forms the reference's.
+    pub fn products(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        if n.checked_mul(self.cols) != Some(x.len()) {
+            return Err(Error::shape(
+                "table product input",
+                format!("{n} x {}", self.cols),
+                x.len(),
+            ));
+        }
+        let groups = self.rows.div_ceil(LANES);
+        let bytes_per_group = self.bytes() / groups.max(1);
+        let per_task = items_per_task(groups, bytes_per_group, TASK_BYTES);
+        // [groups, n, LANES], then transposed into [n, rows].
+        let mut by_group = vec![0.0f32; groups * n * LANES];
+        let kernel = Kernel::detect();
+        let group_len = LANES * self.cols;
+        for_each_chunk(&mut by_group, per_task * n * LANES, |task, out| {
+            for (g, out) in out.chunks_exact_mut(n * LANES).enumerate() {
+                let at = (task * per_task + g) * group_len;
+                for (x, out) in x.chunks_exact(self.cols).zip(out.chunks_exact_mut(LANES)) {
+                    let sums = match &self.values {
+                        Values::F32(v) => kernel.f32_lanes(x, &v[at..][..group_len]),
+                        Values::F16(v) => kernel.f16_lanes(x, &v[at..][..group_len]),
+                    };
+                    out.copy_from_slice(&sums);
+                }
+            }
+        });
+        let mut y = vec![0.0f32; n * self.rows];
+        for (g, block) in by_group.chunks_exact(n * LANES).enumerate() {
+            for (m, lanes) in block.chunks_exact(LANES).enumerate() {
+                let first = g * LANES;
+                let count = LANES.min(self.rows - first);
+                y[m * self.rows + first..][..count].copy_from_slice(&lanes[..count]);
+            }
+        }
+        Ok(y)
+    }
+}
+
+/// `values` (`[rows, cols]`) as `[groups, cols, LANES]` through `f`, missing rows `zero`.
+fn interleave<T: Copy>(values: &[f32], cols: usize, zero: T, f: impl Fn(f32) -> T) -> Vec<T> {
+    let rows = values.len() / cols;
+    let mut out = vec![zero; rows.div_ceil(LANES) * LANES * cols];
+    for (r, row) in values.chunks_exact(cols).enumerate() {
+        let group = &mut out[r / LANES * LANES * cols..][..LANES * cols];
+        for (k, &v) in row.iter().enumerate() {
+            group[k * LANES + r % LANES] = f(v);
+        }
+    }
+    out
+}
+
+/// The instructions the products run on.
+#[derive(Clone, Copy)]
+enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return Kernel::Avx2;
+        }
+        Kernel::Portable
+    }
+
+    /// The [`LANES`] sums of one group (`[cols, LANES]`) with `x`.
+    fn f32_lanes(self, x: &[f32], group: &[f32]) -> [f32; LANES] {
+        match self {
+            Kernel::Portable => portable_lanes(x, group.chunks_exact(LANES), |&v| v),
+            // SAFETY: AVX2 is present; `group` holds `x.len()` columns.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::f32_lanes(x, group) },
+        }
+    }
+
+    fn f16_lanes(self, x: &[f32], group: &[u16]) -> [f32; LANES] {
+        match self {
+            Kernel::Portable => portable_lanes(x, group.chunks_exact(LANES), |&h| {
+                f16::from_bits(h).to_f32()
+            }),
+            // SAFETY: AVX2 and F16C are present; `group` holds `x.len()` columns.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::f16_lanes(x, group) },
+        }
+    }
+}
+
+/// `acc[i] = acc[i] + x[k] * column_k[i]`, `k` ascending, from `-0.0`.
+fn portable_lanes<'a, T: 'a>(
+    x: &[f32],
+    columns: impl Iterator<Item = &'a [T]>,
+    value: impl Fn(&T) -> f32,
+) -> [f32; LANES] {
+    let mut acc = [-0.0f32; LANES];
+    for (&xk, column) in x.iter().zip(columns) {
+        for (a, v) in acc.iter_mut().zip(column) {
+            *a += xk * value(v);
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::LANES;
+    use std::arch::x86_64::*;
+
+    /// f32 values per AVX vector.
+    const VECTOR: usize = 8;
+
+    /// The portable sums with 8 rows per instruction: a product, then a sum, each rounded as
+    /// the scalar `a + x * w` is (never fused).
+    ///
+    /// # Safety
+    /// AVX2 must be present and `group.len() == x.len() * LANES`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn f32_lanes(x: &[f32], group: &[f32]) -> [f32; LANES] {
+        debug_assert_eq!(group.len(), x.len() * LANES);
+        let mut acc = [_mm256_set1_ps(-0.0); LANES / VECTOR];
+        for (k, &xk) in x.iter().enumerate() {
+            let xk = _mm256_set1_ps(xk);
+            for (v, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: column k's values are in bounds.
+                let w = unsafe { _mm256_loadu_ps(group.as_ptr().add(k * LANES + v * VECTOR)) };
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(xk, w));
+            }
+        }
+        store(acc)
+    }
+
+    /// As [`f32_lanes`], the table's f16 values widened exactly by `vcvtph2ps`.
+    ///
+    /// # Safety
+    /// AVX2 and F16C must be present and `group.len() == x.len() * LANES`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn f16_lanes(x: &[f32], group: &[u16]) -> [f32; LANES] {
+        debug_assert_eq!(group.len(), x.len() * LANES);
+        let mut acc = [_mm256_set1_ps(-0.0); LANES / VECTOR];
+        for (k, &xk) in x.iter().enumerate() {
+            let xk = _mm256_set1_ps(xk);
+            for (v, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: column k's values are in bounds.
+                let w = unsafe {
+                    _mm256_cvtph_ps(_mm_loadu_si128(
+                        group.as_ptr().add(k * LANES + v * VECTOR).cast(),
+                    ))
+                };
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(xk, w));
+            }
+        }
+        store(acc)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn store(acc: [__m256; LANES / VECTOR]) -> [f32; LANES] {
+        let mut out = [0.0f32; LANES];
+        for (chunk, acc) in out.chunks_exact_mut(VECTOR).zip(acc) {
+            // SAFETY: 8 writable floats.
+            unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), acc) };
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+    /// The reference's form: a left-to-right `Iterator::sum` per row.
+    fn reference(table: &[f32], cols: usize, x: &[f32]) -> Vec<f32> {
+        x.chunks_exact(cols)
+            .flat_map(|x| {
+                table
+                    .chunks_exact(cols)
+                    .map(move |w| x.iter().zip(w).map(|(&a, &b)| a * b).sum::<f32>())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn products_equal_left_to_right_sums() {
+        let mut rng = SmallRng::seed_from_u64(8);
+        for (rows, cols, n, f16_exact) in [
+            (1, 1, 1, false),
+            (17, 5, 2, false),
+            (37, 40, 3, true),
+            (300, 129, 1, false),
+            (1000, 64, 2, true),
+        ] {
+            let mut table: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            if f16_exact {
+                table
+                    .iter_mut()
+                    .for_each(|v| *v = f16::from_f32(*v).to_f32());
+            }
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let t = InterleavedRows::new(&table, rows, cols).unwrap();
+            assert_eq!(matches!(t.values, Values::F16(_)), f16_exact);
+            let got = t.products(&x, n).unwrap();
+            let want = reference(&table, cols, &x);
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(&want) {
+                assert_eq!(a.to_bits(), b.to_bits(), "{rows} x {cols}");
+            }
+            for r in [0, rows / 2, rows - 1] {
+                assert_eq!(t.row(r), table[r * cols..][..cols]);
+            }
+            // The portable kernel gives the same sums.
+            let group = &table[..cols.min(table.len())];
+            let portable = portable_lanes(&x[..cols], group.chunks(1), |&v| v);
+            assert_eq!(portable[0].to_bits(), want[0].to_bits());
+        }
+    }
+
+    #[test]
+    fn signed_zero_and_nan_follow_the_reference() {
+        // A row of -0.0 products sums to -0.0, as `Iterator::sum` does; a NaN input spreads.
+        let t = InterleavedRows::new(&[0.0, 0.0, 1.0, 2.0], 2, 2).unwrap();
+        let y = t.products(&[-1.0, -1.0], 1).unwrap();
+        assert!(y[0] == 0.0 && y[0].is_sign_negative());
+        assert!(t.products(&[f32::NAN, 1.0], 1).unwrap()[1].is_nan());
+        assert!(InterleavedRows::new(&[1.0; 5], 2, 2).is_err());
+        assert!(t.products(&[1.0; 3], 1).is_err());
+        assert_eq!(t.bytes(), 2 * LANES * 2);
+    }
+}
