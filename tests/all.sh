@@ -21,6 +21,12 @@ WGPU_BACKEND=vulkan cargo test --doc
 echo "== GPU tests again on a second adapter: OpenGL (llvmpipe over EGL)"
 WGPU_BACKEND=gl cargo test --test gpu_vs_cpu --test bitlinear_gpu --test train_gpu --test faults
 
+echo "== GPU training, faults and BitLinear on a third native adapter: SwiftShader's Vulkan"
+# Chromium's own copy of SwiftShader (Debian packages no other); the full gpu_vs_cpu suite passes
+# there too but takes 4-8 minutes on two cores, so it is left to a longer run (README).
+VK_ICD_FILENAMES=/usr/lib/chromium/vk_swiftshader_icd.json WGPU_BACKEND=vulkan \
+  cargo test --test bitlinear_gpu --test train_gpu --test faults
+
 echo "== GPU tests in headless Chromium on WebGPU"
 CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
   CHROMEDRIVER=/usr/bin/chromedriver WASM_BINDGEN_TEST_TIMEOUT=900 \
