@@ -84,11 +84,67 @@ impl Kind {
     }
 }
 
+/// The checks tokenizers' `TemplateProcessing` builder makes and its deserializer does not:
+/// encoding panics on a template naming a special token the processor does not define and on
+/// the second sequence in the single template; a special token's ids and tokens must pair up,
+/// as its constructor requires.
+fn check_post_processor(processor: &serde_json::Value) -> Result<()> {
+    let bad = |why: String| Error::invalid("tokenizer.json", format!("post_processor: {why}"));
+    match processor["type"].as_str() {
+        Some("Sequence") => processor["processors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .try_for_each(check_post_processor),
+        Some("TemplateProcessing") => {
+            let specials = &processor["special_tokens"];
+            for (name, special) in specials.as_object().into_iter().flatten() {
+                let len = |key: &str| special[key].as_array().map(Vec::len);
+                if len("ids") != len("tokens") {
+                    return Err(bad(format!(
+                        "special token {name:?} has not as many ids as tokens"
+                    )));
+                }
+            }
+            for template in ["single", "pair"] {
+                for piece in processor[template].as_array().into_iter().flatten() {
+                    if let Some(id) = piece["SpecialToken"]["id"].as_str()
+                        && specials.get(id).is_none()
+                    {
+                        return Err(bad(format!(
+                            "the {template} template names the undefined special token {id:?}"
+                        )));
+                    }
+                    if template == "single" && piece["Sequence"]["id"] == "B" {
+                        return Err(bad("the single template names sequence B".into()));
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Tokenizer {
     /// A Hugging Face `tokenizer.json`, given as its bytes. Its post-processor alone decides
     /// which special tokens surround a text. It names no bos/eos ids (those live in config.json):
     /// set them with [`Tokenizer::with_special_ids`].
     pub fn from_json(json: &[u8]) -> Result<Self> {
+        // tokenizers panics (an `expect` in its decoder's deserializer) when the decoder is not
+        // well-formed JSON, instead of returning its error, so the file is checked first: its
+        // syntax, the decoder's strings (which skipping would not decode) and the post-processor.
+        #[derive(serde::Deserialize)]
+        struct Checked {
+            #[serde(rename = "decoder")]
+            _decoder: Option<serde_json::Value>,
+            post_processor: Option<serde_json::Value>,
+        }
+        let checked: Checked =
+            serde_json::from_slice(json).map_err(|e| Error::invalid("tokenizer.json", e))?;
+        if let Some(processor) = &checked.post_processor {
+            check_post_processor(processor)?;
+        }
         let inner = tokenizers::Tokenizer::from_bytes(json)
             .map_err(|e| Error::invalid("tokenizer.json", e))?;
         Ok(Tokenizer {
@@ -617,6 +673,23 @@ mod tests {
         ids
     }
 
+    /// Found by fuzzing (fuzz/fuzz_targets/tokenizer_json.rs): tokenizers read these templates,
+    /// then panicked when encoding.
+    #[test]
+    fn inconsistent_templates_are_an_error() {
+        let good = json_with_bos_template();
+        Tokenizer::from_json(good.as_bytes()).unwrap();
+        for (from, to) in [
+            (r#""special_tokens": {"<s>""#, r#""special_tokens": {"<t>""#),
+            (r#""id": "A""#, r#""id": "B""#),
+            (r#""ids": [1]"#, r#""ids": [1, 2]"#),
+        ] {
+            let json = good.replacen(from, to, 1);
+            let e = Tokenizer::from_json(json.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains("post_processor"), "{to}: {e}");
+        }
+    }
+
     #[test]
     fn json_bpe_round_trips_and_merges() {
         let t = Tokenizer::from_json(BPE_JSON.as_bytes())
@@ -654,6 +727,19 @@ mod tests {
     fn bad_json_is_an_error() {
         let e = Tokenizer::from_json(b"{\"model\": 3}").unwrap_err();
         assert!(e.to_string().contains("tokenizer.json"), "{e}");
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/tokenizer_json.rs): a syntax error or a lone
+    /// surrogate inside the decoder made tokenizers panic.
+    #[test]
+    fn malformed_json_in_the_decoder_is_an_error() {
+        for json in [
+            r#"{"decoder": {"type": "ByteLevel", "trim_offsets" 1}}"#,
+            r#"{"decoder": {"type": "Replace", "content": "\udc00"}}"#,
+        ] {
+            let e = Tokenizer::from_json(json.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains("tokenizer.json"), "{e}");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every test of the project, on three GPU adapters: native Vulkan (a real GPU, or Mesa's lavapipe),
 # native GL (llvmpipe through EGL), and WebGPU in headless Chromium (the library's GPU tests, then
-# the demo page itself). Needs what .ci/run installs.
+# the demo page itself), then every fuzz target briefly. Needs what .ci/run installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,5 +36,12 @@ echo "== the demo page in headless Chromium (Playwright), against the native pro
 web/build.sh --dev
 cargo build --bin bitnet
 BITNET_BIN="${CARGO_TARGET_DIR:-target}/debug/bitnet" node web/tests/page.test.mjs
+
+echo "== fuzzing: every target for 20 s, from the seeds in fuzz/seeds (README.md, Fuzzing)"
+cargo +nightly fuzz build
+for target in $(cargo +nightly fuzz list); do
+  mkdir -p "fuzz/corpus/$target"
+  cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- -max_total_time=20
+done
 
 echo "== all tests passed"
