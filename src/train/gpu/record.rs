@@ -190,6 +190,8 @@ pub(super) fn record_window(
     norm_backward(
         ctx, pass, x_last, &p.norm, &t.dnormed, &t.dx, &t.dnorm, n, eps,
     )?;
+    // RoPE's cos/sin of the window's positions, built once for every layer.
+    let table = rope::cos_sin(ctx, 0, n, head_dim, theta)?;
     for (i, (l, s)) in p.layers.iter().zip(&t.layers).enumerate().rev() {
         // `t.dx` is the gradient wrt the layer's output.
         let down_in = first_rows(&s.down_in, n);
@@ -260,7 +262,6 @@ pub(super) fn record_window(
         attention::record_backward(
             ctx, pass, &s.q, &s.k, &s.v, &t.d_attn2, &t.dq, &t.dk, &t.dv, n, n, shape,
         )?;
-        let table = rope::cos_sin(ctx, 0, n, head_dim, theta)?;
         rope::record_backward(ctx, pass, &t.dq, &table, n, heads, head_dim)?;
         rope::record_backward(ctx, pass, &t.dk, &table, n, kv_heads, head_dim)?;
         let attn_in = first_rows(&s.attn_in, n);
