@@ -142,7 +142,9 @@ pub async fn rope_matches_cpu(ctx: &mut GpuContext) {
     }
 }
 
-/// elementwise.wgsl: `copy_rows` moves exactly the rows asked and touches no other.
+/// elementwise.wgsl: `copy_rows` moves exactly the rows asked and touches no other; `add_rows`
+/// adds them, one f32 addition per element (the CPU's `a + b`, bit for bit); `copy_block` moves a
+/// block of columns between row widths and touches nothing else.
 pub async fn elementwise_matches_cpu(ctx: &mut GpuContext) {
     let mut rng = SmallRng::seed_from_u64(13);
     for case in 0..200 {
@@ -174,6 +176,66 @@ pub async fn elementwise_matches_cpu(ctx: &mut GpuContext) {
             &got,
             &copied,
             &format!("copy_rows {what} into row {dst_row}"),
+        );
+
+        // The same rows added to a random destination.
+        let base = values(&mut rng, capacity * cols, &[1.0f32, 1e-4]);
+        let mut summed = base.clone();
+        for (d, &v) in summed[dst_row * cols..(dst_row + copy) * cols]
+            .iter_mut()
+            .zip(&b[src_row * cols..])
+        {
+            *d += v;
+        }
+        let dst = ctx.upload("dst", &base).expect("upload");
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        gpu::elementwise::add_rows(ctx, &mut pass, &addend, src_row, &dst, dst_row, copy, cols)
+            .expect("add_rows");
+        drop(pass);
+        ctx.queue.submit([encoder.finish()]);
+        let got: Vec<f32> = ctx.read(&dst, capacity * cols).await.expect("read back");
+        assert_bits_eq(
+            &got,
+            &summed,
+            &format!("add_rows {what} into row {dst_row}"),
+        );
+
+        // Columns `src_col..src_col + width` of b's rows into columns from `dst_col` of rows
+        // `dst_stride` wide.
+        let width = 1 + rng.random_range(0..cols);
+        let src_col = rng.random_range(0..=cols - width);
+        let dst_stride = width + pick(&mut rng, &[0usize, 1, 5]);
+        let dst_col = rng.random_range(0..=dst_stride - width);
+        let mut block = vec![UNTOUCHED; rows * dst_stride];
+        for r in 0..rows {
+            block[r * dst_stride + dst_col..][..width]
+                .copy_from_slice(&b[r * cols + src_col..][..width]);
+        }
+        let dst = ctx
+            .upload("dst", &vec![UNTOUCHED; rows * dst_stride])
+            .expect("upload");
+        let (from, to) = (
+            gpu::elementwise::Columns {
+                stride: cols,
+                col: src_col,
+            },
+            gpu::elementwise::Columns {
+                stride: dst_stride,
+                col: dst_col,
+            },
+        );
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        gpu::elementwise::copy_block(ctx, &mut pass, &addend, from, &dst, to, rows, width)
+            .expect("copy_block");
+        drop(pass);
+        ctx.queue.submit([encoder.finish()]);
+        let got: Vec<f32> = ctx.read(&dst, rows * dst_stride).await.expect("read back");
+        assert_bits_eq(
+            &got,
+            &block,
+            &format!("copy_block {what} {from:?} -> {to:?}"),
         );
     }
 }
@@ -238,6 +300,14 @@ pub async fn model_ops_bad_shapes_are_errors(ctx: &mut GpuContext) {
     assert!(gpu::rmsnorm::record(ctx, p, &small, &other, &small, 1, 4, 1e-5).is_err());
     assert!(gpu::rope::record(ctx, p, &small, &small, 0, 1, 1, 6, 1e4, 0).is_err());
     assert!(gpu::elementwise::copy_rows(ctx, p, &small, 0, &small, 0, 1, 3).is_err());
+    assert!(gpu::elementwise::add_rows(ctx, p, &small, 0, &other, 1, 2, 3).is_err());
+    let cols = |stride, col| gpu::elementwise::Columns { stride, col };
+    assert!(
+        gpu::elementwise::copy_block(ctx, p, &small, cols(4, 2), &other, cols(4, 0), 1, 3).is_err()
+    );
+    assert!(
+        gpu::elementwise::copy_block(ctx, p, &small, cols(2, 0), &small, cols(2, 0), 1, 2).is_err()
+    );
     assert!(gpu::relu2_gate::record(ctx, p, &small, &small, 1, 2).is_err());
     drop(pass);
     ctx.queue.submit([encoder.finish()]);
