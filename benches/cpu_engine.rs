@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let reference_time = started.elapsed().as_secs_f64();
 
-    let mut engine = CpuEngine::new(weights)?;
+    let mut engine = CpuEngine::new(&weights)?;
     let started = Instant::now();
     let mut row = engine.forward_logits(&prompt, Logits::Last)?;
     let engine_prompt = started.elapsed().as_secs_f64();

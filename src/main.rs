@@ -14,7 +14,7 @@ use bitnet_wgpu::gpu::table::TableStorage;
 use bitnet_wgpu::gpu::{AdapterSummary, GpuContext};
 use bitnet_wgpu::model::{
     DecodePath, Device as EngineDevice, Engine, GenerationParams, Generator, GpuModel, Logits,
-    ModelConfig, Sampler, SamplingParams, Stop, load_model, load_model_from_bytes,
+    ModelConfig, ModelFiles, Sampler, SamplingParams, Stop, load_model, open_model_from_bytes,
     perplexity_windows, synthetic,
 };
 use bitnet_wgpu::rng::SplitMix64;
@@ -718,16 +718,21 @@ const DEMO_MODEL: [(&str, &[u8]); 3] = [
 /// Loads the model behind `args` and starts its engine, saying on stderr why `auto` fell back
 /// to the CPU.
 async fn open(args: &ModelArgs) -> CliResult<(Engine, Tokenizer)> {
+    // The checkpoint stays packed in memory; the engine unpacks it a layer at a time.
+    let files;
     let (weights, tokenizer) = match &args.model {
-        Some(path) => load_model(path)?,
-        None => load_model_from_bytes(&DEMO_MODEL)?,
+        Some(path) => {
+            files = ModelFiles::read(path)?;
+            files.open()?
+        }
+        None => open_model_from_bytes(&DEMO_MODEL)?,
     };
     let device = match args.device {
         Device::Auto => EngineDevice::Auto,
         Device::Gpu => EngineDevice::Gpu,
         Device::Cpu => EngineDevice::Cpu,
     };
-    match Engine::new(device, weights).await {
+    match Engine::new(device, &*weights).await {
         Ok((engine, fallback)) => {
             if let Some(why) = fallback {
                 eprintln!("running on the CPU: {why}");

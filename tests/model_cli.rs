@@ -598,7 +598,7 @@ fn prompts_get_exactly_the_special_tokens_of_the_models_tokenizer() {
     let text_path = dir.0.join("text.txt");
     for (rule, model, prompt, prompt_ids, text, text_ids) in &cases {
         let (weights, tokenizer) = load_model(model).unwrap();
-        let mut engine = CpuEngine::new(weights).unwrap();
+        let mut engine = CpuEngine::new(&weights).unwrap();
         let vocab = engine.config().vocab_size;
         let mut logits = engine.forward(prompt_ids).unwrap();
         let mut greedy = Vec::new();

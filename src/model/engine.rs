@@ -7,7 +7,7 @@ use crate::cpu::nll;
 use crate::gpu::GpuContext;
 use crate::gpu::table::TableStorage;
 use crate::model::packed::PackedModel;
-use crate::model::{GpuModel, KvCache, Logits, ModelConfig, ModelWeights};
+use crate::model::{GpuModel, KvCache, Logits, ModelConfig, WeightSource};
 use crate::{Error, Result};
 
 /// Embedding tables from this size (as f32) are kept as f16 on the GPU: 2B4T's 1.3 GB becomes
@@ -38,7 +38,7 @@ impl Engine {
     /// Starts `weights` on `device`. With [`Device::Auto`], a GPU that does not open, is a
     /// software adapter (natively) or cannot hold the model gives a CPU engine, and the second
     /// value says why; with [`Device::Gpu`] that is the error (a software adapter is used).
-    pub async fn new(device: Device, weights: ModelWeights) -> Result<(Self, Option<Error>)> {
+    pub async fn new(device: Device, weights: &dyn WeightSource) -> Result<(Self, Option<Error>)> {
         if device == Device::Cpu {
             return Ok((Engine::Cpu(Box::new(CpuEngine::new(weights)?)), None));
         }
@@ -54,14 +54,14 @@ impl Engine {
                     info.name
                 )));
             }
-            let c = &weights.config;
+            let c = weights.config();
             // f16 tables round the embeddings; only big tables are worth that.
             let tables = if c.vocab_size * c.hidden_size * 4 >= F16_TABLES_FROM_BYTES {
                 TableStorage::F16
             } else {
                 TableStorage::F32
             };
-            let model = GpuModel::new(&ctx, &weights, c.max_position_embeddings, tables)?;
+            let model = GpuModel::new(&ctx, weights, c.max_position_embeddings, tables)?;
             Ok::<_, Error>(Engine::Gpu(Box::new((ctx, model))))
         };
         match (on_gpu.await, device) {
@@ -141,7 +141,7 @@ impl Engine {
 /// ```
 /// # use bitnet_wgpu::model::{CpuEngine, ModelWeights};
 /// # fn run(weights: ModelWeights) -> bitnet_wgpu::Result<()> {
-/// let mut engine = CpuEngine::new(weights)?;
+/// let mut engine = CpuEngine::new(&weights)?;
 /// let prompt = engine.forward(&[1, 2, 3])?; // [3, vocab]
 /// let next = engine.forward(&[4])?; // [1, vocab], position 3
 /// engine.reset(); // a new sequence
@@ -154,10 +154,11 @@ pub struct CpuEngine {
 }
 
 impl CpuEngine {
-    /// An engine over `weights`, checked once here ([`ModelWeights::validate`]) and packed.
-    pub fn new(weights: ModelWeights) -> Result<Self> {
-        let cache = KvCache::new(&weights.config);
+    /// An engine over `weights`, read a part at a time, each part checked
+    /// ([`crate::model::ModelWeights::validate`]'s checks) and packed.
+    pub fn new(weights: &dyn WeightSource) -> Result<Self> {
         let model = PackedModel::new(weights)?;
+        let cache = KvCache::new(weights.config());
         Ok(CpuEngine { model, cache })
     }
 
@@ -218,7 +219,7 @@ pub fn perplexity_windows(n_tokens: usize, context: usize) -> Vec<Range<usize>> 
 mod tests {
     use super::*;
     use crate::cpu::{WeightQuantOptions, weight_quant};
-    use crate::model::{LayerWeights, forward};
+    use crate::model::{LayerWeights, ModelWeights, forward};
 
     fn tiny_weights() -> ModelWeights {
         let config = ModelConfig {
@@ -276,7 +277,7 @@ mod tests {
     #[test]
     fn engine_continues_the_sequence_and_resets() {
         let weights = tiny_weights();
-        let mut engine = CpuEngine::new(weights.clone()).unwrap();
+        let mut engine = CpuEngine::new(&weights).unwrap();
         let all = engine.forward(&[1, 2, 3]).unwrap();
         assert_eq!((all.len(), engine.position()), (33, 3));
         engine.reset();
@@ -393,7 +394,7 @@ mod tests {
                 eos_token_id: None,
             };
             let weights = random_model(config, seed as u64, seed % 3 == 1);
-            let mut engine = CpuEngine::new(weights.clone()).unwrap();
+            let mut engine = CpuEngine::new(&weights).unwrap();
             let mut cache = KvCache::new(&weights.config);
             let v = vocab as u32;
             // A prompt, single decoding steps, a chunk, then a last-row-only step.
@@ -425,7 +426,7 @@ mod tests {
     fn engine_refuses_inconsistent_weights() {
         let mut weights = tiny_weights();
         weights.norm.pop();
-        assert!(CpuEngine::new(weights).is_err());
+        assert!(CpuEngine::new(&weights).is_err());
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl ModelWeights {
 }
 
 /// Checks one decoder layer's tensors against the configuration.
-fn check_layer(c: &ModelConfig, layer: &LayerWeights) -> Result<()> {
+pub(super) fn check_layer(c: &ModelConfig, layer: &LayerWeights) -> Result<()> {
     let attn = c.num_attention_heads * c.head_dim;
     let kv = c.num_key_value_heads * c.head_dim;
     let (hidden, inter) = (c.hidden_size, c.intermediate_size);
@@ -168,7 +168,7 @@ fn check_layer(c: &ModelConfig, layer: &LayerWeights) -> Result<()> {
 }
 
 /// A named length check.
-fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
+pub(super) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected == got {
         Ok(())
     } else {

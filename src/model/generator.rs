@@ -85,7 +85,7 @@ fn rate(tokens: usize, time: Duration) -> f64 {
 ///     max_position_embeddings: 32,
 ///     ..ModelConfig::bitnet_b158_2b4t()
 /// };
-/// let (engine, _) = Engine::new(Device::Cpu, synthetic(&config, 7)).await?;
+/// let (engine, _) = Engine::new(Device::Cpu, &synthetic(&config, 7)).await?;
 /// let mut generator = Generator::new(engine, Tokenizer::bytes(258));
 /// let params = GenerationParams {
 ///     max_new_tokens: 5,

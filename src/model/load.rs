@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::formats::{gguf, hf};
-use crate::model::ModelWeights;
+use crate::model::{ModelWeights, WeightSource, collect};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -20,6 +20,9 @@ const BYTE_VOCAB_LIMIT: usize = 260;
 /// The GGUF magic, to recognize a GGUF file whatever its name.
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 
+/// A model and its tokenizer, read part by part from the files it came from.
+pub type OpenModel<'a> = (Box<dyn WeightSource + 'a>, Tokenizer);
+
 /// Loads a model and its tokenizer from `path`:
 ///
 /// - a Hugging Face checkpoint folder (config.json, safetensors, see [`hf::load_dir`]) with its
@@ -30,23 +33,67 @@ const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 /// tokens. Errors name the path: it does not exist, a folder without
 /// config.json, a file that is not GGUF, a missing tokenizer for a larger vocabulary, a
 /// tokenizer with more tokens than the model, and every error of the format readers.
+/// [`ModelFiles`] reads the same files for an engine to unpack a layer at a time.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn load_model(path: impl AsRef<Path>) -> Result<(ModelWeights, Tokenizer)> {
-    let path = path.as_ref();
-    let metadata = std::fs::metadata(path).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source: if source.kind() == std::io::ErrorKind::NotFound {
-            std::io::Error::new(
-                source.kind(),
-                "no such file or folder (expected a checkpoint folder with config.json, or a \
-                 .gguf file)",
-            )
-        } else {
-            source
-        },
-    })?;
-    let where_ = path.display().to_string();
-    if metadata.is_dir() {
+    let files = ModelFiles::read(path)?;
+    let (source, tokenizer) = files.open()?;
+    Ok((collect(&*source)?, tokenizer))
+}
+
+/// The files of a model at a path, in memory as they are on disk (packed):
+/// [`ModelFiles::open`] reads the model from them a part at a time, so an engine built from it
+/// ([`crate::model::Engine::new`]) never holds the whole model unpacked.
+///
+/// ```no_run
+/// # async fn run() -> bitnet_wgpu::Result<()> {
+/// use bitnet_wgpu::model::{Device, Engine, ModelFiles};
+/// let files = ModelFiles::read("bitnet-b1.58-2B-4T")?;
+/// let (source, tokenizer) = files.open()?;
+/// let (engine, _) = Engine::new(Device::Auto, &*source).await?;
+/// # Ok(()) }
+/// ```
+#[cfg(not(target_arch = "wasm32"))]
+pub enum ModelFiles {
+    Checkpoint {
+        files: hf::CheckpointFiles,
+        tokenizer: Option<Vec<u8>>,
+        path: String,
+    },
+    Gguf {
+        bytes: Vec<u8>,
+        path: String,
+    },
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl ModelFiles {
+    /// Reads the files of the model at `path`, with the path errors of [`load_model`].
+    pub fn read(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let metadata = std::fs::metadata(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source: if source.kind() == std::io::ErrorKind::NotFound {
+                std::io::Error::new(
+                    source.kind(),
+                    "no such file or folder (expected a checkpoint folder with config.json, or \
+                     a .gguf file)",
+                )
+            } else {
+                source
+            },
+        })?;
+        let where_ = path.display().to_string();
+        if !metadata.is_dir() {
+            let bytes = std::fs::read(path).map_err(|source| Error::Io {
+                path: where_.clone(),
+                source,
+            })?;
+            return Ok(ModelFiles::Gguf {
+                bytes,
+                path: where_,
+            });
+        }
         if !path.join(hf::CONFIG_FILE).is_file() {
             return Err(not_a_model(
                 &where_,
@@ -56,9 +103,9 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<(ModelWeights, Tokenizer)> {
                 ),
             ));
         }
-        let weights = hf::load_dir(path)?;
+        let files = hf::CheckpointFiles::read(path)?;
         let tokenizer_path = path.join(TOKENIZER_FILE);
-        let json = match std::fs::read(&tokenizer_path) {
+        let tokenizer = match std::fs::read(&tokenizer_path) {
             Ok(json) => Some(json),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(source) => {
@@ -68,13 +115,24 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<(ModelWeights, Tokenizer)> {
                 });
             }
         };
-        with_hf_tokenizer(weights, json.as_deref(), &where_)
-    } else {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: where_.clone(),
-            source,
-        })?;
-        from_gguf(&bytes, &where_)
+        Ok(ModelFiles::Checkpoint {
+            files,
+            tokenizer,
+            path: where_,
+        })
+    }
+
+    /// The model in these files, its tokenizer, checked as [`load_model`] checks them; the
+    /// weights are decoded when read.
+    pub fn open(&self) -> Result<OpenModel<'_>> {
+        match self {
+            ModelFiles::Checkpoint {
+                files,
+                tokenizer,
+                path,
+            } => with_hf_tokenizer(Box::new(files.open()?), tokenizer.as_deref(), path),
+            ModelFiles::Gguf { bytes, path } => from_gguf(bytes, path),
+        }
     }
 }
 
@@ -82,6 +140,7 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<(ModelWeights, Tokenizer)> {
 /// part is what counts): one GGUF file, or a Hugging Face checkpoint's config.json, its
 /// safetensors file or shards (any names ending in `.safetensors`; an index file is not needed)
 /// and, optionally, tokenizer.json. The same rules and errors as [`load_model`].
+/// [`open_model_from_bytes`] reads them for an engine to unpack a layer at a time.
 ///
 /// ```
 /// use bitnet_wgpu::model::{load_model_from_bytes, synthetic, ModelConfig};
@@ -99,6 +158,14 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<(ModelWeights, Tokenizer)> {
 /// # Ok::<(), bitnet_wgpu::Error>(())
 /// ```
 pub fn load_model_from_bytes(files: &[(&str, &[u8])]) -> Result<(ModelWeights, Tokenizer)> {
+    let (source, tokenizer) = open_model_from_bytes(files)?;
+    Ok((collect(&*source)?, tokenizer))
+}
+
+/// The model in the bytes of its files (as [`load_model_from_bytes`] takes them) and its
+/// tokenizer, checked as a whole; the weights are decoded a part at a time when an engine reads
+/// them ([`WeightSource`]).
+pub fn open_model_from_bytes<'a>(files: &[(&str, &'a [u8])]) -> Result<OpenModel<'a>> {
     let base = |name: &str| name.rsplit(['/', '\\']).next().unwrap_or(name).to_string();
     if let [(name, bytes)] = files
         && bytes.starts_with(GGUF_MAGIC)
@@ -122,33 +189,33 @@ pub fn load_model_from_bytes(files: &[(&str, &[u8])]) -> Result<(ModelWeights, T
     };
     let config = std::str::from_utf8(config)
         .map_err(|e| Error::invalid("config.json", format!("not UTF-8: {e}")))?;
-    let shards: Vec<&[u8]> = files
+    let shards: Vec<&'a [u8]> = files
         .iter()
         .filter(|(name, _)| name.ends_with(".safetensors"))
         .map(|&(_, bytes)| bytes)
         .collect();
-    let weights = hf::load_from_bytes(config, &shards)?;
-    with_hf_tokenizer(weights, named(TOKENIZER_FILE), "model files")
+    let checkpoint = hf::Checkpoint::from_bytes(config, &shards)?;
+    with_hf_tokenizer(Box::new(checkpoint), named(TOKENIZER_FILE), "model files")
 }
 
 /// A Hugging Face model with its tokenizer.json (bos/eos ids from config.json), or the byte
 /// fallback when there is none.
-fn with_hf_tokenizer(
-    weights: ModelWeights,
+fn with_hf_tokenizer<'a>(
+    source: Box<dyn WeightSource + 'a>,
     json: Option<&[u8]>,
     where_: &str,
-) -> Result<(ModelWeights, Tokenizer)> {
-    let config = &weights.config;
+) -> Result<OpenModel<'a>> {
+    let config = source.config();
     let tokenizer = match json {
         Some(json) => Tokenizer::from_json(json)
             .map_err(|e| Error::invalid("tokenizer", format!("{where_}/{TOKENIZER_FILE}: {e}")))?
             .with_special_ids(config.bos_token_id, config.eos_token_id)?,
         None => byte_fallback(where_, config.vocab_size, format!("no {TOKENIZER_FILE}"))?,
     };
-    checked(weights, tokenizer, where_)
+    checked(source, tokenizer, where_)
 }
 
-fn from_gguf(bytes: &[u8], where_: &str) -> Result<(ModelWeights, Tokenizer)> {
+fn from_gguf<'a>(bytes: &'a [u8], where_: &str) -> Result<OpenModel<'a>> {
     if !bytes.starts_with(GGUF_MAGIC) {
         return Err(not_a_model(
             where_,
@@ -157,35 +224,37 @@ fn from_gguf(bytes: &[u8], where_: &str) -> Result<(ModelWeights, Tokenizer)> {
     }
     let in_file = |e: Error| Error::invalid("GGUF file", format!("{where_}: {e}"));
     let file = gguf::GgufFile::parse(bytes).map_err(in_file)?;
-    let weights = gguf::to_model(&file).map_err(in_file)?;
-    let tokenizer = match gguf::tokenizer(&file).map_err(in_file)? {
+    let tokenizer = gguf::tokenizer(&file).map_err(in_file)?;
+    let model = gguf::GgufModel::new(file).map_err(in_file)?;
+    let tokenizer = match tokenizer {
         Some(t) => Tokenizer::from_gguf(&t).map_err(in_file)?,
         None => byte_fallback(
             where_,
-            weights.config.vocab_size,
+            model.config().vocab_size,
             "no tokenizer.ggml.tokens".to_string(),
         )?,
     };
-    checked(weights, tokenizer, where_)
+    checked(Box::new(model), tokenizer, where_)
 }
 
 /// Refuses a tokenizer that can produce ids the model has no embedding for.
-fn checked(
-    weights: ModelWeights,
+fn checked<'a>(
+    source: Box<dyn WeightSource + 'a>,
     tokenizer: Tokenizer,
     where_: &str,
-) -> Result<(ModelWeights, Tokenizer)> {
-    if tokenizer.vocab_size() > weights.config.vocab_size {
+) -> Result<OpenModel<'a>> {
+    let vocab_size = source.config().vocab_size;
+    if tokenizer.vocab_size() > vocab_size {
         return Err(Error::invalid(
             "tokenizer",
             format!(
-                "{where_}: the tokenizer has {} tokens but the model's vocabulary only {}",
+                "{where_}: the tokenizer has {} tokens but the model's vocabulary only \
+                 {vocab_size}",
                 tokenizer.vocab_size(),
-                weights.config.vocab_size
             ),
         ));
     }
-    Ok((weights, tokenizer))
+    Ok((source, tokenizer))
 }
 
 /// The byte-level tokenizer for a tiny vocabulary, or the error that `where_` lacks its

@@ -9,6 +9,7 @@ mod gpu;
 mod load;
 mod packed;
 mod sampling;
+mod source;
 mod synthetic;
 mod weights;
 
@@ -18,8 +19,10 @@ pub use forward::{KvCache, forward};
 pub use generator::{Generation, GenerationParams, Generator, Stop};
 pub use gpu::{DecodePath, GpuModel, Logits};
 #[cfg(not(target_arch = "wasm32"))]
-pub use load::load_model;
-pub use load::load_model_from_bytes;
+pub use load::{ModelFiles, load_model};
+pub use load::{OpenModel, load_model_from_bytes, open_model_from_bytes};
 pub use sampling::{Sampler, SamplingParams};
+pub(crate) use source::Checked;
+pub use source::{WeightSource, collect};
 pub use synthetic::synthetic;
 pub use weights::{LayerWeights, ModelWeights};

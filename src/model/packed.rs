@@ -9,7 +9,7 @@
 use crate::Result;
 use crate::cpu::fast::{InterleavedRows, PackedMatrix, RopeTable, attention, rope_table};
 use crate::cpu::{AttentionShape, act_quant, relu2_gate, rmsnorm};
-use crate::model::{KvCache, Logits, ModelConfig, ModelWeights};
+use crate::model::{Checked, KvCache, Logits, ModelConfig, WeightSource};
 
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct PackedModel {
@@ -37,37 +37,38 @@ struct PackedLayer {
 }
 
 impl PackedModel {
-    /// Packs `weights`, checked first ([`ModelWeights::validate`]).
-    pub(super) fn new(weights: ModelWeights) -> Result<Self> {
-        weights.validate()?;
-        let c = weights.config;
+    /// Packs `weights` a part at a time, each checked ([`crate::model::ModelWeights::validate`]'s checks).
+    pub(super) fn new(weights: &dyn WeightSource) -> Result<Self> {
+        let source = Checked::new(weights)?;
+        let c = weights.config().clone();
         let table = |values: &[f32]| InterleavedRows::new(values, c.vocab_size, c.hidden_size);
-        let (embed, head) = match &weights.lm_head {
-            Some(head) => (Some(table(&weights.embed_tokens)?), table(head)?),
-            None => (None, table(&weights.embed_tokens)?),
-        };
-        let layers = weights
-            .layers
-            .into_iter()
-            .map(|l| {
+        let embed = table(&source.embed_tokens()?)?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|index| {
+                let l = source.layer(index)?;
                 Ok(PackedLayer {
                     qkv: PackedMatrix::new(&[&l.q_proj, &l.k_proj, &l.v_proj])?,
                     o_proj: PackedMatrix::new(&[&l.o_proj])?,
                     gate_up: PackedMatrix::new(&[&l.gate_proj, &l.up_proj])?,
                     down_proj: PackedMatrix::new(&[&l.down_proj])?,
-                    input_layernorm: l.input_layernorm,
-                    attn_sub_norm: l.attn_sub_norm,
-                    post_attention_layernorm: l.post_attention_layernorm,
-                    ffn_sub_norm: l.ffn_sub_norm,
+                    input_layernorm: l.input_layernorm.clone(),
+                    attn_sub_norm: l.attn_sub_norm.clone(),
+                    post_attention_layernorm: l.post_attention_layernorm.clone(),
+                    ffn_sub_norm: l.ffn_sub_norm.clone(),
                 })
             })
             .collect::<Result<_>>()?;
+        let norm = source.norm()?.into_owned();
+        let (embed, head) = match source.lm_head()? {
+            Some(head) => (Some(embed), table(&head)?),
+            None => (None, embed),
+        };
         let rope = rope_table(c.head_dim, c.rope_theta)?;
         Ok(PackedModel {
             embed,
             head,
             layers,
-            norm: weights.norm,
+            norm,
             rope,
             config: c,
         })

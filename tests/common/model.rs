@@ -2,6 +2,7 @@
 //! with awkward sizes (hidden 40, head_dim 20, grouped-query attention).
 
 use bitnet_wgpu::cpu;
+use bitnet_wgpu::formats::hf;
 use bitnet_wgpu::gpu::GpuContext;
 use bitnet_wgpu::gpu::table::TableStorage;
 use bitnet_wgpu::model::{self, DecodePath, GpuModel, KvCache, Logits, ModelConfig, ModelWeights};
@@ -85,6 +86,22 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
             .await
             .expect("gpu forward");
         assert_logits_close(&gpu_prompt, &cpu_prompt, &format!("seed {seed}: prompt"));
+
+        // Uploaded from the checkpoint's bytes a layer at a time: the same model, bit for bit.
+        let bytes = hf::to_safetensors_bytes(&weights, &[]).expect("safetensors");
+        let checkpoint = hf::Checkpoint::from_bytes(&hf::config_json(&weights.config), &[&bytes])
+            .expect("checkpoint");
+        let mut streamed =
+            GpuModel::new(ctx, &checkpoint, 64, TableStorage::F16).expect("upload checkpoint");
+        let streamed_prompt = streamed
+            .forward(ctx, &prompt, Logits::All)
+            .await
+            .expect("gpu forward");
+        assert_eq!(
+            streamed_prompt, gpu_prompt,
+            "seed {seed}: from the checkpoint"
+        );
+        drop(streamed);
 
         let vocab = weights.config.vocab_size;
         let mut cpu_next = argmax(&cpu_prompt[cpu_prompt.len() - vocab..]);

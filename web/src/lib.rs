@@ -10,8 +10,8 @@ use std::rc::Rc;
 use bitnet_wgpu::Error;
 use bitnet_wgpu::formats::hf::{config_json, to_safetensors_bytes};
 use bitnet_wgpu::model::{
-    Device, Engine, GenerationParams, Generator, ModelWeights, SamplingParams, Stop,
-    load_model_from_bytes,
+    Device, Engine, GenerationParams, Generator, ModelConfig, ModelWeights, SamplingParams, Stop,
+    collect, open_model_from_bytes,
 };
 use bitnet_wgpu::train::data::{Batches, tokenize};
 use bitnet_wgpu::train::{
@@ -89,11 +89,18 @@ impl Demo {
                 .iter()
                 .map(|(name, bytes)| (name.as_str(), bytes.as_slice()))
                 .collect();
-            let (weights, tokenizer) = load_model_from_bytes(&named).map_err(error)?;
+            // The files stay packed; the engine unpacks them a layer at a time. Only a model
+            // small enough to fine-tune is kept whole, for training and recovery.
+            let (source, tokenizer) = open_model_from_bytes(&named).map_err(error)?;
+            let kept = if parameters(source.config()) <= MAX_TUNE_PARAMETERS {
+                Some(collect(&*source).map_err(error)?)
+            } else {
+                None
+            };
+            let (engine, fallback) = Engine::new(device, &*source).await.map_err(error)?;
+            drop(source);
             drop(named);
             drop(owned);
-            let kept = (parameters(&weights) <= MAX_TUNE_PARAMETERS).then(|| weights.clone());
-            let (engine, fallback) = Engine::new(device, weights).await.map_err(error)?;
             let generator = Generator::new(engine, tokenizer);
             let description = describe(&generator, fallback.map(|e| e.to_string()));
             *slot.borrow_mut() = Some(generator);
@@ -155,7 +162,7 @@ impl Demo {
                 let kept = weights.borrow().clone();
                 if let Some(kept) = kept {
                     let tokenizer = generator.tokenizer().clone();
-                    match Engine::new(device, kept).await {
+                    match Engine::new(device, &kept).await {
                         Ok((engine, fallback)) => {
                             generator = Generator::new(engine, tokenizer);
                             recovered = Some((reason.clone(), fallback.map(|e| e.to_string())));
@@ -260,7 +267,7 @@ impl Demo {
                     let tokenizer = generator.tokenizer().clone();
                     // The old model's GPU memory is released before the tuned one's is taken.
                     drop(generator);
-                    match Engine::new(device, tuned.clone()).await {
+                    match Engine::new(device, &tuned).await {
                         Ok((engine, fallback)) => {
                             let generator = Generator::new(engine, tokenizer);
                             summary["model"] = serde_json::from_str(&describe(
@@ -409,19 +416,17 @@ async fn tune(
     Ok((tuned, summary))
 }
 
-/// The trainable parameters of `weights`: every linear, norm and table.
-fn parameters(weights: &ModelWeights) -> usize {
-    let layer = |l: &bitnet_wgpu::model::LayerWeights| -> usize {
-        l.linears().iter().map(|w| w.codes.len()).sum::<usize>()
-            + l.input_layernorm.len()
-            + l.attn_sub_norm.len()
-            + l.post_attention_layernorm.len()
-            + l.ffn_sub_norm.len()
-    };
-    weights.embed_tokens.len()
-        + weights.layers.iter().map(layer).sum::<usize>()
-        + weights.norm.len()
-        + weights.lm_head.as_ref().map_or(0, Vec::len)
+/// The trainable parameters of a model of shape `c`: every linear, norm and table.
+fn parameters(c: &ModelConfig) -> usize {
+    let (attn, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
+    let linears = hidden * (2 * attn + 2 * kv + 3 * inter);
+    let norms = 2 * hidden + attn + inter;
+    let tables = if c.tie_word_embeddings { 1 } else { 2 };
+    tables * c.vocab_size * hidden + c.num_hidden_layers * (linears + norms) + hidden
 }
 
 /// What the page shows about a loaded model: JSON text with `adapter`, `backend`, `features`

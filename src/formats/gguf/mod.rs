@@ -16,7 +16,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use model::{GgufTokenizer, to_model, tokenizer};
+pub use model::{GgufModel, GgufTokenizer, to_model, tokenizer};
 pub use writer::{TableType, write_model};
 
 use std::borrow::Cow;

@@ -1,8 +1,10 @@
 //! BitNet checkpoints: GGUF metadata and tensors to [`ModelWeights`], and the embedded tokenizer.
 
+use std::borrow::Cow;
+
 use super::{GgufFile, GgufTensorInfo};
 use crate::cpu::TernaryWeights;
-use crate::model::{LayerWeights, ModelConfig, ModelWeights};
+use crate::model::{LayerWeights, ModelConfig, ModelWeights, WeightSource, collect};
 use crate::{Error, Result};
 
 /// `general.architecture` values of BitNet b1.58 checkpoints: `bitnet` (the 1bitLLM models
@@ -242,69 +244,122 @@ pub fn tokenizer(file: &GgufFile) -> Result<Option<GgufTokenizer>> {
 }
 
 /// Builds the model a BitNet GGUF describes, checking every tensor's type and shape against the
-/// configuration in its metadata.
+/// configuration in its metadata ([`GgufModel`] reads it a part at a time).
 ///
 /// Linear weights must be I2_S; norms and embeddings F32, F16 or BF16. bitnet.cpp's converters
 /// keep Hugging Face's q/k row order (its BitNet architectures use NeoX RoPE), so no permutation
 /// is undone. Tensors the model does not use (e.g. `rope_freqs.weight`) are ignored.
 pub fn to_model(file: &GgufFile) -> Result<ModelWeights> {
-    let config = config(file)?;
-    let embed_tokens = float_tensor(
-        file,
-        names::TOKEN_EMBD,
-        &[config.hidden_size, config.vocab_size],
-    )?;
-    let layers = (0..config.num_hidden_layers)
-        .map(|layer| {
-            let [
-                q_proj,
-                k_proj,
-                v_proj,
-                o_proj,
-                gate_proj,
-                up_proj,
-                down_proj,
-            ] = LINEARS.map(|(part, shape)| linear(file, &config, layer, part, shape));
-            let [
-                input_layernorm,
-                attn_sub_norm,
-                post_attention_layernorm,
-                ffn_sub_norm,
-            ] = NORMS.map(|(part, shape)| {
-                float_tensor(file, &names::block(layer, part), &[shape.len(&config)])
-            });
-            Ok(LayerWeights {
-                input_layernorm: input_layernorm?,
-                q_proj: q_proj?,
-                k_proj: k_proj?,
-                v_proj: v_proj?,
-                o_proj: o_proj?,
-                attn_sub_norm: attn_sub_norm?,
-                post_attention_layernorm: post_attention_layernorm?,
-                gate_proj: gate_proj?,
-                up_proj: up_proj?,
-                down_proj: down_proj?,
-                ffn_sub_norm: ffn_sub_norm?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let norm = float_tensor(file, names::OUTPUT_NORM, &[config.hidden_size])?;
-    let lm_head = if config.tie_word_embeddings {
-        None
-    } else {
-        Some(float_tensor(
-            file,
-            names::OUTPUT,
-            &[config.hidden_size, config.vocab_size],
-        )?)
-    };
-    Ok(ModelWeights {
-        config,
-        embed_tokens,
-        layers,
-        norm,
-        lm_head,
-    })
+    collect(&GgufModel::new(file.clone())?)
+}
+
+/// The model of a parsed BitNet GGUF file, its configuration read from the metadata and every
+/// tensor the model needs found up front; each part is decoded when a [`WeightSource`] method
+/// asks for it, with the checks of [`to_model`].
+pub struct GgufModel<'f> {
+    file: GgufFile<'f>,
+    config: ModelConfig,
+}
+
+impl<'f> GgufModel<'f> {
+    /// The model of `file`: its configuration, then every tensor it needs found, of the right
+    /// shape and inside the file (so a truncated file fails here, before any weight is read).
+    pub fn new(file: GgufFile<'f>) -> Result<Self> {
+        let config = config(&file)?;
+        let (hidden, vocab) = (config.hidden_size, config.vocab_size);
+        let mut expected = vec![
+            (names::TOKEN_EMBD.to_string(), vec![hidden, vocab]),
+            (names::OUTPUT_NORM.to_string(), vec![hidden]),
+        ];
+        if !config.tie_word_embeddings {
+            expected.push((names::OUTPUT.to_string(), vec![hidden, vocab]));
+        }
+        for layer in 0..config.num_hidden_layers {
+            for (part, shape) in LINEARS {
+                let (out, inp) = shape.out_in(&config);
+                expected.push((names::block(layer, part), vec![inp, out]));
+            }
+            for (part, shape) in NORMS {
+                expected.push((names::block(layer, part), vec![shape.len(&config)]));
+            }
+        }
+        for (name, ne) in &expected {
+            let info = require_tensor(&file, name)?;
+            check_shape(info, ne)?;
+            file.tensor_bytes(info)?;
+        }
+        Ok(GgufModel { file, config })
+    }
+}
+
+impl WeightSource for GgufModel<'_> {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn embed_tokens(&self) -> Result<Cow<'_, [f32]>> {
+        let c = &self.config;
+        float_tensor(
+            &self.file,
+            names::TOKEN_EMBD,
+            &[c.hidden_size, c.vocab_size],
+        )
+        .map(Cow::Owned)
+    }
+
+    fn layer(&self, layer: usize) -> Result<Cow<'_, LayerWeights>> {
+        let (file, config) = (&self.file, &self.config);
+        if layer >= config.num_hidden_layers {
+            return Err(Error::shape(
+                "decoder layers",
+                layer + 1,
+                config.num_hidden_layers,
+            ));
+        }
+        let [
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            gate_proj,
+            up_proj,
+            down_proj,
+        ] = LINEARS.map(|(part, shape)| linear(file, config, layer, part, shape));
+        let [
+            input_layernorm,
+            attn_sub_norm,
+            post_attention_layernorm,
+            ffn_sub_norm,
+        ] = NORMS.map(|(part, shape)| {
+            float_tensor(file, &names::block(layer, part), &[shape.len(config)])
+        });
+        Ok(Cow::Owned(LayerWeights {
+            input_layernorm: input_layernorm?,
+            q_proj: q_proj?,
+            k_proj: k_proj?,
+            v_proj: v_proj?,
+            o_proj: o_proj?,
+            attn_sub_norm: attn_sub_norm?,
+            post_attention_layernorm: post_attention_layernorm?,
+            gate_proj: gate_proj?,
+            up_proj: up_proj?,
+            down_proj: down_proj?,
+            ffn_sub_norm: ffn_sub_norm?,
+        }))
+    }
+
+    fn norm(&self) -> Result<Cow<'_, [f32]>> {
+        float_tensor(&self.file, names::OUTPUT_NORM, &[self.config.hidden_size]).map(Cow::Owned)
+    }
+
+    fn lm_head(&self) -> Result<Option<Cow<'_, [f32]>>> {
+        let c = &self.config;
+        if c.tie_word_embeddings {
+            return Ok(None);
+        }
+        float_tensor(&self.file, names::OUTPUT, &[c.hidden_size, c.vocab_size])
+            .map(|values| Some(Cow::Owned(values)))
+    }
 }
 
 /// The hyper-parameters, from `{arch}.*` keys and the embedding's shape.

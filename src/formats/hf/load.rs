@@ -1,5 +1,6 @@
 //! Reading a checkpoint: config.json plus one safetensors file or an index and its shards.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
@@ -12,7 +13,7 @@ use super::{
 };
 use crate::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
 use crate::formats::scale::divisor_of;
-use crate::model::{LayerWeights, ModelConfig, ModelWeights};
+use crate::model::{LayerWeights, ModelConfig, ModelWeights, WeightSource, collect};
 use crate::packing::hf;
 use crate::{Error, Result};
 
@@ -24,46 +25,9 @@ use crate::{Error, Result};
 /// ([`Error::Io`]), a bad config.json ([`Error::Invalid`]), a truncated or corrupt safetensors file,
 /// a missing, unexpected or duplicated tensor, a wrong dtype, a shape that disagrees with
 /// config.json, a non-finite value or an invalid packed code ([`Error::Safetensors`]).
+/// [`CheckpointFiles`] reads the same files without unpacking them all at once.
 pub fn load_dir(path: impl AsRef<Path>) -> Result<ModelWeights> {
-    let dir = path.as_ref();
-    let config_path = dir.join(CONFIG_FILE);
-    let config_json = std::fs::read_to_string(&config_path).map_err(io_error(&config_path))?;
-    let config = parse_checkpoint_config(&config_json)?;
-
-    let (names, weight_map) = if dir.join(WEIGHTS_FILE).exists() {
-        (vec![WEIGHTS_FILE.to_string()], None)
-    } else if dir.join(INDEX_FILE).exists() {
-        let index_path = dir.join(INDEX_FILE);
-        let text = std::fs::read_to_string(&index_path).map_err(io_error(&index_path))?;
-        let map = parse_index(&text)?;
-        let names: BTreeSet<String> = map.values().cloned().collect();
-        (names.into_iter().collect(), Some(map))
-    } else {
-        return Err(Error::Io {
-            path: dir.display().to_string(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("neither {WEIGHTS_FILE} nor {INDEX_FILE} is in this folder"),
-            ),
-        });
-    };
-    let contents = names
-        .iter()
-        .map(|name| {
-            let path = dir.join(name);
-            std::fs::read(&path).map_err(io_error(&path))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let shards: Vec<(&str, &[u8])> = names
-        .iter()
-        .map(String::as_str)
-        .zip(contents.iter().map(Vec::as_slice))
-        .collect();
-    let tensors = Tensors::new(&shards)?;
-    if let Some(map) = weight_map {
-        tensors.check_index(&map)?;
-    }
-    build(config, tensors)
+    collect(&CheckpointFiles::read(path)?.open()?)
 }
 
 /// Loads a checkpoint from memory (for the browser, where there is no folder): the text of
@@ -71,20 +35,217 @@ pub fn load_dir(path: impl AsRef<Path>) -> Result<ModelWeights> {
 /// shard only. Checks and errors are those of [`load_dir`]; a single shard is called
 /// `model.safetensors` in messages, several are `shard 0`, `shard 1`, ...
 pub fn load_from_bytes(config_json: &str, shards: &[&[u8]]) -> Result<ModelWeights> {
-    let config = parse_checkpoint_config(config_json)?;
-    if shards.is_empty() {
-        return Err(Error::Empty("safetensors shards"));
+    collect(&Checkpoint::from_bytes(config_json, shards)?)
+}
+
+/// A checkpoint folder's files, read but not decoded: [`CheckpointFiles::open`] gives the
+/// [`Checkpoint`] over them.
+pub struct CheckpointFiles {
+    config_json: String,
+    /// Shard file names and bytes.
+    shards: Vec<(String, Vec<u8>)>,
+    weight_map: Option<BTreeMap<String, String>>,
+}
+
+impl CheckpointFiles {
+    /// Reads config.json (checked before any weights are read) and model.safetensors, or
+    /// model.safetensors.index.json and the shards it lists; errors as [`load_dir`]'s.
+    pub fn read(path: impl AsRef<Path>) -> Result<Self> {
+        let dir = path.as_ref();
+        let config_path = dir.join(CONFIG_FILE);
+        let config_json = std::fs::read_to_string(&config_path).map_err(io_error(&config_path))?;
+        parse_checkpoint_config(&config_json)?;
+        let (names, weight_map) = if dir.join(WEIGHTS_FILE).exists() {
+            (vec![WEIGHTS_FILE.to_string()], None)
+        } else if dir.join(INDEX_FILE).exists() {
+            let index_path = dir.join(INDEX_FILE);
+            let text = std::fs::read_to_string(&index_path).map_err(io_error(&index_path))?;
+            let map = parse_index(&text)?;
+            let names: BTreeSet<String> = map.values().cloned().collect();
+            (names.into_iter().collect(), Some(map))
+        } else {
+            return Err(Error::Io {
+                path: dir.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("neither {WEIGHTS_FILE} nor {INDEX_FILE} is in this folder"),
+                ),
+            });
+        };
+        let shards = names
+            .into_iter()
+            .map(|name| {
+                let path = dir.join(&name);
+                let bytes = std::fs::read(&path).map_err(io_error(&path))?;
+                Ok((name, bytes))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CheckpointFiles {
+            config_json,
+            shards,
+            weight_map,
+        })
     }
-    let labels: Vec<String> = match shards.len() {
-        1 => vec![WEIGHTS_FILE.to_string()],
-        n => (0..n).map(|i| format!("shard {i}")).collect(),
-    };
-    let shards: Vec<(&str, &[u8])> = labels
-        .iter()
-        .map(String::as_str)
-        .zip(shards.iter().copied())
-        .collect();
-    build(config, Tensors::new(&shards)?)
+
+    /// The checkpoint these files hold, checked as a whole (every tensor there, none too many,
+    /// the index right) but not decoded.
+    pub fn open(&self) -> Result<Checkpoint<'_>> {
+        let shards: Vec<(&str, &[u8])> = self
+            .shards
+            .iter()
+            .map(|(name, bytes)| (name.as_str(), bytes.as_slice()))
+            .collect();
+        Checkpoint::new(&self.config_json, &shards, self.weight_map.as_ref())
+    }
+}
+
+/// A Hugging Face checkpoint over its files' bytes: config.json parsed and every shard's tensor
+/// directory checked against it up front; the weights are decoded only when a [`WeightSource`]
+/// method asks for them, so an engine built from it unpacks one layer at a time.
+///
+/// ```
+/// use bitnet_wgpu::formats::hf::{Checkpoint, config_json, to_safetensors_bytes};
+/// use bitnet_wgpu::model::{synthetic, ModelConfig, WeightSource};
+/// let config = ModelConfig {
+///     vocab_size: 32, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2,
+///     num_attention_heads: 2, num_key_value_heads: 1, head_dim: 8, max_position_embeddings: 8,
+///     ..ModelConfig::bitnet_b158_2b4t()
+/// };
+/// let weights = synthetic(&config, 1);
+/// let bytes = to_safetensors_bytes(&weights, &[])?;
+/// let checkpoint = Checkpoint::from_bytes(&config_json(&weights.config), &[&bytes])?;
+/// assert_eq!(*checkpoint.layer(1)?, weights.layers[1]);
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+pub struct Checkpoint<'a> {
+    config: ModelConfig,
+    format: WeightFormat,
+    tensors: Tensors<'a>,
+}
+
+impl<'a> Checkpoint<'a> {
+    /// config.json's text and the shards' bytes, as [`load_from_bytes`] takes them.
+    pub fn from_bytes(config_json: &str, shards: &[&'a [u8]]) -> Result<Self> {
+        if shards.is_empty() {
+            return Err(Error::Empty("safetensors shards"));
+        }
+        let labels: Vec<String> = match shards.len() {
+            1 => vec![WEIGHTS_FILE.to_string()],
+            n => (0..n).map(|i| format!("shard {i}")).collect(),
+        };
+        let shards: Vec<(&str, &'a [u8])> = labels
+            .iter()
+            .map(String::as_str)
+            .zip(shards.iter().copied())
+            .collect();
+        Self::new(config_json, &shards, None)
+    }
+
+    fn new(
+        config_json: &str,
+        shards: &[(&str, &'a [u8])],
+        weight_map: Option<&BTreeMap<String, String>>,
+    ) -> Result<Self> {
+        let CheckpointConfig {
+            model: config,
+            weight_format: format,
+        } = parse_checkpoint_config(config_json)?;
+        let tensors = Tensors::new(shards)?;
+        if let Some(map) = weight_map {
+            tensors.check_index(map)?;
+        }
+        let expected = expected_names(&config, format);
+        tensors.check_present(&expected)?;
+        // A wrong storage format explains the unexpected tensors it brings (weight_scale).
+        for l in 0..config.num_hidden_layers {
+            for (name, _, _) in layer_linears(&config) {
+                let weight = tensors.get(&format!("{}.{name}.weight", layer_prefix(l)))?;
+                check_linear_dtype(weight, format)?;
+            }
+        }
+        tensors.check_unexpected(&expected)?;
+        Ok(Checkpoint {
+            config,
+            format,
+            tensors,
+        })
+    }
+}
+
+impl WeightSource for Checkpoint<'_> {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn embed_tokens(&self) -> Result<Cow<'_, [f32]>> {
+        let c = &self.config;
+        let values = self
+            .tensors
+            .get(EMBED_TOKENS)?
+            .floats(&[c.vocab_size, c.hidden_size])?;
+        Ok(Cow::Owned(values))
+    }
+
+    fn layer(&self, index: usize) -> Result<Cow<'_, LayerWeights>> {
+        if index >= self.config.num_hidden_layers {
+            return Err(Error::shape(
+                "decoder layers",
+                index + 1,
+                self.config.num_hidden_layers,
+            ));
+        }
+        layer(&self.tensors, &self.config, index, self.format).map(Cow::Owned)
+    }
+
+    fn norm(&self) -> Result<Cow<'_, [f32]>> {
+        let values = self.tensors.get(NORM)?.floats(&[self.config.hidden_size])?;
+        Ok(Cow::Owned(values))
+    }
+
+    fn lm_head(&self) -> Result<Option<Cow<'_, [f32]>>> {
+        let shape = [self.config.vocab_size, self.config.hidden_size];
+        if !self.config.tie_word_embeddings {
+            return Ok(Some(Cow::Owned(self.tensors.get(LM_HEAD)?.floats(&shape)?)));
+        }
+        if self.tensors.contains(LM_HEAD) {
+            let copy = self.tensors.get(LM_HEAD)?;
+            let values = copy.floats(&shape)?;
+            if !same_bits(&values, &self.embed_tokens()?) {
+                return Err(copy.error(
+                    "differs from model.embed_tokens.weight, but config.json says \
+                     tie_word_embeddings: true",
+                ));
+            }
+        }
+        Ok(None)
+    }
+}
+
+const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+const NORM: &str = "model.norm.weight";
+const LM_HEAD: &str = "lm_head.weight";
+
+/// Every tensor a checkpoint of `c` must hold, in the order the model reads them (lm_head only
+/// when untied: a tied checkpoint may carry a copy).
+fn expected_names(c: &ModelConfig, format: WeightFormat) -> Vec<String> {
+    let mut names = vec![EMBED_TOKENS.to_string()];
+    for l in 0..c.num_hidden_layers {
+        let prefix = layer_prefix(l);
+        for (name, _, _) in layer_linears(c) {
+            names.push(format!("{prefix}.{name}.weight"));
+            if matches!(format, WeightFormat::OfflinePacked(_)) {
+                names.push(format!("{prefix}.{name}.weight_scale"));
+            }
+        }
+        for (name, _) in layer_norms(c) {
+            names.push(format!("{prefix}.{name}.weight"));
+        }
+    }
+    names.push(NORM.to_string());
+    if !c.tie_word_embeddings {
+        names.push(LM_HEAD.to_string());
+    }
+    names
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -116,57 +277,11 @@ fn parse_index(text: &str) -> Result<BTreeMap<String, String>> {
     Ok(index.weight_map)
 }
 
-/// Assembles the model from the tensors, in the order of config.json.
-fn build(config: CheckpointConfig, mut t: Tensors<'_>) -> Result<ModelWeights> {
-    let CheckpointConfig {
-        model: c,
-        weight_format,
-    } = config;
-    let (vocab, hidden) = (c.vocab_size, c.hidden_size);
-    let embed_tokens = t
-        .take("model.embed_tokens.weight")?
-        .floats(&[vocab, hidden])?;
-    let layers = (0..c.num_hidden_layers)
-        .map(|l| layer(&mut t, &c, l, weight_format))
-        .collect::<Result<Vec<_>>>()?;
-    let norm = t.take("model.norm.weight")?.floats(&[hidden])?;
-    let lm_head = if c.tie_word_embeddings {
-        if t.contains(LM_HEAD) {
-            let copy = t.take(LM_HEAD)?;
-            let values = copy.floats(&[vocab, hidden])?;
-            if !same_bits(&values, &embed_tokens) {
-                return Err(copy.error(
-                    "differs from model.embed_tokens.weight, but config.json says \
-                     tie_word_embeddings: true",
-                ));
-            }
-        }
-        None
-    } else {
-        Some(t.take(LM_HEAD)?.floats(&[vocab, hidden])?)
-    };
-    t.finish()?;
-    Ok(ModelWeights {
-        config: c,
-        embed_tokens,
-        layers,
-        norm,
-        lm_head,
-    })
-}
-
-const LM_HEAD: &str = "lm_head.weight";
-
 fn same_bits(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
-fn layer(
-    t: &mut Tensors<'_>,
-    c: &ModelConfig,
-    l: usize,
-    format: WeightFormat,
-) -> Result<LayerWeights> {
+fn layer(t: &Tensors<'_>, c: &ModelConfig, l: usize, format: WeightFormat) -> Result<LayerWeights> {
     let prefix = layer_prefix(l);
     let [q, k, v, o, gate, up, down] = layer_linears(c)
         .map(|(name, out, inp)| linear(t, &format!("{prefix}.{name}"), out, inp, format));
@@ -175,8 +290,7 @@ fn layer(
         attn_sub_norm,
         post_attention_layernorm,
         ffn_sub_norm,
-    ] = layer_norms(c)
-        .map(|(name, len)| t.take(&format!("{prefix}.{name}.weight"))?.floats(&[len]));
+    ] = layer_norms(c).map(|(name, len)| t.get(&format!("{prefix}.{name}.weight"))?.floats(&[len]));
     Ok(LayerWeights {
         input_layernorm: input_layernorm?,
         q_proj: q?,
@@ -194,22 +308,16 @@ fn layer(
 
 /// One linear, unpacked (offline packed) or quantized here (full precision).
 fn linear(
-    t: &mut Tensors<'_>,
+    t: &Tensors<'_>,
     name: &str,
     out: usize,
     inp: usize,
     format: WeightFormat,
 ) -> Result<TernaryWeights> {
-    let w = t.take(&format!("{name}.weight"))?;
+    let w = t.get(&format!("{name}.weight"))?;
     match format {
         WeightFormat::OfflinePacked(class) => {
-            if w.view.dtype() != Dtype::U8 {
-                return Err(w.error(format!(
-                    "has dtype {:?}, expected U8 (packed ternary codes, as config.json's offline \
-                     quantization_config says)",
-                    w.view.dtype()
-                )));
-            }
+            check_linear_dtype(w, format)?;
             if !out.is_multiple_of(4) {
                 return Err(w.error(format!(
                     "cannot be packed: config.json gives it {out} output features, not a multiple \
@@ -218,7 +326,7 @@ fn linear(
             }
             w.check_shape(&[out / 4, inp])?;
             let codes = hf::unpack(w.view.data(), out, inp).map_err(|e| w.error(e))?;
-            let s = t.take(&format!("{name}.weight_scale"))?;
+            let s = t.get(&format!("{name}.weight_scale"))?;
             if !matches!(s.view.shape(), [] | [1]) {
                 return Err(s.error(format!(
                     "has shape {:?}, expected [1] or [] (one scale per tensor)",
@@ -241,28 +349,40 @@ fn linear(
             })
         }
         WeightFormat::FullPrecision => {
-            if w.view.dtype() == Dtype::U8 {
-                return Err(w.error(
-                    "has dtype U8 (packed ternary?), expected BF16, F16 or F32: config.json has \
-                     no offline BitNet quantization_config",
-                ));
-            }
+            check_linear_dtype(w, format)?;
             let values = w.floats(&[out, inp])?;
             weight_quant(&values, out, inp, WeightQuantOptions::default()).map_err(|e| w.error(e))
         }
     }
 }
 
-/// The tensors of all shards by name, remembering which were used.
+/// Errors unless a linear's weight has the dtype its storage format implies: U8 when packed,
+/// a float type otherwise.
+fn check_linear_dtype(w: &Tensor<'_>, format: WeightFormat) -> Result<()> {
+    let packed = w.view.dtype() == Dtype::U8;
+    match format {
+        WeightFormat::OfflinePacked(_) if !packed => Err(w.error(format!(
+            "has dtype {:?}, expected U8 (packed ternary codes, as config.json's offline \
+             quantization_config says)",
+            w.view.dtype()
+        ))),
+        WeightFormat::FullPrecision if packed => Err(w.error(
+            "has dtype U8 (packed ternary?), expected BF16, F16 or F32: config.json has no \
+             offline BitNet quantization_config",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The tensors of all shards by name.
 struct Tensors<'a> {
     found: HashMap<String, Tensor<'a>>,
-    used: HashSet<String>,
     /// The shards, for messages about tensors that are in none of them.
     files: String,
 }
 
 impl<'a> Tensors<'a> {
-    fn new(shards: &[(&'a str, &'a [u8])]) -> Result<Self> {
+    fn new(shards: &[(&str, &'a [u8])]) -> Result<Self> {
         let mut found: HashMap<String, Tensor<'a>> = HashMap::new();
         for &(file, bytes) in shards {
             let st = SafeTensors::deserialize(bytes).map_err(|e| {
@@ -277,6 +397,7 @@ impl<'a> Tensors<'a> {
                         first.file
                     )));
                 }
+                let file = file.to_string();
                 found.insert(name.clone(), Tensor { name, file, view });
             }
         }
@@ -285,30 +406,24 @@ impl<'a> Tensors<'a> {
             .map(|(file, _)| *file)
             .collect::<Vec<_>>()
             .join(", ");
-        Ok(Tensors {
-            found,
-            used: HashSet::new(),
-            files,
-        })
+        Ok(Tensors { found, files })
     }
 
     fn contains(&self, name: &str) -> bool {
         self.found.contains_key(name)
     }
 
-    fn take(&mut self, name: &str) -> Result<Tensor<'a>> {
-        let tensor = self.found.get(name).cloned().ok_or_else(|| {
+    fn get(&self, name: &str) -> Result<&Tensor<'a>> {
+        self.found.get(name).ok_or_else(|| {
             Error::Safetensors(format!("missing tensor `{name}` (not in {})", self.files))
-        })?;
-        self.used.insert(name.to_string());
-        Ok(tensor)
+        })
     }
 
     /// Errors unless every tensor the index lists is in the shard it names.
     fn check_index(&self, weight_map: &BTreeMap<String, String>) -> Result<()> {
         for (name, file) in weight_map {
             match self.found.get(name) {
-                Some(t) if t.file == file => {}
+                Some(t) if &t.file == file => {}
                 Some(t) => {
                     return Err(Error::Safetensors(format!(
                         "{INDEX_FILE} puts tensor `{name}` in {file}, but it is in {}",
@@ -325,12 +440,25 @@ impl<'a> Tensors<'a> {
         Ok(())
     }
 
-    /// Errors if a tensor was left unused (other than RoPE's recomputable `inv_freq` buffers).
-    fn finish(self) -> Result<()> {
+    /// Errors unless every name of `expected` is here.
+    fn check_present(&self, expected: &[String]) -> Result<()> {
+        expected
+            .iter()
+            .try_for_each(|name| self.get(name).map(|_| ()))
+    }
+
+    /// Errors if anything is here but `expected`, an lm_head copy and RoPE's recomputable
+    /// `inv_freq` buffers.
+    fn check_unexpected(&self, expected: &[String]) -> Result<()> {
+        let expected: HashSet<&str> = expected.iter().map(String::as_str).collect();
         let mut extra: Vec<&Tensor<'_>> = self
             .found
             .values()
-            .filter(|t| !self.used.contains(&t.name) && !t.name.ends_with("inv_freq"))
+            .filter(|t| {
+                !expected.contains(t.name.as_str())
+                    && t.name != LM_HEAD
+                    && !t.name.ends_with("inv_freq")
+            })
             .collect();
         if extra.is_empty() {
             return Ok(());
@@ -355,10 +483,9 @@ impl<'a> Tensors<'a> {
 }
 
 /// One tensor with its name and file, for checks whose errors name both.
-#[derive(Clone)]
 struct Tensor<'a> {
     name: String,
-    file: &'a str,
+    file: String,
     view: TensorView<'a>,
 }
 

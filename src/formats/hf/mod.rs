@@ -27,7 +27,7 @@ mod tests;
 pub use config::{
     CheckpointConfig, LinearClass, WeightFormat, config_json, parse_checkpoint_config, parse_config,
 };
-pub use load::{load_dir, load_from_bytes};
+pub use load::{Checkpoint, CheckpointFiles, load_dir, load_from_bytes};
 pub use save::{save_dir, to_safetensors_bytes};
 
 use crate::model::ModelConfig;

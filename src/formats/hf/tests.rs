@@ -697,6 +697,53 @@ fn bad_tensors_are_named() {
 }
 
 #[test]
+fn a_checkpoint_is_checked_whole_then_read_a_layer_at_a_time() {
+    use crate::model::{CpuEngine, WeightSource, collect};
+    for tied in [false, true] {
+        let (w, config, good) = packed_checkpoint(tied);
+        let bytes = serialize(&good);
+        let checkpoint = Checkpoint::from_bytes(&config, &[&bytes]).unwrap();
+        for (i, layer) in w.layers.iter().enumerate() {
+            assert_eq!(*checkpoint.layer(i).unwrap(), *layer);
+        }
+        assert!(checkpoint.layer(w.layers.len()).is_err());
+        assert_bit_exact(&collect(&checkpoint).unwrap(), &w);
+        // An engine built part by part computes what one built from the whole model does.
+        let tokens = [3, 1, 4, 1, 5];
+        let streamed = CpuEngine::new(&checkpoint)
+            .unwrap()
+            .forward(&tokens)
+            .unwrap();
+        let whole = CpuEngine::new(&w).unwrap().forward(&tokens).unwrap();
+        assert_eq!(streamed, whole);
+    }
+    let (w, config, good) = packed_checkpoint(false);
+    // A tensor missing from the last layer is found when the checkpoint opens, before any
+    // weight is decoded.
+    let last = format!("model.layers.{}.mlp.down_proj.weight", w.layers.len() - 1);
+    let missing: Vec<Raw> = good.iter().filter(|t| t.name != last).cloned().collect();
+    let bytes = serialize(&missing);
+    let e = Checkpoint::from_bytes(&config, &[&bytes])
+        .err()
+        .expect("missing tensor");
+    assert!(
+        e.to_string().contains(&format!("missing tensor `{last}`")),
+        "{e}"
+    );
+    // A bad value shows when its layer is read, and in no other layer.
+    let norm = "model.layers.1.input_layernorm.weight";
+    let mut bad = good.clone();
+    let t = bad.iter_mut().find(|t| t.name == norm).unwrap();
+    t.bytes[0..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    let bytes = serialize(&bad);
+    let checkpoint = Checkpoint::from_bytes(&config, &[&bytes]).unwrap();
+    assert_eq!(*checkpoint.layer(0).unwrap(), w.layers[0]);
+    let e = checkpoint.layer(1).expect_err("infinite norm");
+    assert!(e.to_string().contains(norm), "{e}");
+    assert!(CpuEngine::new(&checkpoint).is_err());
+}
+
+#[test]
 fn tied_lm_head_copies_are_tolerated_only_when_equal() {
     let (w, config, tensors) = packed_checkpoint(true);
     let mut with_copy = tensors.clone();

@@ -11,7 +11,7 @@ use crate::gpu::{
     self, GpuActivations, GpuContext, GpuTernary, MatmulOptions, MatmulOutput, argmax, attention,
     elementwise, embedding, lm_head, norm_matmul, relu2_gate, rmsnorm, rope,
 };
-use crate::model::{ModelConfig, ModelWeights};
+use crate::model::{Checked, ModelConfig, WeightSource};
 use crate::packing::gpu_words;
 use crate::{Error, Result};
 
@@ -172,18 +172,19 @@ fn stacked(parts: &[&TernaryWeights]) -> Result<PackedTernary> {
 }
 
 impl GpuModel {
-    /// Uploads `weights` and allocates a KV cache for `context` positions (at most the model's
+    /// Uploads `weights` a part at a time (from a checkpoint, only one layer is ever unpacked in
+    /// host memory) and allocates a KV cache for `context` positions (at most the model's
     /// `max_position_embeddings`). The embedding table and an untied lm_head are stored as
     /// `tables` says: f16 halves their memory (0.66 GB instead of 1.3 GB for 2B4T) and rounds
     /// them, so f32 is the choice for results identical to the CPU reference.
     pub fn new(
         ctx: &GpuContext,
-        weights: &ModelWeights,
+        weights: &dyn WeightSource,
         context: usize,
         tables: TableStorage,
     ) -> Result<Self> {
-        weights.validate()?;
-        let c = &weights.config;
+        let source = Checked::new(weights)?;
+        let c = weights.config();
         if context == 0 || context > c.max_position_embeddings {
             return Err(Error::invalid(
                 "context",
@@ -194,9 +195,17 @@ impl GpuModel {
             ));
         }
         Self::check_fits(ctx, c, context, tables)?;
+        let embed = GpuTable::upload_f32(
+            ctx,
+            &source.embed_tokens()?,
+            c.vocab_size,
+            c.hidden_size,
+            tables,
+        )?;
         let kv_row = c.num_key_value_heads * c.head_dim;
-        let mut layers = Vec::with_capacity(weights.layers.len());
-        for l in &weights.layers {
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for index in 0..c.num_hidden_layers {
+            let l = source.layer(index)?;
             layers.push(GpuLayer {
                 input_layernorm: ctx.upload("input_layernorm", &l.input_layernorm)?,
                 qkv: GpuTernary::upload(ctx, &stacked(&[&l.q_proj, &l.k_proj, &l.v_proj])?)?,
@@ -211,17 +220,11 @@ impl GpuModel {
                 values: ctx.storage("values", (context * kv_row * 4) as u64)?,
             });
         }
-        let embed = GpuTable::upload_f32(
-            ctx,
-            &weights.embed_tokens,
-            c.vocab_size,
-            c.hidden_size,
-            tables,
-        )?;
-        let lm_head = match &weights.lm_head {
+        let norm = ctx.upload("norm", &source.norm()?)?;
+        let lm_head = match source.lm_head()? {
             Some(head) => Some(GpuTable::upload_f32(
                 ctx,
-                head,
+                &head,
                 c.vocab_size,
                 c.hidden_size,
                 tables,
@@ -242,7 +245,7 @@ impl GpuModel {
             decode_path: DecodePath::for_adapter(ctx, c),
             embed,
             lm_head,
-            norm: ctx.upload("norm", &weights.norm)?,
+            norm,
             layers,
             scratch: None,
             choice: None,

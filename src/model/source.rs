@@ -1,0 +1,123 @@
+//! Where a model's weights come from: read one part at a time, so that an engine can be built
+//! from a checkpoint's bytes a layer at a time, never holding the whole model unpacked (one i8
+//! per ternary weight) in host memory.
+
+use std::borrow::Cow;
+
+use crate::Result;
+use crate::model::forward::{check_layer, check_len};
+use crate::model::{LayerWeights, ModelConfig, ModelWeights};
+
+/// A model's weights, part by part. [`ModelWeights`] lends its parts; a checkpoint
+/// ([`crate::formats::hf::Checkpoint`], [`crate::formats::gguf::GgufModel`]) decodes each part
+/// from its file's bytes when asked, so only that part is ever unpacked. Engines
+/// ([`crate::model::Engine::new`], [`crate::model::GpuModel::new`]) read every part once, in
+/// the order of the methods below, and check each against [`WeightSource::config`].
+///
+/// ```
+/// use bitnet_wgpu::model::{synthetic, ModelConfig, WeightSource};
+/// let config = ModelConfig {
+///     vocab_size: 32, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 2,
+///     num_attention_heads: 2, num_key_value_heads: 1, head_dim: 8, max_position_embeddings: 8,
+///     ..ModelConfig::bitnet_b158_2b4t()
+/// };
+/// let weights = synthetic(&config, 1);
+/// let source: &dyn WeightSource = &weights;
+/// assert_eq!(source.layer(1)?.q_proj.rows, 16);
+/// assert_eq!(bitnet_wgpu::model::collect(source)?, weights);
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+pub trait WeightSource {
+    fn config(&self) -> &ModelConfig;
+    /// `[vocab_size, hidden_size]`, row-major.
+    fn embed_tokens(&self) -> Result<Cow<'_, [f32]>>;
+    /// Decoder layer `index` (below `num_hidden_layers`).
+    fn layer(&self, index: usize) -> Result<Cow<'_, LayerWeights>>;
+    /// The final norm, `[hidden_size]`.
+    fn norm(&self) -> Result<Cow<'_, [f32]>>;
+    /// `[vocab_size, hidden_size]`; `None` when tied to the embeddings.
+    fn lm_head(&self) -> Result<Option<Cow<'_, [f32]>>>;
+}
+
+impl WeightSource for ModelWeights {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn embed_tokens(&self) -> Result<Cow<'_, [f32]>> {
+        Ok(Cow::Borrowed(&self.embed_tokens))
+    }
+
+    fn layer(&self, index: usize) -> Result<Cow<'_, LayerWeights>> {
+        self.layers
+            .get(index)
+            .map(Cow::Borrowed)
+            .ok_or_else(|| crate::Error::shape("decoder layers", index + 1, self.layers.len()))
+    }
+
+    fn norm(&self) -> Result<Cow<'_, [f32]>> {
+        Ok(Cow::Borrowed(&self.norm))
+    }
+
+    fn lm_head(&self) -> Result<Option<Cow<'_, [f32]>>> {
+        Ok(self.lm_head.as_deref().map(Cow::Borrowed))
+    }
+}
+
+/// The whole model of `source` in memory, checked ([`ModelWeights::validate`]).
+pub fn collect(source: &dyn WeightSource) -> Result<ModelWeights> {
+    let checked = Checked::new(source)?;
+    Ok(ModelWeights {
+        config: source.config().clone(),
+        embed_tokens: checked.embed_tokens()?.into_owned(),
+        layers: (0..source.config().num_hidden_layers)
+            .map(|l| Ok(checked.layer(l)?.into_owned()))
+            .collect::<Result<_>>()?,
+        norm: checked.norm()?.into_owned(),
+        lm_head: checked.lm_head()?.map(Cow::into_owned),
+    })
+}
+
+/// A source whose configuration has been validated, handing out parts checked against it: what
+/// [`ModelWeights::validate`] checks, one part at a time.
+pub(crate) struct Checked<'s> {
+    source: &'s dyn WeightSource,
+}
+
+impl<'s> Checked<'s> {
+    pub(crate) fn new(source: &'s dyn WeightSource) -> Result<Self> {
+        source.config().validate()?;
+        Ok(Checked { source })
+    }
+
+    fn table(&self) -> usize {
+        let c = self.source.config();
+        c.vocab_size * c.hidden_size
+    }
+
+    pub(crate) fn embed_tokens(&self) -> Result<Cow<'s, [f32]>> {
+        let values = self.source.embed_tokens()?;
+        check_len("model.embed_tokens", self.table(), values.len())?;
+        Ok(values)
+    }
+
+    pub(crate) fn layer(&self, index: usize) -> Result<Cow<'s, LayerWeights>> {
+        let layer = self.source.layer(index)?;
+        check_layer(self.source.config(), &layer)?;
+        Ok(layer)
+    }
+
+    pub(crate) fn norm(&self) -> Result<Cow<'s, [f32]>> {
+        let values = self.source.norm()?;
+        check_len("model.norm", self.source.config().hidden_size, values.len())?;
+        Ok(values)
+    }
+
+    pub(crate) fn lm_head(&self) -> Result<Option<Cow<'s, [f32]>>> {
+        let head = self.source.lm_head()?;
+        if let Some(values) = &head {
+            check_len("lm_head", self.table(), values.len())?;
+        }
+        Ok(head)
+    }
+}
