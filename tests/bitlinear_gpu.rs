@@ -15,7 +15,13 @@ const REL_TOL: f32 = 1e-5;
 const SMALL: f32 = 1e-3;
 
 fn context() -> GpuContext {
-    pollster::block_on(GpuContext::new()).expect("GPU adapter required")
+    let ctx = pollster::block_on(GpuContext::new()).expect("GPU adapter required");
+    let info = ctx.adapter_info();
+    eprintln!(
+        "adapter: {} ({:?}, {:?})",
+        info.name, info.backend, info.device_type
+    );
+    ctx
 }
 
 fn layer(rng: &mut SmallRng, out: usize, inp: usize, granularity: ScaleGranularity) -> BitLinear {

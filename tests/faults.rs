@@ -9,7 +9,13 @@ use bitnet_wgpu::model::{GpuModel, Logits, ModelConfig, synthetic};
 use bitnet_wgpu::train::{AdamW, GpuTrainer, Optimizer, Quant, Schedule, TrainModel, Trainer};
 
 fn context() -> GpuContext {
-    pollster::block_on(GpuContext::new()).expect("GPU adapter required")
+    let ctx = pollster::block_on(GpuContext::new()).expect("GPU adapter required");
+    let info = ctx.adapter_info();
+    eprintln!(
+        "adapter: {} ({:?}, {:?})",
+        info.name, info.backend, info.device_type
+    );
+    ctx
 }
 
 fn config() -> ModelConfig {

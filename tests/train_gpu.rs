@@ -9,7 +9,13 @@ mod train_step;
 use bitnet_wgpu::gpu::GpuContext;
 
 fn context() -> GpuContext {
-    pollster::block_on(GpuContext::new()).expect("GPU adapter required")
+    let ctx = pollster::block_on(GpuContext::new()).expect("GPU adapter required");
+    let info = ctx.adapter_info();
+    eprintln!(
+        "adapter: {} ({:?}, {:?})",
+        info.name, info.backend, info.device_type
+    );
+    ctx
 }
 
 #[test]
