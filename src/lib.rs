@@ -19,6 +19,7 @@ pub mod gpu;
 pub mod model;
 pub mod packing;
 pub mod rng;
+pub mod table;
 pub mod tokenizer;
 pub mod train;
 

@@ -6,6 +6,7 @@
 use half::f16;
 
 use crate::gpu::GpuContext;
+use crate::table::Table;
 use crate::{Error, Result};
 
 /// How a [`GpuTable`] stores its values. Shaders read both as f32, exactly.
@@ -51,19 +52,25 @@ impl GpuTable {
         cols: usize,
         storage: TableStorage,
     ) -> Result<Self> {
+        Self::upload(ctx, &Self::shaped(data, rows, cols)?, storage)
+    }
+
+    /// [`GpuTable::upload_f32`] of a [`Table`], read one chunk's rows at a time: a file's table
+    /// is never widened whole in host memory.
+    pub fn upload(ctx: &GpuContext, table: &Table<'_>, storage: TableStorage) -> Result<Self> {
         let caps = ctx.capabilities();
         let limit = caps.max_storage_binding.min(caps.max_buffer);
-        let row_bytes = 4 * row_words(cols, storage) as u64;
+        let row_bytes = 4 * row_words(table.cols(), storage) as u64;
         let chunk_rows = limit / row_bytes.max(1);
         if chunk_rows == 0 {
             return Err(Error::Limit {
-                what: format!("one table row of {cols} values"),
+                what: format!("one table row of {} values", table.cols()),
                 limit: "max_storage_buffer_binding_size",
                 needed: row_bytes,
                 available: limit,
             });
         }
-        Self::upload_f32_chunked(ctx, data, rows, cols, storage, chunk_rows as usize)
+        Self::upload_chunked(ctx, table, storage, chunk_rows as usize)
     }
 
     /// [`GpuTable::upload_f32`] with at most `chunk_rows` rows per chunk, so that tests can
@@ -77,17 +84,42 @@ impl GpuTable {
         storage: TableStorage,
         chunk_rows: usize,
     ) -> Result<Self> {
+        Self::upload_chunked(ctx, &Self::shaped(data, rows, cols)?, storage, chunk_rows)
+    }
+
+    /// `data` as a `rows x cols` table, or the error that it is not one.
+    fn shaped(data: &[f32], rows: usize, cols: usize) -> Result<Table<'_>> {
         if rows == 0 || cols == 0 {
             return Err(Error::Empty("table"));
-        }
-        if chunk_rows == 0 {
-            return Err(Error::invalid("table chunk rows", "must be positive"));
         }
         if data.len() != rows * cols {
             return Err(Error::shape(
                 "table values",
                 format!("{rows} x {cols}"),
                 data.len(),
+            ));
+        }
+        Ok(Table::values(data, cols))
+    }
+
+    fn upload_chunked(
+        ctx: &GpuContext,
+        table: &Table<'_>,
+        storage: TableStorage,
+        chunk_rows: usize,
+    ) -> Result<Self> {
+        let (rows, cols) = (table.rows(), table.cols());
+        if rows == 0 || cols == 0 {
+            return Err(Error::Empty("table"));
+        }
+        if chunk_rows == 0 {
+            return Err(Error::invalid("table chunk rows", "must be positive"));
+        }
+        if table.len() != rows * cols {
+            return Err(Error::shape(
+                "table values",
+                format!("{rows} x {cols}"),
+                table.len(),
             ));
         }
         // Shaders index rows and logits with u32.
@@ -98,26 +130,28 @@ impl GpuTable {
                 format!("{rows} x {cols} is too large"),
             ));
         }
-        for (i, &v) in data.iter().enumerate() {
-            if !storage.round(v).is_finite() {
-                let (row, col) = (i / cols, i % cols);
-                if !v.is_finite() {
-                    return Err(Error::NonFinite {
-                        what: "table",
-                        row,
-                        col,
-                        value: v,
-                    });
-                }
-                return Err(Error::invalid(
-                    "f16 table",
-                    format!("{v} at row {row}, column {col} exceeds f16's range"),
-                ));
-            }
-        }
         let words = row_words(cols, storage);
         let mut chunks = Vec::with_capacity(rows.div_ceil(chunk_rows));
-        for (index, values) in data.chunks(chunk_rows * cols).enumerate() {
+        for block in table.blocks(chunk_rows) {
+            let first = block.start;
+            let values = table.read(block)?;
+            for (i, &v) in values.iter().enumerate() {
+                if !storage.round(v).is_finite() {
+                    let (row, col) = (first + i / cols, i % cols);
+                    if !v.is_finite() {
+                        return Err(Error::NonFinite {
+                            what: "table",
+                            row,
+                            col,
+                            value: v,
+                        });
+                    }
+                    return Err(Error::invalid(
+                        "f16 table",
+                        format!("{v} at row {row}, column {col} exceeds f16's range"),
+                    ));
+                }
+            }
             let mut packed = vec![0u32; values.len() / cols * words];
             for (dst, src) in packed
                 .chunks_exact_mut(words)
@@ -139,7 +173,7 @@ impl GpuTable {
                 }
             }
             chunks.push(TableChunk {
-                first: index * chunk_rows,
+                first,
                 rows: values.len() / cols,
                 buffer: ctx.upload("table chunk", &packed)?,
             });

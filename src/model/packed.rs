@@ -41,8 +41,7 @@ impl PackedModel {
     pub(super) fn new(weights: &dyn WeightSource) -> Result<Self> {
         let source = Checked::new(weights)?;
         let c = weights.config().clone();
-        let table = |values: &[f32]| InterleavedRows::new(values, c.vocab_size, c.hidden_size);
-        let embed = table(&source.embed_tokens()?)?;
+        let embed = InterleavedRows::from_table(&source.embed_tokens()?)?;
         let layers = (0..c.num_hidden_layers)
             .map(|index| {
                 let l = source.layer(index)?;
@@ -60,7 +59,7 @@ impl PackedModel {
             .collect::<Result<_>>()?;
         let norm = source.norm()?.into_owned();
         let (embed, head) = match source.lm_head()? {
-            Some(head) => (Some(embed), table(&head)?),
+            Some(head) => (Some(embed), InterleavedRows::from_table(&head)?),
             None => (None, embed),
         };
         let rope = rope_table(c.head_dim, c.rope_theta)?;

@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use crate::Result;
 use crate::model::forward::{check_layer, check_len};
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
+use crate::table::Table;
 
 /// A model's weights, part by part. [`ModelWeights`] lends its parts; a checkpoint
 /// ([`crate::formats::hf::Checkpoint`], [`crate::formats::gguf::GgufModel`]) decodes each part
@@ -30,13 +31,13 @@ use crate::model::{LayerWeights, ModelConfig, ModelWeights};
 pub trait WeightSource {
     fn config(&self) -> &ModelConfig;
     /// `[vocab_size, hidden_size]`, row-major.
-    fn embed_tokens(&self) -> Result<Cow<'_, [f32]>>;
+    fn embed_tokens(&self) -> Result<Table<'_>>;
     /// Decoder layer `index` (below `num_hidden_layers`).
     fn layer(&self, index: usize) -> Result<Cow<'_, LayerWeights>>;
     /// The final norm, `[hidden_size]`.
     fn norm(&self) -> Result<Cow<'_, [f32]>>;
     /// `[vocab_size, hidden_size]`; `None` when tied to the embeddings.
-    fn lm_head(&self) -> Result<Option<Cow<'_, [f32]>>>;
+    fn lm_head(&self) -> Result<Option<Table<'_>>>;
 }
 
 impl WeightSource for ModelWeights {
@@ -44,8 +45,11 @@ impl WeightSource for ModelWeights {
         &self.config
     }
 
-    fn embed_tokens(&self) -> Result<Cow<'_, [f32]>> {
-        Ok(Cow::Borrowed(&self.embed_tokens))
+    fn embed_tokens(&self) -> Result<Table<'_>> {
+        Ok(Table::values(
+            &self.embed_tokens[..],
+            self.config.hidden_size,
+        ))
     }
 
     fn layer(&self, index: usize) -> Result<Cow<'_, LayerWeights>> {
@@ -59,8 +63,9 @@ impl WeightSource for ModelWeights {
         Ok(Cow::Borrowed(&self.norm))
     }
 
-    fn lm_head(&self) -> Result<Option<Cow<'_, [f32]>>> {
-        Ok(self.lm_head.as_deref().map(Cow::Borrowed))
+    fn lm_head(&self) -> Result<Option<Table<'_>>> {
+        let hidden = self.config.hidden_size;
+        Ok(self.lm_head.as_deref().map(|v| Table::values(v, hidden)))
     }
 }
 
@@ -69,12 +74,12 @@ pub fn collect(source: &dyn WeightSource) -> Result<ModelWeights> {
     let checked = Checked::new(source)?;
     Ok(ModelWeights {
         config: source.config().clone(),
-        embed_tokens: checked.embed_tokens()?.into_owned(),
+        embed_tokens: checked.embed_tokens()?.to_vec()?,
         layers: (0..source.config().num_hidden_layers)
             .map(|l| Ok(checked.layer(l)?.into_owned()))
             .collect::<Result<_>>()?,
         norm: checked.norm()?.into_owned(),
-        lm_head: checked.lm_head()?.map(Cow::into_owned),
+        lm_head: checked.lm_head()?.map(|t| t.to_vec()).transpose()?,
     })
 }
 
@@ -90,15 +95,16 @@ impl<'s> Checked<'s> {
         Ok(Checked { source })
     }
 
-    fn table(&self) -> usize {
+    /// `table` if it is `[vocab_size, hidden_size]`.
+    fn table<'t>(&self, what: &'static str, table: Table<'t>) -> Result<Table<'t>> {
         let c = self.source.config();
-        c.vocab_size * c.hidden_size
+        check_len(what, c.hidden_size, table.cols())?;
+        check_len(what, c.vocab_size * c.hidden_size, table.len())?;
+        Ok(table)
     }
 
-    pub(crate) fn embed_tokens(&self) -> Result<Cow<'s, [f32]>> {
-        let values = self.source.embed_tokens()?;
-        check_len("model.embed_tokens", self.table(), values.len())?;
-        Ok(values)
+    pub(crate) fn embed_tokens(&self) -> Result<Table<'s>> {
+        self.table("model.embed_tokens", self.source.embed_tokens()?)
     }
 
     pub(crate) fn layer(&self, index: usize) -> Result<Cow<'s, LayerWeights>> {
@@ -113,11 +119,10 @@ impl<'s> Checked<'s> {
         Ok(values)
     }
 
-    pub(crate) fn lm_head(&self) -> Result<Option<Cow<'s, [f32]>>> {
-        let head = self.source.lm_head()?;
-        if let Some(values) = &head {
-            check_len("lm_head", self.table(), values.len())?;
-        }
-        Ok(head)
+    pub(crate) fn lm_head(&self) -> Result<Option<Table<'s>>> {
+        self.source
+            .lm_head()?
+            .map(|table| self.table("lm_head", table))
+            .transpose()
     }
 }

@@ -1,12 +1,15 @@
 //! A float table (the embeddings, the lm_head) laid out for the CPU engine's products.
 
 use super::{for_each_chunk, items_per_task};
+use crate::table::Table;
 use crate::{Error, Result};
 use half::f16;
 
 /// Rows stored side by side, a column of them in 8 AVX vectors: 8 independent chains of adds
 /// keep the adder busy (each row's own sum is a chain that must stay in order).
 const LANES: usize = 64;
+/// Values widened at a time when a file's table is laid out (64 MiB as f32).
+const BLOCK_VALUES: usize = 16 << 20;
 /// Table bytes a task reads at least.
 const TASK_BYTES: usize = 256 << 10;
 
@@ -50,13 +53,37 @@ impl InterleavedRows {
                 values.len(),
             ));
         }
-        let exact_f16 = values
-            .iter()
-            .all(|&v| f16::from_f32(v).to_f32().to_bits() == v.to_bits());
+        Self::from_table(&Table::values(values, cols))
+    }
+
+    /// A [`Table`], read a block of rows at a time (twice: whether every value is an f16, then
+    /// the values), so that a file's table is never widened whole.
+    pub fn from_table(table: &Table<'_>) -> Result<Self> {
+        let (rows, cols) = (table.rows(), table.cols());
+        if cols == 0 {
+            return Err(Error::Empty("table row"));
+        }
+        if rows * cols != table.len() {
+            return Err(Error::shape(
+                "table",
+                format!("{rows} x {cols}"),
+                table.len(),
+            ));
+        }
+        let block_rows = (BLOCK_VALUES / cols).max(1).next_multiple_of(LANES);
+        let mut exact_f16 = true;
+        for block in table.blocks(block_rows) {
+            exact_f16 &= table
+                .read(block)?
+                .iter()
+                .all(|&v| f16::from_f32(v).to_f32().to_bits() == v.to_bits());
+        }
         let values = if exact_f16 {
-            Values::F16(interleave(values, cols, 0, |v| f16::from_f32(v).to_bits()))
+            Values::F16(interleave(table, block_rows, 0, |v| {
+                f16::from_f32(v).to_bits()
+            })?)
         } else {
-            Values::F32(interleave(values, cols, 0.0, |v| v))
+            Values::F32(interleave(table, block_rows, 0.0, |v| v)?)
         };
         Ok(InterleavedRows { rows, cols, values })
     }
@@ -129,16 +156,25 @@ impl InterleavedRows {
 }
 
 /// `values` (`[rows, cols]`) as `[groups, cols, LANES]` through `f`, missing rows `zero`.
-fn interleave<T: Copy>(values: &[f32], cols: usize, zero: T, f: impl Fn(f32) -> T) -> Vec<T> {
-    let rows = values.len() / cols;
+fn interleave<T: Copy>(
+    table: &Table<'_>,
+    block_rows: usize,
+    zero: T,
+    f: impl Fn(f32) -> T,
+) -> Result<Vec<T>> {
+    let (rows, cols) = (table.rows(), table.cols());
     let mut out = vec![zero; rows.div_ceil(LANES) * LANES * cols];
-    for (r, row) in values.chunks_exact(cols).enumerate() {
-        let group = &mut out[r / LANES * LANES * cols..][..LANES * cols];
-        for (k, &v) in row.iter().enumerate() {
-            group[k * LANES + r % LANES] = f(v);
+    for block in table.blocks(block_rows) {
+        let first = block.start;
+        for (i, row) in table.read(block)?.chunks_exact(cols).enumerate() {
+            let r = first + i;
+            let group = &mut out[r / LANES * LANES * cols..][..LANES * cols];
+            for (k, &v) in row.iter().enumerate() {
+                group[k * LANES + r % LANES] = f(v);
+            }
         }
     }
-    out
+    Ok(out)
 }
 
 /// The instructions the products run on.

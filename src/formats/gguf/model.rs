@@ -2,9 +2,12 @@
 
 use std::borrow::Cow;
 
-use super::{GgufFile, GgufTensorInfo};
+use super::{
+    GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_I2_S, GgufFile, GgufTensorInfo,
+};
 use crate::cpu::TernaryWeights;
 use crate::model::{LayerWeights, ModelConfig, ModelWeights, WeightSource, collect};
+use crate::table::{FloatType, Table};
 use crate::{Error, Result};
 
 /// `general.architecture` values of BitNet b1.58 checkpoints: `bitnet` (the 1bitLLM models
@@ -297,14 +300,8 @@ impl WeightSource for GgufModel<'_> {
         &self.config
     }
 
-    fn embed_tokens(&self) -> Result<Cow<'_, [f32]>> {
-        let c = &self.config;
-        float_tensor(
-            &self.file,
-            names::TOKEN_EMBD,
-            &[c.hidden_size, c.vocab_size],
-        )
-        .map(Cow::Owned)
+    fn embed_tokens(&self) -> Result<Table<'_>> {
+        table(&self.file, names::TOKEN_EMBD)
     }
 
     fn layer(&self, layer: usize) -> Result<Cow<'_, LayerWeights>> {
@@ -352,14 +349,38 @@ impl WeightSource for GgufModel<'_> {
         float_tensor(&self.file, names::OUTPUT_NORM, &[self.config.hidden_size]).map(Cow::Owned)
     }
 
-    fn lm_head(&self) -> Result<Option<Cow<'_, [f32]>>> {
-        let c = &self.config;
-        if c.tie_word_embeddings {
+    fn lm_head(&self) -> Result<Option<Table<'_>>> {
+        if self.config.tie_word_embeddings {
             return Ok(None);
         }
-        float_tensor(&self.file, names::OUTPUT, &[c.hidden_size, c.vocab_size])
-            .map(|values| Some(Cow::Owned(values)))
+        table(&self.file, names::OUTPUT).map(Some)
     }
+}
+
+/// A float `[vocab, hidden]` table (`ne = [hidden, vocab]`, shape checked by [`GgufModel::new`]),
+/// widened as it is read.
+fn table<'s>(file: &'s GgufFile<'_>, name: &str) -> Result<Table<'s>> {
+    let info = require_tensor(file, name)?;
+    let dtype = match info.ggml_type {
+        GGML_TYPE_F32 => FloatType::F32,
+        GGML_TYPE_F16 => FloatType::F16,
+        GGML_TYPE_BF16 => FloatType::Bf16,
+        GGML_TYPE_I2_S => {
+            return Err(Error::invalid(
+                "GGUF tensor type",
+                format!("tensor {name} is I2_S (ternary) where a float tensor is expected"),
+            ));
+        }
+        _ => return Err(info.unsupported()),
+    };
+    let (hidden, vocab) = (info.dims[0] as usize, info.dims[1] as usize);
+    Table::stored(
+        format!("tensor {name}"),
+        dtype,
+        file.tensor_bytes(info)?,
+        vocab,
+        hidden,
+    )
 }
 
 /// The hyper-parameters, from `{arch}.*` keys and the embedding's shape.

@@ -15,6 +15,7 @@ use crate::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
 use crate::formats::scale::divisor_of;
 use crate::model::{LayerWeights, ModelConfig, ModelWeights, WeightSource, collect};
 use crate::packing::hf;
+use crate::table::{FloatType, Table};
 use crate::{Error, Result};
 
 /// Loads a checkpoint folder: config.json and either model.safetensors or
@@ -177,13 +178,11 @@ impl WeightSource for Checkpoint<'_> {
         &self.config
     }
 
-    fn embed_tokens(&self) -> Result<Cow<'_, [f32]>> {
+    fn embed_tokens(&self) -> Result<Table<'_>> {
         let c = &self.config;
-        let values = self
-            .tensors
+        self.tensors
             .get(EMBED_TOKENS)?
-            .floats(&[c.vocab_size, c.hidden_size])?;
-        Ok(Cow::Owned(values))
+            .table(c.vocab_size, c.hidden_size)
     }
 
     fn layer(&self, index: usize) -> Result<Cow<'_, LayerWeights>> {
@@ -202,15 +201,15 @@ impl WeightSource for Checkpoint<'_> {
         Ok(Cow::Owned(values))
     }
 
-    fn lm_head(&self) -> Result<Option<Cow<'_, [f32]>>> {
-        let shape = [self.config.vocab_size, self.config.hidden_size];
+    fn lm_head(&self) -> Result<Option<Table<'_>>> {
+        let (rows, cols) = (self.config.vocab_size, self.config.hidden_size);
         if !self.config.tie_word_embeddings {
-            return Ok(Some(Cow::Owned(self.tensors.get(LM_HEAD)?.floats(&shape)?)));
+            return Ok(Some(self.tensors.get(LM_HEAD)?.table(rows, cols)?));
         }
         if self.tensors.contains(LM_HEAD) {
             let copy = self.tensors.get(LM_HEAD)?;
-            let values = copy.floats(&shape)?;
-            if !same_bits(&values, &self.embed_tokens()?) {
+            let values = copy.table(rows, cols)?.to_vec()?;
+            if !same_bits(&values, &self.embed_tokens()?.to_vec()?) {
                 return Err(copy.error(
                     "differs from model.embed_tokens.weight, but config.json says \
                      tie_word_embeddings: true",
@@ -489,7 +488,7 @@ struct Tensor<'a> {
     view: TensorView<'a>,
 }
 
-impl Tensor<'_> {
+impl<'a> Tensor<'a> {
     fn error(&self, why: impl std::fmt::Display) -> Error {
         Error::Safetensors(format!("tensor `{}` in {} {why}", self.name, self.file))
     }
@@ -503,6 +502,22 @@ impl Tensor<'_> {
                 self.view.shape()
             )))
         }
+    }
+
+    /// A `[rows, cols]` float table, checked for dtype and shape here and for finiteness as
+    /// its rows are read.
+    fn table(&self, rows: usize, cols: usize) -> Result<Table<'a>> {
+        let dtype = match self.view.dtype() {
+            Dtype::BF16 => FloatType::Bf16,
+            Dtype::F16 => FloatType::F16,
+            Dtype::F32 => FloatType::F32,
+            other => {
+                return Err(self.error(format!("has dtype {other:?}, expected BF16, F16 or F32")));
+            }
+        };
+        self.check_shape(&[rows, cols])?;
+        let name = format!("tensor `{}` in {}", self.name, self.file);
+        Table::stored(name, dtype, self.view.data(), rows, cols)
     }
 
     /// The values as f32 (BF16 and F16 widen exactly), checking the shape and finiteness.

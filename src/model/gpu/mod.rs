@@ -195,13 +195,7 @@ impl GpuModel {
             ));
         }
         Self::check_fits(ctx, c, context, tables)?;
-        let embed = GpuTable::upload_f32(
-            ctx,
-            &source.embed_tokens()?,
-            c.vocab_size,
-            c.hidden_size,
-            tables,
-        )?;
+        let embed = GpuTable::upload(ctx, &source.embed_tokens()?, tables)?;
         let kv_row = c.num_key_value_heads * c.head_dim;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for index in 0..c.num_hidden_layers {
@@ -222,13 +216,7 @@ impl GpuModel {
         }
         let norm = ctx.upload("norm", &source.norm()?)?;
         let lm_head = match source.lm_head()? {
-            Some(head) => Some(GpuTable::upload_f32(
-                ctx,
-                &head,
-                c.vocab_size,
-                c.hidden_size,
-                tables,
-            )?),
+            Some(head) => Some(GpuTable::upload(ctx, &head, tables)?),
             None => None,
         };
         // Out of memory surfaces as a device error: say how much the model asked for.

@@ -1,0 +1,246 @@
+//! Float tables (the embeddings, an untied lm_head) as a model's source holds them: f32 values in
+//! memory, or a file's 16- or 32-bit values widened a block of rows at a time, so that a large
+//! table (2B4T's embeddings: 1.3 GB as f32, 0.66 GB as stored) is never widened whole on its
+//! way to an engine.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use half::{bf16, f16};
+
+use crate::{Error, Result};
+
+/// How a file stores a table's values (little-endian).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FloatType {
+    fn bytes(self) -> usize {
+        match self {
+            FloatType::F32 => 4,
+            FloatType::F16 | FloatType::Bf16 => 2,
+        }
+    }
+
+    /// The values of `bytes` as f32 (the 16-bit types widen exactly).
+    fn widen(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            FloatType::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            FloatType::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            FloatType::Bf16 => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        }
+    }
+}
+
+/// A row-major table of `cols` values per row, read a block of rows at a time.
+///
+/// ```
+/// use bitnet_wgpu::table::{FloatType, Table};
+/// let bytes: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]
+///     .iter()
+///     .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+///     .collect();
+/// let table = Table::stored("embeddings", FloatType::Bf16, &bytes, 3, 2)?;
+/// assert_eq!(table.rows(), 3);
+/// assert_eq!(*table.read(1..3)?, [3.0, 4.0, 5.0, 6.0]);
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Table<'a> {
+    cols: usize,
+    data: Data<'a>,
+}
+
+#[derive(Clone, Debug)]
+enum Data<'a> {
+    Values(Cow<'a, [f32]>),
+    /// A file's bytes, checked finite when read; `name` says which tensor, for errors.
+    Stored {
+        name: String,
+        dtype: FloatType,
+        bytes: &'a [u8],
+    },
+}
+
+impl<'a> Table<'a> {
+    /// f32 values already in memory, `cols` per row (a last partial row makes
+    /// [`Table::len`] disagree with `rows() * cols()`, which the engines refuse).
+    pub fn values(values: impl Into<Cow<'a, [f32]>>, cols: usize) -> Self {
+        Table {
+            cols,
+            data: Data::Values(values.into()),
+        }
+    }
+
+    /// A file's `rows x cols` values of type `dtype`; `name` is how errors refer to it.
+    pub fn stored(
+        name: impl Into<String>,
+        dtype: FloatType,
+        bytes: &'a [u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
+        let name = name.into();
+        let expected = rows
+            .checked_mul(cols)
+            .and_then(|n| n.checked_mul(dtype.bytes()));
+        if expected != Some(bytes.len()) {
+            return Err(Error::shape(
+                "table bytes",
+                format!("{rows} x {cols} {dtype:?} values"),
+                format!("{} bytes in {name}", bytes.len()),
+            ));
+        }
+        Ok(Table {
+            cols,
+            data: Data::Stored { name, dtype, bytes },
+        })
+    }
+
+    /// Values per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Whole rows.
+    pub fn rows(&self) -> usize {
+        self.len() / self.cols.max(1)
+    }
+
+    /// Values in all.
+    pub fn len(&self) -> usize {
+        match &self.data {
+            Data::Values(v) => v.len(),
+            Data::Stored { dtype, bytes, .. } => bytes.len() / dtype.bytes(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows `range` (within [`Table::rows`]), row-major as f32. A file's values are widened
+    /// here and must be finite: an error names the tensor, row and column.
+    pub fn read(&self, range: Range<usize>) -> Result<Cow<'_, [f32]>> {
+        if range.start > range.end || range.end > self.rows() {
+            return Err(Error::invalid(
+                "table rows",
+                format!("{range:?} of a table of {} rows", self.rows()),
+            ));
+        }
+        let (start, end) = (range.start * self.cols, range.end * self.cols);
+        match &self.data {
+            Data::Values(v) => Ok(Cow::Borrowed(&v[start..end])),
+            Data::Stored { name, dtype, bytes } => {
+                let size = dtype.bytes();
+                let values = dtype.widen(&bytes[start * size..end * size]);
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    let at = start + i;
+                    return Err(Error::invalid(
+                        "table",
+                        format!(
+                            "{name} holds {} at row {}, column {}",
+                            values[i],
+                            at / self.cols,
+                            at % self.cols
+                        ),
+                    ));
+                }
+                Ok(Cow::Owned(values))
+            }
+        }
+    }
+
+    /// Every value, row-major ([`Table::read`] of all rows).
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        Ok(self.read(0..self.rows())?.into_owned())
+    }
+
+    /// The row blocks of at most `rows` rows (at least one) that cover the table, in order.
+    pub fn blocks(&self, rows: usize) -> impl Iterator<Item = Range<usize>> + use<> {
+        let (total, step) = (self.rows(), rows.max(1));
+        (0..total)
+            .step_by(step)
+            .map(move |start| start..(start + step).min(total))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_cover_the_rows_in_order() {
+        let values: Vec<f32> = (0..21).map(|i| i as f32).collect();
+        let table = Table::values(&values[..], 3);
+        let blocks: Vec<_> = table.blocks(3).collect();
+        assert_eq!(blocks, [0..3, 3..6, 6..7]);
+        let read: Vec<f32> = blocks
+            .into_iter()
+            .flat_map(|b| table.read(b).unwrap().into_owned())
+            .collect();
+        assert_eq!(read, values);
+        assert_eq!(table.blocks(0).count(), 7);
+        assert!(table.read(5..8).is_err());
+    }
+
+    #[test]
+    fn stored_values_widen_exactly_and_must_be_finite() {
+        let values = [1.5f32, -2.25, 3.0e-3, 65504.0, 7.0, -0.0];
+        for (dtype, bytes) in [
+            (
+                FloatType::F32,
+                values
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
+            (
+                FloatType::F16,
+                values
+                    .iter()
+                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+            (
+                FloatType::Bf16,
+                values
+                    .iter()
+                    .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+        ] {
+            let table = Table::stored("t", dtype, &bytes, 2, 3).unwrap();
+            let expected: Vec<f32> = match dtype {
+                FloatType::F32 => values.to_vec(),
+                FloatType::F16 => values.iter().map(|v| f16::from_f32(*v).to_f32()).collect(),
+                FloatType::Bf16 => values.iter().map(|v| bf16::from_f32(*v).to_f32()).collect(),
+            };
+            assert_eq!(table.to_vec().unwrap(), expected, "{dtype:?}");
+            assert!(Table::stored("t", dtype, &bytes[1..], 2, 3).is_err());
+            let mut bad = bytes.clone();
+            let size = dtype.bytes();
+            bad[4 * size..5 * size].fill(0xff);
+            let bad = Table::stored("tensor x", dtype, &bad, 2, 3).unwrap();
+            assert_eq!(*bad.read(0..1).unwrap(), expected[..3]);
+            let e = bad.read(1..2).unwrap_err().to_string();
+            assert!(
+                e.contains("tensor x") && e.contains("row 1, column 1"),
+                "{e}"
+            );
+        }
+    }
+}
