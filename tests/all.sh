@@ -51,11 +51,11 @@ web/build.sh --dev
 cargo build --bin bitnet
 BITNET_BIN="${CARGO_TARGET_DIR:-target}/debug/bitnet" node web/tests/page.test.mjs
 
-echo "== fuzzing: every target for 20 s, from the seeds in fuzz/seeds (README.md, Fuzzing)"
+echo "== fuzzing: every target for 30 s, from the seeds in fuzz/seeds (README.md, Fuzzing)"
 cargo +nightly fuzz build
 for target in $(cargo +nightly fuzz list); do
   mkdir -p "fuzz/corpus/$target"
-  cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- -max_total_time=20
+  cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- -max_total_time=30
 done
 
 echo "== all tests passed"

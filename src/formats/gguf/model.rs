@@ -301,7 +301,8 @@ impl WeightSource for GgufModel<'_> {
     }
 
     fn embed_tokens(&self) -> Result<Table<'_>> {
-        table(&self.file, names::TOKEN_EMBD)
+        let c = &self.config;
+        table(&self.file, names::TOKEN_EMBD, c.vocab_size, c.hidden_size)
     }
 
     fn layer(&self, layer: usize) -> Result<Cow<'_, LayerWeights>> {
@@ -353,13 +354,14 @@ impl WeightSource for GgufModel<'_> {
         if self.config.tie_word_embeddings {
             return Ok(None);
         }
-        table(&self.file, names::OUTPUT).map(Some)
+        let c = &self.config;
+        table(&self.file, names::OUTPUT, c.vocab_size, c.hidden_size).map(Some)
     }
 }
 
-/// A float `[vocab, hidden]` table (`ne = [hidden, vocab]`, shape checked by [`GgufModel::new`]),
+/// A float `[rows, cols]` table (`ne = [cols, rows]`, shape checked by [`GgufModel::new`]),
 /// widened as it is read.
-fn table<'s>(file: &'s GgufFile<'_>, name: &str) -> Result<Table<'s>> {
+fn table<'s>(file: &'s GgufFile<'_>, name: &str, rows: usize, cols: usize) -> Result<Table<'s>> {
     let info = require_tensor(file, name)?;
     let dtype = match info.ggml_type {
         GGML_TYPE_F32 => FloatType::F32,
@@ -373,13 +375,12 @@ fn table<'s>(file: &'s GgufFile<'_>, name: &str) -> Result<Table<'s>> {
         }
         _ => return Err(info.unsupported()),
     };
-    let (hidden, vocab) = (info.dims[0] as usize, info.dims[1] as usize);
     Table::stored(
         format!("tensor {name}"),
         dtype,
         file.tensor_bytes(info)?,
-        vocab,
-        hidden,
+        rows,
+        cols,
     )
 }
 
