@@ -128,6 +128,19 @@ pub fn load_checkpoint(dir: &Path, mut optimizer: Optimizer) -> Result<Checkpoin
         "none" => Quant::None,
         other => return Err(bad(format!("unknown quant {other:?}"))),
     };
+    // Every parameter is stored as f32: a configuration that needs more bytes than the file
+    // has is refused before the model it describes is allocated.
+    let needed = parameter_count(&config).and_then(|n| n.checked_mul(4));
+    if needed.is_none_or(|needed| needed > bytes.len()) {
+        return Err(bad(format!(
+            "its configuration ({} layers, hidden size {}, vocabulary {}) needs more weights \
+             than the file's {} bytes hold",
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.vocab_size,
+            bytes.len()
+        )));
+    }
     let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let mut model = TrainModel::new(config, quant, 0)?;
     let read = |prefix: &str, template: &Parameters| -> Result<Option<Parameters>> {
@@ -285,6 +298,32 @@ pub fn load_latent(path: &Path, template: &TrainModel) -> Result<Option<Paramete
     Ok(Some(params))
 }
 
+/// Values in [`Parameters::tensors`] for `c`, or `None` past `usize`.
+fn parameter_count(c: &ModelConfig) -> Option<usize> {
+    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
+    let attn = c.num_attention_heads.checked_mul(c.head_dim)?;
+    let kv = c.num_key_value_heads.checked_mul(c.head_dim)?;
+    // q, o: attn x hidden; k, v: kv x hidden; gate, up, down: inter x hidden.
+    let per_row = attn
+        .checked_mul(2)?
+        .checked_add(kv.checked_mul(2)?)?
+        .checked_add(inter.checked_mul(3)?)?;
+    let norms = hidden
+        .checked_mul(2)?
+        .checked_add(attn)?
+        .checked_add(inter)?;
+    let tables = c
+        .vocab_size
+        .checked_mul(hidden)?
+        .checked_mul(if c.tie_word_embeddings { 1 } else { 2 })?;
+    per_row
+        .checked_mul(hidden)?
+        .checked_add(norms)?
+        .checked_mul(c.num_hidden_layers)?
+        .checked_add(tables)?
+        .checked_add(hidden)
+}
+
 /// Shapes of [`Parameters::tensors`], in its order.
 fn shapes(c: &ModelConfig) -> Vec<Vec<usize>> {
     let (vocab, hidden) = (c.vocab_size, c.hidden_size);
@@ -391,4 +430,55 @@ fn replace_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()>
     std::fs::rename(&tmp, dir).map_err(io_error(dir))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::AdamW;
+
+    #[test]
+    fn parameter_count_is_what_the_model_holds() {
+        for tied in [true, false] {
+            let config = ModelConfig {
+                tie_word_embeddings: tied,
+                num_key_value_heads: 1,
+                ..crate::train::run::tiny_config(300)
+            };
+            let model = TrainModel::new(config.clone(), Quant::BitNet, 1).unwrap();
+            let held: usize = model.params.tensors().iter().map(|(_, v)| v.len()).sum();
+            assert_eq!(parameter_count(&config), Some(held), "tied {tied}");
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_claiming_a_huge_model_is_refused_before_allocating_it() {
+        let dir =
+            std::env::temp_dir().join(format!("bitnet-huge-checkpoint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = ModelConfig {
+            num_hidden_layers: 1 << 20,
+            ..crate::train::run::tiny_config(300)
+        };
+        let meta = CheckpointMeta {
+            version: VERSION,
+            step: 1,
+            config_json: hf::config_json(&config),
+            quant: "bitnet".into(),
+            run: serde_json::Value::Null,
+            epoch: 0,
+            cursor: 0,
+            optimizer_steps: 1,
+        };
+        let metadata =
+            HashMap::from([(META_KEY.to_string(), serde_json::to_string(&meta).unwrap())]);
+        let empty: Vec<(&str, TensorView<'_>)> = Vec::new();
+        let bytes = safetensors::serialize(empty, Some(metadata)).unwrap();
+        std::fs::write(dir.join(STATE_FILE), bytes).unwrap();
+        let e = load_checkpoint(&dir, Optimizer::AdamW(AdamW::default()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs more weights than the file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
