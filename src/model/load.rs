@@ -45,13 +45,24 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<(ModelWeights, Tokenizer)> {
 /// [`ModelFiles::open`] reads the model from them a part at a time, so an engine built from it
 /// ([`crate::model::Engine::new`]) never holds the whole model unpacked.
 ///
-/// ```no_run
-/// # async fn run() -> bitnet_wgpu::Result<()> {
-/// use bitnet_wgpu::model::{Device, Engine, ModelFiles};
-/// let files = ModelFiles::read("bitnet-b1.58-2B-4T")?;
+/// ```
+/// use bitnet_wgpu::formats::hf;
+/// use bitnet_wgpu::model::{Device, Engine, ModelConfig, ModelFiles, synthetic};
+/// let config = ModelConfig {
+///     vocab_size: 258, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
+///     num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16, max_position_embeddings: 32,
+///     ..ModelConfig::bitnet_b158_2b4t()
+/// };
+/// let dir = std::env::temp_dir().join(format!("model-files-doc-{}", std::process::id()));
+/// hf::save_dir(&synthetic(&config, 1), &dir, &[])?;
+///
+/// let files = ModelFiles::read(&dir)?;
 /// let (source, tokenizer) = files.open()?;
-/// let (engine, _) = Engine::new(Device::Auto, &*source).await?;
-/// # Ok(()) }
+/// let (mut engine, _) = pollster::block_on(Engine::new(Device::Cpu, &*source))?;
+/// let ids = tokenizer.encode("Hi", true)?;
+/// assert_eq!(pollster::block_on(engine.forward(&ids, bitnet_wgpu::model::Logits::Last))?.len(), 258);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), bitnet_wgpu::Error>(())
 /// ```
 #[cfg(not(target_arch = "wasm32"))]
 pub enum ModelFiles {
