@@ -73,42 +73,10 @@ fn check_clip(clip: Option<&wgpu::Buffer>) -> Result<()> {
 /// Records one AdamW update (`train::adamw_tensor`) of the `count` f32 values of `w` from `grad`,
 /// with the moments `m` and `v` (zero before the first step) and the factors of this step;
 /// `clip` is the `[norm, coefficient]` buffer [`record_grad_norm`] fills (the gradient is
-/// multiplied by the coefficient), `None` for no clipping.
+/// multiplied by the coefficient), `None` for no clipping. The factors go into `uniform` when
+/// given (a training run's, rewritten every step), else into a uniform cached by content.
 #[allow(clippy::too_many_arguments)]
 pub fn record_adamw(
-    ctx: &GpuContext,
-    pass: &mut wgpu::ComputePass<'_>,
-    w: &wgpu::Buffer,
-    grad: &wgpu::Buffer,
-    m: &wgpu::Buffer,
-    v: &wgpu::Buffer,
-    count: usize,
-    step: &AdamWStep,
-    clip: Option<&wgpu::Buffer>,
-) -> Result<()> {
-    adamw(ctx, pass, None, w, grad, m, v, count, step, clip)
-}
-
-/// [`record_adamw`] with the step's factors written into `uniform` rather than a uniform
-/// cached by content: for a training run, whose factors change every step.
-#[allow(clippy::too_many_arguments)]
-pub fn record_adamw_in(
-    ctx: &GpuContext,
-    pass: &mut wgpu::ComputePass<'_>,
-    uniform: &UpdateUniform,
-    w: &wgpu::Buffer,
-    grad: &wgpu::Buffer,
-    m: &wgpu::Buffer,
-    v: &wgpu::Buffer,
-    count: usize,
-    step: &AdamWStep,
-    clip: Option<&wgpu::Buffer>,
-) -> Result<()> {
-    adamw(ctx, pass, Some(uniform), w, grad, m, v, count, step, clip)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn adamw(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
     uniform: Option<&UpdateUniform>,
@@ -182,57 +150,9 @@ fn adamw(
 
 /// Records one SGD update (`train::sgd_tensor`) of the `count` f32 values of `w` from `grad` at
 /// learning rate `lr`, with the momentum buffer `momentum` (read only after the `first` step, and
-/// untouched when `opt.momentum` is 0); `clip` as [`record_adamw`].
+/// untouched when `opt.momentum` is 0); `uniform` and `clip` as [`record_adamw`].
 #[allow(clippy::too_many_arguments)]
 pub fn record_sgd(
-    ctx: &GpuContext,
-    pass: &mut wgpu::ComputePass<'_>,
-    w: &wgpu::Buffer,
-    grad: &wgpu::Buffer,
-    momentum: &wgpu::Buffer,
-    count: usize,
-    opt: &Sgd,
-    lr: f32,
-    first: bool,
-    clip: Option<&wgpu::Buffer>,
-) -> Result<()> {
-    sgd(
-        ctx, pass, None, w, grad, momentum, count, opt, lr, first, clip,
-    )
-}
-
-/// [`record_sgd`] with the factors written into `uniform`, as [`record_adamw_in`].
-#[allow(clippy::too_many_arguments)]
-pub fn record_sgd_in(
-    ctx: &GpuContext,
-    pass: &mut wgpu::ComputePass<'_>,
-    uniform: &UpdateUniform,
-    w: &wgpu::Buffer,
-    grad: &wgpu::Buffer,
-    momentum: &wgpu::Buffer,
-    count: usize,
-    opt: &Sgd,
-    lr: f32,
-    first: bool,
-    clip: Option<&wgpu::Buffer>,
-) -> Result<()> {
-    sgd(
-        ctx,
-        pass,
-        Some(uniform),
-        w,
-        grad,
-        momentum,
-        count,
-        opt,
-        lr,
-        first,
-        clip,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn sgd(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
     uniform: Option<&UpdateUniform>,

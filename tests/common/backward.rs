@@ -383,6 +383,7 @@ pub async fn optimizers_match_cpu(ctx: &mut GpuContext) {
                 gpu::optim::record_adamw(
                     ctx,
                     pass,
+                    None,
                     &w_buf,
                     &g_buf,
                     &m_buf,
@@ -447,6 +448,7 @@ pub async fn optimizers_match_cpu(ctx: &mut GpuContext) {
                 gpu::optim::record_sgd(
                     ctx,
                     pass,
+                    None,
                     &w_buf,
                     &g_buf,
                     &b_buf,
@@ -946,15 +948,18 @@ pub async fn backward_bad_shapes_are_errors(ctx: &mut GpuContext) {
 
     let step = AdamWStep::new(&AdamW::default(), 1e-3, 1);
     assert!(
-        gpu::optim::record_adamw(ctx, pass, &big, &big2, &big3, &small, 8, &step, None).is_err()
+        gpu::optim::record_adamw(ctx, pass, None, &big, &big2, &big3, &small, 8, &step, None)
+            .is_err()
     );
     assert!(
-        gpu::optim::record_adamw(ctx, pass, &big, &big2, &big3, &big3, 8, &step, None).is_err()
+        gpu::optim::record_adamw(ctx, pass, None, &big, &big2, &big3, &big3, 8, &step, None)
+            .is_err()
     );
     assert!(
         gpu::optim::record_sgd(
             ctx,
             pass,
+            None,
             &big,
             &big,
             &big3,

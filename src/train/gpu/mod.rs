@@ -193,10 +193,10 @@ impl GpuTrainer {
                         let v = piece.v.as_ref().ok_or_else(|| {
                             Error::invalid("GPU trainer", "made for SGD, stepped with AdamW")
                         })?;
-                        optim::record_adamw_in(
+                        optim::record_adamw(
                             ctx,
                             &mut pass,
-                            uniform,
+                            Some(uniform),
                             &piece.w,
                             &piece.grad,
                             &piece.m,
@@ -206,10 +206,10 @@ impl GpuTrainer {
                             clip,
                         )?;
                     }
-                    Optimizer::Sgd(s) => optim::record_sgd_in(
+                    Optimizer::Sgd(s) => optim::record_sgd(
                         ctx,
                         &mut pass,
-                        uniform,
+                        Some(uniform),
                         &piece.w,
                         &piece.grad,
                         &piece.m,
