@@ -13,6 +13,27 @@ pub use attention::{RopeTable, attention, rope_table};
 pub use rows::InterleavedRows;
 pub use ternary::PackedMatrix;
 
+/// The instructions the products run on, chosen once per product: AVX2 (with F16C, which every
+/// AVX2 processor has, for the f16 tables) where the processor has them, else plain Rust.
+#[derive(Clone, Copy)]
+enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return Kernel::Avx2;
+        }
+        Kernel::Portable
+    }
+}
+
 /// Runs `f(index, chunk)` on every `chunk`-sized piece of `out`, on all cores natively.
 #[cfg(not(target_arch = "wasm32"))]
 fn for_each_chunk<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {

@@ -1,6 +1,6 @@
 //! A float table (the embeddings, the lm_head) laid out for the CPU engine's products.
 
-use super::{for_each_chunk, items_per_task};
+use super::{Kernel, for_each_chunk, items_per_task};
 use crate::table::Table;
 use crate::{Error, Result};
 use half::f16;
@@ -177,25 +177,7 @@ fn interleave<T: Copy>(
     Ok(out)
 }
 
-/// The instructions the products run on.
-#[derive(Clone, Copy)]
-enum Kernel {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-}
-
 impl Kernel {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
-            return Kernel::Avx2;
-        }
-        Kernel::Portable
-    }
-
     /// The [`LANES`] sums of one group (`[cols, LANES]`) with `x`.
     fn f32_lanes(self, x: &[f32], group: &[f32]) -> [f32; LANES] {
         match self {

@@ -1,7 +1,7 @@
 //! The BitLinear product with the weights kept packed: [`PackedMatrix::matmul`] equals
 //! [`crate::cpu::ternary_matmul`] (no bias) bit for bit.
 
-use super::{for_each_chunk, items_per_task};
+use super::{Kernel, for_each_chunk, items_per_task};
 use crate::cpu::{QuantizedActivations, TernaryWeights};
 use crate::packing::i2s;
 use crate::{Error, Result};
@@ -189,29 +189,13 @@ impl PackedMatrix {
     }
 }
 
-/// The instructions the dot products run on, chosen once per product.
-#[derive(Clone, Copy)]
-enum Kernel {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-}
-
 impl Kernel {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return Kernel::Avx2;
-        }
-        Kernel::Portable
-    }
-
     /// `out[t] = dot(x_t, w + 1)` for the activation rows `xs` (`out.len()` rows of `padded`
     /// codes) and one packed weight row `w`.
     fn dots(self, w: &[u8], xs: &[i8], padded: usize, out: &mut [i32]) {
         match self {
             Kernel::Portable => portable_dots(w, xs, padded, out),
-            // SAFETY: AVX2 is present (detected above); the slices are whole blocks.
+            // SAFETY: AVX2 is present (`Kernel::detect`); the slices are whole blocks.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { avx2::dots(w, xs, padded, out) },
         }
