@@ -22,7 +22,7 @@ pub use gpu::{DecodePath, GpuModel, Logits};
 pub use load::{ModelFiles, load_model};
 pub use load::{OpenModel, load_model_from_bytes, open_model_from_bytes};
 pub use sampling::{Sampler, SamplingParams};
-pub(crate) use source::Checked;
+pub(crate) use source::{Checked, check_layer_index};
 pub use source::{WeightSource, collect};
 pub use synthetic::synthetic;
 pub use weights::{LayerWeights, ModelWeights};

@@ -69,6 +69,19 @@ impl WeightSource for ModelWeights {
     }
 }
 
+/// Errors unless `index` names one of `c`'s decoder layers.
+pub(crate) fn check_layer_index(c: &ModelConfig, index: usize) -> Result<()> {
+    if index < c.num_hidden_layers {
+        Ok(())
+    } else {
+        Err(crate::Error::shape(
+            "decoder layers",
+            index + 1,
+            c.num_hidden_layers,
+        ))
+    }
+}
+
 /// The whole model of `source` in memory, checked ([`ModelWeights::validate`]).
 pub fn collect(source: &dyn WeightSource) -> Result<ModelWeights> {
     let checked = Checked::new(source)?;

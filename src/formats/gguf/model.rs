@@ -6,7 +6,9 @@ use super::{
     GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_I2_S, GgufFile, GgufTensorInfo,
 };
 use crate::cpu::TernaryWeights;
-use crate::model::{LayerWeights, ModelConfig, ModelWeights, WeightSource, collect};
+use crate::model::{
+    LayerWeights, ModelConfig, ModelWeights, WeightSource, check_layer_index, collect,
+};
 use crate::table::{FloatType, Table};
 use crate::{Error, Result};
 
@@ -307,13 +309,7 @@ impl WeightSource for GgufModel<'_> {
 
     fn layer(&self, layer: usize) -> Result<Cow<'_, LayerWeights>> {
         let (file, config) = (&self.file, &self.config);
-        if layer >= config.num_hidden_layers {
-            return Err(Error::shape(
-                "decoder layers",
-                layer + 1,
-                config.num_hidden_layers,
-            ));
-        }
+        check_layer_index(config, layer)?;
         let [
             q_proj,
             k_proj,

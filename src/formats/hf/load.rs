@@ -13,7 +13,9 @@ use super::{
 };
 use crate::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
 use crate::formats::scale::divisor_of;
-use crate::model::{LayerWeights, ModelConfig, ModelWeights, WeightSource, collect};
+use crate::model::{
+    LayerWeights, ModelConfig, ModelWeights, WeightSource, check_layer_index, collect,
+};
 use crate::packing::hf;
 use crate::table::{FloatType, Table};
 use crate::{Error, Result};
@@ -186,13 +188,7 @@ impl WeightSource for Checkpoint<'_> {
     }
 
     fn layer(&self, index: usize) -> Result<Cow<'_, LayerWeights>> {
-        if index >= self.config.num_hidden_layers {
-            return Err(Error::shape(
-                "decoder layers",
-                index + 1,
-                self.config.num_hidden_layers,
-            ));
-        }
+        check_layer_index(&self.config, index)?;
         layer(&self.tensors, &self.config, index, self.format).map(Cow::Owned)
     }
 
