@@ -70,8 +70,8 @@ struct BenchArgs {
     /// Tokens of the prompt, processed at once.
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
-    /// Tokens decoded one at a time after the prompt, greedily: chosen on the GPU, then again with
-    /// each step's logits read back (as sampling does).
+    /// Tokens decoded one at a time after the prompt, three times: greedily on the GPU, sampled
+    /// on the GPU (temperature 0.8, top-p 0.95), and greedily with each step's logits read back.
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
     /// How decoding steps run [default: the faster on this kind of adapter].
@@ -521,8 +521,16 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
     let prompt: Vec<u32> = (0..args.prompt_tokens)
         .map(|_| (rng.next_u64() % c.vocab_size as u64) as u32)
         .collect();
-    // Pipelines compile on first use: one untimed step first.
+    // Pipelines compile on first use: untimed steps first.
     model.forward(&ctx, &prompt[..1], Logits::Last).await?;
+    model.reset();
+    let mut warm = Sampler::new(SamplingParams {
+        temperature: 1.0,
+        ..SamplingParams::default()
+    })?;
+    model
+        .sample(&ctx, &prompt[..1], 1, c.vocab_size, &mut warm, |_| true)
+        .await?;
     model.reset();
 
     let started = Instant::now();
@@ -535,7 +543,28 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
         .greedy(&ctx, &[first], args.decode_tokens, c.vocab_size, |_| true)
         .await?;
     let decode_time = started.elapsed();
-    // Each step's logits read back, as sampling at a temperature needs.
+    // Sampled on the GPU with `generate`'s defaults, one token read back per step.
+    let sampling = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        ..SamplingParams::default()
+    };
+    let mut sampler = Sampler::new(sampling)?;
+    model.reset();
+    model.forward(&ctx, &prompt, Logits::Last).await?;
+    let started = Instant::now();
+    model
+        .sample(
+            &ctx,
+            &[first],
+            args.decode_tokens,
+            c.vocab_size,
+            &mut sampler,
+            |_| true,
+        )
+        .await?;
+    let sampled_time = started.elapsed();
+    // Each step's logits read back, as sampling on the host needs.
     model.reset();
     model.forward(&ctx, &prompt, Logits::Last).await?;
     let started = Instant::now();
@@ -569,6 +598,7 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
     let prompt_rate = rate(args.prompt_tokens, prompt_time);
     let decode_rate = rate(args.decode_tokens, decode_time);
     let logits_decode_rate = rate(args.decode_tokens, logits_decode_time);
+    let sampled_rate = rate(args.decode_tokens, sampled_time);
     let memory = model.weight_and_cache_bytes();
     let adapter = ctx.adapter_info().name.clone();
     if args.json {
@@ -582,6 +612,7 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
                 "decode_tokens": args.decode_tokens,
                 "decode_tokens_per_s": decode_rate,
                 "decode_path": decode_path,
+                "decode_sampled_tokens_per_s": sampled_rate,
                 "decode_logits_tokens_per_s": logits_decode_rate,
                 "gpu_memory_bytes": memory,
             })
@@ -599,6 +630,11 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
             args.decode_tokens,
             decode_time.as_secs_f64() * 1e3,
             decode_time.as_secs_f64() * 1e3 / args.decode_tokens.max(1) as f64
+        );
+        println!(
+            "decode ({decode_path}), sampled on the GPU (temperature 0.8, top-p 0.95): \
+             {sampled_rate:.1} tokens/s ({:.2} ms per token)",
+            sampled_time.as_secs_f64() * 1e3 / args.decode_tokens.max(1) as f64
         );
         println!(
             "decode ({decode_path}), logits read back: {logits_decode_rate:.1} tokens/s ({:.2} ms \

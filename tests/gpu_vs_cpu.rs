@@ -163,6 +163,16 @@ fn argmax_matches_cpu() {
 }
 
 #[test]
+fn sampling_matches_cpu() {
+    pollster::block_on(common::sampling::sampling_matches_cpu(&mut context()));
+}
+
+#[test]
+fn gpu_sampled_decoding_matches_host() {
+    pollster::block_on(common::model::gpu_sampled_decoding_matches_host(&context()));
+}
+
+#[test]
 fn gpu_nll_matches_cpu() {
     pollster::block_on(common::model::gpu_nll_matches_cpu(&context()));
 }

@@ -185,6 +185,16 @@ async fn argmax_matches_cpu() {
 }
 
 #[wasm_bindgen_test]
+async fn sampling_matches_cpu() {
+    common::sampling::sampling_matches_cpu(&mut *context().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn gpu_sampled_decoding_matches_host() {
+    common::model::gpu_sampled_decoding_matches_host(&*context().await).await;
+}
+
+#[wasm_bindgen_test]
 async fn gpu_nll_matches_cpu() {
     common::model::gpu_nll_matches_cpu(&*context().await).await;
 }

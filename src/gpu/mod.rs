@@ -32,6 +32,7 @@ mod profiler;
 pub mod relu2_gate;
 pub mod rmsnorm;
 pub mod rope;
+pub mod sampling;
 pub mod shaders;
 pub mod table;
 pub mod ternary_matmul;

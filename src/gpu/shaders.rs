@@ -85,6 +85,7 @@ macro_rules! kernels {
 kernels! {
     ActQuant: "act_quant", common ["quantize_row"], entries ["act_quant"];
     Argmax: "argmax", common [], entries ["argmax_partial", "argmax_final"];
+    Sampling: "sampling", common [], entries ["sample"];
     TernaryPack: "ternary_pack", common [],
         entries ["reduce_sum", "finish_scales", "pack_words", "widen_f16"];
     TernaryMatmul: "ternary_matmul", common [], entries ["gemv", "gemm"];
@@ -237,7 +238,7 @@ mod tests {
     use super::*;
     use crate::gpu::{
         act_quant, argmax, attention, elementwise, embedding, lm_head, nll, norm_matmul, optim,
-        relu2_gate, rmsnorm, rope, ternary_matmul, ternary_pack,
+        relu2_gate, rmsnorm, rope, sampling, ternary_matmul, ternary_pack,
     };
 
     /// Every host module's uniform declarations.
@@ -254,6 +255,7 @@ mod tests {
         relu2_gate::UNIFORMS,
         rmsnorm::UNIFORMS,
         rope::UNIFORMS,
+        sampling::UNIFORMS,
         ternary_matmul::UNIFORMS,
         ternary_pack::UNIFORMS,
     ];

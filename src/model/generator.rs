@@ -126,8 +126,9 @@ impl Generator {
     /// new sequence. `on_text` gets each piece of text as soon as it is complete UTF-8 (a final
     /// piece may follow the last token) and returns whether to go on; `false` cancels.
     ///
-    /// Greedy generation on a GPU chooses each token there and reads back only the token;
-    /// otherwise each step's logits come back and [`Sampler`] chooses. Ids past the tokenizer's
+    /// On a GPU each token is chosen there (greedily, or sampled by `gpu::sampling` with
+    /// [`Sampler`]'s draws) and only the token is read back; on the CPU engine [`Sampler`]
+    /// chooses from each step's logits. Ids past the tokenizer's
     /// vocabulary (an embedding padded for speed) are never chosen.
     ///
     /// Errors: bad sampling parameters, an empty prompt whose tokenizer adds no bos, a prompt
@@ -189,10 +190,10 @@ impl Generator {
 
         self.engine.reset();
         match &mut self.engine {
-            Engine::Gpu(gpu) if params.sampling.temperature == 0.0 => {
+            Engine::Gpu(gpu) => {
                 let (ctx, model) = &mut **gpu;
                 model
-                    .greedy(ctx, &prompt_ids, max_new, allowed, |id| {
+                    .sample(ctx, &prompt_ids, max_new, allowed, &mut sampler, |id| {
                         accept(id, &mut generated)
                     })
                     .await?;

@@ -13,6 +13,7 @@ mod source;
 mod synthetic;
 mod weights;
 
+pub use crate::cpu::SamplingParams;
 pub use config::ModelConfig;
 pub use engine::{CpuEngine, Device, Engine, perplexity_windows};
 pub use forward::{KvCache, forward};
@@ -21,7 +22,7 @@ pub use gpu::{DecodePath, GpuModel, Logits};
 #[cfg(not(target_arch = "wasm32"))]
 pub use load::{ModelFiles, load_model};
 pub use load::{OpenModel, load_model_from_bytes, open_model_from_bytes};
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::Sampler;
 pub(crate) use source::{Checked, check_layer_index};
 pub use source::{WeightSource, collect};
 pub use synthetic::synthetic;

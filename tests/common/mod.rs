@@ -16,6 +16,7 @@ pub mod fused_ops;
 pub mod model;
 pub mod model_ops;
 pub mod nll;
+pub mod sampling;
 
 /// Relative tolerance for float epilogues: WGSL lets a division be off by 2.5 ulp (~3e-7).
 pub const EPILOGUE_REL_TOL: f32 = 1e-5;

@@ -5,7 +5,9 @@ use bitnet_wgpu::cpu;
 use bitnet_wgpu::formats::hf;
 use bitnet_wgpu::gpu::GpuContext;
 use bitnet_wgpu::gpu::table::TableStorage;
-use bitnet_wgpu::model::{self, DecodePath, GpuModel, KvCache, Logits, ModelConfig, ModelWeights};
+use bitnet_wgpu::model::{
+    self, DecodePath, GpuModel, KvCache, Logits, ModelConfig, ModelWeights, Sampler, SamplingParams,
+};
 use half::f16;
 
 /// Logit tolerance, relative to the largest logit: the GPU's float ops (rope's cos/sin,
@@ -296,6 +298,62 @@ pub async fn gpu_nll_matches_cpu(ctx: &GpuContext) {
             (f64::from(g) - reference).abs() <= f64::from(2.0 * LOGIT_TOL * scale),
             "token {i}: gpu {g}, cpu reference {reference}"
         );
+    }
+}
+
+/// Sampled decoding on the GPU, each step submitted before the last token is read: the tokens
+/// `Sampler` picks on the host from the same logits with the same seed, at several settings, and
+/// only among the allowed ids.
+pub async fn gpu_sampled_decoding_matches_host(ctx: &GpuContext) {
+    let weights = tiny_model(17, true);
+    let vocab = weights.config.vocab_size;
+    let prompt = [1, 5, 9, 30];
+    let mut gpu = GpuModel::new(ctx, &weights, 64, TableStorage::F16).expect("upload model");
+    // The tiny model's logits are steep (its tables are scaled up): hot temperatures spread them.
+    let settings = [
+        (30.0, 0, 1.0, vocab),
+        (20.0, 0, 0.9, vocab),
+        (40.0, 5, 0.95, 20),
+    ];
+    for (seed, (temperature, top_k, top_p, allowed)) in settings.into_iter().enumerate() {
+        let params = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: seed as u64,
+        };
+        let what = format!("{params:?}, {allowed} allowed");
+        let mut host = Sampler::new(params).expect("sampler");
+        gpu.reset();
+        let mut logits = gpu
+            .forward(ctx, &prompt, Logits::Last)
+            .await
+            .expect("prompt");
+        let mut expected = Vec::new();
+        for _ in 0..24 {
+            logits[allowed..].fill(f32::NEG_INFINITY);
+            let token = host.sample(&logits).expect("host sample");
+            expected.push(token);
+            logits = gpu
+                .forward(ctx, &[token], Logits::Last)
+                .await
+                .expect("step");
+        }
+        gpu.reset();
+        let mut sampler = Sampler::new(params).expect("sampler");
+        let chosen = gpu
+            .sample(ctx, &prompt, expected.len(), allowed, &mut sampler, |_| {
+                true
+            })
+            .await
+            .expect("sample");
+        assert_eq!(chosen, expected, "{what}");
+        let distinct: std::collections::BTreeSet<_> = chosen.iter().collect();
+        assert!(
+            distinct.len() > 3,
+            "{what}: too few distinct tokens to tell: {chosen:?}"
+        );
+        assert_eq!(gpu.len(), prompt.len() + expected.len() - 1);
     }
 }
 

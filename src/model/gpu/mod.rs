@@ -9,9 +9,9 @@ use crate::gpu::table::{GpuTable, TableStorage, row_words};
 use crate::gpu::ternary_matmul::GEMM_MIN_ROWS;
 use crate::gpu::{
     self, GpuActivations, GpuContext, GpuTernary, MatmulOptions, MatmulOutput, argmax, attention,
-    elementwise, embedding, lm_head, norm_matmul, relu2_gate, rmsnorm, rope,
+    elementwise, embedding, lm_head, norm_matmul, relu2_gate, rmsnorm, rope, sampling,
 };
-use crate::model::{Checked, ModelConfig, WeightSource};
+use crate::model::{Checked, ModelConfig, Sampler, WeightSource};
 use crate::packing::gpu_words;
 use crate::{Error, Result};
 
@@ -134,12 +134,13 @@ pub struct GpuModel {
     choice: Option<Choice>,
 }
 
-/// Where greedy steps leave their token: `result` (argmax.wgsl's four words, the token first,
-/// which the next step embeds) and two staging buffers the host reads them from, one per step in
-/// flight.
+/// Where decoding steps leave their token: `result` (argmax.wgsl's four words, the token first,
+/// which the next step embeds), two staging buffers the host reads them from and two buffers
+/// for sampling's draws, one of each per step in flight.
 struct Choice {
     result: wgpu::Buffer,
     staging: [wgpu::Buffer; 2],
+    draws: [wgpu::Buffer; 2],
 }
 
 fn packed(t: &TernaryWeights) -> Result<PackedTernary> {

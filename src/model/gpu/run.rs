@@ -1,5 +1,5 @@
 //! What callers run: a forward with the logits they ask for, the likelihood of a text, greedy
-//! decoding with the token chosen on the GPU.
+//! and sampled decoding with the token chosen on the GPU.
 
 use super::*;
 
@@ -104,6 +104,37 @@ impl GpuModel {
         tokens: &[u32],
         max_new: usize,
         allowed: usize,
+        on_token: impl FnMut(u32) -> bool,
+    ) -> Result<Vec<u32>> {
+        self.decode(ctx, tokens, max_new, allowed, None, on_token)
+            .await
+    }
+
+    /// As [`GpuModel::greedy`], with each token sampled on the GPU by `sampler`'s rules
+    /// (`cpu::sample` over the ids below `allowed`, `gpu::sampling`), one of its draws per token:
+    /// the tokens [`Sampler::sample`] picks from [`GpuModel::forward`]'s logits, but where a draw
+    /// falls within float error of a candidate's edge. A greedy sampler decodes as `greedy` does.
+    pub async fn sample(
+        &mut self,
+        ctx: &GpuContext,
+        tokens: &[u32],
+        max_new: usize,
+        allowed: usize,
+        sampler: &mut Sampler,
+        on_token: impl FnMut(u32) -> bool,
+    ) -> Result<Vec<u32>> {
+        let sampler = (sampler.params().temperature > 0.0).then_some(sampler);
+        self.decode(ctx, tokens, max_new, allowed, sampler, on_token)
+            .await
+    }
+
+    async fn decode(
+        &mut self,
+        ctx: &GpuContext,
+        tokens: &[u32],
+        max_new: usize,
+        allowed: usize,
+        mut sampler: Option<&mut Sampler>,
         mut on_token: impl FnMut(u32) -> bool,
     ) -> Result<Vec<u32>> {
         self.check_tokens(tokens)?;
@@ -118,12 +149,16 @@ impl GpuModel {
             return Ok(chosen);
         }
         if self.choice.is_none() {
+            let pair = |label: &str, bytes: u64| -> Result<[wgpu::Buffer; 2]> {
+                Ok([ctx.storage(label, bytes)?, ctx.storage(label, bytes)?])
+            };
             self.choice = Some(Choice {
-                result: ctx.storage("greedy choice", argmax::RESULT_BYTES)?,
+                result: ctx.storage("token choice", argmax::RESULT_BYTES)?,
                 staging: [
-                    ctx.staging("greedy choice readback", argmax::RESULT_BYTES),
-                    ctx.staging("greedy choice readback", argmax::RESULT_BYTES),
+                    ctx.staging("token choice readback", argmax::RESULT_BYTES),
+                    ctx.staging("token choice readback", argmax::RESULT_BYTES),
                 ],
+                draws: pair("sampling draw", sampling::DRAW_BYTES)?,
             });
         }
         self.scratch(ctx, tokens.len(), 1)?;
@@ -131,7 +166,14 @@ impl GpuModel {
         ctx.queue
             .write_buffer(&s.tokens, 0, bytemuck::cast_slice(tokens));
         let prompt_tokens = s.tokens.clone();
-        let mut in_flight = self.submit_choice(ctx, &prompt_tokens, tokens.len(), allowed, 0)?;
+        let mut in_flight = self.submit_choice(
+            ctx,
+            &prompt_tokens,
+            tokens.len(),
+            allowed,
+            sampler.as_deref_mut(),
+            0,
+        )?;
         self.len += tokens.len();
         loop {
             let step = chosen.len();
@@ -139,7 +181,8 @@ impl GpuModel {
             let next = if step + 1 < max_new && self.len < self.capacity {
                 self.scratch(ctx, 1, 1)?;
                 let result = self.choice.as_ref().expect("made above").result.clone();
-                Some(self.submit_choice(ctx, &result, 1, allowed, (step + 1) % 2)?)
+                let slot = (step + 1) % 2;
+                Some(self.submit_choice(ctx, &result, 1, allowed, sampler.as_deref_mut(), slot)?)
             } else {
                 None
             };
@@ -159,14 +202,16 @@ impl GpuModel {
         }
     }
 
-    /// Submits one step of the `n` tokens in `tokens` at the cached positions, its argmax into
-    /// the choice buffer and a copy of that into staging buffer `slot`.
+    /// Submits one step of the `n` tokens in `tokens` at the cached positions, its choice (the
+    /// argmax, or a sample with the sampler's next draw, written to draw buffer `slot`) into the
+    /// choice buffer and a copy of that into staging buffer `slot`.
     pub(super) fn submit_choice(
         &self,
         ctx: &GpuContext,
         tokens: &wgpu::Buffer,
         n: usize,
         allowed: usize,
+        sampler: Option<&mut Sampler>,
         slot: usize,
     ) -> Result<wgpu::SubmissionIndex> {
         let choice = self.choice.as_ref().expect("the caller made it");
@@ -176,7 +221,17 @@ impl GpuModel {
             let pass = &mut encoder.begin_compute_pass(&Default::default());
             ctx.profile_start(pass);
             self.record_step(ctx, pass, tokens, n, Some(Logits::Last))?;
-            argmax::record(ctx, pass, &s.logits, allowed, &choice.result)?;
+            match sampler {
+                Some(sampler) => {
+                    // Two draw buffers: the step in flight keeps its own.
+                    let draw = &choice.draws[slot];
+                    let word = sampling::draw_word(sampler.next_draw());
+                    ctx.queue.write_buffer(draw, 0, bytemuck::bytes_of(&word));
+                    let params = *sampler.params();
+                    sampling::record(ctx, pass, &s.logits, allowed, &params, draw, &choice.result)?;
+                }
+                None => argmax::record(ctx, pass, &s.logits, allowed, &choice.result)?,
+            }
         }
         encoder.copy_buffer_to_buffer(
             &choice.result,
