@@ -226,6 +226,40 @@ fn path_str(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// Sampling with `generate`'s defaults (temperature 0.8, top-p 0.95) on the demo model, on the GPU
+/// (lavapipe in CI), where the token is sampled: the same seed gives the same text, another seed
+/// another, and neither is the greedy one.
+#[test]
+fn sampled_generation_on_the_gpu_follows_the_seed() {
+    let args = |seed: &'static str| {
+        [
+            "generate",
+            "--prompt",
+            "It was a dark and stormy night",
+            "--max-new-tokens",
+            "24",
+            "--device",
+            "gpu",
+            "--json",
+            "--seed",
+            seed,
+        ]
+    };
+    let first = bitnet_json(&args("11"));
+    assert_ne!(first["adapter"], "cpu", "{first}");
+    assert_eq!(ids(&first["generated_ids"]).len(), 24, "{first}");
+    assert_eq!(
+        bitnet_json(&args("11"))["generated_ids"],
+        first["generated_ids"]
+    );
+    assert_ne!(
+        bitnet_json(&args("12"))["generated_ids"],
+        first["generated_ids"]
+    );
+    let greedy = bitnet_json(&[&args("11")[..], &["--temperature", "0"]].concat());
+    assert_ne!(greedy["generated_ids"], first["generated_ids"]);
+}
+
 #[test]
 fn greedy_generation_is_reproducible_and_complete() {
     let dir = TempDir::new("greedy");
