@@ -34,9 +34,10 @@ pub fn draw_word(u: f64) -> u32 {
 /// back into what `cpu::sample` returns.
 ///
 /// The weights are computed in f32 with the GPU's `exp`, and summed exactly in fixed point (40
-/// fractional bits), where the reference uses f64: the token is the reference's unless the draw
-/// or the nucleus boundary falls within about 1e-5 of a candidate's edge. Temperature 0 is
-/// refused: greedy choices are `argmax::record`'s.
+/// fractional bits, so a candidate weighing less than 2^-40 of the best is never drawn), where
+/// the reference uses f64: the token is the reference's unless the draw or the nucleus boundary
+/// falls within about 1e-5 of a candidate's edge. Temperature 0 is refused: greedy choices are
+/// `argmax::record`'s.
 pub fn record(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,

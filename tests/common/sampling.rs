@@ -1,8 +1,10 @@
 //! sampling.wgsl against cpu::sample on rows of awkward lengths: spread, tied and peaked logits,
 //! forbidden (-inf) and bad (NaN, +inf) ones, with and without top-k and top-p cuts. The GPU
-//! weighs candidates with f32 `exp` where the reference uses f64, so a token may differ only when
-//! the draw or the nucleus boundary lies within `NEAR` of a candidate's edge: then it must be a
-//! token the reference gives for a draw and top_p that close. Errors must be the same.
+//! weighs candidates with f32 `exp` where the reference uses f64 (and in fixed point, where a
+//! weight below 2^-40 of the best is 0), so a token may differ only when the draw or the nucleus
+//! boundary lies within `NEAR` of a candidate's edge: then it must lie, in the order the kept
+//! candidates are laid out, between the tokens the reference gives for draws and top_p that
+//! close. Errors must be the same.
 
 use super::pick;
 use bitnet_wgpu::cpu::{self, SamplingParams};
@@ -10,6 +12,7 @@ use bitnet_wgpu::gpu::{self, GpuContext};
 use bitnet_wgpu::{Error, Result};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use std::cmp::Ordering;
 
 const LENGTHS: [usize; 10] = [1, 2, 3, 17, 255, 256, 1000, 2049, 5000, 32001];
 /// How far (relative) a draw or top_p may move and still count as the same.
@@ -36,6 +39,17 @@ async fn gpu_sample(
     ctx.queue.submit([encoder.finish()]);
     let words: Vec<u32> = ctx.read(&result, 4).await.expect("read back");
     gpu::argmax::interpret([words[0], words[1], words[2], words[3]])
+}
+
+/// The order the kept candidates are laid out in: by rank (logit, then id) when a cut ranked
+/// them, else by id.
+fn layout(logits: &[f32], ranked: bool, a: u32, b: u32) -> Ordering {
+    let by_logit = if ranked {
+        logits[b as usize].total_cmp(&logits[a as usize])
+    } else {
+        Ordering::Equal
+    };
+    by_logit.then(a.cmp(&b))
 }
 
 /// The tokens the reference gives for draws and top_p within `NEAR` of these.
@@ -122,12 +136,19 @@ pub async fn sampling_matches_cpu(ctx: &mut GpuContext) {
         let got = gpu_sample(ctx, &logits, count, &params, u).await;
         match (&got, &want) {
             (Ok(g), Ok(w)) => {
+                let alive = row.iter().filter(|&&l| l > f32::NEG_INFINITY).count();
                 if g != w {
+                    let ranked = (params.top_k > 0 && params.top_k < alive) || params.top_p < 1.0;
+                    let order = |a: &u32, b: &u32| layout(row, ranked, *a, *b);
                     let near = near_tokens(row, &params, u);
-                    assert!(near.contains(g), "{what}: gpu {g}, cpu {w}, near {near:?}");
+                    let first = near.iter().min_by(|a, b| order(a, b)).expect("nine tokens");
+                    let last = near.iter().max_by(|a, b| order(a, b)).expect("nine tokens");
+                    assert!(
+                        order(first, g).is_le() && order(g, last).is_le(),
+                        "{what}: gpu {g}, cpu {w}, near {near:?}"
+                    );
                     near_edge += 1;
                 }
-                let alive = row.iter().filter(|&&l| l > f32::NEG_INFINITY).count();
                 not_greedy += usize::from(*w != cpu::argmax(row).expect("a token was sampled"));
                 cut_by_k += usize::from(params.top_k > 0 && params.top_k < alive);
                 cut_by_p += usize::from(params.top_p < 1.0);
