@@ -430,7 +430,7 @@ fn main() {
         ctx.variant()
     );
     println!(
-        "{} calls per figure after {} warm-up calls",
+        "calls per figure: {}, after {} warm-up calls",
         runs.iters, runs.warmup
     );
     let f32_matmul = F32Matmul::new(&ctx);
