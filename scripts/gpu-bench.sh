@@ -43,10 +43,11 @@ build)
   # 0xBitNet has its own workspace and crates (wgpu 26); its build output stays out of
   # gpu-bench/, which travels to the GPU machine.
   rm -rf gpu-bench/oxb-src gpu-bench/oxb gpu-bench/bitlinear_bench
-  cp -r ../shared/peers/oxb gpu-bench/oxb-src
-  chmod -R u+w gpu-bench/oxb-src
   oxb_target=${CARGO_TARGET_DIR:-$PWD/target}/oxb
-  if (cd gpu-bench/oxb-src && cargo build --release --target-dir "$oxb_target"); then
+  if [ ! -d ../shared/peers/oxb ]; then
+    echo "0xBitNet NOT BUILT: ../shared/peers/oxb is missing; run will measure this project alone" >&2
+  elif cp -r ../shared/peers/oxb gpu-bench/oxb-src && chmod -R u+w gpu-bench/oxb-src &&
+    (cd gpu-bench/oxb-src && cargo build --release --target-dir "$oxb_target"); then
     cp "$oxb_target"/release/{oxb,bitlinear_bench} gpu-bench/
   else
     echo "0xBitNet NOT BUILT (cargo build failed above; its crates come from crates.io):" \
