@@ -59,13 +59,7 @@ build)
   du -ch gpu-bench .gl 2>/dev/null | tail -1
   ;;
 run)
-  if [ -d .gl ] && ! ldconfig -p | grep -q libvulkan.so.1; then
-    for f in .gl/*.deb; do dpkg -x "$f" /; done
-    ldconfig
-  fi
-  nvidia_icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-  if [ -z "${VK_DRIVER_FILES:-}" ] && [ -e "$nvidia_icd" ]; then export VK_DRIVER_FILES=$nvidia_icd; fi
-  export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
+  source scripts/nvidia-vulkan.sh
   layers=${LAYERS:-30}
   prompt_tokens=${PROMPT_TOKENS:-512}
   decode_tokens=${DECODE_TOKENS:-128}

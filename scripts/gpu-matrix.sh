@@ -33,13 +33,7 @@ for line in sys.stdin:
   du -ch gpu-matrix/* | tail -1
   ;;
 run)
-  if [ -d .gl ] && ! ldconfig -p | grep -q libvulkan.so.1; then
-    for f in .gl/*.deb; do dpkg -x "$f" /; done
-    ldconfig
-  fi
-  nvidia_icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-  if [ -z "${VK_DRIVER_FILES:-}" ] && [ -e "$nvidia_icd" ]; then export VK_DRIVER_FILES=$nvidia_icd; fi
-  export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
+  source scripts/nvidia-vulkan.sh
   printf '| program | passed | failed | seconds | adapter |\n| --- | --- | --- | --- | --- |\n'
   status=0
   for p in "${programs[@]}"; do
