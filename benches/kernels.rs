@@ -418,6 +418,18 @@ fn random_packed(rows: usize, cols: usize, seed: u64) -> PackedTernary {
     }
 }
 
+/// The project's ternary matmul as the model records it (no bias, default options).
+fn ternary_matmul(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    acts: &GpuActivations,
+    weights: &gpu::GpuTernary,
+    y: &wgpu::Buffer,
+) {
+    gpu::ternary_matmul::record(ctx, pass, acts, weights, None, y, MatmulOptions::default())
+        .expect("matmul");
+}
+
 fn main() {
     let runs = Runs::from_env();
     let ctx = pollster::block_on(GpuContext::new()).expect("a GPU adapter");
@@ -450,18 +462,8 @@ fn main() {
         let input = ctx.upload("x", &x).expect("upload x");
         let acts = GpuActivations::new(&ctx, shape.m, shape.k).expect("activations");
         let y = ctx.storage("y", (shape.m * shape.n * 4) as u64).expect("y");
-        let matmul = |pass: &mut wgpu::ComputePass<'_>| {
-            gpu::ternary_matmul::record(
-                &ctx,
-                pass,
-                &acts,
-                &weights,
-                None,
-                &y,
-                MatmulOptions::default(),
-            )
-            .expect("matmul");
-        };
+        let matmul =
+            |pass: &mut wgpu::ComputePass<'_>| ternary_matmul(&ctx, pass, &acts, &weights, &y);
         let (record_cpu, both) = time(&ctx, runs, Passes::One, |pass| {
             gpu::act_quant::record(&ctx, pass, &input, &acts).expect("act_quant");
             matmul(pass);
@@ -537,16 +539,7 @@ fn main() {
     .expect("act_quant");
     ctx.queue.submit([encoder.finish()]);
     let (_, gemv_time) = time(&ctx, runs, Passes::One, |pass| {
-        gpu::ternary_matmul::record(
-            &ctx,
-            pass,
-            &acts,
-            &weights,
-            None,
-            &y,
-            MatmulOptions::default(),
-        )
-        .expect("matmul");
+        ternary_matmul(&ctx, pass, &acts, &weights, &y)
     });
     let gemv_rate = bytes / gemv_time;
     println!();

@@ -2,15 +2,14 @@
 //! lengths with ties, signed zeros, forbidden (-inf) tokens and bad (NaN, +inf) logits.
 
 use super::pick;
-use bitnet_wgpu::Error;
-use bitnet_wgpu::cpu;
 use bitnet_wgpu::gpu::{self, GpuContext};
+use bitnet_wgpu::{Error, Result, cpu};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 const LENGTHS: [usize; 10] = [1, 2, 3, 255, 256, 2047, 2049, 5000, 32001, 128256];
 
-async fn gpu_argmax(ctx: &GpuContext, logits: &[f32], count: usize) -> bitnet_wgpu::Result<u32> {
+async fn gpu_argmax(ctx: &GpuContext, logits: &[f32], count: usize) -> Result<u32> {
     let input = ctx.upload("logits", logits).expect("upload");
     let result = ctx
         .storage("argmax result", gpu::argmax::RESULT_BYTES)
@@ -55,21 +54,30 @@ pub async fn argmax_matches_cpu(ctx: &mut GpuContext) {
         let what = format!("case {case} ({count} of {len} logits)");
         let want = cpu::argmax(&logits[..count]);
         let got = gpu_argmax(ctx, &logits, count).await;
-        match (&got, &want) {
-            (Ok(g), Ok(w)) => assert_eq!(g, w, "{what}"),
-            (
-                Err(Error::NonFinite {
-                    col: g, value: gv, ..
-                }),
-                Err(Error::NonFinite {
-                    col: w, value: wv, ..
-                }),
-            ) => {
-                assert_eq!(g, w, "{what}: first bad logit");
-                assert_eq!(gv.to_bits(), wv.to_bits(), "{what}: its value");
-            }
-            (Err(Error::Invalid { .. }), Err(Error::Invalid { .. })) => {}
-            _ => panic!("{what}: gpu {got:?}, cpu {want:?}"),
+        if let Some((g, w)) = both_chose(&got, &want, &what) {
+            assert_eq!(g, w, "{what}");
         }
     }
+}
+
+/// The tokens the GPU and the CPU chose, when both chose one; otherwise both must fail alike (the
+/// same first bad logit, bit for bit, or both "no token allowed").
+pub fn both_chose(got: &Result<u32>, want: &Result<u32>, what: &str) -> Option<(u32, u32)> {
+    match (got, want) {
+        (Ok(g), Ok(w)) => return Some((*g, *w)),
+        (
+            Err(Error::NonFinite {
+                col: g, value: gv, ..
+            }),
+            Err(Error::NonFinite {
+                col: w, value: wv, ..
+            }),
+        ) => {
+            assert_eq!(g, w, "{what}: first bad logit");
+            assert_eq!(gv.to_bits(), wv.to_bits(), "{what}: its value");
+        }
+        (Err(Error::Invalid { .. }), Err(Error::Invalid { .. })) => {}
+        _ => panic!("{what}: gpu {got:?}, cpu {want:?}"),
+    }
+    None
 }
