@@ -627,7 +627,7 @@ mod gguf;
 #[cfg(not(target_arch = "wasm32"))]
 pub use dir::convert_dir;
 #[cfg(not(target_arch = "wasm32"))]
-pub use gguf::{GgufConversion, convert_to_gguf};
+pub use gguf::{GgufConversion, RowLengths, convert_to_gguf};
 
 #[cfg(test)]
 mod tests {

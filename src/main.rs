@@ -123,6 +123,10 @@ struct ConvertArgs {
     /// Also write the dequantized model as f16 safetensors, for full-precision training.
     #[arg(long)]
     dequantized_f16: bool,
+    /// gguf: also write a model whose rows are not a multiple of 128 weights, which this
+    /// project reads but bitnet.cpp's I2_S kernels misread (refused without this flag).
+    #[arg(long)]
+    any_row_length: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -654,6 +658,11 @@ fn convert(args: &ConvertArgs) -> CliResult<()> {
     if args.format == ConvertFormat::Gguf {
         return convert_gguf(args);
     }
+    if args.any_row_length {
+        return Err(
+            "--any-row-length is for --format gguf (Hugging Face's layout has no row rule)".into(),
+        );
+    }
     let options = ConvertOptions {
         exclude: args.exclude.clone(),
         granularity: if args.per_channel {
@@ -697,7 +706,7 @@ fn convert(args: &ConvertArgs) -> CliResult<()> {
 
 /// `convert --format gguf`: the whole model in one file, as bitnet.cpp writes it.
 fn convert_gguf(args: &ConvertArgs) -> CliResult<()> {
-    use bitnet_wgpu::convert::{DEFAULT_EXCLUDE, convert_to_gguf};
+    use bitnet_wgpu::convert::{DEFAULT_EXCLUDE, RowLengths, convert_to_gguf};
     let unsupported = [
         (args.per_channel, "--per-channel"),
         (args.threshold != 0.5, "--threshold"),
@@ -714,10 +723,15 @@ fn convert_gguf(args: &ConvertArgs) -> CliResult<()> {
         )
         .into());
     }
-    let conversion = convert_to_gguf(&args.input, &args.output, &mut |_| {})?;
+    let rows = if args.any_row_length {
+        RowLengths::Any
+    } else {
+        RowLengths::BitnetCpp
+    };
+    let conversion = convert_to_gguf(&args.input, &args.output, rows, &mut |_| {})?;
     let tokenizer = match &conversion.tokenizer {
         Some(t) => format!(
-            "tokenizer: {} tokens, pre {}, add_bos_token {}",
+            "tokenizer: {} tokens, padded to the vocabulary, pre {}, add_bos_token {}",
             t.tokens.len(),
             t.pre.as_deref().unwrap_or("none"),
             t.add_bos.unwrap_or(false)

@@ -404,30 +404,53 @@ impl Tokenizer {
                 "the byte-level fallback has no vocabulary to write".into()
             ));
         };
+        // GGUF numbers tokens by their position, so every id up to the largest must be used;
+        // checked before serializing, which walks every id up to the largest.
+        let mut ids: Vec<u32> = inner.get_vocab(true).into_values().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if let Some(gap) = (0..).zip(&ids).find(|&(i, &id)| id != i).map(|(i, _)| i) {
+            return Err(bad(format!(
+                "no token has id {gap}, and GGUF numbers tokens by their position"
+            )));
+        }
         let json: serde_json::Value = inner
             .to_string(false)
             .map_err(|e| bad(e.to_string()))
             .and_then(|s| serde_json::from_str(&s).map_err(|e| bad(e.to_string())))?;
         let model = &json["model"];
+        let vocab = model["vocab"].as_object().into_iter().flatten();
+        let added = json["added_tokens"].as_array().into_iter().flatten();
+        let entries: Vec<(Option<u64>, &str, i32)> = vocab
+            .map(|(token, id)| (id.as_u64(), token.as_str(), TOKEN_TYPE_NORMAL))
+            .chain(added.map(|added| {
+                let kind = if added["special"] == true {
+                    TOKEN_TYPE_CONTROL
+                } else {
+                    TOKEN_TYPE_USER_DEFINED
+                };
+                let content = added["content"].as_str().unwrap_or_default();
+                (added["id"].as_u64(), content, kind)
+            }))
+            .collect();
+        // No id can lie beyond the entry count without leaving a gap: such a one is refused
+        // before the table is sized by it.
+        let count = entries.len();
         let mut by_id: Vec<Option<(String, i32)>> = Vec::new();
-        let mut place = |id: u64, token: &str, kind: i32| {
-            let id = id as usize;
+        for (id, token, kind) in entries {
+            let id = id
+                .and_then(|id| usize::try_from(id).ok())
+                .filter(|&id| id < count)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "token {token:?} has id {id:?}, not below the {count} entries of the \
+                         vocabulary, and GGUF numbers tokens by their position"
+                    ))
+                })?;
             if by_id.len() <= id {
                 by_id.resize(id + 1, None);
             }
             by_id[id] = Some((token.to_string(), kind));
-        };
-        for (token, id) in model["vocab"].as_object().into_iter().flatten() {
-            place(id.as_u64().unwrap_or(u64::MAX), token, TOKEN_TYPE_NORMAL);
-        }
-        for added in json["added_tokens"].as_array().into_iter().flatten() {
-            let kind = if added["special"] == true {
-                TOKEN_TYPE_CONTROL
-            } else {
-                TOKEN_TYPE_USER_DEFINED
-            };
-            let content = added["content"].as_str().unwrap_or_default();
-            place(added["id"].as_u64().unwrap_or(u64::MAX), content, kind);
         }
         if let Some(id) = by_id.iter().position(Option::is_none) {
             return Err(bad(format!(
@@ -892,6 +915,14 @@ mod tests {
         assert!(e.contains("byte-level BPE"), "{e}");
         let holed = BPE_JSON.replace(r#""ab": 12"#, r#""ab": 14"#);
         let e = Tokenizer::from_json(holed.as_bytes())
+            .unwrap()
+            .to_gguf()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no token has id 12"), "{e}");
+        // An id far beyond the vocabulary is refused before anything is sized by it.
+        let far = BPE_JSON.replace(r#""ab": 12"#, r#""ab": 4000000000"#);
+        let e = Tokenizer::from_json(far.as_bytes())
             .unwrap()
             .to_gguf()
             .unwrap_err()

@@ -877,14 +877,17 @@ fn byte_level_tokenizer_json() -> String {
 }
 
 /// `convert --format gguf` from a packed and from a full-precision folder: the file bitnet.cpp
-/// would write, and the same prompt ids and greedy tokens as the folder it came from.
+/// would write (its token list padded to the vocabulary), and the same prompt ids and greedy
+/// tokens as the folder it came from. Rows of 64 weights, which bitnet.cpp would misread, are
+/// refused unless --any-row-length is given.
 #[test]
 fn convert_writes_gguf_that_generates_alike() {
     use safetensors::SafeTensors;
     use safetensors::tensor::{Dtype, TensorView};
 
     let dir = TempDir::new("to-gguf");
-    let mut weights = random_model(259, Some(258), None, 11);
+    // Three ids more than the tokenizer's 259 tokens.
+    let mut weights = random_model(262, Some(258), None, 11);
     // Embeddings f16 holds exactly, so the GGUF's F16 table changes nothing.
     for v in &mut weights.embed_tokens {
         *v = half::f16::from_f32(*v).to_f32();
@@ -965,12 +968,35 @@ fn convert_writes_gguf_that_generates_alike() {
         ]);
         (ids(&json["prompt_ids"]), ids(&json["generated_ids"]))
     };
+    let misread = dir.0.join("misread.gguf");
+    let output = bitnet(&[
+        "convert",
+        "--format",
+        "gguf",
+        "--input",
+        path_str(&packed),
+        "--output",
+        path_str(&misread),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    for needle in [
+        "blk.0.attn_q.weight",
+        "64 weights",
+        "multiples of 128",
+        "--any-row-length",
+    ] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+    assert!(!misread.exists());
+
     for (name, folder) in [("packed", &packed), ("full", &full)] {
         let gguf = dir.0.join(format!("{name}.gguf"));
         let output = bitnet(&[
             "convert",
             "--format",
             "gguf",
+            "--any-row-length",
             "--input",
             path_str(folder),
             "--output",
@@ -996,6 +1022,20 @@ fn convert_writes_gguf_that_generates_alike() {
             file.get_str("tokenizer.ggml.pre").unwrap(),
             Some("llama-bpe")
         );
+        let tokens = file
+            .get_string_array("tokenizer.ggml.tokens")
+            .unwrap()
+            .unwrap();
+        let types = file
+            .get_i32_array("tokenizer.ggml.token_type")
+            .unwrap()
+            .unwrap();
+        assert_eq!(tokens.len(), 262);
+        assert_eq!(
+            tokens[258..],
+            ["<|begin|>", "[PAD259]", "[PAD260]", "[PAD261]"]
+        );
+        assert_eq!(types[257..], [1, 3, 5, 5, 5]);
         let embd = file.tensor("token_embd.weight").unwrap();
         assert_eq!(embd.ggml_type, bitnet_wgpu::formats::gguf::GGML_TYPE_F16);
         let q = file.tensor("blk.0.attn_q.weight").unwrap();
@@ -1076,4 +1116,209 @@ fn the_built_in_demo_model_generates() {
     assert!(!cpu["text"].as_str().unwrap().is_empty(), "{cpu}");
     let gpu = bitnet_json(&[&args[..], &["--device", "gpu"]].concat());
     assert_eq!(gpu["generated_ids"], cpu["generated_ids"]);
+}
+
+/// Runs `bitnet` under a 1 GiB address-space limit, so that an allocation sized by a lying
+/// header aborts the process instead of passing unnoticed on a machine with memory to spare.
+fn bitnet_limited(args: &[&str]) -> Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg("ulimit -v 1048576 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_bitnet"))
+        .args(args)
+        .output()
+        .expect("bash runs")
+}
+
+/// A run on a mutated model either generates or fails with an error message: never a signal
+/// (an abort on a failed allocation), never a panic (exit 101).
+fn assert_runs_or_refuses(output: &Output, case: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    match output.status.code() {
+        Some(0) => {}
+        Some(1) => assert!(stderr.contains("error: "), "{case}: {stderr}"),
+        code => panic!("{case}: exit {code:?} (signal or panic):\n{stderr}"),
+    }
+}
+
+/// Numbers worth lying about: none, tiny, off by one either way, doubled, and far beyond any
+/// file (10^9 layers once aborted the loader on a 1.6 GB list of tensor names).
+fn lies(truth: u64) -> Vec<u64> {
+    let mut values = vec![
+        0,
+        1,
+        3,
+        truth.saturating_sub(1),
+        truth + 1,
+        truth * 2,
+        1_000_000_000,
+        u64::from(u32::MAX),
+    ];
+    values.dedup();
+    values
+}
+
+/// Every number of a valid checkpoint's config.json replaced by another, on the CPU engine
+/// under a memory limit: each run generates or is refused with a message.
+#[test]
+fn lying_config_numbers_are_refused_or_run_never_abort() {
+    let dir = TempDir::new("lying-config");
+    let base = dir.0.join("base");
+    save_dir(&random_model(40, Some(1), Some(2), 5), &base, &[]).unwrap();
+    std::fs::write(base.join("tokenizer.json"), tokenizer_json()).unwrap();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
+    let folder = dir.0.join("lying");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(base.join("tokenizer.json"), folder.join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        base.join("model.safetensors"),
+        folder.join("model.safetensors"),
+    )
+    .unwrap();
+    let generate = |model: &Path| {
+        bitnet_limited(&[
+            "generate",
+            "--model",
+            path_str(model),
+            "--prompt",
+            "the cat",
+            "--max-new-tokens",
+            "2",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ])
+    };
+    let integers = [
+        ("vocab_size", 40),
+        ("hidden_size", 64),
+        ("intermediate_size", 128),
+        ("num_hidden_layers", 2),
+        ("num_attention_heads", 4),
+        ("num_key_value_heads", 2),
+        ("head_dim", 16),
+        ("max_position_embeddings", MAX_POSITIONS as u64),
+        ("bos_token_id", 1),
+        ("eos_token_id", 2),
+    ];
+    let mut cases: Vec<(String, Value)> = Vec::new();
+    for (field, truth) in integers {
+        cases.extend(
+            lies(truth)
+                .into_iter()
+                .map(|v| (field.to_string(), v.into())),
+        );
+        cases.push((field.to_string(), Value::from(-1)));
+    }
+    for field in ["rms_norm_eps", "rope_theta"] {
+        for v in [0.0, -1.0, 1e-30, 1e30] {
+            cases.push((field.to_string(), v.into()));
+        }
+    }
+    let (mut ran, mut refused) = (0, 0);
+    for (field, value) in &cases {
+        let mut lying = config.clone();
+        lying[field.as_str()] = value.clone();
+        std::fs::write(folder.join("config.json"), lying.to_string()).unwrap();
+        let output = generate(&folder);
+        assert_runs_or_refuses(&output, &format!("config.json {field} = {value}"));
+        if output.status.success() {
+            ran += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    // Both outcomes occur (a bos id of 3 is a real token; 0 layers are refused), so the limit
+    // did not make every run fail.
+    assert!(ran > 0 && refused > 0, "ran {ran}, refused {refused}");
+
+    let mut lying = config.clone();
+    lying["num_hidden_layers"] = 1_000_000_000.into();
+    std::fs::write(folder.join("config.json"), lying.to_string()).unwrap();
+    let stderr = String::from_utf8_lossy(&generate(&folder).stderr).into_owned();
+    assert!(
+        stderr.contains("claims 1000000000 layers"),
+        "the layer count is checked against the file: {stderr}"
+    );
+}
+
+/// The same for a GGUF file's metadata numbers, each u32 or f32 value patched in place.
+#[test]
+fn lying_gguf_numbers_are_refused_or_run_never_abort() {
+    let dir = TempDir::new("lying-gguf");
+    let weights = random_model(259, Some(258), None, 6);
+    let bytes = write_model(&weights, Some(&gguf_tokenizer()), TableType::F32).unwrap();
+    let file = dir.0.join("lying.gguf");
+    // Where a key's value lies: after its name, the u32 value type tag (4 bytes).
+    let value_at = |key: &str| {
+        let name = key.as_bytes();
+        let at = bytes
+            .windows(name.len())
+            .position(|w| w == name)
+            .unwrap_or_else(|| panic!("{key} is not in the file"));
+        at + name.len() + 4
+    };
+    let arch = "bitnet-b1.58";
+    let integers = [
+        ("vocab_size", 259),
+        ("context_length", MAX_POSITIONS as u64),
+        ("embedding_length", 64),
+        ("block_count", 2),
+        ("feed_forward_length", 128),
+        ("attention.head_count", 4),
+        ("attention.head_count_kv", 2),
+        ("attention.key_length", 16),
+        ("rope.dimension_count", 16),
+    ];
+    let mut cases: Vec<(String, usize, [u8; 4])> = Vec::new();
+    for (key, truth) in integers {
+        let key = format!("{arch}.{key}");
+        let at = value_at(&key);
+        for v in lies(truth) {
+            cases.push((format!("{key} = {v}"), at, (v as u32).to_le_bytes()));
+        }
+    }
+    for key in ["attention.layer_norm_rms_epsilon", "rope.freq_base"] {
+        let key = format!("{arch}.{key}");
+        let at = value_at(&key);
+        for v in [0.0f32, -1.0, f32::NAN, f32::INFINITY, 1e30] {
+            cases.push((format!("{key} = {v}"), at, v.to_le_bytes()));
+        }
+    }
+    for (case, at, value) in &cases {
+        let mut lying = bytes.clone();
+        lying[*at..at + 4].copy_from_slice(value);
+        std::fs::write(&file, &lying).unwrap();
+        let output = bitnet_limited(&[
+            "generate",
+            "--model",
+            path_str(&file),
+            "--prompt",
+            "he met",
+            "--max-new-tokens",
+            "2",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ]);
+        assert_runs_or_refuses(&output, case);
+    }
+    let mut lying = bytes.clone();
+    let at = value_at(&format!("{arch}.block_count"));
+    lying[at..at + 4].copy_from_slice(&1_000_000_000u32.to_le_bytes());
+    std::fs::write(&file, &lying).unwrap();
+    let output = bitnet_limited(&[
+        "generate",
+        "--model",
+        path_str(&file),
+        "--prompt",
+        "he",
+        "--device",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("claims 1000000000 layers"), "{stderr}");
 }

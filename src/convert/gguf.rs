@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::Progress;
 use super::dir::{Written, refusal, resolve};
-use crate::formats::gguf::{GgufTokenizer, TableType, write_model};
+use crate::formats::gguf::{GgufTokenizer, TableType, check_bitnet_cpp_rows, write_model};
 use crate::model::load_model;
 use crate::{Error, Result};
 
@@ -18,18 +18,33 @@ pub struct GgufConversion {
     pub tokenizer: Option<GgufTokenizer>,
 }
 
+/// Which I2_S row lengths [`convert_to_gguf`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowLengths {
+    /// Only rows bitnet.cpp computes correctly ([`check_bitnet_cpp_rows`]); others are refused.
+    BitnetCpp,
+    /// Any length: files this project (and its page) read, but bitnet.cpp misreads.
+    Any,
+}
+
 /// Converts the checkpoint folder `input` (anything `bitnet generate` loads from a folder: offline
 /// packed in either layout, or full precision, quantized per tensor at load as transformers'
 /// online `AutoBitLinear` does) into the GGUF file `output`: architecture `bitnet-b1.58`, linears
 /// as I2_S with the scale as a multiplier, F16 embedding tables, F32 norms, and the tokenizer
 /// with an explicit `add_bos_token` ([`crate::tokenizer::Tokenizer::to_gguf`]).
 ///
+/// The token list is padded to the vocabulary with `[PAD{id}]` tokens of the unused type, as
+/// llama.cpp's converter does (bitnet.cpp refuses a list shorter than the embedding table).
+///
 /// Refused before anything is written: `output` inside `input`, an existing `output`, a model
-/// whose linears are not whole 128-weight I2_S blocks, a tokenizer GGUF cannot express, and every
-/// error of loading. The file is written under a temporary name, synced and renamed.
+/// whose rows bitnet.cpp would misread ([`check_bitnet_cpp_rows`]: hidden_size,
+/// intermediate_size and the attention width must be multiples of 128) unless `rows` is
+/// [`RowLengths::Any`], a tokenizer GGUF cannot
+/// express or with more tokens than the vocabulary, and every error of loading. The file is written under a temporary name, synced and renamed.
 pub fn convert_to_gguf(
     input: &Path,
     output: &Path,
+    rows: RowLengths,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<GgufConversion> {
     if resolve(output)?.starts_with(resolve(input)?) {
@@ -48,6 +63,14 @@ pub fn convert_to_gguf(
         ));
     }
     let (weights, tokenizer) = load_model(input)?;
+    if rows == RowLengths::BitnetCpp {
+        check_bitnet_cpp_rows(&weights.config).map_err(|e| {
+            Error::invalid(
+                "convert --format gguf",
+                format!("{e} (--any-row-length writes it anyway, for this project's engines)"),
+            )
+        })?;
+    }
     let has_vocabulary = input.join("tokenizer.json").is_file();
     let tokenizer = has_vocabulary.then(|| tokenizer.to_gguf()).transpose()?;
     let bytes = write_model(&weights, tokenizer.as_ref(), TableType::F16)?;

@@ -17,7 +17,7 @@ mod writer;
 mod tests;
 
 pub use model::{GgufModel, GgufTokenizer, to_model, tokenizer};
-pub use writer::{TableType, write_model};
+pub use writer::{BITNET_CPP_ROW_MULTIPLE, TableType, check_bitnet_cpp_rows, write_model};
 
 use std::borrow::Cow;
 

@@ -6,6 +6,7 @@ use super::{
     GGML_TYPE_BF16, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_I2_S, GgufFile, GgufTensorInfo,
 };
 use crate::cpu::TernaryWeights;
+use crate::formats::check_layer_count;
 use crate::model::{
     LayerWeights, ModelConfig, ModelWeights, WeightSource, check_layer_index, collect,
 };
@@ -96,6 +97,17 @@ impl LinearShape {
             LinearShape::HiddenFromQuery => (c.hidden_size, q),
             LinearShape::FfnFromHidden => (c.intermediate_size, c.hidden_size),
             LinearShape::HiddenFromFfn => (c.hidden_size, c.intermediate_size),
+        }
+    }
+
+    /// What the row length (`in`) is, in the config's words.
+    pub(super) fn row_name(self) -> &'static str {
+        match self {
+            LinearShape::QueryFromHidden
+            | LinearShape::KeyValueFromHidden
+            | LinearShape::FfnFromHidden => "hidden_size",
+            LinearShape::HiddenFromQuery => "num_attention_heads x head_dim",
+            LinearShape::HiddenFromFfn => "intermediate_size",
         }
     }
 }
@@ -271,6 +283,12 @@ impl<'f> GgufModel<'f> {
     /// shape and inside the file (so a truncated file fails here, before any weight is read).
     pub fn new(file: GgufFile<'f>) -> Result<Self> {
         let config = config(&file)?;
+        check_layer_count(
+            &config,
+            LINEARS.len() + NORMS.len(),
+            file.tensors.len(),
+            "GGUF metadata",
+        )?;
         let (hidden, vocab) = (config.hidden_size, config.vocab_size);
         let mut expected = vec![
             (names::TOKEN_EMBD.to_string(), vec![hidden, vocab]),

@@ -32,6 +32,44 @@ pub enum TableType {
     F16,
 }
 
+/// The row length (weights per output feature) that bitnet.cpp's I2_S kernels compute whole:
+/// they walk a row in 128-weight blocks, and read a shorter tail as if it were a whole block.
+pub const BITNET_CPP_ROW_MULTIPLE: usize = 128;
+
+/// Errors unless every linear of `config` has rows bitnet.cpp's I2_S kernels compute correctly
+/// (a multiple of [`BITNET_CPP_ROW_MULTIPLE`] weights), naming the first tensor that has not.
+/// [`write_model`] writes such files, which this project reads, but bitnet.cpp would run them
+/// without a word and produce nonsense, so [`crate::convert::convert_to_gguf`] checks this first.
+///
+/// ```
+/// use bitnet_wgpu::formats::gguf::check_bitnet_cpp_rows;
+/// use bitnet_wgpu::model::ModelConfig;
+/// assert!(check_bitnet_cpp_rows(&ModelConfig::bitnet_b158_2b4t()).is_ok());
+/// let small = ModelConfig { hidden_size: 192, head_dim: 32, num_attention_heads: 6,
+///     ..ModelConfig::bitnet_b158_2b4t() };
+/// let err = check_bitnet_cpp_rows(&small).unwrap_err().to_string();
+/// assert!(err.contains("blk.0.attn_q.weight") && err.contains("192"), "{err}");
+/// ```
+pub fn check_bitnet_cpp_rows(config: &ModelConfig) -> Result<()> {
+    for (part, shape) in LINEARS {
+        let (_, row) = shape.out_in(config);
+        if !row.is_multiple_of(BITNET_CPP_ROW_MULTIPLE) {
+            return Err(Error::invalid(
+                "GGUF for bitnet.cpp",
+                format!(
+                    "{}: its rows hold {row} weights ({}), and bitnet.cpp's I2_S kernels compute \
+                     rows of whole {BITNET_CPP_ROW_MULTIPLE}-weight blocks only (they misread the \
+                     rest silently); hidden_size, intermediate_size and num_attention_heads x \
+                     head_dim must all be multiples of {BITNET_CPP_ROW_MULTIPLE}",
+                    names::block(0, part),
+                    shape.row_name(),
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Encodes a model as a GGUF v3 file (architecture `bitnet-b1.58`): linears as I2_S, norms as
 /// F32, the embedding tables as `tables` says, plus the tokenizer when given. With
 /// [`TableType::F32`], [`super::to_model`] reads it back to an equal [`ModelWeights`].
@@ -101,6 +139,42 @@ pub fn write_model(
     }
     let metadata = metadata(c, tokenizer)?;
     Ok(encode(&metadata, &tensors))
+}
+
+/// GGUF `tokenizer.ggml.token_type` of an ordinary token.
+const TOKEN_TYPE_NORMAL: i32 = 1;
+/// GGUF `tokenizer.ggml.token_type` of a token no text produces.
+const TOKEN_TYPE_UNUSED: i32 = 5;
+
+/// The token list and types of `t` as long as the vocabulary: llama.cpp and bitnet.cpp refuse a
+/// list shorter than the embedding table, so the ids no text produces get `[PAD{id}]` tokens of
+/// the unused type, as llama.cpp's own converter writes them.
+fn padded_vocabulary(t: &GgufTokenizer, vocab: usize) -> Result<(Vec<String>, Vec<i32>)> {
+    if t.tokens.len() > vocab {
+        return Err(Error::invalid(
+            "GGUF tokenizer",
+            format!(
+                "{} tokens, more than the model's vocabulary of {vocab}",
+                t.tokens.len()
+            ),
+        ));
+    }
+    if !t.token_types.is_empty() && t.token_types.len() != t.tokens.len() {
+        return Err(Error::shape(
+            "GGUF tokenizer token types",
+            t.tokens.len(),
+            t.token_types.len(),
+        ));
+    }
+    let pads = t.tokens.len()..vocab;
+    let mut tokens = t.tokens.clone();
+    tokens.extend(pads.clone().map(|id| format!("[PAD{id}]")));
+    let mut types = t.token_types.clone();
+    if !pads.is_empty() {
+        types.resize(t.tokens.len(), TOKEN_TYPE_NORMAL);
+        types.resize(vocab, TOKEN_TYPE_UNUSED);
+    }
+    Ok((tokens, types))
 }
 
 /// The metadata keys bitnet.cpp's loader reads, in its naming.
@@ -186,7 +260,8 @@ fn metadata(
             "tokenizer.ggml.model".to_string(),
             GgufValue::String(t.model.clone()),
         ));
-        kv.push(("tokenizer.ggml.tokens".to_string(), strings(&t.tokens)));
+        let (tokens, token_types) = padded_vocabulary(t, c.vocab_size)?;
+        kv.push(("tokenizer.ggml.tokens".to_string(), strings(&tokens)));
         if !t.merges.is_empty() {
             kv.push(("tokenizer.ggml.merges".to_string(), strings(&t.merges)));
         }
@@ -204,12 +279,12 @@ fn metadata(
                 kv.push((key.to_string(), GgufValue::Bool(flag)));
             }
         }
-        if !t.token_types.is_empty() {
+        if !token_types.is_empty() {
             kv.push((
                 "tokenizer.ggml.token_type".to_string(),
                 GgufValue::Array {
                     element_type: 5,
-                    values: t.token_types.iter().map(|&v| GgufValue::I32(v)).collect(),
+                    values: token_types.iter().map(|&v| GgufValue::I32(v)).collect(),
                 },
             ));
         }

@@ -12,6 +12,7 @@ use super::{
     CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, layer_linears, layer_norms, layer_prefix, widen,
 };
 use crate::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
+use crate::formats::check_layer_count;
 use crate::formats::scale::divisor_of;
 use crate::model::{
     LayerWeights, ModelConfig, ModelWeights, WeightSource, check_layer_index, collect,
@@ -157,6 +158,11 @@ impl<'a> Checkpoint<'a> {
         if let Some(map) = weight_map {
             tensors.check_index(map)?;
         }
+        // An offline packed linear is two tensors: its codes and its weight_scale.
+        let tensors_per_linear = 1 + usize::from(matches!(format, WeightFormat::OfflinePacked(_)));
+        let per_layer =
+            layer_linears(&config).len() * tensors_per_linear + layer_norms(&config).len();
+        check_layer_count(&config, per_layer, tensors.found.len(), CONFIG_FILE)?;
         let expected = expected_names(&config, format);
         tensors.check_present(&expected)?;
         // A wrong storage format explains the unexpected tensors it brings (weight_scale).
