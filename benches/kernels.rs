@@ -566,10 +566,11 @@ fn main() {
     let start = Instant::now();
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
     let mut pass = encoder.begin_compute_pass(&Default::default());
-    let packed = gpu::ternary_pack::record(
+    let input = ctx.upload("weights", &w).expect("upload");
+    let packed = gpu::ternary_pack::record_from_buffer(
         &ctx,
         &mut pass,
-        &w,
+        &input,
         rows,
         cols,
         WeightQuantOptions::default(),

@@ -4,7 +4,6 @@
 //                 the scale decides which weights round to zero);
 //   finish_scales scale = 1 / max(sum / count, 1e-5), both divisions correctly rounded;
 //   pack_words    w * scale -> {-1, 0, +1} -> the private layout of packing::gpu_words.
-// widen_f16 turns f16 weights into f32 first, bit-exactly (subnormals included).
 
 const WG: u32 = 256u;
 // Elements one workgroup of reduce_sum folds into one partial sum.
@@ -32,13 +31,6 @@ struct PackParams {
     k_words: u32,
     per_channel: u32,
     threshold: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-struct WidenParams {
-    count: u32,
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
@@ -130,40 +122,4 @@ fn pack_words(
         word |= code << (8u * (l % 4u) + 2u * (l / 4u));
     }
     words[idx] = word;
-}
-
-@group(0) @binding(0) var<uniform> widen_params: WidenParams;
-@group(0) @binding(1) var<storage, read> halves: array<u32>;
-@group(0) @binding(2) var<storage, read_write> widened: array<f32>;
-
-// f16 bits to f32 by hand: unpack2x16float may flush f16 subnormals to zero.
-fn f16_to_f32(h: u32) -> f32 {
-    let sign = (h >> 15u) & 1u;
-    let e = (h >> 10u) & 0x1fu;
-    let mant = h & 0x3ffu;
-    var magnitude: f32;
-    if e == 0u {
-        magnitude = f32(mant) * 5.9604645e-8;
-    } else {
-        magnitude = bitcast<f32>(((e + 112u) << 23u) | (mant << 13u));
-    }
-    return select(magnitude, -magnitude, sign == 1u);
-}
-
-@compute @workgroup_size(WG)
-fn widen_f16(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) num: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let pair = (wid.x + wid.y * num.x) * WG + lid;
-    let i = 2u * pair;
-    if i >= widen_params.count {
-        return;
-    }
-    let bits = halves[pair];
-    widened[i] = f16_to_f32(bits & 0xffffu);
-    if i + 1u < widen_params.count {
-        widened[i + 1u] = f16_to_f32(bits >> 16u);
-    }
 }

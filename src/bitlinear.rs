@@ -8,10 +8,12 @@
 
 mod file;
 mod footprint;
+#[cfg(feature = "gpu")]
 mod gpu;
 
 pub use file::StorageFormat;
 pub use footprint::MemoryFootprint;
+#[cfg(feature = "gpu")]
 pub use gpu::GpuBitLinear;
 
 use crate::cpu::{self, PackedTernary, ScaleGranularity, TernaryWeights, WeightQuantOptions};
@@ -171,6 +173,7 @@ impl BitLinear {
     }
 
     /// Uploads the packed weights, scales and bias once; the returned layer runs on `ctx`.
+    #[cfg(feature = "gpu")]
     pub fn to_gpu(&self, ctx: &crate::gpu::GpuContext) -> Result<GpuBitLinear> {
         GpuBitLinear::upload(ctx, self)
     }

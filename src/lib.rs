@@ -15,6 +15,7 @@ pub mod convert;
 pub mod cpu;
 mod error;
 pub mod formats;
+#[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod model;
 pub mod packing;

@@ -249,6 +249,16 @@ impl GpuContext {
         &self.info
     }
 
+    /// The adapter's name for messages: its own, or, where the backend tells none (WebGPU in a
+    /// browser hides it), the backend's.
+    pub fn adapter_name(&self) -> String {
+        match (self.info.name.as_str(), self.info.backend) {
+            ("", wgpu::Backend::BrowserWebGpu) => "WebGPU".to_string(),
+            ("", backend) => format!("a {backend} adapter"),
+            (name, _) => name.to_string(),
+        }
+    }
+
     pub fn capabilities(&self) -> &Capabilities {
         &self.capabilities
     }

@@ -87,7 +87,7 @@ kernels! {
     Argmax: "argmax", common [], entries ["argmax_partial", "argmax_final"];
     Sampling: "sampling", common [], entries ["sample"];
     TernaryPack: "ternary_pack", common [],
-        entries ["reduce_sum", "finish_scales", "pack_words", "widen_f16"];
+        entries ["reduce_sum", "finish_scales", "pack_words"];
     TernaryMatmul: "ternary_matmul", common [], entries ["gemv", "gemm"];
     Rmsnorm: "rmsnorm", common ["rms", "quantize_row"], entries ["rmsnorm", "rmsnorm_quant"];
     NormMatmul: "norm_matmul", common ["rms"], entries ["norm_gemv", "norm_gemv_rope"];

@@ -1,7 +1,5 @@
-//! Host side of `shaders/ternary_pack.wgsl`: f32 or f16 weights to packed ternary words and
-//! absmean scales, entirely on the GPU.
-
-use half::f16;
+//! Host side of `shaders/ternary_pack.wgsl`: f32 weights on the GPU to packed ternary words and
+//! absmean scales, without leaving the GPU (the trainer re-derives its codes after every step).
 
 use crate::cpu::{PackedTernary, ScaleGranularity, WeightQuantOptions};
 use crate::gpu::{GpuContext, Kernel, check_f32s, groups_for};
@@ -78,7 +76,6 @@ crate::gpu::shaders::uniforms! {
     TernaryPack.reduce_params = ReduceParams { seg_len, segments, blocks, take_abs };
     TernaryPack.scale_params = ScaleParams { segments, count, pad };
     TernaryPack.pack_params = PackParams { rows, cols, k_words, per_channel, threshold, pad };
-    TernaryPack.widen_params = WidenParams { count, pad };
 }
 
 #[repr(C)]
@@ -100,13 +97,6 @@ struct PackParams {
     pad: [u32; 3],
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct WidenParams {
-    count: u32,
-    pad: [u32; 3],
-}
-
 const BLOCK: usize = 1024;
 const WG: usize = 256;
 
@@ -121,74 +111,6 @@ fn check_input(rows: usize, cols: usize, len: usize, opts: &WeightQuantOptions) 
         return Err(Error::invalid("threshold", opts.threshold));
     }
     Ok(())
-}
-
-fn first_non_finite(values: impl Iterator<Item = f32>, cols: usize) -> Result<()> {
-    for (i, v) in values.enumerate() {
-        if !v.is_finite() {
-            return Err(Error::NonFinite {
-                what: "weights",
-                row: i / cols,
-                col: i % cols,
-                value: v,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Uploads f32 weights `[rows, cols]` and records their quantization and packing.
-pub fn record(
-    ctx: &GpuContext,
-    pass: &mut wgpu::ComputePass<'_>,
-    weights: &[f32],
-    rows: usize,
-    cols: usize,
-    opts: WeightQuantOptions,
-) -> Result<GpuTernary> {
-    check_input(rows, cols, weights.len(), &opts)?;
-    first_non_finite(weights.iter().copied(), cols)?;
-    let input = ctx.upload("weights f32", weights)?;
-    record_from_buffer(ctx, pass, &input, rows, cols, opts)
-}
-
-/// Uploads f16 weights `[rows, cols]`, widens them on the GPU and records their quantization.
-pub fn record_f16(
-    ctx: &GpuContext,
-    pass: &mut wgpu::ComputePass<'_>,
-    weights: &[f16],
-    rows: usize,
-    cols: usize,
-    opts: WeightQuantOptions,
-) -> Result<GpuTernary> {
-    check_input(rows, cols, weights.len(), &opts)?;
-    first_non_finite(weights.iter().map(|h| h.to_f32()), cols)?;
-    let mut halves: Vec<u16> = weights.iter().map(|h| h.to_bits()).collect();
-    if halves.len() % 2 == 1 {
-        halves.push(0);
-    }
-    let input = ctx.upload("weights f16", &halves)?;
-    let count = rows * cols;
-    let widened = ctx.storage("weights widened", count as u64 * 4)?;
-    let params = ctx.uniform(
-        "widen params",
-        &WidenParams {
-            count: count as u32,
-            pad: [0; 3],
-        },
-    );
-    let pipeline = ctx.pipeline(Kernel::TernaryPack, "widen_f16", &[])?;
-    ctx.dispatch(
-        pass,
-        &pipeline,
-        &[
-            params.as_entire_binding(),
-            input.as_entire_binding(),
-            widened.as_entire_binding(),
-        ],
-        groups_for(count.div_ceil(2), WG)?,
-    );
-    record_from_buffer(ctx, pass, &widened, rows, cols, opts)
 }
 
 /// Records quantization and packing of finite f32 weights already on the GPU.

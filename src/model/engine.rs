@@ -4,15 +4,32 @@
 use std::ops::Range;
 
 use crate::cpu::nll;
+#[cfg(feature = "gpu")]
 use crate::gpu::GpuContext;
+#[cfg(feature = "gpu")]
 use crate::gpu::table::TableStorage;
+#[cfg(feature = "gpu")]
+use crate::model::GpuModel;
 use crate::model::packed::PackedModel;
-use crate::model::{GpuModel, KvCache, Logits, ModelConfig, WeightSource};
+use crate::model::{KvCache, ModelConfig, WeightSource};
 use crate::{Error, Result};
 
 /// Embedding tables from this size (as f32) are kept as f16 on the GPU: 2B4T's 1.3 GB becomes
 /// 0.66 GB, while small models keep f32 and give exactly the CPU reference's results.
+#[cfg(feature = "gpu")]
 const F16_TABLES_FROM_BYTES: usize = 256 << 20;
+
+/// Which logits a forward step reads back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (`[vocab]`): what generation needs, and a prompt's lm_head costs
+    /// one row instead of hundreds.
+    Last,
+    /// Every new token's (`[tokens, vocab]`), for perplexity. Made and read back 64
+    /// rows at a time: a GPU buffer of them all would pass the storage binding limit (128 MiB on
+    /// WebGPU by default) beyond 261 tokens at 2B4T's vocabulary of 128256.
+    All,
+}
 
 /// Where [`Engine::new`] runs a model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -31,6 +48,7 @@ pub enum Device {
 /// A model ready to run one sequence at a time, on the CPU engine or resident on a GPU.
 pub enum Engine {
     Cpu(Box<CpuEngine>),
+    #[cfg(feature = "gpu")]
     Gpu(Box<(GpuContext, GpuModel)>),
 }
 
@@ -42,33 +60,43 @@ impl Engine {
         if device == Device::Cpu {
             return Ok((Engine::Cpu(Box::new(CpuEngine::new(weights)?)), None));
         }
-        let on_gpu = async {
-            let ctx = GpuContext::new().await?;
-            let info = ctx.adapter_info();
-            if device == Device::Auto
-                && info.device_type == wgpu::DeviceType::Cpu
-                && cfg!(not(target_arch = "wasm32"))
-            {
-                return Err(Error::NoAdapter(format!(
-                    "{} is a software adapter, slower than the CPU engine (--device gpu uses it)",
-                    info.name
-                )));
-            }
-            let c = weights.config();
-            // f16 tables round the embeddings; only big tables are worth that.
-            let tables = if c.vocab_size * c.hidden_size * 4 >= F16_TABLES_FROM_BYTES {
-                TableStorage::F16
-            } else {
-                TableStorage::F32
-            };
-            let model = GpuModel::new(&ctx, weights, c.max_position_embeddings, tables)?;
-            Ok::<_, Error>(Engine::Gpu(Box::new((ctx, model))))
-        };
-        match (on_gpu.await, device) {
+        match (Self::on_gpu(device, weights).await, device) {
             (Ok(engine), _) => Ok((engine, None)),
             (Err(e), Device::Gpu) => Err(e),
             (Err(e), _) => Ok((Engine::Cpu(Box::new(CpuEngine::new(weights)?)), Some(e))),
         }
+    }
+
+    /// The GPU engine for `device` (`Auto` or `Gpu`), or why there is none.
+    #[cfg(feature = "gpu")]
+    async fn on_gpu(device: Device, weights: &dyn WeightSource) -> Result<Self> {
+        let ctx = GpuContext::new().await?;
+        let info = ctx.adapter_info();
+        if device == Device::Auto
+            && info.device_type == wgpu::DeviceType::Cpu
+            && cfg!(not(target_arch = "wasm32"))
+        {
+            return Err(Error::NoAdapter(format!(
+                "{} is a software adapter, slower than the CPU engine (--device gpu uses it)",
+                info.name
+            )));
+        }
+        let c = weights.config();
+        // f16 tables round the embeddings; only big tables are worth that.
+        let tables = if c.vocab_size * c.hidden_size * 4 >= F16_TABLES_FROM_BYTES {
+            TableStorage::F16
+        } else {
+            TableStorage::F32
+        };
+        let model = GpuModel::new(&ctx, weights, c.max_position_embeddings, tables)?;
+        Ok(Engine::Gpu(Box::new((ctx, model))))
+    }
+
+    #[cfg(not(feature = "gpu"))]
+    async fn on_gpu(_: Device, _: &dyn WeightSource) -> Result<Self> {
+        Err(Error::NoAdapter(
+            "this build has no GPU support (bitnet-wgpu's `gpu` feature is off)".into(),
+        ))
     }
 
     /// Logits of `tokens` after the positions already seen: `[tokens.len(), vocab]`, or, with
@@ -76,6 +104,7 @@ impl Engine {
     pub async fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         match self {
             Engine::Cpu(e) => e.forward_logits(tokens, which),
+            #[cfg(feature = "gpu")]
             Engine::Gpu(gpu) => gpu.1.forward(&gpu.0, tokens, which).await,
         }
     }
@@ -94,6 +123,7 @@ impl Engine {
                     .map(|(row, &next)| nll(row, next))
                     .collect())
             }
+            #[cfg(feature = "gpu")]
             Engine::Gpu(gpu) => {
                 let nll = gpu.1.nll(&gpu.0, tokens).await?;
                 Ok(nll.into_iter().map(f64::from).collect())
@@ -105,6 +135,7 @@ impl Engine {
     pub fn reset(&mut self) {
         match self {
             Engine::Cpu(e) => e.reset(),
+            #[cfg(feature = "gpu")]
             Engine::Gpu(gpu) => gpu.1.reset(),
         }
     }
@@ -113,6 +144,7 @@ impl Engine {
     pub fn position(&self) -> usize {
         match self {
             Engine::Cpu(e) => e.position(),
+            #[cfg(feature = "gpu")]
             Engine::Gpu(gpu) => gpu.1.len(),
         }
     }
@@ -120,6 +152,7 @@ impl Engine {
     pub fn config(&self) -> &ModelConfig {
         match self {
             Engine::Cpu(e) => e.config(),
+            #[cfg(feature = "gpu")]
             Engine::Gpu(gpu) => gpu.1.config(),
         }
     }
@@ -128,7 +161,8 @@ impl Engine {
     pub fn adapter(&self) -> String {
         match self {
             Engine::Cpu(_) => "cpu".into(),
-            Engine::Gpu(gpu) => gpu.0.adapter_info().name.clone(),
+            #[cfg(feature = "gpu")]
+            Engine::Gpu(gpu) => gpu.0.adapter_name(),
         }
     }
 }

@@ -190,6 +190,7 @@ impl Generator {
 
         self.engine.reset();
         match &mut self.engine {
+            #[cfg(feature = "gpu")]
             Engine::Gpu(gpu) => {
                 let (ctx, model) = &mut **gpu;
                 model

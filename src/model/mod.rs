@@ -5,6 +5,7 @@ mod config;
 mod engine;
 mod forward;
 mod generator;
+#[cfg(feature = "gpu")]
 mod gpu;
 mod load;
 mod packed;
@@ -15,10 +16,11 @@ mod weights;
 
 pub use crate::cpu::SamplingParams;
 pub use config::ModelConfig;
-pub use engine::{CpuEngine, Device, Engine, perplexity_windows};
+pub use engine::{CpuEngine, Device, Engine, Logits, perplexity_windows};
 pub use forward::{KvCache, forward};
 pub use generator::{Generation, GenerationParams, Generator, Stop};
-pub use gpu::{DecodePath, GpuModel, Logits};
+#[cfg(feature = "gpu")]
+pub use gpu::{DecodePath, GpuModel};
 #[cfg(not(target_arch = "wasm32"))]
 pub use load::{ModelFiles, load_model};
 pub use load::{OpenModel, load_model_from_bytes, open_model_from_bytes};

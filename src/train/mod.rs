@@ -38,6 +38,7 @@ pub mod data;
 #[cfg(not(target_arch = "wasm32"))]
 mod fast;
 mod forward;
+#[cfg(feature = "gpu")]
 mod gpu;
 mod linear;
 mod model;
@@ -52,6 +53,7 @@ mod schedule;
 mod testing;
 mod trainer;
 
+#[cfg(feature = "gpu")]
 pub use gpu::GpuTrainer;
 pub use linear::Quant;
 pub use model::TrainModel;

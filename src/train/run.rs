@@ -15,9 +15,8 @@ use super::checkpoint::{
 };
 use super::data::{Batches, DataPosition, fingerprint, read_text, read_texts, tokenize};
 use super::plot::plot_losses;
-use super::{AdamW, GpuTrainer, Optimizer, Quant, Schedule, Sgd, StepReport, TrainModel, Trainer};
+use super::{AdamW, Optimizer, Quant, Schedule, Sgd, StepReport, TrainModel, Trainer};
 use crate::formats::hf;
-use crate::gpu::GpuContext;
 use crate::model::{
     ModelConfig, ModelWeights, load_model, load_model_from_bytes, perplexity_windows,
 };
@@ -258,60 +257,104 @@ impl StepEngine for CpuEngine {
     }
 }
 
-/// [`GpuTrainer`]: the weights and optimizer state live on the GPU between syncs.
-struct GpuEngine {
-    ctx: GpuContext,
-    trainer: GpuTrainer,
-}
+/// The GPU side of a run: [`GpuTrainer`] behind [`StepEngine`] where the `gpu` feature is on.
+#[cfg(feature = "gpu")]
+mod on_gpu {
+    use super::{CpuEngine, Event, StepEngine, TrainDevice};
+    use crate::Result;
+    use crate::gpu::GpuContext;
+    use crate::train::{GpuTrainer, StepReport, Trainer};
 
-impl StepEngine for GpuEngine {
-    fn name(&self) -> String {
-        self.ctx.adapter_info().name.clone()
+    /// [`GpuTrainer`]: the weights and optimizer state live on the GPU between syncs.
+    struct GpuEngine {
+        ctx: GpuContext,
+        trainer: GpuTrainer,
     }
-    fn step(&mut self, trainer: &mut Trainer, windows: &[&[u32]]) -> Result<StepReport> {
-        pollster::block_on(self.trainer.step(&self.ctx, trainer, windows))
-    }
-    fn sync(&mut self, trainer: &mut Trainer) -> Result<()> {
-        pollster::block_on(self.trainer.read_into(&self.ctx, trainer))
-    }
-}
 
-/// The adapter `device` asks for: opened for [`TrainDevice::Gpu`] (or the error), a hardware
-/// one for [`TrainDevice::Auto`] (or none), none for [`TrainDevice::Cpu`].
-fn open_gpu(device: TrainDevice) -> Result<Option<GpuContext>> {
-    match device {
-        TrainDevice::Cpu => Ok(None),
-        TrainDevice::Gpu => Ok(Some(pollster::block_on(GpuContext::new())?)),
-        TrainDevice::Auto => Ok(pollster::block_on(GpuContext::new())
-            .ok()
-            .filter(|ctx| ctx.adapter_info().device_type != wgpu::DeviceType::Cpu)),
+    impl StepEngine for GpuEngine {
+        fn name(&self) -> String {
+            self.ctx.adapter_name()
+        }
+        fn step(&mut self, trainer: &mut Trainer, windows: &[&[u32]]) -> Result<StepReport> {
+            pollster::block_on(self.trainer.step(&self.ctx, trainer, windows))
+        }
+        fn sync(&mut self, trainer: &mut Trainer) -> Result<()> {
+            pollster::block_on(self.trainer.read_into(&self.ctx, trainer))
+        }
     }
-}
 
-/// The engine that trains `trainer` on windows of up to `context` tokens: the GPU when `ctx` is
-/// open and can train the model (with `--device gpu`, an error when it cannot), else the CPU.
-fn engine(
-    ctx: Option<GpuContext>,
-    device: TrainDevice,
-    trainer: &Trainer,
-    context: usize,
-    on_event: &mut dyn FnMut(Event),
-) -> Result<Box<dyn StepEngine>> {
-    let Some(ctx) = ctx else {
-        return Ok(Box::new(CpuEngine));
-    };
-    match GpuTrainer::new(&ctx, trainer, context) {
-        Ok(gpu) => Ok(Box::new(GpuEngine { ctx, trainer: gpu })),
-        Err(e) if device == TrainDevice::Gpu => Err(e),
-        Err(e) => {
-            on_event(Event::Note(format!(
-                "training on the CPU: {} cannot train this model ({e})",
-                ctx.adapter_info().name
-            )));
-            Ok(Box::new(CpuEngine))
+    /// The adapter `device` asks for: opened for [`TrainDevice::Gpu`] (or the error), a hardware
+    /// one for [`TrainDevice::Auto`] (or none), none for [`TrainDevice::Cpu`].
+    pub(super) fn open_gpu(device: TrainDevice) -> Result<Option<GpuContext>> {
+        match device {
+            TrainDevice::Cpu => Ok(None),
+            TrainDevice::Gpu => Ok(Some(pollster::block_on(GpuContext::new())?)),
+            TrainDevice::Auto => Ok(pollster::block_on(GpuContext::new())
+                .ok()
+                .filter(|ctx| ctx.adapter_info().device_type != wgpu::DeviceType::Cpu)),
+        }
+    }
+
+    /// The engine that trains `trainer` on windows of up to `context` tokens: the GPU when `ctx` is
+    /// open and can train the model (with `--device gpu`, an error when it cannot), else the CPU.
+    pub(super) fn engine(
+        ctx: Option<GpuContext>,
+        device: TrainDevice,
+        trainer: &Trainer,
+        context: usize,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Box<dyn StepEngine>> {
+        let Some(ctx) = ctx else {
+            return Ok(Box::new(CpuEngine));
+        };
+        match GpuTrainer::new(&ctx, trainer, context) {
+            Ok(gpu) => Ok(Box::new(GpuEngine { ctx, trainer: gpu })),
+            Err(e) if device == TrainDevice::Gpu => Err(e),
+            Err(e) => {
+                on_event(Event::Note(format!(
+                    "training on the CPU: {} cannot train this model ({e})",
+                    ctx.adapter_name()
+                )));
+                Ok(Box::new(CpuEngine))
+            }
         }
     }
 }
+
+/// Without the `gpu` feature there is no adapter: `--device gpu` is an error, the rest trains on
+/// the CPU.
+#[cfg(not(feature = "gpu"))]
+mod on_gpu {
+    use super::{CpuEngine, Event, StepEngine, TrainDevice};
+    use crate::train::Trainer;
+    use crate::{Error, Result};
+
+    /// An adapter, of which this build has none.
+    pub(super) enum NoAdapter {}
+
+    pub(super) fn open_gpu(device: TrainDevice) -> Result<Option<NoAdapter>> {
+        match device {
+            TrainDevice::Gpu => Err(Error::NoAdapter(
+                "this build has no GPU support (bitnet-wgpu's `gpu` feature is off)".into(),
+            )),
+            TrainDevice::Auto | TrainDevice::Cpu => Ok(None),
+        }
+    }
+
+    pub(super) fn engine(
+        ctx: Option<NoAdapter>,
+        _: TrainDevice,
+        _: &Trainer,
+        _: usize,
+        _: &mut dyn FnMut(Event),
+    ) -> Result<Box<dyn StepEngine>> {
+        match ctx {
+            None => Ok(Box::new(CpuEngine)),
+        }
+    }
+}
+
+use on_gpu::{engine, open_gpu};
 
 fn bad_option(why: impl ToString) -> Error {
     Error::invalid("training options", why)

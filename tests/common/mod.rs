@@ -5,7 +5,6 @@
 
 use bitnet_wgpu::cpu::{self, QuantizedActivations, ScaleGranularity, WeightQuantOptions};
 use bitnet_wgpu::gpu::{self, GpuActivations, GpuContext, MatmulOptions, MatmulOutput, MatmulPath};
-use half::f16;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -47,12 +46,39 @@ pub fn variants(ctx: &GpuContext) -> Vec<gpu::ShaderVariant> {
         .collect()
 }
 
-/// The variants [`variants`] gives, checked to hold the one a model uses here (the best) and
-/// the portable one every adapter runs; printed by the callers, as which ran varies by adapter.
-pub fn variants_tested(ctx: &GpuContext) -> Vec<gpu::ShaderVariant> {
+/// The variants the adapters of the test command offer, by backend: lavapipe and SwiftShader
+/// on Vulkan, like hardware GPUs there and on Metal and DX12, have subgroups and `dot4I8Packed`;
+/// wgpu's GL backend has no subgroups. An adapter that offers less than its backend's entry
+/// fails [`variants_tested`], so a variant cannot drop out of the tests unnoticed.
+fn expected_variants(backend: wgpu::Backend) -> Vec<gpu::ShaderVariant> {
+    let all = gpu::ShaderVariant::ALL.to_vec();
+    match backend {
+        wgpu::Backend::Gl => all.into_iter().filter(|v| !v.subgroups).collect(),
+        _ => all,
+    }
+}
+
+/// The variants [`variants`] gives, which must be [`expected_variants`] for the adapter's
+/// backend; every other variant must be refused by [`GpuContext::set_variant`].
+pub fn variants_tested(ctx: &mut GpuContext) -> Vec<gpu::ShaderVariant> {
     let tested = variants(ctx);
-    assert!(tested.contains(&ctx.capabilities().best_variant()));
-    assert!(tested.contains(&gpu::ShaderVariant::PORTABLE));
+    let info = ctx.adapter_info().clone();
+    assert_eq!(
+        tested,
+        expected_variants(info.backend),
+        "{} ({:?}) offers other shader variants than its backend's entry",
+        info.name,
+        info.backend
+    );
+    let chosen = ctx.variant();
+    for variant in gpu::ShaderVariant::ALL {
+        assert_eq!(
+            ctx.set_variant(variant).is_ok(),
+            tested.contains(&variant),
+            "{variant:?}: set_variant disagrees with the capabilities"
+        );
+    }
+    ctx.set_variant(chosen).expect("the variant chosen before");
     tested
 }
 
@@ -234,7 +260,7 @@ async fn assert_pack_eq(
     );
 }
 
-/// ternary_pack.wgsl == cpu::ternary_pack for f32 and f16 weights: words and scales bit for bit.
+/// ternary_pack.wgsl == cpu::ternary_pack: words and scales bit for bit.
 /// All but the zero-code cases quantize to some nonzero codes.
 pub async fn ternary_pack_matches_cpu(ctx: &mut GpuContext) {
     const CASES: usize = 200;
@@ -254,34 +280,30 @@ pub async fn ternary_pack_matches_cpu(ctx: &mut GpuContext) {
             };
             let mut encoder = ctx.device.create_command_encoder(&Default::default());
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            if case % 4 == 0 {
-                // f16 tops out at 65504; tiny magnitudes become f16 subnormals, which must widen exactly.
-                let halves: Vec<f16> = w
-                    .iter()
-                    .map(|&v| f16::from_f32(v.clamp(-6e4, 6e4)))
-                    .collect();
-                let widened: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
-                let expected = cpu::ternary_pack(&widened, rows, cols, opts).expect("cpu");
-                real += usize::from(check_codes(case, &expected, &what));
-                let packed =
-                    gpu::ternary_pack::record_f16(ctx, &mut pass, &halves, rows, cols, opts)
-                        .expect("record");
-                drop(pass);
-                ctx.queue.submit([encoder.finish()]);
-                assert_pack_eq(ctx, packed, expected, &format!("f16 {what}")).await;
-            } else {
-                let expected = cpu::ternary_pack(&w, rows, cols, opts).expect("cpu");
-                real += usize::from(check_codes(case, &expected, &what));
-                let packed = gpu::ternary_pack::record(ctx, &mut pass, &w, rows, cols, opts)
-                    .expect("record");
-                drop(pass);
-                ctx.queue.submit([encoder.finish()]);
-                assert_pack_eq(ctx, packed, expected, &what).await;
-            }
+            let expected = cpu::ternary_pack(&w, rows, cols, opts).expect("cpu");
+            real += usize::from(check_codes(case, &expected, &what));
+            let packed = pack_on_gpu(ctx, &mut pass, &w, rows, cols, opts).expect("record");
+            drop(pass);
+            ctx.queue.submit([encoder.finish()]);
+            assert_pack_eq(ctx, packed, expected, &what).await;
         }
         eprintln!("ternary_pack {variant:?}: {real} of {CASES} cases with nonzero codes");
         assert_eq!(real, CASES - CASES.div_ceil(25), "{variant:?}: real cases");
     }
+}
+
+/// Uploads f32 weights and records their quantization and packing, as the trainer does with its
+/// latent weights.
+fn pack_on_gpu(
+    ctx: &GpuContext,
+    pass: &mut wgpu::ComputePass<'_>,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    opts: WeightQuantOptions,
+) -> bitnet_wgpu::Result<gpu::GpuTernary> {
+    let input = ctx.upload("weights", w)?;
+    gpu::ternary_pack::record_from_buffer(ctx, pass, &input, rows, cols, opts)
 }
 
 /// A matrix large enough for three levels of the GPU sum (over 2^20 elements).
@@ -299,8 +321,7 @@ pub async fn ternary_pack_large_matches_cpu(ctx: &mut GpuContext) {
         let expected = cpu::ternary_pack(&w, rows, cols, opts).expect("cpu");
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         let mut pass = encoder.begin_compute_pass(&Default::default());
-        let packed =
-            gpu::ternary_pack::record(ctx, &mut pass, &w, rows, cols, opts).expect("record");
+        let packed = pack_on_gpu(ctx, &mut pass, &w, rows, cols, opts).expect("record");
         drop(pass);
         ctx.queue.submit([encoder.finish()]);
         assert_pack_eq(
@@ -487,7 +508,7 @@ pub async fn gpu_pipeline_matches_cpu(ctx: &mut GpuContext) {
         let y = ctx.storage("y", (m * n * 4) as u64).expect("y");
         let mut encoder = ctx.device.create_command_encoder(&Default::default());
         let mut pass = encoder.begin_compute_pass(&Default::default());
-        let packed = gpu::ternary_pack::record(ctx, &mut pass, &w, n, k, opts).expect("pack");
+        let packed = pack_on_gpu(ctx, &mut pass, &w, n, k, opts).expect("pack");
         gpu::act_quant::record(ctx, &mut pass, &input, &acts).expect("act_quant");
         gpu::ternary_matmul::record(
             ctx,
@@ -530,27 +551,18 @@ pub async fn bad_shapes_are_errors(ctx: &mut GpuContext) {
     );
     assert!(r.is_err(), "17 columns against 16 must be an error");
     assert!(GpuActivations::new(ctx, 1, 0).is_err());
+    let four = ctx.upload("four weights", &[1.0f32; 4]).expect("upload");
     assert!(
-        gpu::ternary_pack::record(
+        gpu::ternary_pack::record_from_buffer(
             ctx,
             &mut pass,
-            &[f32::NAN; 4],
-            2,
-            2,
-            WeightQuantOptions::default()
-        )
-        .is_err()
-    );
-    assert!(
-        gpu::ternary_pack::record(
-            ctx,
-            &mut pass,
-            &[1.0; 4],
+            &four,
             2,
             3,
             WeightQuantOptions::default()
         )
-        .is_err()
+        .is_err(),
+        "4 weights cannot be 2 x 3"
     );
     let limit = ctx.capabilities().max_storage_binding;
     assert!(matches!(

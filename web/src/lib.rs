@@ -403,7 +403,7 @@ async fn tune(
         g.read_into(ctx, &mut trainer).await?;
     }
     let engine = match gpu {
-        Some((ctx, _)) => ctx.adapter_info().name.clone(),
+        Some((ctx, _)) => ctx.adapter_name(),
         None => "cpu".to_string(),
     };
     let tuned = trainer.model.to_weights()?;

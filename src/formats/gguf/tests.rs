@@ -637,3 +637,31 @@ fn writer_rejects_what_i2s_cannot_hold() {
     };
     assert!(write_model(&model, Some(&tok), TableType::F32).is_err());
 }
+
+#[test]
+fn shapes_bitnet_cpp_misreads_are_named() {
+    let base = ModelConfig::bitnet_b158_2b4t();
+    assert!(check_bitnet_cpp_rows(&base).is_ok());
+    let ffn = ModelConfig {
+        intermediate_size: 6900,
+        ..base.clone()
+    };
+    let e = check_bitnet_cpp_rows(&ffn).unwrap_err().to_string();
+    assert!(
+        e.contains("blk.0.ffn_down.weight") && e.contains("6900 weights (intermediate_size)"),
+        "{e}"
+    );
+    // 64 heads of 2 make a 128-wide attention, but one kv head gives k and v 2 rows each.
+    let narrow = ModelConfig {
+        hidden_size: 128,
+        num_attention_heads: 64,
+        num_key_value_heads: 1,
+        head_dim: 2,
+        ..base
+    };
+    let e = check_bitnet_cpp_rows(&narrow).unwrap_err().to_string();
+    assert!(
+        e.contains("blk.0.attn_k.weight") && e.contains("2 rows"),
+        "{e}"
+    );
+}

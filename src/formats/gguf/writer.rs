@@ -36,10 +36,15 @@ pub enum TableType {
 /// they walk a row in 128-weight blocks, and read a shorter tail as if it were a whole block.
 pub const BITNET_CPP_ROW_MULTIPLE: usize = 128;
 
-/// Errors unless every linear of `config` has rows bitnet.cpp's I2_S kernels compute correctly
-/// (a multiple of [`BITNET_CPP_ROW_MULTIPLE`] weights), naming the first tensor that has not.
-/// [`write_model`] writes such files, which this project reads, but bitnet.cpp would run them
-/// without a word and produce nonsense, so [`crate::convert::convert_to_gguf`] checks this first.
+/// bitnet.cpp computes I2_S output rows four at a time and writes a remainder's results past
+/// the end of the output.
+const BITNET_CPP_ROWS_AT_ONCE: usize = 4;
+
+/// Errors unless every linear of `config` has a shape bitnet.cpp's x86 I2_S kernels compute
+/// correctly: rows of a multiple of [`BITNET_CPP_ROW_MULTIPLE`] weights, and a multiple of 4
+/// rows; the error names the first tensor that has not. [`write_model`] writes such files,
+/// which this project reads, but bitnet.cpp would run them without a word and produce nonsense,
+/// so [`crate::convert::convert_to_gguf`] checks this first.
 ///
 /// ```
 /// use bitnet_wgpu::formats::gguf::check_bitnet_cpp_rows;
@@ -51,19 +56,25 @@ pub const BITNET_CPP_ROW_MULTIPLE: usize = 128;
 /// assert!(err.contains("blk.0.attn_q.weight") && err.contains("192"), "{err}");
 /// ```
 pub fn check_bitnet_cpp_rows(config: &ModelConfig) -> Result<()> {
+    let refuse = |why: String| Err(Error::invalid("GGUF for bitnet.cpp", why));
     for (part, shape) in LINEARS {
-        let (_, row) = shape.out_in(config);
+        let (out, row) = shape.out_in(config);
+        let name = names::block(0, part);
         if !row.is_multiple_of(BITNET_CPP_ROW_MULTIPLE) {
-            return Err(Error::invalid(
-                "GGUF for bitnet.cpp",
-                format!(
-                    "{}: its rows hold {row} weights ({}), and bitnet.cpp's I2_S kernels compute \
-                     rows of whole {BITNET_CPP_ROW_MULTIPLE}-weight blocks only (they misread the \
-                     rest silently); hidden_size, intermediate_size and num_attention_heads x \
-                     head_dim must all be multiples of {BITNET_CPP_ROW_MULTIPLE}",
-                    names::block(0, part),
-                    shape.row_name(),
-                ),
+            return refuse(format!(
+                "{name}: its rows hold {row} weights ({}), and bitnet.cpp's I2_S kernels compute \
+                 rows of whole {BITNET_CPP_ROW_MULTIPLE}-weight blocks only (they misread the \
+                 rest silently); hidden_size, intermediate_size and num_attention_heads x \
+                 head_dim must all be multiples of {BITNET_CPP_ROW_MULTIPLE}",
+                shape.row_name(),
+            ));
+        }
+        if !out.is_multiple_of(BITNET_CPP_ROWS_AT_ONCE) {
+            return refuse(format!(
+                "{name}: it has {out} rows, and bitnet.cpp computes I2_S rows \
+                 {BITNET_CPP_ROWS_AT_ONCE} at a time, writing a remainder's results past its \
+                 output; num_key_value_heads x head_dim must be a multiple of \
+                 {BITNET_CPP_ROWS_AT_ONCE}"
             ));
         }
     }

@@ -11,7 +11,7 @@ use crate::gpu::{
     self, GpuActivations, GpuContext, GpuTernary, MatmulOptions, MatmulOutput, argmax, attention,
     elementwise, embedding, lm_head, norm_matmul, relu2_gate, rmsnorm, rope, sampling,
 };
-use crate::model::{Checked, ModelConfig, Sampler, WeightSource};
+use crate::model::{Checked, Logits, ModelConfig, Sampler, WeightSource};
 use crate::packing::gpu_words;
 use crate::{Error, Result};
 
@@ -23,18 +23,6 @@ use scratch::Scratch;
 
 /// Rows of logits [`GpuModel::nll`] and [`Logits::All`] make at a time.
 pub const NLL_BLOCK: usize = 64;
-
-/// Which logits a forward step reads back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Logits {
-    /// Only the last token's (`[vocab]`): what generation needs, and a prompt's lm_head costs
-    /// one row instead of hundreds.
-    Last,
-    /// Every new token's (`[tokens, vocab]`), for perplexity. Made and read back [`NLL_BLOCK`]
-    /// rows at a time: a GPU buffer of them all would pass the storage binding limit (128 MiB on
-    /// WebGPU by default) beyond 261 tokens at 2B4T's vocabulary of 128256.
-    All,
-}
 
 /// How a GPU model runs the linear layers of a decoding step (prompts always take the GEMM).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -331,7 +319,7 @@ impl GpuModel {
             "the model needs {:.2} GB of GPU memory (weights, embedding tables and a KV cache of \
              {context} positions); {} has {offered}",
             needed as f64 / 1e9,
-            ctx.adapter_info().name
+            ctx.adapter_name()
         )
     }
 
