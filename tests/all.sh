@@ -12,22 +12,47 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
 fi
 chmod 700 "$XDG_RUNTIME_DIR"
 
-echo "== unit, doc and integration tests, native Vulkan adapter"
+# Each stage's wall time, printed at the end (also when a stage fails), so that a change sees
+# what it cost: CI stops at 90 minutes, and a fresh 2-core machine must finish in 45.
+stage_names=()
+stage_seconds=()
+current_stage=""
+stage_started=0
+stage() {
+  if [ -n "$current_stage" ]; then
+    stage_names+=("$current_stage")
+    stage_seconds+=($((SECONDS - stage_started)))
+  fi
+  current_stage=$1
+  stage_started=$SECONDS
+  if [ -n "$1" ]; then echo "== $1"; fi
+}
+report_stages() {
+  stage ""
+  echo "== stage times"
+  for i in "${!stage_names[@]}"; do
+    printf '%6d s  %s\n' "${stage_seconds[$i]}" "${stage_names[$i]}"
+  done
+  printf '%6d s  in all\n' "$SECONDS"
+}
+trap report_stages EXIT
+
+stage "unit, doc and integration tests, native Vulkan adapter"
 # Benchmarks are built, not run: they measure, they do not test.
 cargo build --benches
 WGPU_BACKEND=vulkan cargo test --lib --bins --tests
 WGPU_BACKEND=vulkan cargo test --doc
 
-echo "== GPU tests again on a second adapter: OpenGL (llvmpipe over EGL)"
+stage "GPU tests again on a second adapter: OpenGL (llvmpipe over EGL)"
 WGPU_BACKEND=gl cargo test --test gpu_vs_cpu --test bitlinear_gpu --test train_gpu --test faults
 
-echo "== GPU training, faults and BitLinear on a third native adapter: SwiftShader's Vulkan"
+stage "GPU training, faults and BitLinear on a third native adapter: SwiftShader's Vulkan"
 # Chromium's own copy of SwiftShader (Debian packages no other); the full gpu_vs_cpu suite passes
 # there too but takes 4-8 minutes on two cores, so it is left to a longer run (README).
 VK_ICD_FILENAMES=/usr/lib/chromium/vk_swiftshader_icd.json WGPU_BACKEND=vulkan \
   cargo test --test bitlinear_gpu --test train_gpu --test faults
 
-echo "== GPU tests in headless Chromium on WebGPU"
+stage "GPU tests in headless Chromium on WebGPU"
 browser_tests() {
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
     CHROMEDRIVER=/usr/bin/chromedriver WASM_BINDGEN_TEST_TIMEOUT=900 \
@@ -46,16 +71,31 @@ if ! browser_tests 2>&1 | tee "$browser_log"; then
   fi
 fi
 
-echo "== the demo page in headless Chromium (Playwright), against the native program"
+stage "the demo page in headless Chromium (Playwright), against the native program"
 web/build.sh --dev
 cargo build --bin bitnet
 BITNET_BIN="${CARGO_TARGET_DIR:-target}/debug/bitnet" node web/tests/page.test.mjs
 
-echo "== fuzzing: every target for 30 s, from the seeds in fuzz/seeds (README.md, Fuzzing)"
+stage "fuzzing: build every target (the library without its GPU engines)"
 cargo +nightly fuzz build
-for target in $(cargo +nightly fuzz list); do
-  mkdir -p "fuzz/corpus/$target"
-  cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- -max_total_time=30
-done
 
+stage "fuzzing: every target for 30 s, two at a time, from the seeds in fuzz/seeds (README.md, Fuzzing)"
+# Each target runs on one core: two at once keep both busy. A target's log is printed when it
+# fails, else its last lines.
+fuzz_target() {
+  local log
+  log=$(mktemp)
+  mkdir -p "fuzz/corpus/$1"
+  if cargo +nightly fuzz run "$1" "fuzz/corpus/$1" "fuzz/seeds/$1" -- -max_total_time=30 >"$log" 2>&1; then
+    echo "fuzz target $1: $(grep -E '^Done [0-9]+ runs' "$log" || tail -n 1 "$log")"
+  else
+    cat "$log"
+    echo "fuzz target $1 FAILED"
+    return 1
+  fi
+}
+export -f fuzz_target
+cargo +nightly fuzz list | xargs -P 2 -I '{}' bash -c 'fuzz_target "$1"' _ '{}'
+
+stage ""
 echo "== all tests passed"
