@@ -27,7 +27,7 @@ bitnet=$target/release/bitnet
 bench=$(ls -t "$target"/release/deps/cpu_engine-* | grep -v '\.d$' | head -1)
 
 [ -f "$work/demo.gguf" ] ||
-    "$bitnet" convert --format gguf --input models/demo --output "$work/demo.gguf" >&2
+    "$bitnet" convert --format gguf --any-row-length --input models/demo --output "$work/demo.gguf" >&2
 if [ ! -f "$work/2b4t.gguf" ]; then
     python3 scripts/synthetic-checkpoint.py "$work/2b4t" --layers "$layers" >&2
     "$bitnet" convert --format gguf --input "$work/2b4t" --output "$work/2b4t.gguf" >&2

@@ -73,7 +73,7 @@ run)
   mkdir -p "$work"
   if [ "$quick" = 1 ]; then
     model=$work/demo.gguf
-    [ -f "$model" ] || "$bitnet" convert --format gguf --input models/demo --output "$model" >&2
+    [ -f "$model" ] || "$bitnet" convert --format gguf --any-row-length --input models/demo --output "$model" >&2
   else
     model=$work/2b4t-$layers.gguf
     if [ ! -f "$model" ]; then
