@@ -48,12 +48,15 @@ pub fn variants(ctx: &GpuContext) -> Vec<gpu::ShaderVariant> {
 
 /// The variants the adapters of the test command offer, by backend: lavapipe and SwiftShader
 /// on Vulkan, like hardware GPUs there and on Metal and DX12, have subgroups and `dot4I8Packed`;
-/// wgpu's GL backend has no subgroups. An adapter that offers less than its backend's entry
-/// fails [`variants_tested`], so a variant cannot drop out of the tests unnoticed.
+/// wgpu's GL backend and Chromium's WebGPU have `dot4I8Packed` but no subgroups. An adapter that
+/// offers other than its backend's entry fails [`variants_tested`], so a variant cannot drop out
+/// of the tests unnoticed (nor a new one go untested).
 fn expected_variants(backend: wgpu::Backend) -> Vec<gpu::ShaderVariant> {
     let all = gpu::ShaderVariant::ALL.to_vec();
     match backend {
-        wgpu::Backend::Gl => all.into_iter().filter(|v| !v.subgroups).collect(),
+        wgpu::Backend::Gl | wgpu::Backend::BrowserWebGpu => {
+            all.into_iter().filter(|v| !v.subgroups).collect()
+        }
         _ => all,
     }
 }
