@@ -4,7 +4,7 @@
 
 mod common;
 
-use bitnet_wgpu::gpu::{GpuContext, ShaderVariant, norm_matmul};
+use bitnet_wgpu::gpu::{GpuContext, norm_matmul};
 
 fn context() -> GpuContext {
     let ctx = pollster::block_on(GpuContext::new())
