@@ -135,33 +135,80 @@ impl<'a> Table<'a> {
     /// Rows `range` (within [`Table::rows`]), row-major as f32. A file's values are widened
     /// here and must be finite: an error names the tensor, row and column.
     pub fn read(&self, range: Range<usize>) -> Result<Cow<'_, [f32]>> {
-        if range.start > range.end || range.end > self.rows() {
-            return Err(Error::invalid(
-                "table rows",
-                format!("{range:?} of a table of {} rows", self.rows()),
-            ));
-        }
-        let (start, end) = (range.start * self.cols, range.end * self.cols);
+        let (start, end) = self.value_range(range)?;
         match &self.data {
             Data::Values(v) => Ok(Cow::Borrowed(&v[start..end])),
             Data::Stored { name, dtype, bytes } => {
                 let size = dtype.bytes();
                 let values = dtype.widen(&bytes[start * size..end * size]);
                 if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                    let at = start + i;
-                    return Err(Error::invalid(
-                        "table",
-                        format!(
-                            "{name} holds {} at row {}, column {}",
-                            values[i],
-                            at / self.cols,
-                            at % self.cols
-                        ),
-                    ));
+                    return Err(self.not_finite(name, values[i], start + i));
                 }
                 Ok(Cow::Owned(values))
             }
         }
+    }
+
+    /// How a file stores the values; `None` for values in memory.
+    pub fn stored_type(&self) -> Option<FloatType> {
+        match &self.data {
+            Data::Values(_) => None,
+            Data::Stored { dtype, .. } => Some(*dtype),
+        }
+    }
+
+    /// Rows `range` of a table a file stores as F16 ([`Table::stored_type`]), as the bits of
+    /// its values, checked as [`Table::read`] checks them; an error for any other table.
+    /// Nothing is widened: an engine that keeps f16 takes them as they are.
+    pub fn read_f16(&self, range: Range<usize>) -> Result<Vec<u16>> {
+        let Data::Stored {
+            name,
+            dtype: FloatType::F16,
+            bytes,
+        } = &self.data
+        else {
+            return Err(Error::invalid("table", "its values are not stored as F16"));
+        };
+        let (start, end) = self.value_range(range)?;
+        let mut bits = vec![0u16; end - start];
+        for (h, b) in bits
+            .iter_mut()
+            .zip(bytes[2 * start..2 * end].chunks_exact(2))
+        {
+            *h = u16::from_le_bytes([b[0], b[1]]);
+        }
+        // An all-ones exponent is an infinity or a NaN. Checked without stopping early, which
+        // runs a vector at a time; the value is looked for only when there is one.
+        let not_finite = |h: u16| h & 0x7c00 == 0x7c00;
+        if bits.iter().fold(false, |any, &h| any | not_finite(h))
+            && let Some(i) = bits.iter().position(|&h| not_finite(h))
+        {
+            return Err(self.not_finite(name, f16::from_bits(bits[i]).to_f32(), start + i));
+        }
+        Ok(bits)
+    }
+
+    /// The values of rows `range`, or an error where it is not within the table.
+    fn value_range(&self, range: Range<usize>) -> Result<(usize, usize)> {
+        if range.start > range.end || range.end > self.rows() {
+            return Err(Error::invalid(
+                "table rows",
+                format!("{range:?} of a table of {} rows", self.rows()),
+            ));
+        }
+        Ok((range.start * self.cols, range.end * self.cols))
+    }
+
+    /// The error for a value that is not finite at (row-major) value index `at`.
+    fn not_finite(&self, name: &str, value: f32, at: usize) -> Error {
+        Error::invalid(
+            "table",
+            format!(
+                "{name} holds {value} at row {}, column {}",
+                at / self.cols,
+                at % self.cols
+            ),
+        )
     }
 
     /// Every value, row-major ([`Table::read`] of all rows).
@@ -195,6 +242,7 @@ mod tests {
         assert_eq!(read, values);
         assert_eq!(table.blocks(0).count(), 7);
         assert!(table.read(5..8).is_err());
+        assert!(table.stored_type().is_none() && table.read_f16(0..1).is_err());
     }
 
     #[test]
@@ -230,6 +278,13 @@ mod tests {
                 FloatType::Bf16 => values.iter().map(|v| bf16::from_f32(*v).to_f32()).collect(),
             };
             assert_eq!(table.to_vec().unwrap(), expected, "{dtype:?}");
+            assert_eq!(table.stored_type(), Some(dtype));
+            if let Ok(bits) = table.read_f16(0..2) {
+                let widened: Vec<f32> = bits.iter().map(|&h| f16::from_bits(h).to_f32()).collect();
+                assert_eq!((dtype, widened), (FloatType::F16, expected.clone()));
+            } else {
+                assert_ne!(dtype, FloatType::F16);
+            }
             assert!(Table::stored("t", dtype, &bytes[1..], 2, 3).is_err());
             let mut bad = bytes.clone();
             let size = dtype.bytes();
@@ -241,6 +296,10 @@ mod tests {
                 e.contains("tensor x") && e.contains("row 1, column 1"),
                 "{e}"
             );
+            if dtype == FloatType::F16 {
+                assert_eq!(bad.read_f16(1..2).unwrap_err().to_string(), e);
+                assert!(bad.read_f16(0..1).is_ok() && bad.read_f16(1..3).is_err());
+            }
         }
     }
 }

@@ -127,27 +127,10 @@ impl ModelWeights {
 
 /// Checks one decoder layer's tensors against the configuration.
 pub(super) fn check_layer(c: &ModelConfig, layer: &LayerWeights) -> Result<()> {
-    let attn = c.num_attention_heads * c.head_dim;
-    let kv = c.num_key_value_heads * c.head_dim;
-    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
-    check_len("input_layernorm", hidden, layer.input_layernorm.len())?;
-    check_len("attn_sub_norm", attn, layer.attn_sub_norm.len())?;
-    check_len(
-        "post_attention_layernorm",
-        hidden,
-        layer.post_attention_layernorm.len(),
-    )?;
-    check_len("ffn_sub_norm", inter, layer.ffn_sub_norm.len())?;
-    let linears = [
-        ("self_attn.q_proj", &layer.q_proj, attn, hidden),
-        ("self_attn.k_proj", &layer.k_proj, kv, hidden),
-        ("self_attn.v_proj", &layer.v_proj, kv, hidden),
-        ("self_attn.o_proj", &layer.o_proj, hidden, attn),
-        ("mlp.gate_proj", &layer.gate_proj, inter, hidden),
-        ("mlp.up_proj", &layer.up_proj, inter, hidden),
-        ("mlp.down_proj", &layer.down_proj, hidden, inter),
-    ];
-    for (name, w, rows, cols) in linears {
+    for ((what, len), norm) in norm_lengths(c).into_iter().zip(layer.norms()) {
+        check_len(what, len, norm.len())?;
+    }
+    for ((name, rows, cols), w) in linear_shapes(c).into_iter().zip(layer.linears()) {
         let consistent =
             w.codes.len() == w.rows * w.cols && (w.scales.len() == 1 || w.scales.len() == w.rows);
         if (w.rows, w.cols) != (rows, cols) || !consistent {
@@ -165,6 +148,33 @@ pub(super) fn check_layer(c: &ModelConfig, layer: &LayerWeights) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A layer's norms, named, with their lengths, in [`LayerWeights::norms`] order.
+pub(super) fn norm_lengths(c: &ModelConfig) -> [(&'static str, usize); 4] {
+    let attn = c.num_attention_heads * c.head_dim;
+    [
+        ("input_layernorm", c.hidden_size),
+        ("attn_sub_norm", attn),
+        ("post_attention_layernorm", c.hidden_size),
+        ("ffn_sub_norm", c.intermediate_size),
+    ]
+}
+
+/// A layer's linears, named, with their `(rows, cols)`, in [`LayerWeights::linears`] order.
+pub(super) fn linear_shapes(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
+    let attn = c.num_attention_heads * c.head_dim;
+    let kv = c.num_key_value_heads * c.head_dim;
+    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
+    [
+        ("self_attn.q_proj", attn, hidden),
+        ("self_attn.k_proj", kv, hidden),
+        ("self_attn.v_proj", kv, hidden),
+        ("self_attn.o_proj", hidden, attn),
+        ("mlp.gate_proj", inter, hidden),
+        ("mlp.up_proj", inter, hidden),
+        ("mlp.down_proj", hidden, inter),
+    ]
 }
 
 /// A named length check.

@@ -72,7 +72,8 @@ pub enum ModelFiles {
         path: String,
     },
     Gguf {
-        bytes: Vec<u8>,
+        /// The file mapped into memory ([`gguf::map`]): read as it is used, never copied whole.
+        bytes: std::sync::Arc<memmap2::Mmap>,
         path: String,
     },
 }
@@ -96,10 +97,7 @@ impl ModelFiles {
         })?;
         let where_ = path.display().to_string();
         if !metadata.is_dir() {
-            let bytes = std::fs::read(path).map_err(|source| Error::Io {
-                path: where_.clone(),
-                source,
-            })?;
+            let bytes = std::sync::Arc::new(gguf::map(path)?);
             return Ok(ModelFiles::Gguf {
                 bytes,
                 path: where_,
@@ -142,7 +140,9 @@ impl ModelFiles {
                 tokenizer,
                 path,
             } => with_hf_tokenizer(Box::new(files.open()?), tokenizer.as_deref(), path),
-            ModelFiles::Gguf { bytes, path } => from_gguf(bytes, path),
+            ModelFiles::Gguf { bytes, path } => {
+                from_gguf(bytes, path, || gguf::GgufFile::from_map(bytes.clone()))
+            }
         }
     }
 }
@@ -181,7 +181,7 @@ pub fn open_model_from_bytes<'a>(files: &[(&str, &'a [u8])]) -> Result<OpenModel
     if let [(name, bytes)] = files
         && bytes.starts_with(GGUF_MAGIC)
     {
-        return from_gguf(bytes, name);
+        return from_gguf(bytes, name, || gguf::GgufFile::parse(bytes));
     }
     let named = |wanted: &str| {
         files
@@ -226,7 +226,13 @@ fn with_hf_tokenizer<'a>(
     checked(source, tokenizer, where_)
 }
 
-fn from_gguf<'a>(bytes: &'a [u8], where_: &str) -> Result<OpenModel<'a>> {
+/// The model of a GGUF file's `bytes`, as `parse` reads them (borrowing them, or sharing their
+/// mapping).
+fn from_gguf<'a>(
+    bytes: &[u8],
+    where_: &str,
+    parse: impl FnOnce() -> Result<gguf::GgufFile<'a>>,
+) -> Result<OpenModel<'a>> {
     if !bytes.starts_with(GGUF_MAGIC) {
         return Err(not_a_model(
             where_,
@@ -234,7 +240,7 @@ fn from_gguf<'a>(bytes: &'a [u8], where_: &str) -> Result<OpenModel<'a>> {
         ));
     }
     let in_file = |e: Error| Error::invalid("GGUF file", format!("{where_}: {e}"));
-    let file = gguf::GgufFile::parse(bytes).map_err(in_file)?;
+    let file = parse().map_err(in_file)?;
     let tokenizer = gguf::tokenizer(&file).map_err(in_file)?;
     let model = gguf::GgufModel::new(file).map_err(in_file)?;
     let tokenizer = match tokenizer {

@@ -25,7 +25,7 @@ pub use gpu::{DecodePath, GpuModel};
 pub use load::{ModelFiles, load_model};
 pub use load::{OpenModel, load_model_from_bytes, open_model_from_bytes};
 pub use sampling::Sampler;
+pub use source::{BlockLayer, WeightSource, collect};
 pub(crate) use source::{Checked, check_layer_index};
-pub use source::{WeightSource, collect};
 pub use synthetic::synthetic;
 pub use weights::{LayerWeights, ModelWeights};

@@ -9,7 +9,7 @@
 use crate::Result;
 use crate::cpu::fast::{InterleavedRows, PackedMatrix, RopeTable, attention, rope_table};
 use crate::cpu::{AttentionShape, act_quant, relu2_gate, rmsnorm};
-use crate::model::{Checked, KvCache, Logits, ModelConfig, WeightSource};
+use crate::model::{BlockLayer, Checked, KvCache, LayerWeights, Logits, ModelConfig, WeightSource};
 
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct PackedModel {
@@ -36,30 +36,64 @@ struct PackedLayer {
     ffn_sub_norm: Vec<f32>,
 }
 
+impl PackedLayer {
+    fn new(l: &LayerWeights) -> Result<Self> {
+        Ok(PackedLayer {
+            qkv: PackedMatrix::new(&[&l.q_proj, &l.k_proj, &l.v_proj])?,
+            o_proj: PackedMatrix::new(&[&l.o_proj])?,
+            gate_up: PackedMatrix::new(&[&l.gate_proj, &l.up_proj])?,
+            down_proj: PackedMatrix::new(&[&l.down_proj])?,
+            input_layernorm: l.input_layernorm.clone(),
+            attn_sub_norm: l.attn_sub_norm.clone(),
+            post_attention_layernorm: l.post_attention_layernorm.clone(),
+            ffn_sub_norm: l.ffn_sub_norm.clone(),
+        })
+    }
+
+    /// The layer from a file's I2_S rows, copied as they lie.
+    fn from_blocks(l: BlockLayer<'_>) -> Result<Self> {
+        let [q, k, v, o, gate, up, down] = l.linears;
+        let [
+            input_layernorm,
+            attn_sub_norm,
+            post_attention_layernorm,
+            ffn_sub_norm,
+        ] = l.norms;
+        Ok(PackedLayer {
+            qkv: PackedMatrix::from_blocks(&[q, k, v])?,
+            o_proj: PackedMatrix::from_blocks(&[o])?,
+            gate_up: PackedMatrix::from_blocks(&[gate, up])?,
+            down_proj: PackedMatrix::from_blocks(&[down])?,
+            input_layernorm,
+            attn_sub_norm,
+            post_attention_layernorm,
+            ffn_sub_norm,
+        })
+    }
+}
+
 impl PackedModel {
-    /// Packs `weights` a part at a time, each checked ([`crate::model::ModelWeights::validate`]'s checks).
+    /// Packs `weights` a part at a time, each checked ([`crate::model::ModelWeights::validate`]'s
+    /// checks), telling the source to release what it read ([`WeightSource::release`]) after each
+    /// block of table rows and each layer.
     pub(super) fn new(weights: &dyn WeightSource) -> Result<Self> {
         let source = Checked::new(weights)?;
         let c = weights.config().clone();
-        let embed = InterleavedRows::from_table(&source.embed_tokens()?)?;
+        let release = || weights.release();
+        let embed = InterleavedRows::from_table(&source.embed_tokens()?, &release)?;
         let layers = (0..c.num_hidden_layers)
             .map(|index| {
-                let l = source.layer(index)?;
-                Ok(PackedLayer {
-                    qkv: PackedMatrix::new(&[&l.q_proj, &l.k_proj, &l.v_proj])?,
-                    o_proj: PackedMatrix::new(&[&l.o_proj])?,
-                    gate_up: PackedMatrix::new(&[&l.gate_proj, &l.up_proj])?,
-                    down_proj: PackedMatrix::new(&[&l.down_proj])?,
-                    input_layernorm: l.input_layernorm.clone(),
-                    attn_sub_norm: l.attn_sub_norm.clone(),
-                    post_attention_layernorm: l.post_attention_layernorm.clone(),
-                    ffn_sub_norm: l.ffn_sub_norm.clone(),
-                })
+                let layer = match source.layer_blocks(index)? {
+                    Some(l) => PackedLayer::from_blocks(l),
+                    None => PackedLayer::new(&*source.layer(index)?),
+                };
+                weights.release();
+                layer
             })
             .collect::<Result<_>>()?;
         let norm = source.norm()?.into_owned();
         let (embed, head) = match source.lm_head()? {
-            Some(head) => (Some(embed), InterleavedRows::from_table(&head)?),
+            Some(head) => (Some(embed), InterleavedRows::from_table(&head, &release)?),
             None => (None, embed),
         };
         let rope = rope_table(c.head_dim, c.rope_theta)?;

@@ -4,10 +4,11 @@
 
 use std::borrow::Cow;
 
-use crate::Result;
-use crate::model::forward::{check_layer, check_len};
+use crate::model::forward::{check_layer, check_len, linear_shapes, norm_lengths};
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
+use crate::packing::i2s::BlockRows;
 use crate::table::Table;
+use crate::{Error, Result};
 
 /// A model's weights, part by part. [`ModelWeights`] lends its parts; a checkpoint
 /// ([`crate::formats::hf::Checkpoint`], [`crate::formats::gguf::GgufModel`]) decodes each part
@@ -34,10 +35,34 @@ pub trait WeightSource {
     fn embed_tokens(&self) -> Result<Table<'_>>;
     /// Decoder layer `index` (below `num_hidden_layers`).
     fn layer(&self, index: usize) -> Result<Cow<'_, LayerWeights>>;
+    /// Decoder layer `index` with its linears as an I2_S file holds them, for an engine whose
+    /// layout that is (the CPU engine's: it copies them rather than unpack and pack each
+    /// weight); `None`, the default, where the source holds them otherwise or a row is not
+    /// whole I2_S blocks. Read instead of [`WeightSource::layer`] when it is `Some`.
+    fn layer_blocks(&self, index: usize) -> Result<Option<BlockLayer<'_>>> {
+        check_layer_index(self.config(), index)?;
+        Ok(None)
+    }
     /// The final norm, `[hidden_size]`.
     fn norm(&self) -> Result<Cow<'_, [f32]>>;
     /// `[vocab_size, hidden_size]`; `None` when tied to the embeddings.
     fn lm_head(&self) -> Result<Option<Table<'_>>>;
+    /// Says that the engine has copied what it keeps of every part read so far: a source over
+    /// a mapped file lets go of the pages read ([`crate::formats::gguf::GgufFile::release`]),
+    /// so that an engine being built does not hold the file and its copy in memory at once.
+    /// Parts read again after this are still read right, only more slowly. Nothing by default.
+    fn release(&self) {}
+}
+
+/// A decoder layer with its ternary linears as an I2_S file holds them
+/// ([`WeightSource::layer_blocks`]).
+#[derive(Clone, Debug)]
+pub struct BlockLayer<'a> {
+    /// As [`LayerWeights::norms`]: input, attention sub-norm, post-attention, MLP sub-norm.
+    pub norms: [Vec<f32>; 4],
+    /// As [`LayerWeights::linears`]: q, k, v, o, gate, up, down, each with its scale in the
+    /// in-memory convention (`W ≈ code / scale`, [`crate::cpu::TernaryWeights::scales`]).
+    pub linears: [(BlockRows<'a>, f32); 7],
 }
 
 impl WeightSource for ModelWeights {
@@ -56,7 +81,7 @@ impl WeightSource for ModelWeights {
         self.layers
             .get(index)
             .map(Cow::Borrowed)
-            .ok_or_else(|| crate::Error::shape("decoder layers", index + 1, self.layers.len()))
+            .ok_or_else(|| Error::shape("decoder layers", index + 1, self.layers.len()))
     }
 
     fn norm(&self) -> Result<Cow<'_, [f32]>> {
@@ -74,7 +99,7 @@ pub(crate) fn check_layer_index(c: &ModelConfig, index: usize) -> Result<()> {
     if index < c.num_hidden_layers {
         Ok(())
     } else {
-        Err(crate::Error::shape(
+        Err(Error::shape(
             "decoder layers",
             index + 1,
             c.num_hidden_layers,
@@ -124,6 +149,26 @@ impl<'s> Checked<'s> {
         let layer = self.source.layer(index)?;
         check_layer(self.source.config(), &layer)?;
         Ok(layer)
+    }
+
+    pub(crate) fn layer_blocks(&self, index: usize) -> Result<Option<BlockLayer<'s>>> {
+        let Some(layer) = self.source.layer_blocks(index)? else {
+            return Ok(None);
+        };
+        let c = self.source.config();
+        for ((what, len), norm) in norm_lengths(c).into_iter().zip(&layer.norms) {
+            check_len(what, len, norm.len())?;
+        }
+        for ((name, rows, cols), (w, _)) in linear_shapes(c).into_iter().zip(&layer.linears) {
+            if (w.rows(), w.cols()) != (rows, cols) {
+                return Err(Error::shape(
+                    name,
+                    format!("{rows} x {cols}"),
+                    format!("{} x {}", w.rows(), w.cols()),
+                ));
+            }
+        }
+        Ok(Some(layer))
     }
 
     pub(crate) fn norm(&self) -> Result<Cow<'s, [f32]>> {

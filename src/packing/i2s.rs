@@ -14,7 +14,7 @@ use super::{check_len, code_of, stored_value};
 use crate::{Error, Result};
 
 /// Weights per block.
-const BLOCK: usize = 128;
+pub const BLOCK: usize = 128;
 /// Weights per bit pair within a block (and bytes per block).
 const LANE: usize = 32;
 /// Bytes reserved after the packed codes for the scale and its padding.
@@ -77,18 +77,112 @@ pub fn pack(codes: &[i8], scale: f32) -> Result<Vec<u8>> {
 ///
 /// The 28 padding bytes after the scale are not inspected: writers are not known to zero them.
 pub fn unpack(bytes: &[u8], n: usize) -> Result<(Vec<i8>, f32)> {
-    check_blocks(n)?;
-    check_len("I2_S bytes", byte_len(n), bytes.len())?;
+    let (packed, scale) = split(bytes, n)?;
     let codes = (0..n)
         .map(|index| {
             let (block, within) = (index / BLOCK, index % BLOCK);
             let (lane, j) = (within / LANE, within % LANE);
-            code_of((bytes[block * LANE + j] >> shift(lane)) & 0b11, index)
+            code_of((packed[block * LANE + j] >> shift(lane)) & 0b11, index)
         })
         .collect::<Result<Vec<i8>>>()?;
+    Ok((codes, scale))
+}
+
+/// The `n / 4` packed bytes of a tensor of `n` weights made by [`pack`] and its scale, unchecked.
+pub fn split(bytes: &[u8], n: usize) -> Result<(&[u8], f32)> {
+    check_blocks(n)?;
+    check_len("I2_S bytes", byte_len(n), bytes.len())?;
+    let (packed, trailer) = bytes.split_at(n / 4);
     let mut scale_bytes = [0u8; 4];
-    scale_bytes.copy_from_slice(&bytes[n / 4..n / 4 + 4]);
-    Ok((codes, f32::from_le_bytes(scale_bytes)))
+    scale_bytes.copy_from_slice(&trailer[..4]);
+    Ok((packed, f32::from_le_bytes(scale_bytes)))
+}
+
+/// A matrix `[rows, cols]` of [`pack`]'s blocks whose rows are whole blocks (`cols` a multiple
+/// of 128): row `r` is bytes `r * cols / 4..(r + 1) * cols / 4`, a layout engines can keep as it
+/// is. Checked to hold codes only (no value 3).
+///
+/// ```
+/// use bitnet_wgpu::packing::i2s::{BlockRows, pack, split};
+/// let codes: Vec<i8> = (0..512).map(|i| (i % 3) as i8 - 1).collect();
+/// let bytes = pack(&codes, 0.5)?;
+/// let (packed, scale) = split(&bytes, 512)?;
+/// let rows = BlockRows::new(packed, 2, 256)?;
+/// assert_eq!((rows.rows(), rows.cols(), rows.bytes().len(), scale), (2, 256, 128, 0.5));
+/// let mut bad = packed.to_vec();
+/// bad[40] |= 0b11; // weight 96 + 8 of block 1: index 232
+/// assert!(BlockRows::new(&bad, 2, 256).unwrap_err().to_string().contains("3 at index 232"));
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct BlockRows<'a> {
+    rows: usize,
+    cols: usize,
+    bytes: &'a [u8],
+}
+
+impl<'a> BlockRows<'a> {
+    /// The rows of `packed` (a tensor's packed bytes, as [`split`] gives them), with [`unpack`]'s
+    /// error for a stored 3.
+    pub fn new(packed: &'a [u8], rows: usize, cols: usize) -> Result<Self> {
+        if cols == 0 || !cols.is_multiple_of(BLOCK) {
+            return Err(Error::invalid(
+                "I2_S row length",
+                format!("{cols} is not a positive multiple of {BLOCK}"),
+            ));
+        }
+        let expected = rows
+            .checked_mul(cols / 4)
+            .ok_or_else(|| Error::invalid("I2_S rows", format!("{rows} x {cols} overflows")))?;
+        check_len("I2_S bytes", expected, packed.len())?;
+        check_codes(packed)?;
+        Ok(BlockRows {
+            rows,
+            cols,
+            bytes: packed,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The packed bytes, row after row.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// Whether every code is 0 (every stored value 1).
+    pub fn is_zero(&self) -> bool {
+        self.bytes.iter().all(|&b| b == 0b01_01_01_01)
+    }
+}
+
+/// Errors unless every 2-bit field of `packed` (whole blocks) is 0, 1 or 2, naming the first
+/// weight that is not as [`unpack`] does. A field is 3 when both its bits are set: the high bits
+/// shifted onto the low ones and masked to the low bit of each field, eight bytes at a time (a
+/// bit shifted across a byte lands on a high bit, which the mask drops).
+fn check_codes(packed: &[u8]) -> Result<()> {
+    const LOW_BITS: u64 = 0x5555_5555_5555_5555;
+    for (block, bytes) in packed.chunks_exact(LANE).enumerate() {
+        let threes = bytes.chunks_exact(8).fold(0, |acc, word| {
+            let w = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+            acc | (w & (w >> 1) & LOW_BITS)
+        });
+        if threes != 0 {
+            // The lowest index first, as `unpack` meets them: lane by lane, then byte by byte.
+            for lane in 0..4 {
+                for (j, &b) in bytes.iter().enumerate() {
+                    code_of((b >> shift(lane)) & 0b11, block * BLOCK + lane * LANE + j)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -141,5 +235,40 @@ mod tests {
         let mut bytes = pack(&[0; 128], 1.0).unwrap();
         bytes[7] = 0b01_11_01_01;
         assert!(matches!(unpack(&bytes, 128), Err(Error::Invalid { .. })));
+    }
+
+    #[test]
+    fn block_rows_refuse_what_unpack_refuses_with_its_error() {
+        let mut rng = SmallRng::seed_from_u64(9);
+        let codes: Vec<i8> = (0..6 * 256).map(|_| rng.random_range(-1..=1)).collect();
+        let bytes = pack(&codes, 1.0).unwrap();
+        let packed = &bytes[..codes.len() / 4];
+        let rows = BlockRows::new(packed, 6, 256).unwrap();
+        assert_eq!((rows.rows(), rows.cols(), rows.bytes()), (6, 256, packed));
+        assert!(!rows.is_zero());
+        assert!(BlockRows::new(&[0x55; 32], 1, 128).unwrap().is_zero());
+        for _ in 0..200 {
+            let mut bad = bytes.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..packed.len());
+                bad[at] |= 0b11 << (2 * rng.random_range(0..4));
+            }
+            let want = unpack(&bad, codes.len()).unwrap_err().to_string();
+            let got = BlockRows::new(&bad[..packed.len()], 6, 256).unwrap_err();
+            assert_eq!(got.to_string(), want);
+        }
+        assert!(BlockRows::new(packed, 3, 512).is_ok());
+        assert!(matches!(
+            BlockRows::new(packed, 6, 200),
+            Err(Error::Invalid { .. })
+        ));
+        assert!(matches!(
+            BlockRows::new(packed, 5, 256),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            BlockRows::new(&[], 0, 0),
+            Err(Error::Invalid { .. })
+        ));
     }
 }

@@ -1,7 +1,10 @@
 //! A float table (the embeddings, the lm_head) laid out for the CPU engine's products.
 
 use super::{Kernel, for_each_chunk, items_per_task};
-use crate::table::Table;
+use std::borrow::Cow;
+use std::ops::Range;
+
+use crate::table::{FloatType, Table};
 use crate::{Error, Result};
 use half::f16;
 
@@ -53,12 +56,15 @@ impl InterleavedRows {
                 values.len(),
             ));
         }
-        Self::from_table(&Table::values(values, cols))
+        Self::from_table(&Table::values(values, cols), &|| {})
     }
 
-    /// A [`Table`], read a block of rows at a time (twice: whether every value is an f16, then
-    /// the values), so that a file's table is never widened whole.
-    pub fn from_table(table: &Table<'_>) -> Result<Self> {
+    /// A [`Table`], read a block of rows at a time (twice where its values may not all be f16:
+    /// whether they are, then the values), so that a file's table is never widened whole.
+    /// `release` is called after each block: an engine passes its source's
+    /// [`crate::model::WeightSource::release`], so that a mapped file's pages go as the rows are
+    /// laid out rather than all at the end.
+    pub fn from_table(table: &Table<'_>, release: &dyn Fn()) -> Result<Self> {
         let (rows, cols) = (table.rows(), table.cols());
         if cols == 0 {
             return Err(Error::Empty("table row"));
@@ -71,19 +77,39 @@ impl InterleavedRows {
             ));
         }
         let block_rows = (BLOCK_VALUES / cols).max(1).next_multiple_of(LANES);
+        if table.stored_type() == Some(FloatType::F16) {
+            let read = |rows| table.read_f16(rows).map(Cow::Owned);
+            let bits = interleave(table, block_rows, 0, read, release)?;
+            return Ok(InterleavedRows {
+                rows,
+                cols,
+                values: Values::F16(bits),
+            });
+        }
         let mut exact_f16 = true;
         for block in table.blocks(block_rows) {
             exact_f16 &= table
                 .read(block)?
                 .iter()
                 .all(|&v| f16::from_f32(v).to_f32().to_bits() == v.to_bits());
+            release();
         }
         let values = if exact_f16 {
-            Values::F16(interleave(table, block_rows, 0, |v| {
-                f16::from_f32(v).to_bits()
-            })?)
+            let read = |rows| {
+                let values = table.read(rows)?;
+                Ok(Cow::Owned(
+                    values.iter().map(|&v| f16::from_f32(v).to_bits()).collect(),
+                ))
+            };
+            Values::F16(interleave(table, block_rows, 0, read, release)?)
         } else {
-            Values::F32(interleave(table, block_rows, 0.0, |v| v)?)
+            Values::F32(interleave(
+                table,
+                block_rows,
+                0.0,
+                |rows| table.read(rows),
+                release,
+            )?)
         };
         Ok(InterleavedRows { rows, cols, values })
     }
@@ -155,26 +181,58 @@ impl InterleavedRows {
     }
 }
 
-/// `values` (`[rows, cols]`) as `[groups, cols, LANES]` through `f`, missing rows `zero`.
-fn interleave<T: Copy>(
+/// `table` as `[groups, cols, LANES]`, missing rows `zero`, from the values `read` gives for
+/// blocks of `block_rows` rows (a multiple of [`LANES`], so that a block is whole groups),
+/// `release` called after each.
+fn interleave<'t, T: Copy + Send + Sync + 't>(
     table: &Table<'_>,
     block_rows: usize,
     zero: T,
-    f: impl Fn(f32) -> T,
+    read: impl Fn(Range<usize>) -> Result<Cow<'t, [T]>>,
+    release: &dyn Fn(),
 ) -> Result<Vec<T>> {
-    let (rows, cols) = (table.rows(), table.cols());
-    let mut out = vec![zero; rows.div_ceil(LANES) * LANES * cols];
+    let group_len = LANES * table.cols();
+    let mut out = vec![zero; table.rows().div_ceil(LANES) * group_len];
     for block in table.blocks(block_rows) {
-        let first = block.start;
-        for (i, row) in table.read(block)?.chunks_exact(cols).enumerate() {
-            let r = first + i;
-            let group = &mut out[r / LANES * LANES * cols..][..LANES * cols];
+        let first = block.start / LANES;
+        let groups = block.len().div_ceil(LANES);
+        let values = read(block)?;
+        let out = &mut out[first * group_len..][..groups * group_len];
+        for_each_chunk(out, group_len, |g, group| {
+            let rows = &values[g * group_len..values.len().min((g + 1) * group_len)];
+            transpose(rows, table.cols(), group);
+        });
+        release();
+    }
+    Ok(out)
+}
+
+/// `group[k * LANES + lane] = rows[lane * cols + k]` for up to [`LANES`] rows of `cols`
+/// values: a whole group in tiles of 8 x 8 (8 values loaded from each of 8 rows, stored as 8
+/// values of each of 8 columns, whole vectors both ways), a partial one value by value.
+fn transpose<T: Copy>(rows: &[T], cols: usize, group: &mut [T]) {
+    const TILE: usize = 8;
+    if rows.len() != LANES * cols || !cols.is_multiple_of(TILE) {
+        for (lane, row) in rows.chunks_exact(cols).enumerate() {
             for (k, &v) in row.iter().enumerate() {
-                group[k * LANES + r % LANES] = f(v);
+                group[k * LANES + lane] = v;
+            }
+        }
+        return;
+    }
+    for k0 in (0..cols).step_by(TILE) {
+        let strip = &mut group[k0 * LANES..][..TILE * LANES];
+        for l0 in (0..LANES).step_by(TILE) {
+            let tile: [[T; TILE]; TILE] = std::array::from_fn(|i| {
+                let row = &rows[(l0 + i) * cols + k0..][..TILE];
+                std::array::from_fn(|j| row[j])
+            });
+            for (j, column) in strip.chunks_exact_mut(LANES).enumerate() {
+                column[l0..l0 + TILE]
+                    .copy_from_slice(&std::array::from_fn::<T, TILE, _>(|i| tile[i][j]));
             }
         }
     }
-    Ok(out)
 }
 
 impl Kernel {
@@ -328,6 +386,40 @@ mod tests {
             let portable = portable_lanes(&x[..cols], group.chunks(1), |&v| v);
             assert_eq!(portable[0].to_bits(), want[0].to_bits());
         }
+    }
+
+    #[test]
+    fn a_stored_f16_table_is_laid_out_as_its_values() {
+        let mut rng = SmallRng::seed_from_u64(9);
+        let (rows, cols) = (150, 70);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
+            .collect();
+        let mut bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect();
+        let stored = Table::stored("t", FloatType::F16, &bytes, rows, cols).unwrap();
+        let want = InterleavedRows::new(&values, rows, cols).unwrap();
+        let released = std::cell::Cell::new(0);
+        let release = || released.set(released.get() + 1);
+        assert_eq!(
+            InterleavedRows::from_table(&stored, &release).unwrap(),
+            want
+        );
+        assert_eq!(released.get(), 1);
+        // Blocks of one group each, the last one partial, lay out the same values.
+        let read = |r| stored.read_f16(r).map(Cow::Owned);
+        let by_group = interleave(&stored, LANES, 0, read, &release);
+        assert_eq!(Values::F16(by_group.unwrap()), want.values);
+        assert_eq!(released.get(), 4);
+        // An infinity (f16 0x7c00) at row 3, column 5.
+        bytes[2 * (3 * cols + 5)..][..2].copy_from_slice(&[0x00, 0x7c]);
+        let stored = Table::stored("t", FloatType::F16, &bytes, rows, cols).unwrap();
+        let e = InterleavedRows::from_table(&stored, &|| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("inf at row 3, column 5"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use super::{Kernel, for_each_chunk, items_per_task};
 use crate::cpu::{QuantizedActivations, TernaryWeights};
-use crate::packing::i2s;
+use crate::packing::i2s::{self, BlockRows};
 use crate::{Error, Result};
 
 /// Weights per block of the I2_S layout.
@@ -49,15 +49,7 @@ impl PackedMatrix {
     /// gives all their outputs side by side (q, k and v, or gate and up, read the same input).
     pub fn new(parts: &[&TernaryWeights]) -> Result<Self> {
         let cols = parts.first().map_or(0, |w| w.cols);
-        if cols == 0 {
-            return Err(Error::Empty("packed ternary matrix"));
-        }
-        if cols > MAX_COLS {
-            return Err(Error::invalid(
-                "packed ternary matrix columns",
-                format!("{cols} exceeds the i32-safe maximum {MAX_COLS}"),
-            ));
-        }
+        check_cols(cols)?;
         let padded = cols.div_ceil(BLOCK) * BLOCK;
         let rows: usize = parts.iter().map(|w| w.rows).sum();
         let mut codes = vec![0i8; rows * padded];
@@ -84,6 +76,44 @@ impl PackedMatrix {
             rows,
             cols,
             row_bytes: padded / 4,
+            bytes,
+            scales,
+        })
+    }
+
+    /// The matrices `parts` (rows of whole I2_S blocks, the same `cols`, each with its scale
+    /// `W ≈ code / scale`) stacked as [`PackedMatrix::new`] stacks them. Their bytes are this
+    /// layout already: they are copied, not decoded, and the matrix equals the one
+    /// [`PackedMatrix::new`] makes of the same codes and scales.
+    ///
+    /// ```
+    /// use bitnet_wgpu::cpu::TernaryWeights;
+    /// use bitnet_wgpu::cpu::fast::PackedMatrix;
+    /// use bitnet_wgpu::packing::i2s::{BlockRows, pack};
+    /// let codes: Vec<i8> = (0..256).map(|i| (i % 3) as i8 - 1).collect();
+    /// let bytes = pack(&codes, 1.0)?;
+    /// let rows = BlockRows::new(&bytes[..64], 2, 128)?;
+    /// let w = TernaryWeights { rows: 2, cols: 128, codes, scales: vec![4.0] };
+    /// assert_eq!(PackedMatrix::from_blocks(&[(rows, 4.0)])?, PackedMatrix::new(&[&w])?);
+    /// # Ok::<(), bitnet_wgpu::Error>(())
+    /// ```
+    pub fn from_blocks(parts: &[(BlockRows<'_>, f32)]) -> Result<Self> {
+        let cols = parts.first().map_or(0, |(w, _)| w.cols());
+        check_cols(cols)?;
+        let rows: usize = parts.iter().map(|(w, _)| w.rows()).sum();
+        let mut bytes = Vec::with_capacity(rows * cols / 4);
+        let mut scales = Vec::with_capacity(rows);
+        for (w, scale) in parts {
+            if w.cols() != cols {
+                return Err(Error::shape("packed ternary part columns", cols, w.cols()));
+            }
+            bytes.extend_from_slice(w.bytes());
+            scales.extend(std::iter::repeat_n(*scale, w.rows()));
+        }
+        Ok(PackedMatrix {
+            rows,
+            cols,
+            row_bytes: cols / 4,
             bytes,
             scales,
         })
@@ -187,6 +217,20 @@ impl PackedMatrix {
         }
         Ok(())
     }
+}
+
+/// Errors unless `cols` is a row length the products can take.
+fn check_cols(cols: usize) -> Result<()> {
+    if cols == 0 {
+        return Err(Error::Empty("packed ternary matrix"));
+    }
+    if cols > MAX_COLS {
+        return Err(Error::invalid(
+            "packed ternary matrix columns",
+            format!("{cols} exceeds the i32-safe maximum {MAX_COLS}"),
+        ));
+    }
+    Ok(())
 }
 
 impl Kernel {
@@ -395,6 +439,28 @@ mod tests {
             assert_eq!(stacked[m * 8..m * 8 + 6], yq[m * 6..m * 6 + 6]);
             assert_eq!(stacked[m * 8 + 6..m * 8 + 8], yk[m * 2..m * 2 + 2]);
         }
+    }
+
+    #[test]
+    fn blocks_stack_into_what_codes_pack_into() {
+        let mut rng = SmallRng::seed_from_u64(5);
+        let (q, k) = (
+            weights(&mut rng, 6, 256, false),
+            weights(&mut rng, 2, 256, false),
+        );
+        let packed: Vec<Vec<u8>> = [&q, &k]
+            .iter()
+            .map(|w| i2s::pack(&w.codes, 1.0).unwrap())
+            .collect();
+        let blocks = |i: usize, w: &TernaryWeights| {
+            let rows = BlockRows::new(&packed[i][..w.codes.len() / 4], w.rows, w.cols);
+            (rows.unwrap(), w.scales[0])
+        };
+        let stacked = PackedMatrix::from_blocks(&[blocks(0, &q), blocks(1, &k)]).unwrap();
+        assert_eq!(stacked, PackedMatrix::new(&[&q, &k]).unwrap());
+        let narrow = BlockRows::new(&packed[0][..192], 6, 128).unwrap();
+        assert!(PackedMatrix::from_blocks(&[blocks(0, &q), (narrow, 1.0)]).is_err());
+        assert!(PackedMatrix::from_blocks(&[]).is_err());
     }
 
     #[test]

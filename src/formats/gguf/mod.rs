@@ -1,7 +1,7 @@
 //! GGUF checkpoints (bitnet.cpp / llama.cpp), with I2_S ternary tensors.
 //!
 //! [`GgufFile::parse`] reads a whole file held in memory (so the browser can hand over the bytes
-//! it fetched); [`load`] reads one from disk. [`to_model`] turns a BitNet checkpoint into
+//! it fetched); [`load`] maps one from disk. [`to_model`] turns a BitNet checkpoint into
 //! [`crate::model::ModelWeights`], [`tokenizer`] extracts the embedded vocabulary, and
 //! [`write_model`] produces a GGUF v3 file that bitnet.cpp's `bitnet-b1.58` architecture and this
 //! reader both accept.
@@ -18,8 +18,6 @@ mod tests;
 
 pub use model::{GgufModel, GgufTokenizer, to_model, tokenizer};
 pub use writer::{BITNET_CPP_ROW_MULTIPLE, TableType, check_bitnet_cpp_rows, write_model};
-
-use std::borrow::Cow;
 
 use crate::cpu::TernaryWeights;
 use crate::formats::scale::divisor_of;
@@ -169,29 +167,84 @@ pub struct GgufFile<'a> {
     pub alignment: usize,
     /// Where the data section starts in the file.
     pub data_offset: usize,
-    bytes: Cow<'a, [u8]>,
+    bytes: Bytes<'a>,
 }
 
-/// Reads and parses a GGUF file from disk.
+/// A file's bytes: the caller's, owned, or mapped from disk (one mapping shared by clones).
+#[derive(Clone, Debug)]
+enum Bytes<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+    #[cfg(not(target_arch = "wasm32"))]
+    Mapped(std::sync::Arc<memmap2::Mmap>),
+}
+
+impl std::ops::Deref for Bytes<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Borrowed(b) => b,
+            Bytes::Owned(b) => b,
+            #[cfg(not(target_arch = "wasm32"))]
+            Bytes::Mapped(m) => m,
+        }
+    }
+}
+
+/// Maps and parses a GGUF file on disk: its bytes are read as they are used (tensors a model
+/// does not need, never), and are the page cache's, not a copy.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn load(path: impl AsRef<std::path::Path>) -> Result<GgufFile<'static>> {
+    GgufFile::from_map(std::sync::Arc::new(map(path)?))
+}
+
+/// The file at `path`, mapped read-only into memory.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn map(path: impl AsRef<std::path::Path>) -> Result<memmap2::Mmap> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+    let io = |source| Error::Io {
         path: path.display().to_string(),
         source,
-    })?;
-    GgufFile::from_vec(bytes)
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: the mapping is read-only and lives as long as the bytes borrowed from it. Another
+    // program truncating or rewriting the file while it is mapped would change or remove bytes
+    // under the reader (a SIGBUS, or values that change between reads), as for every reader that
+    // maps its model (llama.cpp's among them); a model file is not expected to change in use.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(io)
 }
 
 impl<'a> GgufFile<'a> {
     /// Parses a file held in memory without copying it.
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
-        reader::parse(Cow::Borrowed(bytes))
+        reader::parse(Bytes::Borrowed(bytes))
     }
 
     /// Parses a file and keeps its bytes, for callers that cannot keep the buffer alive.
     pub fn from_vec(bytes: Vec<u8>) -> Result<GgufFile<'static>> {
-        reader::parse(Cow::Owned(bytes))
+        reader::parse(Bytes::Owned(bytes))
+    }
+
+    /// Parses a mapped file ([`map`]), sharing the mapping.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_map(map: std::sync::Arc<memmap2::Mmap>) -> Result<GgufFile<'static>> {
+        reader::parse(Bytes::Mapped(map))
+    }
+
+    /// Lets go of the pages of a mapped file ([`GgufFile::from_map`]) that this process has
+    /// read: the page cache keeps them, and a later read maps them again. A reader that has
+    /// copied what it needs calls this, so that its memory does not grow by the file's size.
+    /// Nothing for bytes in memory.
+    pub fn release(&self) {
+        #[cfg(unix)]
+        if let Bytes::Mapped(map) = &self.bytes {
+            // SAFETY: the mapping is a read-only shared mapping of a file: after MADV_DONTNEED
+            // a read faults the page in again from the page cache, the same bytes (unlike a
+            // private or anonymous mapping's, which would come back zeroed), so the slices
+            // borrowed from it stay valid. An error leaves the pages mapped, which is as correct.
+            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
     }
 
     /// The value of a metadata key.
@@ -339,6 +392,30 @@ impl<'a> GgufFile<'a> {
     /// `1 / s`. A stored `s` of 0 (bitnet.cpp's value for an all-zero matrix) gives
     /// `1 / 1e-5`, the scale [`crate::cpu::weight_quant`] assigns to such a matrix.
     pub fn tensor_ternary(&self, info: &GgufTensorInfo) -> Result<TernaryWeights> {
+        let (rows, cols, bytes) = self.i2s_matrix(info)?;
+        let (codes, stored) = i2s::unpack(bytes, rows * cols).map_err(|e| in_tensor(info, e))?;
+        let scale = divisor(info, stored, || codes.iter().all(|&c| c == 0))?;
+        Ok(TernaryWeights {
+            rows,
+            cols,
+            codes,
+            scales: vec![scale],
+        })
+    }
+
+    /// An I2_S matrix whose rows are whole blocks (`dims[0]` a multiple of 128) as its file
+    /// holds it, checked as [`GgufFile::tensor_ternary`] checks it, with the scale that
+    /// [`GgufFile::tensor_ternary`] gives.
+    pub fn tensor_blocks(&self, info: &GgufTensorInfo) -> Result<(i2s::BlockRows<'_>, f32)> {
+        let (rows, cols, bytes) = self.i2s_matrix(info)?;
+        let (packed, stored) = i2s::split(bytes, rows * cols).map_err(|e| in_tensor(info, e))?;
+        let blocks = i2s::BlockRows::new(packed, rows, cols).map_err(|e| in_tensor(info, e))?;
+        Ok((blocks, divisor(info, stored, || blocks.is_zero())?))
+    }
+
+    /// `(rows, cols, bytes)` of an I2_S matrix: its type and shape checked, its bytes inside the
+    /// file.
+    fn i2s_matrix(&self, info: &GgufTensorInfo) -> Result<(usize, usize, &[u8])> {
         if info.ggml_type != GGML_TYPE_I2_S {
             return Err(match info.ggml_type {
                 GGML_TYPE_F32 | GGML_TYPE_F16 | GGML_TYPE_BF16 => Error::invalid(
@@ -352,40 +429,39 @@ impl<'a> GgufFile<'a> {
             });
         }
         let n = info.element_count()?;
-        let (cols, rows) = match info.dims[..] {
-            [c, r] if n > 0 => (c as usize, r as usize),
-            _ => {
-                return Err(Error::invalid(
-                    "GGUF tensor",
-                    format!(
-                        "{}: an I2_S matrix needs 2 non-zero dimensions, got {:?}",
-                        info.name, info.dims
-                    ),
-                ));
-            }
-        };
-        let bytes = self.tensor_bytes(info)?;
-        let (codes, stored) = i2s::unpack(bytes, n)
-            .map_err(|e| Error::invalid("GGUF tensor", format!("{}: {e}", info.name)))?;
-        let scale = if stored == 0.0 && codes.iter().all(|&c| c == 0) {
-            1.0 / 1e-5f32
-        } else if stored.is_finite() && stored > 0.0 {
-            divisor_of(stored)
-        } else {
-            return Err(Error::invalid(
+        match info.dims[..] {
+            [c, r] if n > 0 => Ok((r as usize, c as usize, self.tensor_bytes(info)?)),
+            _ => Err(Error::invalid(
                 "GGUF tensor",
                 format!(
-                    "{}: I2_S scale {stored} is not a positive finite number",
-                    info.name
+                    "{}: an I2_S matrix needs 2 non-zero dimensions, got {:?}",
+                    info.name, info.dims
                 ),
-            ));
-        };
-        Ok(TernaryWeights {
-            rows,
-            cols,
-            codes,
-            scales: vec![scale],
-        })
+            )),
+        }
+    }
+}
+
+/// An error of a tensor's data, naming the tensor.
+fn in_tensor(info: &GgufTensorInfo, e: Error) -> Error {
+    Error::invalid("GGUF tensor", format!("{}: {e}", info.name))
+}
+
+/// The in-memory divisor of an I2_S tensor's `stored` multiplier; a stored 0 is taken where
+/// every code is 0 (`all_zero`, asked only then).
+fn divisor(info: &GgufTensorInfo, stored: f32, all_zero: impl FnOnce() -> bool) -> Result<f32> {
+    if stored == 0.0 && all_zero() {
+        Ok(1.0 / 1e-5f32)
+    } else if stored.is_finite() && stored > 0.0 {
+        Ok(divisor_of(stored))
+    } else {
+        Err(Error::invalid(
+            "GGUF tensor",
+            format!(
+                "{}: I2_S scale {stored} is not a positive finite number",
+                info.name
+            ),
+        ))
     }
 }
 

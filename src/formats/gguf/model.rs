@@ -8,8 +8,9 @@ use super::{
 use crate::cpu::TernaryWeights;
 use crate::formats::check_layer_count;
 use crate::model::{
-    LayerWeights, ModelConfig, ModelWeights, WeightSource, check_layer_index, collect,
+    BlockLayer, LayerWeights, ModelConfig, ModelWeights, WeightSource, check_layer_index, collect,
 };
+use crate::packing::i2s;
 use crate::table::{FloatType, Table};
 use crate::{Error, Result};
 
@@ -342,21 +343,42 @@ impl WeightSource for GgufModel<'_> {
             attn_sub_norm,
             post_attention_layernorm,
             ffn_sub_norm,
-        ] = NORMS.map(|(part, shape)| {
-            float_tensor(file, &names::block(layer, part), &[shape.len(config)])
-        });
+        ] = norms(file, config, layer)?;
         Ok(Cow::Owned(LayerWeights {
-            input_layernorm: input_layernorm?,
+            input_layernorm,
             q_proj: q_proj?,
             k_proj: k_proj?,
             v_proj: v_proj?,
             o_proj: o_proj?,
-            attn_sub_norm: attn_sub_norm?,
-            post_attention_layernorm: post_attention_layernorm?,
+            attn_sub_norm,
+            post_attention_layernorm,
             gate_proj: gate_proj?,
             up_proj: up_proj?,
             down_proj: down_proj?,
-            ffn_sub_norm: ffn_sub_norm?,
+            ffn_sub_norm,
+        }))
+    }
+
+    /// The layer's I2_S tensors as they lie in the file when every row is whole blocks, each
+    /// checked as [`GgufModel::layer`] checks it.
+    fn layer_blocks(&self, layer: usize) -> Result<Option<BlockLayer<'_>>> {
+        let (file, config) = (&self.file, &self.config);
+        check_layer_index(config, layer)?;
+        if LINEARS
+            .iter()
+            .any(|(_, shape)| !shape.out_in(config).1.is_multiple_of(i2s::BLOCK))
+        {
+            return Ok(None);
+        }
+        let [q, k, v, o, gate, up, down] = LINEARS.map(|(part, shape)| {
+            let info = require_tensor(file, &names::block(layer, part))?;
+            let (out, inp) = shape.out_in(config);
+            check_shape(info, &[inp, out])?;
+            file.tensor_blocks(info)
+        });
+        Ok(Some(BlockLayer {
+            linears: [q?, k?, v?, o?, gate?, up?, down?],
+            norms: norms(file, config, layer)?,
         }))
     }
 
@@ -370,6 +392,10 @@ impl WeightSource for GgufModel<'_> {
         }
         let c = &self.config;
         table(&self.file, names::OUTPUT, c.vocab_size, c.hidden_size).map(Some)
+    }
+
+    fn release(&self) {
+        self.file.release();
     }
 }
 
@@ -523,6 +549,13 @@ fn float_tensor(file: &GgufFile, name: &str, ne: &[usize]) -> Result<Vec<f32>> {
     let info = require_tensor(file, name)?;
     check_shape(info, ne)?;
     file.tensor_f32(info)
+}
+
+/// A layer's norms in [`NORMS`] order.
+fn norms(file: &GgufFile, config: &ModelConfig, layer: usize) -> Result<[Vec<f32>; 4]> {
+    let [a, b, c, d] = NORMS
+        .map(|(part, shape)| float_tensor(file, &names::block(layer, part), &[shape.len(config)]));
+    Ok([a?, b?, c?, d?])
 }
 
 /// One ternary linear of a layer, shape-checked.

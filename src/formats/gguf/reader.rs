@@ -1,8 +1,6 @@
 //! Parsing of the GGUF header, metadata and tensor directory.
 
-use std::borrow::Cow;
-
-use super::{DEFAULT_ALIGNMENT, GgufFile, GgufTensorInfo, GgufValue};
+use super::{Bytes, DEFAULT_ALIGNMENT, GgufFile, GgufTensorInfo, GgufValue};
 use crate::{Error, Result};
 
 /// The four bytes every GGUF file starts with.
@@ -131,7 +129,7 @@ pub(super) fn align_up(n: usize, align: usize) -> Option<usize> {
 }
 
 /// Parses header, metadata and tensor directory; tensor data is only located, not read.
-pub(super) fn parse(bytes: Cow<'_, [u8]>) -> Result<GgufFile<'_>> {
+pub(super) fn parse(bytes: Bytes<'_>) -> Result<GgufFile<'_>> {
     let mut c = Cursor {
         bytes: &bytes,
         pos: 0,

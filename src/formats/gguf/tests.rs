@@ -367,12 +367,22 @@ fn i2s_scale_is_converted_to_hugging_face_convention() {
     let w = file.tensor_ternary(&file.tensors[0]).unwrap();
     assert_eq!((w.rows, w.cols, w.scales.clone()), (2, 128, vec![4.0]));
     assert_eq!(w.codes, codes);
+    let (blocks, scale) = file.tensor_blocks(&file.tensors[0]).unwrap();
+    assert_eq!((blocks.rows(), blocks.cols(), scale), (2, 128, 4.0));
+    assert_eq!(
+        blocks.bytes(),
+        &file.tensor_bytes(&file.tensors[0]).unwrap()[..64]
+    );
 
     let zeros = i2s_file(&[0; 256], 0.0);
     let file = GgufFile::parse(&zeros).unwrap();
     assert_eq!(
         file.tensor_ternary(&file.tensors[0]).unwrap().scales,
         [1.0 / 1e-5f32]
+    );
+    assert_eq!(
+        file.tensor_blocks(&file.tensors[0]).unwrap().1,
+        1.0 / 1e-5f32
     );
 
     for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
@@ -383,6 +393,8 @@ fn i2s_scale_is_converted_to_hugging_face_convention() {
             .unwrap_err()
             .to_string();
         assert!(err.contains("tensor") && err.contains("m:"), "{err}");
+        let blocks = file.tensor_blocks(&file.tensors[0]).unwrap_err();
+        assert_eq!(blocks.to_string(), err);
     }
     assert!(file.tensor_f32(&file.tensors[0]).is_err());
 }
@@ -664,4 +676,57 @@ fn shapes_bitnet_cpp_misreads_are_named() {
         e.contains("blk.0.attn_k.weight") && e.contains("2 rows"),
         "{e}"
     );
+}
+
+/// Logits of `tokens` from a CPU engine over `source`.
+fn cpu_logits(source: &dyn crate::model::WeightSource, tokens: &[u32]) -> Vec<u32> {
+    let mut engine = crate::model::CpuEngine::new(source).unwrap();
+    let logits = engine.forward(tokens).unwrap();
+    logits.iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn whole_block_rows_are_taken_as_they_lie() {
+    use crate::model::{KvCache, WeightSource, forward};
+    let mut rng = SmallRng::seed_from_u64(12);
+    let tokens = [3, 1, 4, 1, 5, 9];
+    for (tied, table) in [(true, TableType::F16), (false, TableType::F32)] {
+        // Every row length a multiple of 128: hidden 128, intermediate 256.
+        let model = random_model(&mut rng, config(128, 256, 2, 2, 1, 40), tied);
+        let bytes = write_model(&model, None, table).unwrap();
+        let file = GgufFile::parse(&bytes).unwrap();
+        let gguf = GgufModel::new(file.clone()).unwrap();
+        assert!(gguf.layer_blocks(1).unwrap().is_some());
+        assert!(gguf.layer_blocks(2).is_err());
+        // The file's model, decoded whole: the decode path and the reference.
+        let decoded = to_model(&file).unwrap();
+        let reference = forward(&decoded, &tokens, &mut KvCache::new(&decoded.config)).unwrap();
+        let reference: Vec<u32> = reference.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(cpu_logits(&gguf, &tokens), cpu_logits(&decoded, &tokens));
+        assert_eq!(cpu_logits(&gguf, &tokens), reference);
+    }
+    // Rows of 64 weights are not whole blocks: the layer is decoded.
+    let bytes = write_model(&tiny(1, true), None, TableType::F32).unwrap();
+    let gguf = GgufModel::new(GgufFile::parse(&bytes).unwrap()).unwrap();
+    assert!(gguf.layer_blocks(0).unwrap().is_none());
+}
+
+#[test]
+fn a_stored_three_in_whole_block_rows_names_the_tensor() {
+    let mut rng = SmallRng::seed_from_u64(13);
+    let model = random_model(&mut rng, config(128, 256, 2, 2, 1, 40), true);
+    let mut bytes = write_model(&model, None, TableType::F32).unwrap();
+    let file = GgufFile::parse(&bytes).unwrap();
+    let info = file.tensor("blk.1.ffn_down.weight").unwrap();
+    let at = file.data_offset + info.offset as usize + 40;
+    bytes[at] |= 0b11; // weight 96 + 8 of block 1: index 232
+    let file = GgufFile::parse(&bytes).unwrap();
+    let decoded = to_model(&file).unwrap_err().to_string();
+    let gguf = GgufModel::new(file).unwrap();
+    let e = crate::model::CpuEngine::new(&gguf).unwrap_err().to_string();
+    assert!(
+        e.contains("blk.1.ffn_down.weight") && e.contains("3 at index 232"),
+        "{e}"
+    );
+    assert_eq!(e, decoded);
 }

@@ -185,6 +185,8 @@ impl GpuModel {
         }
         Self::check_fits(ctx, c, context, tables)?;
         let embed = GpuTable::upload(ctx, &source.embed_tokens()?, tables)?;
+        // Each upload is a copy: the source's bytes of what was uploaded can go.
+        weights.release();
         let kv_row = c.num_key_value_heads * c.head_dim;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for index in 0..c.num_hidden_layers {
@@ -202,12 +204,14 @@ impl GpuModel {
                 keys: ctx.storage("keys", (context * kv_row * 4) as u64)?,
                 values: ctx.storage("values", (context * kv_row * 4) as u64)?,
             });
+            weights.release();
         }
         let norm = ctx.upload("norm", &source.norm()?)?;
         let lm_head = match source.lm_head()? {
             Some(head) => Some(GpuTable::upload(ctx, &head, tables)?),
             None => None,
         };
+        weights.release();
         // Out of memory surfaces as a device error: say how much the model asked for.
         ctx.check().map_err(|e| {
             Error::Gpu(format!(
