@@ -2,14 +2,22 @@
 # The CPU engine side by side with pytritium (a Rust CPU BitNet engine on PyPI), the CPU reference
 # and lavapipe, in one run, on the same I2_S GGUF files made by `bitnet convert --format gguf`:
 # the demo model, and random weights with the shapes of bitnet-b1.58-2B-4T. Prints one table.
+# Then the CPU engine against bitnet.cpp (microsoft/BitNet's llama.cpp fork) on the 2B4T-shaped
+# file, the two taking turns: start-up to the first token, peak host memory, and prompt and decode
+# tokens/s at 1 and 2 threads. Prints a second table.
 #
 #   scripts/cpu-bench.sh
 #
 # Environment: LAYERS (2B4T layers, default 30), TOKENS (decoded tokens, default 16),
 # REFERENCE_TOKENS (the reference decodes fewer, default 4), PYTHON (a Python with pytritium:
 # `python3 -m venv venv && venv/bin/pip install --pre pytritium`; default python3), WORK (a
-# folder for the model files, default a new temporary one), LAVAPIPE=0 skips lavapipe (slow at
-# 2B4T shapes: minutes).
+# folder for the model files demo.gguf and 2b4t.gguf, made there when missing; default a new
+# temporary one), LAVAPIPE=0 skips lavapipe (slow at 2B4T shapes: minutes), PYTRITIUM=0 skips
+# pytritium, REFERENCE=0 skips the CPU reference (`cargo bench --bench cpu_engine`), BITNET (a
+# `bitnet` binary to use instead of building one), BITNET_CPP (a bitnet.cpp checkout built with
+# build/bin/llama-cli and llama-bench; default ../bitnet.cpp beside this repository; BITNET_CPP=
+# skips it), ROUNDS (turns per engine and figure against bitnet.cpp, default 2), PROMPT_TOKENS
+# (default 128) and DECODE_TOKENS (default 32) of the tokens/s figures against bitnet.cpp.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,9 +30,21 @@ target=${CARGO_TARGET_DIR:-$root/target}
 prompt="It was a dark and stormy night"
 
 cd "$root"
-cargo build --release --bin bitnet --bench cpu_engine >&2
-bitnet=$target/release/bitnet
-bench=$(ls -t "$target"/release/deps/cpu_engine-* | grep -v '\.d$' | head -1)
+bitnet_cpp=${BITNET_CPP-$root/../bitnet.cpp}
+rounds=${ROUNDS:-2}
+cpp_prompt=${PROMPT_TOKENS:-128}
+cpp_decode=${DECODE_TOKENS:-32}
+if [ "${REFERENCE:-1}" != 0 ]; then
+    if [ -n "${BITNET:-}" ]; then
+        cargo build --release --bench cpu_engine >&2
+    else
+        cargo build --release --bin bitnet --bench cpu_engine >&2
+    fi
+    bench=$(ls -t "$target"/release/deps/cpu_engine-* | grep -v '\.d$' | head -1)
+elif [ -z "${BITNET:-}" ]; then
+    cargo build --release --bin bitnet >&2
+fi
+bitnet=${BITNET:-$target/release/bitnet}
 
 [ -f "$work/demo.gguf" ] ||
     "$bitnet" convert --format gguf --any-row-length --input models/demo --output "$work/demo.gguf" >&2
@@ -74,9 +94,13 @@ for model in demo 2b4t; do
     cpu=$(generate "$gguf" cpu "bitnet --device cpu")
     echo "$cpu" | sed "s/^{/{\"model\": \"$model\", /" >>"$results"
     ids=$(echo "$cpu" | "$python" -c 'import json, sys; print(json.load(sys.stdin)["ids"])')
-    pytritium "$gguf" "$ids" | sed "s/^{/{\"model\": \"$model\", /" >>"$results"
-    "$bench" "$gguf" "$(echo "$ids" | tr -cd ',' | wc -c | awk '{print $1 + 1}')" "$tokens" \
-        "$reference_tokens" | sed "s/^{/{\"model\": \"$model\", /" >>"$results"
+    if [ "${PYTRITIUM:-1}" != 0 ]; then
+        pytritium "$gguf" "$ids" | sed "s/^{/{\"model\": \"$model\", /" >>"$results"
+    fi
+    if [ "${REFERENCE:-1}" != 0 ]; then
+        "$bench" "$gguf" "$(echo "$ids" | tr -cd ',' | wc -c | awk '{print $1 + 1}')" "$tokens" \
+            "$reference_tokens" | sed "s/^{/{\"model\": \"$model\", /" >>"$results"
+    fi
     if [ "${LAVAPIPE:-1}" != 0 ]; then
         mkdir -p /tmp/xdg-bench && chmod 700 /tmp/xdg-bench
         XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/xdg-bench} WGPU_BACKEND=vulkan \
@@ -105,3 +129,92 @@ for model in ("demo", "2b4t"):
         print(f"| {name} | {r['engine']}{extra} | {r['prompt_tokens_per_s']:.1f} | "
               f"{r['decode_tokens_per_s']:.2f} | {ratio} |")
 EOF
+
+# The CPU engine against bitnet.cpp on the 2B4T-shaped file, the two taking turns.
+if [ -z "$bitnet_cpp" ] || [ ! -x "$bitnet_cpp/build/bin/llama-cli" ] ||
+    [ ! -x "$bitnet_cpp/build/bin/llama-bench" ]; then
+    echo
+    echo "bitnet.cpp: not built at ${bitnet_cpp:-(BITNET_CPP empty)}, skipped"
+    exit 0
+fi
+gguf=$work/2b4t.gguf
+cores=$(nproc)
+cpp=$work/bitnet-cpp.jsonl
+: >"$cpp"
+# The demo tokenizer makes one token of each " the"; with the bos, PROMPT_TOKENS tokens.
+long_prompt="the$(for _ in $(seq 3 "$cpp_prompt"); do printf ' the'; done)"
+load_before=$(uptime)
+cat "$gguf" >/dev/null # a warm page cache for both
+
+timed() { # engine command... (one JSON line: wall seconds and peak RSS in KB)
+    local engine=$1 out
+    shift
+    out=$(mktemp)
+    /usr/bin/time -f '%e %M' -o "$out" "$@" </dev/null >/dev/null 2>&1
+    read -r seconds kb <"$out"
+    rm "$out"
+    echo "{\"engine\": \"$engine\", \"figure\": \"start\", \"seconds\": $seconds, \"kb\": $kb}"
+}
+ours_rates() { # threads
+    RAYON_NUM_THREADS=$1 "$bitnet" generate --model "$gguf" --prompt "$long_prompt" \
+        --max-new-tokens $((cpp_decode + 1)) --temperature 0 --device cpu --json 2>/dev/null |
+        "$python" -c 'import json, sys; d = json.load(sys.stdin); t = int(sys.argv[1])
+print(json.dumps({"engine": "bitnet", "figure": "prompt", "threads": t,
+                  "tokens": len(d["prompt_ids"]), "tokens_per_s": d["prompt_tokens_per_s"]}))
+print(json.dumps({"engine": "bitnet", "figure": "decode", "threads": t,
+                  "tokens": len(d["generated_ids"]) - 1, "tokens_per_s": d["tokens_per_s"]}))' "$1"
+}
+theirs_rate() { # figure threads -p -n
+    "$bitnet_cpp/build/bin/llama-bench" -m "$gguf" -p "$3" -n "$4" -t "$2" -r 3 -o json 2>/dev/null |
+        "$python" -c 'import json, sys; d = json.load(sys.stdin)[0]
+print(json.dumps({"engine": "bitnet.cpp", "figure": sys.argv[1], "threads": d["n_threads"],
+                  "tokens": d["n_prompt"] + d["n_gen"], "tokens_per_s": d["avg_ts"]}))' "$1"
+}
+
+for _ in $(seq "$rounds"); do
+    timed bitnet "$bitnet" generate --model "$gguf" --prompt Hello --max-new-tokens 1 \
+        --temperature 0 --device cpu >>"$cpp"
+    # --no-warmup: loading, the prompt and one token, as ours (by default llama-cli first runs
+    # the model once on an empty batch).
+    timed bitnet.cpp "$bitnet_cpp/build/bin/llama-cli" -m "$gguf" -p Hello -n 1 --temp 0 \
+        -t "$cores" --no-warmup >>"$cpp"
+done
+for threads in 1 2; do
+    for _ in $(seq "$rounds"); do
+        ours_rates "$threads" >>"$cpp"
+        theirs_rate prompt "$threads" "$cpp_prompt" 0 >>"$cpp"
+        theirs_rate decode "$threads" 0 "$cpp_decode" >>"$cpp"
+    done
+done
+load_after=$(uptime)
+
+echo
+"$python" - "$cpp" "$rounds" "$cores" <<'PYEOF'
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+rounds, cores = sys.argv[2], sys.argv[3]
+def pick(engine, figure, threads=None):
+    return [r for r in rows if r["engine"] == engine and r["figure"] == figure
+            and (threads is None or r["threads"] == threads)]
+print("| figure | bitnet | bitnet.cpp | ratio (bitnet / bitnet.cpp) |")
+print("| --- | --- | --- | --- |")
+a, b = pick("bitnet", "start"), pick("bitnet.cpp", "start")
+sa, sb = statistics.median(r["seconds"] for r in a), statistics.median(r["seconds"] for r in b)
+runs = lambda rs: " / ".join(f"{r['seconds']:.2f}" for r in rs)
+print(f"| start-up to the first token, s (median of {rounds}; {cores} threads; lower is better) | "
+      f"{sa:.2f} ({runs(a)}) | {sb:.2f} ({runs(b)}) | {sa / sb:.2f}x |")
+ma, mb = max(r["kb"] for r in a) / 1e6, max(r["kb"] for r in b) / 1e6
+print(f"| peak host memory, GB (largest start-up `%M`; lower is better) | {ma:.2f} | {mb:.2f} | "
+      f"{ma / mb:.2f}x |")
+for figure in ("prompt", "decode"):
+    for threads in (1, 2):
+        a, b = pick("bitnet", figure, threads), pick("bitnet.cpp", figure, threads)
+        ra = statistics.median(r["tokens_per_s"] for r in a)
+        rb = statistics.median(r["tokens_per_s"] for r in b)
+        tokens = "/".join(sorted({str(r["tokens"]) for r in a + b}))
+        print(f"| {figure} tokens/s, {tokens} tokens, {threads} thread{'s' if threads > 1 else ''} "
+              f"(median of {rounds}) | {ra:.2f} | {rb:.2f} | {ra / rb:.2f}x |")
+PYEOF
+echo
+echo "load before: $load_before"
+echo "load after: $load_after"

@@ -968,8 +968,13 @@ fn convert_writes_gguf_that_generates_alike() {
         ]);
         (ids(&json["prompt_ids"]), ids(&json["generated_ids"]))
     };
+    let refused = |args: &[&str]| {
+        let output = bitnet(args);
+        assert!(!output.status.success(), "{args:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
     let misread = dir.0.join("misread.gguf");
-    let output = bitnet(&[
+    let stderr = refused(&[
         "convert",
         "--format",
         "gguf",
@@ -978,8 +983,6 @@ fn convert_writes_gguf_that_generates_alike() {
         "--output",
         path_str(&misread),
     ]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
     for needle in [
         "blk.0.attn_q.weight",
         "64 weights",
@@ -1050,11 +1053,6 @@ fn convert_writes_gguf_that_generates_alike() {
         }
     }
 
-    let refused = |args: &[&str]| {
-        let output = bitnet(args);
-        assert!(!output.status.success(), "{args:?}");
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    };
     let existing = dir.0.join("packed.gguf");
     let stderr = refused(&[
         "convert",

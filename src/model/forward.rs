@@ -162,7 +162,7 @@ pub(super) fn norm_lengths(c: &ModelConfig) -> [(&'static str, usize); 4] {
 }
 
 /// A layer's linears, named, with their `(rows, cols)`, in [`LayerWeights::linears`] order.
-pub(super) fn linear_shapes(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
+pub(crate) fn linear_shapes(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
     let attn = c.num_attention_heads * c.head_dim;
     let kv = c.num_key_value_heads * c.head_dim;
     let (hidden, inter) = (c.hidden_size, c.intermediate_size);

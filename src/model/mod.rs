@@ -17,6 +17,7 @@ mod weights;
 pub use crate::cpu::SamplingParams;
 pub use config::ModelConfig;
 pub use engine::{CpuEngine, Device, Engine, Logits, perplexity_windows};
+pub(crate) use forward::linear_shapes;
 pub use forward::{KvCache, forward};
 pub use generator::{Generation, GenerationParams, Generator, Stop};
 #[cfg(feature = "gpu")]

@@ -1,7 +1,6 @@
 //! The trainable tensors of a model, in one shape shared by the weights, their gradients and the
 //! optimizer's moments.
 
-use crate::model::ModelConfig;
 use crate::{Error, Result};
 
 /// One decoder layer's tensors, all f32 and row-major. Linears are latent `[out, in]` matrices
@@ -34,21 +33,7 @@ pub struct Parameters {
     pub lm_head: Option<Vec<f32>>,
 }
 
-/// `(name, rows, cols)` of the seven linears of a layer of `c`, in checkpoint order.
-pub(crate) fn linear_shapes(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
-    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
-    let attn = c.num_attention_heads * c.head_dim;
-    let kv = c.num_key_value_heads * c.head_dim;
-    [
-        ("self_attn.q_proj", attn, hidden),
-        ("self_attn.k_proj", kv, hidden),
-        ("self_attn.v_proj", kv, hidden),
-        ("self_attn.o_proj", hidden, attn),
-        ("mlp.gate_proj", inter, hidden),
-        ("mlp.up_proj", inter, hidden),
-        ("mlp.down_proj", hidden, inter),
-    ]
-}
+pub(crate) use crate::model::linear_shapes;
 
 impl LayerParameters {
     /// The seven linears in the order q, k, v, o, gate, up, down (checkpoint order).
