@@ -968,21 +968,25 @@ fn convert_writes_gguf_that_generates_alike() {
         ]);
         (ids(&json["prompt_ids"]), ids(&json["generated_ids"]))
     };
-    let refused = |args: &[&str]| {
-        let output = bitnet(args);
-        assert!(!output.status.success(), "{args:?}");
-        String::from_utf8_lossy(&output.stderr).into_owned()
+    // `convert --format gguf` of the packed folder into `output` with `extra` flags, refused: its
+    // message.
+    let refused = |output: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "convert",
+            "--format",
+            "gguf",
+            "--input",
+            path_str(&packed),
+            "--output",
+            path_str(output),
+        ];
+        args.extend(extra);
+        let run = bitnet(&args);
+        assert!(!run.status.success(), "{args:?}");
+        String::from_utf8_lossy(&run.stderr).into_owned()
     };
     let misread = dir.0.join("misread.gguf");
-    let stderr = refused(&[
-        "convert",
-        "--format",
-        "gguf",
-        "--input",
-        path_str(&packed),
-        "--output",
-        path_str(&misread),
-    ]);
+    let stderr = refused(&misread, &[]);
     for needle in [
         "blk.0.attn_q.weight",
         "64 weights",
@@ -1053,39 +1057,12 @@ fn convert_writes_gguf_that_generates_alike() {
         }
     }
 
-    let existing = dir.0.join("packed.gguf");
-    let stderr = refused(&[
-        "convert",
-        "--format",
-        "gguf",
-        "--input",
-        path_str(&packed),
-        "--output",
-        path_str(&existing),
-    ]);
+    let stderr = refused(&dir.0.join("packed.gguf"), &["--any-row-length"]);
     assert!(stderr.contains("already exists"), "{stderr}");
-    let stderr = refused(&[
-        "convert",
-        "--format",
-        "gguf",
-        "--input",
-        path_str(&packed),
-        "--output",
-        path_str(&dir.0.join("other.gguf")),
-        "--threshold",
-        "0.7",
-    ]);
+    let stderr = refused(&dir.0.join("other.gguf"), &["--threshold", "0.7"]);
     assert!(stderr.contains("--threshold"), "{stderr}");
     let inside = packed.join("model.gguf");
-    let stderr = refused(&[
-        "convert",
-        "--format",
-        "gguf",
-        "--input",
-        path_str(&packed),
-        "--output",
-        path_str(&inside),
-    ]);
+    let stderr = refused(&inside, &["--any-row-length"]);
     assert!(stderr.contains("inside the input"), "{stderr}");
     assert!(!inside.exists());
 }
