@@ -150,7 +150,10 @@ timed() { # engine command... (one JSON line: wall seconds and peak RSS in KB)
     local engine=$1 out
     shift
     out=$(mktemp)
-    /usr/bin/time -f '%e %M' -o "$out" "$@" </dev/null >/dev/null 2>&1
+    if ! /usr/bin/time -f '%e %M' -o "$out" "$@" </dev/null >/dev/null 2>"$work/$engine.log"; then
+        echo "$engine failed (see $work/$engine.log): $*" >&2
+        exit 1
+    fi
     read -r seconds kb <"$out"
     rm "$out"
     echo "{\"engine\": \"$engine\", \"figure\": \"start\", \"seconds\": $seconds, \"kb\": $kb}"
@@ -181,9 +184,11 @@ for _ in $(seq "$rounds"); do
 done
 for threads in 1 2; do
     for _ in $(seq "$rounds"); do
-        ours_rates "$threads" >>"$cpp"
-        theirs_rate prompt "$threads" "$cpp_prompt" 0 >>"$cpp"
-        theirs_rate decode "$threads" 0 "$cpp_decode" >>"$cpp"
+        {
+            ours_rates "$threads"
+            theirs_rate prompt "$threads" "$cpp_prompt" 0
+            theirs_rate decode "$threads" 0 "$cpp_decode"
+        } >>"$cpp"
     done
 done
 load_after=$(uptime)
@@ -203,8 +208,8 @@ sa, sb = statistics.median(r["seconds"] for r in a), statistics.median(r["second
 runs = lambda rs: " / ".join(f"{r['seconds']:.2f}" for r in rs)
 print(f"| start-up to the first token, s (median of {rounds}; {cores} threads; lower is better) | "
       f"{sa:.2f} ({runs(a)}) | {sb:.2f} ({runs(b)}) | {sa / sb:.2f}x |")
-ma, mb = max(r["kb"] for r in a) / 1e6, max(r["kb"] for r in b) / 1e6
-print(f"| peak host memory, GB (largest start-up `%M`; lower is better) | {ma:.2f} | {mb:.2f} | "
+ma, mb = (max(r["kb"] for r in rs) * 1024 / 1e9 for rs in (a, b))
+print(f"| peak host memory, GB (largest start-up `%M`, KiB; lower is better) | {ma:.2f} | {mb:.2f} | "
       f"{ma / mb:.2f}x |")
 for figure in ("prompt", "decode"):
     for threads in (1, 2):
