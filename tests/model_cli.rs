@@ -1105,6 +1105,24 @@ fn bitnet_limited(args: &[&str]) -> Output {
         .expect("bash runs")
 }
 
+/// `bitnet generate` of two greedy tokens after `prompt` on the CPU engine, under the limit of
+/// [`bitnet_limited`].
+fn generate_limited(model: &Path, prompt: &str) -> Output {
+    bitnet_limited(&[
+        "generate",
+        "--model",
+        path_str(model),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ])
+}
+
 /// A run on a mutated model either generates or fails with an error message: never a signal
 /// (an abort on a failed allocation), never a panic (exit 101).
 fn assert_runs_or_refuses(output: &Output, case: &str) {
@@ -1151,21 +1169,7 @@ fn lying_config_numbers_are_refused_or_run_never_abort() {
         folder.join("model.safetensors"),
     )
     .unwrap();
-    let generate = |model: &Path| {
-        bitnet_limited(&[
-            "generate",
-            "--model",
-            path_str(model),
-            "--prompt",
-            "the cat",
-            "--max-new-tokens",
-            "2",
-            "--temperature",
-            "0",
-            "--device",
-            "cpu",
-        ])
-    };
+    let generate = |model: &Path| generate_limited(model, "the cat");
     let integers = [
         ("vocab_size", 40),
         ("hidden_size", 64),
@@ -1266,34 +1270,13 @@ fn lying_gguf_numbers_are_refused_or_run_never_abort() {
         let mut lying = bytes.clone();
         lying[*at..at + 4].copy_from_slice(value);
         std::fs::write(&file, &lying).unwrap();
-        let output = bitnet_limited(&[
-            "generate",
-            "--model",
-            path_str(&file),
-            "--prompt",
-            "he met",
-            "--max-new-tokens",
-            "2",
-            "--temperature",
-            "0",
-            "--device",
-            "cpu",
-        ]);
-        assert_runs_or_refuses(&output, case);
+        assert_runs_or_refuses(&generate_limited(&file, "he met"), case);
     }
     let mut lying = bytes.clone();
     let at = value_at(&format!("{arch}.block_count"));
     lying[at..at + 4].copy_from_slice(&1_000_000_000u32.to_le_bytes());
     std::fs::write(&file, &lying).unwrap();
-    let output = bitnet_limited(&[
-        "generate",
-        "--model",
-        path_str(&file),
-        "--prompt",
-        "he",
-        "--device",
-        "cpu",
-    ]);
+    let output = generate_limited(&file, "he met");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("claims 1000000000 layers"), "{stderr}");
 }

@@ -40,20 +40,7 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// The seven linears of a layer: name below `model.layers.N.`, `out` and `in` features.
-pub(crate) fn layer_linears(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    let q = c.num_attention_heads * c.head_dim;
-    let kv = c.num_key_value_heads * c.head_dim;
-    [
-        ("self_attn.q_proj", q, h),
-        ("self_attn.k_proj", kv, h),
-        ("self_attn.v_proj", kv, h),
-        ("self_attn.o_proj", h, q),
-        ("mlp.gate_proj", i, h),
-        ("mlp.up_proj", i, h),
-        ("mlp.down_proj", h, i),
-    ]
-}
+pub(crate) use crate::model::linear_shapes as layer_linears;
 
 /// The four norms of a layer: name below `model.layers.N.` and length.
 pub(crate) fn layer_norms(c: &ModelConfig) -> [(&'static str, usize); 4] {
