@@ -11,6 +11,7 @@ use bitnet_wgpu::train::{Quant, TrainModel};
 
 fn main() {
     let config = ModelConfig {
+        family: Default::default(),
         vocab_size: 512,
         hidden_size: 256,
         intermediate_size: 688,

@@ -94,6 +94,7 @@ fn gguf_tokenizer() -> GgufTokenizer {
 
 fn random_model(vocab_size: usize, bos: Option<u32>, eos: Option<u32>, seed: u64) -> ModelWeights {
     let config = ModelConfig {
+        family: Default::default(),
         vocab_size,
         hidden_size: 64,
         intermediate_size: 128,

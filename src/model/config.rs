@@ -1,6 +1,10 @@
+use crate::model::Family;
+
 /// The hyper-parameters of a BitNet model (the fields of Hugging Face's config.json that matter).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
+    /// Which decoder the tensors make up (activation, sub-norms, file names).
+    pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,

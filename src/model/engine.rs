@@ -257,6 +257,7 @@ mod tests {
 
     fn tiny_weights() -> ModelWeights {
         let config = ModelConfig {
+            family: Default::default(),
             vocab_size: 11,
             hidden_size: 8,
             intermediate_size: 12,
@@ -413,6 +414,7 @@ mod tests {
             shapes.iter().enumerate()
         {
             let config = ModelConfig {
+                family: Default::default(),
                 vocab_size: vocab,
                 hidden_size: hidden,
                 intermediate_size: inter,

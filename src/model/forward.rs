@@ -340,6 +340,7 @@ mod tests {
 
     fn tiny_config(tied: bool) -> ModelConfig {
         ModelConfig {
+            family: Default::default(),
             vocab_size: 37,
             hidden_size: 40,
             intermediate_size: 56,

@@ -303,6 +303,7 @@ mod tests {
     /// A model with every linear a multiple of 128 weights, as GGUF's I2_S needs.
     fn weights(vocab_size: usize) -> ModelWeights {
         let config = ModelConfig {
+            family: Default::default(),
             vocab_size,
             hidden_size: 32,
             intermediate_size: 64,

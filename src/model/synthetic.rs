@@ -2,13 +2,14 @@
 //! shapes alone.
 
 use crate::cpu::TernaryWeights;
-use crate::model::{LayerWeights, ModelConfig, ModelWeights};
+use crate::model::{Family, LayerWeights, ModelConfig, ModelWeights};
 use crate::rng::SplitMix64;
 
 impl ModelConfig {
     /// The shapes of microsoft/bitnet-b1.58-2B-4T (REFERENCES.md).
     pub fn bitnet_b158_2b4t() -> Self {
         ModelConfig {
+            family: Family::BitNet,
             vocab_size: 128_256,
             hidden_size: 2560,
             intermediate_size: 6912,

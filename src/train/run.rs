@@ -217,6 +217,7 @@ struct Row {
 /// tokens of the byte-level fallback.
 pub fn tiny_config(vocab_size: usize) -> ModelConfig {
     ModelConfig {
+        family: Default::default(),
         vocab_size,
         hidden_size: 96,
         intermediate_size: 256,

@@ -7,6 +7,7 @@ use crate::rng::SplitMix64;
 /// vocab 37, hidden 16, 2 layers, 4 heads over 2 kv heads of 4, intermediate 24.
 pub fn tiny_config(tied: bool) -> ModelConfig {
     ModelConfig {
+        family: Default::default(),
         vocab_size: 37,
         hidden_size: 16,
         intermediate_size: 24,

@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 /// divide by none of the kernels' tiles.
 fn config(tied: bool) -> ModelConfig {
     ModelConfig {
+        family: Default::default(),
         vocab_size: 37,
         hidden_size: 12,
         intermediate_size: 20,

@@ -494,6 +494,7 @@ fn config(file: &GgufFile) -> Result<ModelConfig> {
         ));
     }
     Ok(ModelConfig {
+        family: Default::default(),
         vocab_size,
         hidden_size,
         intermediate_size: required("feed_forward_length")?,

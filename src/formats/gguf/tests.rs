@@ -15,6 +15,7 @@ fn config(
     vocab: usize,
 ) -> ModelConfig {
     ModelConfig {
+        family: Default::default(),
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: inter,

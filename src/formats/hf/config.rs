@@ -112,6 +112,7 @@ pub fn parse_checkpoint_config(json: &str) -> Result<CheckpointConfig> {
         None => hidden_size.checked_div(num_attention_heads).unwrap_or(0),
     };
     let model = ModelConfig {
+        family: Default::default(),
         vocab_size: size("vocab_size", defaults.vocab_size)?,
         hidden_size,
         intermediate_size: size("intermediate_size", defaults.intermediate_size)?,

@@ -14,6 +14,7 @@ use crate::model::{LayerWeights, ModelConfig, ModelWeights};
 /// Awkward sizes: head_dim 20, one KV head for two query heads, out % 4 == 0 throughout.
 fn tiny_config(tied: bool) -> ModelConfig {
     ModelConfig {
+        family: Default::default(),
         vocab_size: 37,
         hidden_size: 40,
         intermediate_size: 56,
@@ -292,6 +293,7 @@ fn parses_the_released_2b4t_config() {
     assert_eq!(
         c.model,
         ModelConfig {
+            family: Default::default(),
             vocab_size: 128256,
             hidden_size: 2560,
             intermediate_size: 6912,
