@@ -301,23 +301,19 @@ pub fn load_latent(path: &Path, template: &TrainModel) -> Result<Option<Paramete
 /// Shapes of [`Parameters::tensors`], in its order.
 fn shapes(c: &ModelConfig) -> Vec<Vec<usize>> {
     let (vocab, hidden) = (c.vocab_size, c.hidden_size);
-    let attn = c.num_attention_heads * c.head_dim;
-    let [q, k, v, o, gate, up, down] = linear_shapes(c).map(|(_, r, c)| vec![r, c]);
+    let [q, k, v, o, gate, up, down] = linear_shapes(c).map(|(_, r, c)| Some(vec![r, c]));
+    let [input, attn_sub, post, ffn_sub] =
+        c.layer_norms().map(|n| n.present().then(|| vec![n.len]));
     let mut out = vec![vec![vocab, hidden]];
     for _ in 0..c.num_hidden_layers {
-        out.extend([
-            vec![hidden],
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            o.clone(),
-            vec![attn],
-            vec![hidden],
-            gate.clone(),
-            up.clone(),
-            down.clone(),
-            vec![c.intermediate_size],
-        ]);
+        out.extend(
+            [
+                &input, &q, &k, &v, &o, &attn_sub, &post, &gate, &up, &down, &ffn_sub,
+            ]
+            .into_iter()
+            .flatten()
+            .cloned(),
+        );
     }
     out.push(vec![hidden]);
     if !c.tie_word_embeddings {
