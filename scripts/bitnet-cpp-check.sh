@@ -15,6 +15,11 @@
 #     embedding decide). Expect differences there: llama-cli keeps keys, values and attention
 #     weights in f16, and on random weights that rounding changes the greedy choice within a few
 #     tokens (a float64 computation rounded the same way gives llama-cli's tokens).
+# FAMILY=llama then rewrites the checkpoint in the Llama family's layout (Falcon3-1.58bit's:
+# scripts/as-llama-family.py; SiLU, no sub-norms), which `convert` writes as bitnet.cpp's `llama`
+# architecture with llama.cpp's q/k row order; with PYTHON set to a Python that has torch (and
+# bitnet.cpp's gguf-py), bitnet.cpp's own converter (utils/convert-hf-to-gguf-bitnet.py, --outtype
+# i2_s) also converts that folder and `bitnet generate` must give the same ids from its file.
 # For three prompts, prints one row: whether the prompt's token ids agree (BOS included), whether
 # the generated ids agree, and the first position where they differ. Then converts the demo model
 # itself (hidden 192, rows bitnet.cpp's x86 I2_S kernels misread) and reports what the converter
@@ -26,7 +31,7 @@
 # BITNET_BIN (the bitnet binary, default target/release/bitnet, built with
 # `cargo build --release --bin bitnet` when missing), CHECKPOINT (trained or random), VOCAB (the
 # vocabulary, default 4224; 4096 needs no padding), TOKENS (generated tokens compared, default
-# 16), THREADS (llama-cli threads, default 2), WORK (a folder for the files, default a new
+# 16), THREADS (llama-cli threads, default 2), FAMILY (bitnet or llama), PYTHON, WORK (a folder for the files, default a new
 # temporary one).
 #
 # Exit status: 0 when every prompt agrees, 1 when any differs, 2 when a step fails (a conversion,
@@ -36,6 +41,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bitnet_cpp=${BITNET_CPP:-/work/bitnet.cpp}
 checkpoint=${CHECKPOINT:-trained}
+family=${FAMILY:-bitnet}
 vocab=${VOCAB:-4224}
 tokens=${TOKENS:-16}
 threads=${THREADS:-2}
@@ -63,22 +69,30 @@ done
 mkdir -p "$work"
 echo "files in $work" >&2
 
-name=$checkpoint-v$vocab
+name=$checkpoint-$family-v$vocab
 model=$work/$name.gguf
 if [ ! -f "$model" ]; then
-    rm -rf "${work:?}/$name"
+    rm -rf "${work:?}/$name" "${work:?}/$name-bitnet"
     case $checkpoint in
         trained)
-            python3 scripts/widen-checkpoint.py models/demo "$work/$name" --hidden 256 \
+            python3 scripts/widen-checkpoint.py models/demo "$work/$name-bitnet" --hidden 256 \
                 --vocab "$vocab"
             ;;
         random)
-            python3 scripts/synthetic-checkpoint.py "$work/$name" --hidden 256 \
+            python3 scripts/synthetic-checkpoint.py "$work/$name-bitnet" --hidden 256 \
                 --intermediate 512 --heads 4 --kv-heads 2 --vocab "$vocab" --layers 2 --seed 7 \
                 --scale-factor 40
             ;;
         *)
             echo "error: CHECKPOINT is trained or random, not $checkpoint" >&2
+            exit 2
+            ;;
+    esac
+    case $family in
+        bitnet) mv "$work/$name-bitnet" "$work/$name" ;;
+        llama) python3 scripts/as-llama-family.py "$work/$name-bitnet" "$work/$name" ;;
+        *)
+            echo "error: FAMILY is bitnet or llama, not $family" >&2
             exit 2
             ;;
     esac
@@ -140,6 +154,20 @@ print("same" if diff is None else f"different at {diff}")
 EOF
 }
 
+# bitnet.cpp's own converter, where a Python with torch is given: its file must generate here
+# what ours does.
+their_model=
+if [ -n "${PYTHON:-}" ] && [ "$family" = llama ]; then
+    their_model=$work/$name-by-bitnet-cpp.gguf
+    if [ ! -f "$their_model" ] && ! PYTHONPATH=$bitnet_cpp/3rdparty/llama.cpp/gguf-py "$PYTHON" \
+        "$bitnet_cpp/utils/convert-hf-to-gguf-bitnet.py" "$work/$name" --outtype i2_s \
+        --outfile "$their_model" >"$work/$name-their-convert.log" 2>&1; then
+        tail -5 "$work/$name-their-convert.log" >&2
+        echo "error: bitnet.cpp's converter failed (log: $work/$name-their-convert.log)" >&2
+        exit 2
+    fi
+fi
+
 status=0
 rows=()
 for i in "${!prompts[@]}"; do
@@ -157,6 +185,22 @@ for i in "${!prompts[@]}"; do
         exit 2
     fi
     our_ids=$(ours "$work/ours-$i.json" "$work/ours-$i.err")
+    if [ -n "$their_model" ]; then
+        "$bitnet" generate --model "$their_model" --prompt "$prompt" --temperature 0 \
+            --max-new-tokens "$tokens" --device cpu --json >"$work/file-$i.json" \
+            2>"$work/file-$i.err" || {
+            cat "$work/file-$i.err" >&2
+            echo "error: bitnet generate failed on bitnet.cpp's file" >&2
+            exit 2
+        }
+        file_ids=$(ours "$work/file-$i.json" "$work/file-$i.err")
+        if [ "$file_ids" != "$our_ids" ]; then
+            status=1
+            echo "prompt $i: bitnet on bitnet.cpp's file [$file_ids]" >&2
+        fi
+        echo "prompt $i: bitnet.cpp's own file generates $( [ "$file_ids" = "$our_ids" ] \
+            && echo the same ids || echo other ids) here" >&2
+    fi
     their_ids=$(theirs "$work/theirs-$i.log")
     IFS='|' read -r our_prompt our_gen <<<"$our_ids"
     IFS='|' read -r their_prompt their_gen <<<"$their_ids"
@@ -172,7 +216,7 @@ done
 
 echo
 echo "bitnet vs bitnet.cpp llama-cli, greedy, $tokens tokens, $checkpoint checkpoint," \
-    "vocabulary $vocab ($name.gguf):"
+    "$family family, vocabulary $vocab ($name.gguf):"
 printf '| %-58s | %-15s | %-15s |\n' prompt "prompt ids" "generated ids"
 printf '|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..60})" "$(printf -- '-%.0s' {1..17})" \
     "$(printf -- '-%.0s' {1..17})"
