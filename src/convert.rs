@@ -37,8 +37,7 @@ use serde::Serialize;
 
 use crate::cpu::{ScaleGranularity, TernaryWeights, WeightQuantOptions, weight_quant};
 use crate::formats::hf::{
-    WeightFormat, config_json, layer_linears, layer_norms, parse_checkpoint_config,
-    to_safetensors_bytes, widen,
+    WeightFormat, config_json, layer_linears, parse_checkpoint_config, to_safetensors_bytes, widen,
 };
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
 use crate::{Error, Result};
@@ -218,8 +217,10 @@ pub fn convert_bytes(
             attn_sub_norm,
             post_attention_layernorm,
             ffn_sub_norm,
-        ] = layer_norms(&c)
-            .map(|(name, len)| input.floats(&format!("model.layers.{l}.{name}.weight"), &[len]));
+        ] = c.layer_norms().map(|n| match n.present() {
+            true => input.floats(&format!("model.layers.{l}.{}.weight", n.hf), &[n.len]),
+            false => Ok(Vec::new()),
+        });
         let [
             q_proj,
             k_proj,
@@ -348,12 +349,14 @@ pub fn dequantized_f16(weights: &ModelWeights) -> Result<DequantizedF16> {
                 }),
             )?;
         }
-        for ((name, len), values) in layer_norms(c).into_iter().zip(layer.norms()) {
-            push(
-                format!("model.layers.{l}.{name}.weight"),
-                vec![len],
-                &mut values.iter().copied(),
-            )?;
+        for (spec, values) in c.layer_norms().into_iter().zip(layer.norms()) {
+            if spec.present() {
+                push(
+                    format!("model.layers.{l}.{}.weight", spec.hf),
+                    vec![spec.len],
+                    &mut values.iter().copied(),
+                )?;
+            }
         }
     }
     push(
@@ -381,7 +384,7 @@ pub fn dequantized_f16(weights: &ModelWeights) -> Result<DequantizedF16> {
         .map_err(|e| Error::Safetensors(format!("serializing the dequantized model: {e}")))?;
 
     let mut config: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&config_json(c)).expect("config_json writes a JSON object");
+        serde_json::from_str(&config_json(c)?).expect("config_json writes a JSON object");
     config.remove("quantization_config");
     config.insert("torch_dtype".into(), "float16".into());
     let mut config_json = serde_json::to_string_pretty(&config).expect("a JSON object serializes");

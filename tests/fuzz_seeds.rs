@@ -93,7 +93,7 @@ fn seeds() -> BTreeMap<(&'static str, &'static str), Vec<u8>> {
     let meta = CheckpointMeta {
         version: 1,
         step: 3,
-        config_json: hf::config_json(&train.config),
+        config_json: hf::config_json(&train.config).unwrap(),
         quant: "bitnet".into(),
         run: serde_json::json!({ "batch": 1, "context": 8 }),
         epoch: 0,
@@ -118,8 +118,8 @@ fn seeds() -> BTreeMap<(&'static str, &'static str), Vec<u8>> {
     let gguf_tokenizer = bpe.tokenizer.to_gguf().unwrap();
     let gguf_bpe =
         gguf::write_model(&with_vocab, Some(&gguf_tokenizer), gguf::TableType::F16).unwrap();
-    let small_json = hf::config_json(&small.config);
-    let bpe_json = hf::config_json(&bpe_config);
+    let small_json = hf::config_json(&small.config).unwrap();
+    let bpe_json = hf::config_json(&bpe_config).unwrap();
     let text = texts[1].as_bytes();
 
     let codes: Vec<i8> = (0..256).map(|i| [-1, 0, 1, 1, 0][i % 5]).collect();
@@ -143,7 +143,9 @@ fn seeds() -> BTreeMap<(&'static str, &'static str), Vec<u8>> {
     add(
         "config_json",
         "2b4t.json",
-        hf::config_json(&ModelConfig::bitnet_b158_2b4t()).into_bytes(),
+        hf::config_json(&ModelConfig::bitnet_b158_2b4t())
+            .unwrap()
+            .into_bytes(),
     );
     add("safetensors", "packed.safetensors", packed.clone());
     add(

@@ -10,8 +10,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = hf::parse_checkpoint_config(text);
-    if let Ok(config) = hf::parse_config(text) {
-        let written = hf::config_json(&config);
+    if let Ok(config) = hf::parse_config(text)
+        && let Ok(written) = hf::config_json(&config)
+    {
         assert_eq!(hf::parse_config(&written).ok(), Some(config), "{written}");
     }
 });

@@ -253,6 +253,7 @@ pub fn perplexity_windows(n_tokens: usize, context: usize) -> Vec<Range<usize>> 
 mod tests {
     use super::*;
     use crate::cpu::{WeightQuantOptions, weight_quant};
+    use crate::model::Family;
     use crate::model::{LayerWeights, ModelWeights, forward};
 
     fn tiny_weights() -> ModelWeights {
@@ -360,6 +361,8 @@ mod tests {
             granularity,
             threshold: 0.5,
         };
+        let [_, attn_sub, _, ffn_sub] = c.layer_norms();
+        let sub_norms = [attn_sub.len, ffn_sub.len];
         let linear = |rng: &mut _, rows: usize, cols: usize| {
             weight_quant(&floats(rng, rows * cols, -0.1, 0.1), rows, cols, opts).unwrap()
         };
@@ -370,12 +373,12 @@ mod tests {
                 k_proj: linear(rng, kv, hidden),
                 v_proj: linear(rng, kv, hidden),
                 o_proj: linear(rng, hidden, attn),
-                attn_sub_norm: floats(rng, attn, 0.8, 1.2),
+                attn_sub_norm: floats(rng, sub_norms[0], 0.8, 1.2),
                 post_attention_layernorm: floats(rng, hidden, 0.8, 1.2),
                 gate_proj: linear(rng, inter, hidden),
                 up_proj: linear(rng, inter, hidden),
                 down_proj: linear(rng, hidden, inter),
-                ffn_sub_norm: floats(rng, inter, 0.8, 1.2),
+                ffn_sub_norm: floats(rng, sub_norms[1], 0.8, 1.2),
             })
             .collect();
         let table_len = c.vocab_size * hidden;
@@ -402,7 +405,7 @@ mod tests {
             a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
         };
         // (hidden, intermediate, heads, kv heads, head_dim, vocab, tied): odd sizes, sizes just
-        // past a 128-weight block, grouped-query and plain heads.
+        // past a 128-weight block, grouped-query and plain heads; the families in turn.
         let shapes = [
             (40, 56, 2, 1, 20, 37, true),
             (67, 45, 3, 1, 6, 50, false),
@@ -414,7 +417,7 @@ mod tests {
             shapes.iter().enumerate()
         {
             let config = ModelConfig {
-                family: Default::default(),
+                family: Family::ALL[seed % Family::ALL.len()],
                 vocab_size: vocab,
                 hidden_size: hidden,
                 intermediate_size: inter,
@@ -445,7 +448,11 @@ mod tests {
             {
                 let want = forward(&weights, tokens, &mut cache).unwrap();
                 let got = engine.forward(tokens).unwrap();
-                assert!(same_bits(&got, &want), "shape {seed}, step {step}");
+                assert!(
+                    same_bits(&got, &want),
+                    "shape {seed} ({:?}), step {step}",
+                    weights.config.family
+                );
                 assert!(want.iter().all(|x| x.is_finite()));
             }
             let want = forward(&weights, &[2], &mut cache.clone()).unwrap();

@@ -4,8 +4,9 @@
 //! [`crate::cpu`] operations, in the order of Hugging Face's `BitNetForCausalLM`.
 
 use crate::cpu::{
-    AttentionShape, TernaryWeights, act_quant, attention, relu2_gate, rmsnorm, rope, ternary_matmul,
+    AttentionShape, TernaryWeights, act_quant, attention, rmsnorm, rope, ternary_matmul,
 };
+use crate::model::schema::{linear_shapes, sub_norm};
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
 use crate::{Error, Result};
 
@@ -127,8 +128,8 @@ impl ModelWeights {
 
 /// Checks one decoder layer's tensors against the configuration.
 pub(super) fn check_layer(c: &ModelConfig, layer: &LayerWeights) -> Result<()> {
-    for ((what, len), norm) in norm_lengths(c).into_iter().zip(layer.norms()) {
-        check_len(what, len, norm.len())?;
+    for (spec, norm) in c.layer_norms().into_iter().zip(layer.norms()) {
+        check_len(spec.hf, spec.len, norm.len())?;
     }
     for ((name, rows, cols), w) in linear_shapes(c).into_iter().zip(layer.linears()) {
         let consistent =
@@ -148,33 +149,6 @@ pub(super) fn check_layer(c: &ModelConfig, layer: &LayerWeights) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A layer's norms, named, with their lengths, in [`LayerWeights::norms`] order.
-pub(super) fn norm_lengths(c: &ModelConfig) -> [(&'static str, usize); 4] {
-    let attn = c.num_attention_heads * c.head_dim;
-    [
-        ("input_layernorm", c.hidden_size),
-        ("attn_sub_norm", attn),
-        ("post_attention_layernorm", c.hidden_size),
-        ("ffn_sub_norm", c.intermediate_size),
-    ]
-}
-
-/// A layer's linears, named, with their `(rows, cols)`, in [`LayerWeights::linears`] order.
-pub(crate) fn linear_shapes(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
-    let attn = c.num_attention_heads * c.head_dim;
-    let kv = c.num_key_value_heads * c.head_dim;
-    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
-    [
-        ("self_attn.q_proj", attn, hidden),
-        ("self_attn.k_proj", kv, hidden),
-        ("self_attn.v_proj", kv, hidden),
-        ("self_attn.o_proj", hidden, attn),
-        ("mlp.gate_proj", inter, hidden),
-        ("mlp.up_proj", inter, hidden),
-        ("mlp.down_proj", hidden, inter),
-    ]
 }
 
 /// A named length check.
@@ -291,15 +265,15 @@ fn run_layers(weights: &ModelWeights, tokens: &[u32], cache: &mut KvCache) -> Re
         keys.extend_from_slice(&k);
         values.extend_from_slice(&v);
         let a = attention(&q, keys, values, shape)?;
-        let a = rmsnorm(&a, n, &layer.attn_sub_norm, eps)?;
+        let a = sub_norm(&a, n, &layer.attn_sub_norm, eps)?;
         add_assign(&mut x, &bit_linear(&a, n, &layer.o_proj)?);
 
         let h = rmsnorm(&x, n, &layer.post_attention_layernorm, eps)?;
         let h = act_quant(&h, n, hidden)?;
         let gate = ternary_matmul(&h, &layer.gate_proj, None)?;
         let up = ternary_matmul(&h, &layer.up_proj, None)?;
-        let m = relu2_gate(&gate, &up)?;
-        let m = rmsnorm(&m, n, &layer.ffn_sub_norm, eps)?;
+        let m = c.family.activation().gate(&gate, &up)?;
+        let m = sub_norm(&m, n, &layer.ffn_sub_norm, eps)?;
         add_assign(&mut x, &bit_linear(&m, n, &layer.down_proj)?);
     }
     let x = rmsnorm(&x, n, &weights.norm, eps)?;

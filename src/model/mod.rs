@@ -18,7 +18,6 @@ mod weights;
 pub use crate::cpu::SamplingParams;
 pub use config::ModelConfig;
 pub use engine::{CpuEngine, Device, Engine, Logits, perplexity_windows};
-pub(crate) use forward::linear_shapes;
 pub use forward::{KvCache, forward};
 pub use generator::{Generation, GenerationParams, Generator, Stop};
 #[cfg(feature = "gpu")]
@@ -27,6 +26,7 @@ pub use gpu::{DecodePath, GpuModel};
 pub use load::{ModelFiles, load_model};
 pub use load::{OpenModel, load_model_from_bytes, open_model_from_bytes};
 pub use sampling::Sampler;
+pub(crate) use schema::linear_shapes;
 pub use schema::{Activation, Family, LinearSpec, NormSpec};
 pub use source::{BlockLayer, WeightSource, collect};
 pub(crate) use source::{Checked, check_layer_index};

@@ -8,7 +8,8 @@
 
 use crate::Result;
 use crate::cpu::fast::{InterleavedRows, PackedMatrix, RopeTable, attention, rope_table};
-use crate::cpu::{AttentionShape, act_quant, relu2_gate, rmsnorm};
+use crate::cpu::{AttentionShape, act_quant, rmsnorm};
+use crate::model::schema::sub_norm;
 use crate::model::{BlockLayer, Checked, KvCache, LayerWeights, Logits, ModelConfig, WeightSource};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -172,6 +173,7 @@ impl PackedModel {
             shape.heads * shape.head_dim,
             shape.kv_heads * shape.head_dim,
         );
+        let activation = c.family.activation();
         let embed = self.embed.as_ref().unwrap_or(&self.head);
         let mut x: Vec<f32> = tokens
             .iter()
@@ -191,16 +193,16 @@ impl PackedModel {
             self.rope.rotate(&mut k, &positions)?;
             keys.extend_from_slice(&k);
             let a = attention(&q, keys, values, shape)?;
-            let a = rmsnorm(&a, n, &layer.attn_sub_norm, eps)?;
+            let a = sub_norm(&a, n, &layer.attn_sub_norm, eps)?;
             add_assign(&mut x, &layer.o_proj.matmul(&act_quant(&a, n, attn)?)?);
 
             let h = rmsnorm(&x, n, &layer.post_attention_layernorm, eps)?;
             let gate_up = layer.gate_up.matmul(&act_quant(&h, n, hidden)?)?;
             let mut m = Vec::with_capacity(n * inter);
             for row in gate_up.chunks_exact(2 * inter) {
-                m.extend(relu2_gate(&row[..inter], &row[inter..])?);
+                m.extend(activation.gate(&row[..inter], &row[inter..])?);
             }
-            let m = rmsnorm(&m, n, &layer.ffn_sub_norm, eps)?;
+            let m = sub_norm(&m, n, &layer.ffn_sub_norm, eps)?;
             add_assign(&mut x, &layer.down_proj.matmul(&act_quant(&m, n, inter)?)?);
         }
         let rows = match which {

@@ -2,8 +2,10 @@
 //! its shape from the [`ModelConfig`], and the parts in which the model families differ. Loaders,
 //! writers, validation and the trainer read these tables rather than spelling tensors out.
 
+use std::borrow::Cow;
+
 use crate::Result;
-use crate::cpu::{relu2_gate, relu2_gate_backward, silu_gate, silu_gate_backward};
+use crate::cpu::{relu2_gate, relu2_gate_backward, rmsnorm, silu_gate, silu_gate_backward};
 use crate::model::ModelConfig;
 
 /// The BitNet b1.58 model families: the same decoder with a different MLP activation and
@@ -244,4 +246,24 @@ impl ModelConfig {
             .checked_add(tables)?
             .checked_add(hidden)
     }
+}
+
+/// A sub-norm where the family has one: `rmsnorm(x, weight)` over `rows` rows, or `x` as it is
+/// where `weight` is empty (the family has none, [`NormSpec::present`]).
+pub(crate) fn sub_norm<'a>(
+    x: &'a [f32],
+    rows: usize,
+    weight: &[f32],
+    eps: f32,
+) -> Result<Cow<'a, [f32]>> {
+    if weight.is_empty() {
+        Ok(Cow::Borrowed(x))
+    } else {
+        rmsnorm(x, rows, weight, eps).map(Cow::Owned)
+    }
+}
+
+/// The linears of [`ModelConfig::layer_linears`] as `(Hugging Face name, rows, cols)`.
+pub(crate) fn linear_shapes(c: &ModelConfig) -> [(&'static str, usize, usize); 7] {
+    c.layer_linears().map(|l| (l.hf, l.rows, l.cols))
 }

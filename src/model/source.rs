@@ -4,7 +4,8 @@
 
 use std::borrow::Cow;
 
-use crate::model::forward::{check_layer, check_len, linear_shapes, norm_lengths};
+use crate::model::forward::{check_layer, check_len};
+use crate::model::schema::linear_shapes;
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
 use crate::packing::i2s::BlockRows;
 use crate::table::Table;
@@ -156,8 +157,8 @@ impl<'s> Checked<'s> {
             return Ok(None);
         };
         let c = self.source.config();
-        for ((what, len), norm) in norm_lengths(c).into_iter().zip(&layer.norms) {
-            check_len(what, len, norm.len())?;
+        for (spec, norm) in c.layer_norms().into_iter().zip(&layer.norms) {
+            check_len(spec.hf, spec.len, norm.len())?;
         }
         for ((name, rows, cols), (w, _)) in linear_shapes(c).into_iter().zip(&layer.linears) {
             if (w.rows(), w.cols()) != (rows, cols) {

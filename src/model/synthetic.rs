@@ -61,25 +61,23 @@ fn norm(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
 pub fn synthetic(config: &ModelConfig, seed: u64) -> ModelWeights {
     let mut rng = SplitMix64(seed);
     let c = config;
-    let (h, q, kv, i) = (
-        c.hidden_size,
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-        c.intermediate_size,
-    );
+    let h = c.hidden_size;
+    // A family without sub-norms has length 0 for them: they come out empty.
+    let [input, attn_sub, post, ffn_sub] = c.layer_norms().map(|n| n.len);
+    let [q, k, v, o, gate, up, down] = c.layer_linears().map(|l| (l.rows, l.cols));
     let layers = (0..c.num_hidden_layers)
         .map(|_| LayerWeights {
-            input_layernorm: norm(&mut rng, h),
-            q_proj: ternary(&mut rng, q, h),
-            k_proj: ternary(&mut rng, kv, h),
-            v_proj: ternary(&mut rng, kv, h),
-            o_proj: ternary(&mut rng, h, q),
-            attn_sub_norm: norm(&mut rng, q),
-            post_attention_layernorm: norm(&mut rng, h),
-            gate_proj: ternary(&mut rng, i, h),
-            up_proj: ternary(&mut rng, i, h),
-            down_proj: ternary(&mut rng, h, i),
-            ffn_sub_norm: norm(&mut rng, i),
+            input_layernorm: norm(&mut rng, input),
+            q_proj: ternary(&mut rng, q.0, q.1),
+            k_proj: ternary(&mut rng, k.0, k.1),
+            v_proj: ternary(&mut rng, v.0, v.1),
+            o_proj: ternary(&mut rng, o.0, o.1),
+            attn_sub_norm: norm(&mut rng, attn_sub),
+            post_attention_layernorm: norm(&mut rng, post),
+            gate_proj: ternary(&mut rng, gate.0, gate.1),
+            up_proj: ternary(&mut rng, up.0, up.1),
+            down_proj: ternary(&mut rng, down.0, down.1),
+            ffn_sub_norm: norm(&mut rng, ffn_sub),
         })
         .collect();
     ModelWeights {

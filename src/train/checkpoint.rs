@@ -212,7 +212,7 @@ pub fn export_packed(model: &TrainModel, tokenizer_json: Option<&str>, dir: &Pat
 /// has no `quantization_config`: transformers runs it in full precision, while this crate's
 /// loader (ternary only) quantizes it after training.
 pub fn export_master(model: &TrainModel, tokenizer_json: Option<&str>, dir: &Path) -> Result<()> {
-    let mut config: serde_json::Value = serde_json::from_str(&hf::config_json(&model.config))
+    let mut config: serde_json::Value = serde_json::from_str(&hf::config_json(&model.config)?)
         .map_err(|e| Error::invalid("config.json", e))?;
     let object = config
         .as_object_mut()
@@ -463,7 +463,7 @@ mod tests {
         let meta = CheckpointMeta {
             version: VERSION,
             step: 1,
-            config_json: hf::config_json(&config),
+            config_json: hf::config_json(&config).unwrap(),
             quant: "bitnet".into(),
             run: serde_json::Value::Null,
             epoch: 0,

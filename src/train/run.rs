@@ -551,7 +551,7 @@ pub fn train(
         let meta = CheckpointMeta {
             version: 1,
             step: trainer.steps(),
-            config_json: hf::config_json(&model.config),
+            config_json: hf::config_json(&model.config)?,
             quant: quant_name(model.quant).to_string(),
             run: run_settings.clone(),
             epoch: position.epoch,

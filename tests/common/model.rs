@@ -91,8 +91,9 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
 
         // Uploaded from the checkpoint's bytes a layer at a time: the same model, bit for bit.
         let bytes = hf::to_safetensors_bytes(&weights, &[]).expect("safetensors");
-        let checkpoint = hf::Checkpoint::from_bytes(&hf::config_json(&weights.config), &[&bytes])
-            .expect("checkpoint");
+        let checkpoint =
+            hf::Checkpoint::from_bytes(&hf::config_json(&weights.config).unwrap(), &[&bytes])
+                .expect("checkpoint");
         let mut streamed =
             GpuModel::new(ctx, &checkpoint, 64, TableStorage::F16).expect("upload checkpoint");
         let streamed_prompt = streamed

@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::model::ModelConfig;
+use crate::model::{Family, ModelConfig};
 use crate::{Error, Result};
 
 /// How a checkpoint stores its linear weights, as its `quantization_config` says.
@@ -85,10 +85,15 @@ pub fn parse_checkpoint_config(json: &str) -> Result<CheckpointConfig> {
         }
     };
     let hidden_act = field::<String>(&map, "hidden_act")?.unwrap_or(defaults.hidden_act.into());
-    if hidden_act != "relu2" {
+    let family = family(&map, &model_type, &hidden_act)?;
+    let expected_act = family.activation().name();
+    if hidden_act != expected_act {
         return Err(Error::invalid(
             "config.json",
-            format!("hidden_act {hidden_act:?} is not supported (BitNet uses \"relu2\")"),
+            format!(
+                "hidden_act {hidden_act:?} is not supported for {} (it uses {expected_act:?})",
+                family.hf_architecture()
+            ),
         ));
     }
     for bias in ["attention_bias", "mlp_bias"] {
@@ -112,7 +117,7 @@ pub fn parse_checkpoint_config(json: &str) -> Result<CheckpointConfig> {
         None => hidden_size.checked_div(num_attention_heads).unwrap_or(0),
     };
     let model = ModelConfig {
-        family: Default::default(),
+        family,
         vocab_size: size("vocab_size", defaults.vocab_size)?,
         hidden_size,
         intermediate_size: size("intermediate_size", defaults.intermediate_size)?,
@@ -130,28 +135,67 @@ pub fn parse_checkpoint_config(json: &str) -> Result<CheckpointConfig> {
     };
     validate(&model)?;
     let weight_format = weight_format(map.get("quantization_config"))?;
+    if family == Family::Llama
+        && weight_format == WeightFormat::FullPrecision
+        && map.get("quantization_config").is_none_or(Value::is_null)
+    {
+        return Err(Error::invalid(
+            "config.json",
+            "a LlamaForCausalLM without `quantization_config` (quant_method \"bitnet\") is a \
+             full-precision Llama, not a BitNet model",
+        ));
+    }
     Ok(CheckpointConfig {
         model,
         weight_format,
     })
 }
 
-/// A config.json for `model` that transformers loads as an offline packed `BitNetForCausalLM`
-/// (the files [`super::save_dir`] writes), in the released 2B-4T's layout: `linear_class:
-/// "autobitlinear"`, `quantization_mode: "offline"`. `head_dim` is left out: it is always
-/// `hidden_size / num_attention_heads` here, and newer transformers' strict `BitNetConfig` has no
-/// such field.
-pub fn config_json(model: &ModelConfig) -> String {
+/// A config.json for `model` that transformers loads as an offline packed model of its family
+/// (the files [`super::save_dir`] writes): for BitNet the released 2B-4T's layout
+/// (`BitNetForCausalLM`, `linear_class: "autobitlinear"`, `quantization_mode: "offline"`; no
+/// `head_dim`, which newer transformers' strict `BitNetConfig` refuses and which is always
+/// `hidden_size / num_attention_heads` there), for the Llama family Falcon3-1.58bit's
+/// (`LlamaForCausalLM`, transformers' `BitLinear` with `lm_head` unquantized, `head_dim`).
+/// Errors for a family transformers has no offline layout for (1bitLLM's: remote code, full
+/// precision).
+pub fn config_json(model: &ModelConfig) -> Result<String> {
+    let family = model.family;
+    let quantization_config = match family {
+        Family::BitNet => QuantOut {
+            quant_method: "bitnet",
+            linear_class: Some("autobitlinear"),
+            quantization_mode: Some("offline"),
+            modules_to_not_convert: None,
+        },
+        Family::Llama => QuantOut {
+            quant_method: "bitnet",
+            linear_class: None,
+            quantization_mode: None,
+            modules_to_not_convert: Some(["lm_head"]),
+        },
+        Family::OneBitLlm => {
+            return Err(Error::invalid(
+                "config.json",
+                "1bitLLM's BitnetForCausalLM has no offline packed Hugging Face layout; write \
+                 the model as GGUF instead",
+            ));
+        }
+    };
     let out = ConfigOut {
-        architectures: ["BitNetForCausalLM"],
-        model_type: "bitnet",
+        architectures: [family.hf_architecture()],
+        model_type: match family {
+            Family::BitNet => "bitnet",
+            Family::Llama | Family::OneBitLlm => "llama",
+        },
         vocab_size: model.vocab_size,
         hidden_size: model.hidden_size,
         intermediate_size: model.intermediate_size,
         num_hidden_layers: model.num_hidden_layers,
         num_attention_heads: model.num_attention_heads,
         num_key_value_heads: model.num_key_value_heads,
-        hidden_act: "relu2",
+        head_dim: (family == Family::Llama).then_some(model.head_dim),
+        hidden_act: family.activation().name(),
         max_position_embeddings: model.max_position_embeddings,
         rms_norm_eps: model.rms_norm_eps,
         rope_theta: model.rope_theta,
@@ -163,15 +207,11 @@ pub fn config_json(model: &ModelConfig) -> String {
         initializer_range: 0.02,
         use_cache: true,
         torch_dtype: "bfloat16",
-        quantization_config: QuantOut {
-            quant_method: "bitnet",
-            linear_class: "autobitlinear",
-            quantization_mode: "offline",
-        },
+        quantization_config,
     };
     let mut json = serde_json::to_string_pretty(&out).expect("a plain struct serializes");
     json.push('\n');
-    json
+    Ok(json)
 }
 
 /// The consistency checks of [`parse_checkpoint_config`], also applied before writing.
@@ -191,7 +231,7 @@ pub(super) fn validate(c: &ModelConfig) -> Result<()> {
             return bad(format!("`{name}` is 0"));
         }
     }
-    if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+    if c.family.has_sub_norms() && !c.hidden_size.is_multiple_of(c.num_attention_heads) {
         return bad(format!(
             "hidden_size {} is not divisible by num_attention_heads {}",
             c.hidden_size, c.num_attention_heads
@@ -203,7 +243,9 @@ pub(super) fn validate(c: &ModelConfig) -> Result<()> {
             c.num_attention_heads, c.num_key_value_heads
         ));
     }
-    if c.head_dim.checked_mul(c.num_attention_heads) != Some(c.hidden_size) {
+    if c.family.has_sub_norms()
+        && c.head_dim.checked_mul(c.num_attention_heads) != Some(c.hidden_size)
+    {
         return bad(format!(
             "head_dim {} x num_attention_heads {} is not hidden_size {} (attn_sub_norm has \
              hidden_size weights)",
@@ -283,6 +325,28 @@ const LLAMA_DEFAULTS: Defaults = Defaults {
     bos_token_id: Some(1),
     eos_token_id: Some(2),
 };
+
+/// The family `architectures` names, or where it is absent the one `model_type` and
+/// `hidden_act` imply (a `"llama"` config with `"relu2"` is BitNet's decoder).
+fn family(map: &Map<String, Value>, model_type: &str, hidden_act: &str) -> Result<Family> {
+    let architectures: Vec<String> = field(map, "architectures")?.unwrap_or_default();
+    match architectures.first() {
+        Some(arch) => Family::ALL
+            .into_iter()
+            .find(|f| f.hf_architecture() == arch)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "config.json",
+                    format!(
+                        "architecture {arch:?} is not supported (supported: {})",
+                        Family::ALL.map(Family::hf_architecture).join(", ")
+                    ),
+                )
+            }),
+        None if model_type == "llama" && hidden_act != "relu2" => Ok(Family::Llama),
+        None => Ok(Family::BitNet),
+    }
+}
 
 /// A field of a JSON object as `T`; absent or `null` is `None`.
 fn field<T: DeserializeOwned>(map: &Map<String, Value>, name: &str) -> Result<Option<T>> {
@@ -391,6 +455,8 @@ struct ConfigOut {
     num_hidden_layers: usize,
     num_attention_heads: usize,
     num_key_value_heads: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    head_dim: Option<usize>,
     hidden_act: &'static str,
     max_position_embeddings: usize,
     rms_norm_eps: f32,
@@ -409,6 +475,10 @@ struct ConfigOut {
 #[derive(Serialize)]
 struct QuantOut {
     quant_method: &'static str,
-    linear_class: &'static str,
-    quantization_mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    linear_class: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quantization_mode: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    modules_to_not_convert: Option<[&'static str; 1]>,
 }

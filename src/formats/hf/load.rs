@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::config::{CheckpointConfig, LinearClass, WeightFormat, parse_checkpoint_config};
 use super::{
-    CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, layer_linears, layer_norms, layer_prefix, widen,
+    CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, layer_linears, layer_prefix, present_norms, widen,
 };
 use crate::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
 use crate::formats::check_layer_count;
@@ -161,7 +161,7 @@ impl<'a> Checkpoint<'a> {
         // An offline packed linear is two tensors: its codes and its weight_scale.
         let tensors_per_linear = 1 + usize::from(matches!(format, WeightFormat::OfflinePacked(_)));
         let per_layer =
-            layer_linears(&config).len() * tensors_per_linear + layer_norms(&config).len();
+            layer_linears(&config).len() * tensors_per_linear + present_norms(&config).count();
         check_layer_count(&config, per_layer, tensors.found.len(), CONFIG_FILE)?;
         let expected = expected_names(&config, format);
         tensors.check_present(&expected)?;
@@ -238,7 +238,7 @@ fn expected_names(c: &ModelConfig, format: WeightFormat) -> Vec<String> {
                 names.push(format!("{prefix}.{name}.weight_scale"));
             }
         }
-        for (name, _) in layer_norms(c) {
+        for (name, _) in present_norms(c) {
             names.push(format!("{prefix}.{name}.weight"));
         }
     }
@@ -291,7 +291,12 @@ fn layer(t: &Tensors<'_>, c: &ModelConfig, l: usize, format: WeightFormat) -> Re
         attn_sub_norm,
         post_attention_layernorm,
         ffn_sub_norm,
-    ] = layer_norms(c).map(|(name, len)| t.get(&format!("{prefix}.{name}.weight"))?.floats(&[len]));
+    ] = c.layer_norms().map(|n| match n.present() {
+        true => t
+            .get(&format!("{prefix}.{}.weight", n.hf))?
+            .floats(&[n.len]),
+        false => Ok(Vec::new()),
+    });
     Ok(LayerWeights {
         input_layernorm: input_layernorm?,
         q_proj: q?,

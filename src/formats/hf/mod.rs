@@ -12,6 +12,11 @@
 //! | `model.layers.N.{input_layernorm, post_attention_layernorm, self_attn.attn_sub_norm}.weight`, `model.norm.weight` | BF16/F16/F32 `[hidden]` | same |
 //! | `model.layers.N.mlp.ffn_sub_norm.weight` | BF16/F16/F32 `[intermediate]` | same |
 //!
+//! The Llama family (`LlamaForCausalLM`: Falcon3-1.58bit, Falcon-E) has no sub-norms and stores
+//! `weight_scale` as transformers' `BitLinear` reads it, a divisor; 1bitLLM's
+//! `BitnetForCausalLM` names its sub-norms `self_attn.inner_attn_ln` and `mlp.ffn_layernorm`
+//! ([`crate::model::ModelConfig::layer_norms`]).
+//!
 //! `lm_head.weight` is absent when `tie_word_embeddings` is true (a copy equal to the embedding is
 //! tolerated). Loading is strict: every tensor's presence, dtype, shape and values are checked
 //! against config.json, and a tensor nobody asked for is an error naming it (a file with more
@@ -42,15 +47,12 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The seven linears of a layer: name below `model.layers.N.`, `out` and `in` features.
 pub(crate) use crate::model::linear_shapes as layer_linears;
 
-/// The four norms of a layer: name below `model.layers.N.` and length.
-pub(crate) fn layer_norms(c: &ModelConfig) -> [(&'static str, usize); 4] {
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    [
-        ("input_layernorm", h),
-        ("self_attn.attn_sub_norm", h),
-        ("post_attention_layernorm", h),
-        ("mlp.ffn_sub_norm", i),
-    ]
+/// The norms a layer of `c`'s family holds: name below `model.layers.N.` and length.
+pub(crate) fn present_norms(c: &ModelConfig) -> impl Iterator<Item = (&'static str, usize)> {
+    c.layer_norms()
+        .into_iter()
+        .filter(|n| n.present())
+        .map(|n| (n.hf, n.len))
 }
 
 fn layer_prefix(layer: usize) -> String {

@@ -8,10 +8,10 @@ use half::bf16;
 use safetensors::tensor::{Dtype, TensorView};
 
 use super::config::{config_json, validate};
-use super::{CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, layer_linears, layer_norms, layer_prefix};
+use super::{CONFIG_FILE, INDEX_FILE, LinearClass, WEIGHTS_FILE, layer_prefix};
 use crate::cpu::TernaryWeights;
 use crate::formats::scale::multiplier_of;
-use crate::model::ModelWeights;
+use crate::model::{Family, LinearSpec, ModelWeights};
 use crate::packing::hf;
 use crate::{Error, Result};
 
@@ -30,7 +30,7 @@ pub fn save_dir(
 ) -> Result<()> {
     let dir = dir.as_ref();
     let bytes = to_safetensors_bytes(weights, extra_metadata)?;
-    let config = config_json(&weights.config);
+    let config = config_json(&weights.config)?;
     std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     for name in [CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE] {
         let path = dir.join(name);
@@ -97,6 +97,10 @@ pub fn to_safetensors_bytes(
             weights.layers.len(),
         ));
     }
+    let class = match c.family {
+        Family::BitNet => LinearClass::AutoBitLinear,
+        _ => LinearClass::BitLinear,
+    };
     let (vocab, hidden) = (c.vocab_size, c.hidden_size);
     let mut tensors: Vec<Stored> = Vec::new();
     tensors.push(floats(
@@ -106,15 +110,17 @@ pub fn to_safetensors_bytes(
     )?);
     for (l, layer) in weights.layers.iter().enumerate() {
         let prefix = layer_prefix(l);
-        for ((name, out, inp), w) in layer_linears(c).into_iter().zip(layer.linears()) {
-            tensors.extend(linear(&format!("{prefix}.{name}"), w, out, inp)?);
+        for (spec, w) in c.layer_linears().into_iter().zip(layer.linears()) {
+            tensors.extend(linear(&format!("{prefix}.{}", spec.hf), w, spec, class)?);
         }
-        for ((name, len), values) in layer_norms(c).into_iter().zip(layer.norms()) {
-            tensors.push(floats(
-                &format!("{prefix}.{name}.weight"),
-                values,
-                vec![len],
-            )?);
+        for (spec, values) in c.layer_norms().into_iter().zip(layer.norms()) {
+            if spec.present() {
+                tensors.push(floats(
+                    &format!("{prefix}.{}.weight", spec.hf),
+                    values,
+                    vec![spec.len],
+                )?);
+            }
         }
     }
     tensors.push(floats("model.norm.weight", &weights.norm, vec![hidden])?);
@@ -165,7 +171,14 @@ struct Stored {
     bytes: Vec<u8>,
 }
 
-fn linear(name: &str, w: &TernaryWeights, out: usize, inp: usize) -> Result<[Stored; 2]> {
+/// A linear's packed codes and its `weight_scale` in `class`'s meaning.
+fn linear(
+    name: &str,
+    w: &TernaryWeights,
+    spec: LinearSpec,
+    class: LinearClass,
+) -> Result<[Stored; 2]> {
+    let (out, inp) = (spec.rows, spec.cols);
     let bad = |why: String| Err(Error::Safetensors(format!("linear `{name}`: {why}")));
     if (w.rows, w.cols) != (out, inp) {
         return bad(format!(
@@ -184,12 +197,15 @@ fn linear(name: &str, w: &TernaryWeights, out: usize, inp: usize) -> Result<[Sto
     }
     let packed = hf::pack(&w.codes, out, inp)
         .map_err(|e| Error::Safetensors(format!("linear `{name}`: {e}")))?;
-    let multiplier = multiplier_of(scale);
-    let as_bf16 = bf16::from_f32(multiplier);
-    let (dtype, scale_bytes) = if as_bf16.to_f32().to_bits() == multiplier.to_bits() {
+    let stored = match class {
+        LinearClass::AutoBitLinear => multiplier_of(scale),
+        LinearClass::BitLinear => scale,
+    };
+    let as_bf16 = bf16::from_f32(stored);
+    let (dtype, scale_bytes) = if as_bf16.to_f32().to_bits() == stored.to_bits() {
         (Dtype::BF16, as_bf16.to_le_bytes().to_vec())
     } else {
-        (Dtype::F32, multiplier.to_le_bytes().to_vec())
+        (Dtype::F32, stored.to_le_bytes().to_vec())
     };
     Ok([
         Stored {

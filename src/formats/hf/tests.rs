@@ -9,7 +9,7 @@ use super::*;
 use crate::Error;
 use crate::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
 use crate::formats::scale::multiplier_of;
-use crate::model::{LayerWeights, ModelConfig, ModelWeights};
+use crate::model::{Family, LayerWeights, ModelConfig, ModelWeights};
 
 /// Awkward sizes: head_dim 20, one KV head for two query heads, out % 4 == 0 throughout.
 fn tiny_config(tied: bool) -> ModelConfig {
@@ -170,7 +170,11 @@ fn bf16_bytes(values: &[f32]) -> Vec<u8> {
 fn packed_checkpoint(tied: bool) -> (ModelWeights, String, Vec<Raw>) {
     let w = random_weights(7, tied);
     let bytes = to_safetensors_bytes(&w, &[]).unwrap();
-    (w.clone(), config_json(&w.config), raw_tensors(&bytes))
+    (
+        w.clone(),
+        config_json(&w.config).unwrap(),
+        raw_tensors(&bytes),
+    )
 }
 
 fn load_error(config: &str, tensors: &[Raw]) -> String {
@@ -232,9 +236,51 @@ fn save_dir_then_load_dir_is_bit_exact() {
     }
 }
 
+/// A Llama-family model is written in Falcon3's layout: no sub-norms, `weight_scale` the
+/// divisor transformers' `BitLinear` divides by, and reads back bit for bit.
+#[test]
+fn llama_family_round_trips_in_its_own_layout() {
+    let mut w = random_weights(5, false);
+    w.config.family = Family::Llama;
+    for layer in &mut w.layers {
+        layer.attn_sub_norm.clear();
+        layer.ffn_sub_norm.clear();
+    }
+    let dir = TempDir::new("llama");
+    let target = dir.0.join("model");
+    save_dir(&w, &target, &[]).unwrap();
+    assert_bit_exact(&w, &load_dir(&target).unwrap());
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(target.join(CONFIG_FILE)).unwrap()).unwrap();
+    assert_eq!(config["architectures"], json!(["LlamaForCausalLM"]));
+    assert_eq!(config["hidden_act"], "silu");
+    assert_eq!(
+        config["quantization_config"],
+        json!({"quant_method": "bitnet", "modules_to_not_convert": ["lm_head"]})
+    );
+    let bytes = std::fs::read(target.join(WEIGHTS_FILE)).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    assert!(!file.names().iter().any(|n| n.contains("sub_norm")));
+    let s = file
+        .tensor("model.layers.1.self_attn.k_proj.weight_scale")
+        .unwrap();
+    assert_eq!(s.data(), bf16::from_f32(0.25).to_le_bytes());
+
+    // Sub-norm tensors in a Llama checkpoint are tensors nobody asked for.
+    let mut extra = raw_tensors(&bytes);
+    extra.push(Raw {
+        name: "model.layers.0.self_attn.attn_sub_norm.weight".into(),
+        dtype: Dtype::F32,
+        shape: vec![40],
+        bytes: vec![0; 160],
+    });
+    let e = load_error(&config_json(&w.config).unwrap(), &extra);
+    assert!(e.contains("attn_sub_norm"), "{e}");
+}
+
 #[test]
 fn written_config_is_what_transformers_expects() {
-    let json: Value = serde_json::from_str(&config_json(&tiny_config(true))).unwrap();
+    let json: Value = serde_json::from_str(&config_json(&tiny_config(true)).unwrap()).unwrap();
     assert_eq!(json["model_type"], "bitnet");
     assert_eq!(json["architectures"], json!(["BitNetForCausalLM"]));
     assert_eq!(json["hidden_act"], "relu2");
@@ -247,7 +293,7 @@ fn written_config_is_what_transformers_expects() {
     assert!(json.get("head_dim").is_none());
     for tied in [true, false] {
         let c = tiny_config(tied);
-        let back = parse_checkpoint_config(&config_json(&c)).unwrap();
+        let back = parse_checkpoint_config(&config_json(&c).unwrap()).unwrap();
         assert_eq!(back.model, c);
         assert_eq!(
             back.weight_format,
@@ -346,6 +392,68 @@ fn parses_the_released_2b4t_config() {
         ),
         (4, 16, 10000.0, 1e-6)
     );
+    assert_eq!(l.family, Family::BitNet);
+}
+
+/// Falcon3-1B-Instruct-1.58bit's config.json as published (the numbers), and 1bitLLM's
+/// bitnet_b1_58-large.
+#[test]
+fn llama_family_configs_load() {
+    let falcon = parse_checkpoint_config(
+        r#"{"architectures": ["LlamaForCausalLM"], "attention_bias": false,
+            "attention_dropout": 0.0, "eos_token_id": 11, "head_dim": 256, "hidden_act": "silu",
+            "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+            "is_bitnet_config": true, "max_position_embeddings": 8192, "mlp_bias": false,
+            "model_type": "llama", "num_attention_heads": 8, "num_hidden_layers": 18,
+            "num_key_value_heads": 4, "pretraining_tp": 1, "quantization_config":
+            {"modules_to_not_convert": ["lm_head"], "quant_method": "bitnet"},
+            "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000042,
+            "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+            "transformers_version": "4.48.0.dev0", "use_cache": true, "vocab_size": 131072}"#,
+    )
+    .unwrap();
+    let c = &falcon.model;
+    assert_eq!(c.family, Family::Llama);
+    assert_eq!(
+        falcon.weight_format,
+        WeightFormat::OfflinePacked(LinearClass::BitLinear)
+    );
+    assert_eq!(
+        (
+            c.head_dim,
+            c.rope_theta,
+            c.rms_norm_eps,
+            c.bos_token_id,
+            c.eos_token_id
+        ),
+        (256, 1000042.0, 1e-6, Some(1), Some(11))
+    );
+    assert!(!c.tie_word_embeddings);
+    // No sub-norms: a layer holds two norms, and the written config reads back the same.
+    assert_eq!(present_norms(c).count(), 2);
+    assert_eq!(parse_config(&config_json(c).unwrap()).unwrap(), *c);
+
+    let onebit = parse_config(
+        r#"{"architectures": ["BitnetForCausalLM"], "hidden_act": "silu", "hidden_size": 1536,
+            "input_bits": 8, "intermediate_size": 4096, "max_position_embeddings": 2048,
+            "model_type": "llama", "num_attention_heads": 16, "num_hidden_layers": 24,
+            "num_key_value_heads": 16, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+            "tie_word_embeddings": true, "vocab_size": 32002}"#,
+    )
+    .unwrap();
+    assert_eq!(onebit.family, Family::OneBitLlm);
+    assert_eq!(
+        present_norms(&onebit)
+            .map(|(name, _)| name)
+            .collect::<Vec<_>>(),
+        [
+            "input_layernorm",
+            "self_attn.inner_attn_ln",
+            "post_attention_layernorm",
+            "mlp.ffn_layernorm"
+        ]
+    );
+    assert!(config_json(&onebit).is_err());
 }
 
 #[test]
@@ -373,7 +481,15 @@ fn bad_configs_are_named() {
         ),
         (r#"{"model_type": "gpt2"}"#, "model_type"),
         (r#"{"hidden_size": 8}"#, "model_type"),
-        (r#"{"model_type": "llama"}"#, "hidden_act"),
+        (r#"{"model_type": "llama"}"#, "full-precision Llama"),
+        (
+            r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "relu2"}"#,
+            "hidden_act \"relu2\" is not supported for LlamaForCausalLM",
+        ),
+        (
+            r#"{"architectures": ["MistralForCausalLM"], "model_type": "llama"}"#,
+            "MistralForCausalLM",
+        ),
         (
             r#"{"model_type": "bitnet", "attention_bias": true}"#,
             "attention_bias",
@@ -441,7 +557,7 @@ fn full_precision_checkpoints_are_quantized_at_load() {
                 &mut rng,
             );
         }
-        for (name, len) in layer_norms(&c) {
+        for (name, len) in present_norms(&c) {
             add(
                 format!("model.layers.{l}.{name}.weight"),
                 vec![len],
@@ -458,7 +574,7 @@ fn full_precision_checkpoints_are_quantized_at_load() {
             .collect()
     };
 
-    let mut plain: Value = serde_json::from_str(&config_json(&c)).unwrap();
+    let mut plain: Value = serde_json::from_str(&config_json(&c).unwrap()).unwrap();
     plain.as_object_mut().unwrap().remove("quantization_config");
     let mut online = plain.clone();
     online["quantization_config"] = json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"});
@@ -484,7 +600,7 @@ fn full_precision_checkpoints_are_quantized_at_load() {
     }
     // Packed weights under a config without quantization_config are refused.
     let (_, _, packed) = packed_checkpoint(false);
-    let mut plain: Value = serde_json::from_str(&config_json(&c)).unwrap();
+    let mut plain: Value = serde_json::from_str(&config_json(&c).unwrap()).unwrap();
     plain.as_object_mut().unwrap().remove("quantization_config");
     let e = load_error(&plain.to_string(), &packed);
     assert!(
