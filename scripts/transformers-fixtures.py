@@ -32,7 +32,6 @@ with torch and transformers (5.x) installed; it is deterministic for given versi
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -211,9 +211,7 @@ fn gpu_engine_matches_transformers() {
         check_engine(name, "gpu engine", |p, n| {
             model.reset();
             greedy(
-                |t| {
-                    pollster::block_on(model.forward(&ctx, t, Logits::Last)).expect("forward")
-                },
+                |t| pollster::block_on(model.forward(&ctx, t, Logits::Last)).expect("forward"),
                 p,
                 n,
                 vocab,
