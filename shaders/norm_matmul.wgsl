@@ -2,7 +2,9 @@
 // (cpu::norm_matmul), bit for bit the same as rmsnorm_quant followed by ternary_matmul's gemv:
 //   norm_gemv       y = ternary_matmul(act_quant(rmsnorm(x, weight, eps)), w)
 //                   (y += ... with ADD_TO_Y; with GATED, w is gate_proj stacked on up_proj and
-//                   y = relu2_gate(gate, up), as relu2_gate.wgsl computes it);
+//                   y = relu2_gate(gate, up) as relu2_gate.wgsl computes it, or with SILU
+//                   silu_gate(gate, up) as silu_gate.wgsl does; without NORMED, x is quantized
+//                   as it is, as act_quant.wgsl would, for the families without sub-norms);
 //   norm_gemv_rope  w is q_proj, k_proj and v_proj stacked, and the outputs go where rope_qkv
 //                   (rope.wgsl) would put them: queries rotated into y, keys rotated and values
 //                   copied into row cache_row + m of the KV cache.
@@ -24,6 +26,8 @@ const NO_ROW: u32 = 0xffffffffu;
 
 override ADD_TO_Y: bool = false;
 override GATED: bool = false;
+override SILU: bool = false;
+override NORMED: bool = true;
 
 struct Params {
     // Tokens (rows of x).
@@ -74,13 +78,25 @@ fn product(a: f32, b: f32) -> f32 {
     return bitcast<f32>(bitcast<u32>(a * b) ^ params.no_fuse);
 }
 
-// rmsnorm_quant (rmsnorm.wgsl) of token m into `codes`: returns (code sum, scale bits).
+// Column k of token m (at base) as quantize_row takes it: normalized, or as it is.
+fn input_value(base: u32, k: u32, inv: f32) -> f32 {
+    if NORMED {
+        return normalized(base, k, inv);
+    }
+    return x[base + k];
+}
+
+// rmsnorm_quant (rmsnorm.wgsl), or without NORMED act_quant, of token m into `codes`: returns
+// (code sum, scale bits).
 // Invocation lid takes the words lid, lid + WG, ... (four columns each), loads all of them at
 // once and keeps the normalized values in registers from the max to the quantization: loops of
 // constant length unroll, so the loads go out together instead of one round trip each.
 fn quantize_row(m: u32, lid: u32) -> vec2<u32> {
     let base = m * params.cols;
-    let inv = inv_rms(base, lid);
+    var inv = 0.0;
+    if NORMED {
+        inv = inv_rms(base, lid);
+    }
     let words = 4u * params.k_words;
     var values: array<vec4<f32>, WORDS_PER_INVOCATION>;
     var amax = 0u;
@@ -91,7 +107,7 @@ fn quantize_row(m: u32, lid: u32) -> vec2<u32> {
             for (var l = 0u; l < 4u; l++) {
                 let k = 4u * c + l;
                 if k < params.cols {
-                    v[l] = normalized(base, k, inv);
+                    v[l] = input_value(base, k, inv);
                 }
             }
         }
@@ -198,9 +214,15 @@ fn norm_gemv(
         let o = block * HALF + lid;
         if lid < HALF && o < params.n {
             let g = outputs[lid];
-            // relu2_gate.wgsl's rule.
-            let relu = select(g, 0.0, g < 0.0);
-            y[m * params.n + o] = (relu * relu) * outputs[lid + HALF];
+            var act: f32;
+            if SILU {
+                act = silu(g);
+            } else {
+                // relu2_gate.wgsl's rule.
+                let relu = select(g, 0.0, g < 0.0);
+                act = relu * relu;
+            }
+            y[m * params.n + o] = act * outputs[lid + HALF];
         }
     } else {
         let o = block * ROWS + lid;

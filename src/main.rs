@@ -152,6 +152,9 @@ struct InfoArgs {
     /// One weight scale per output channel instead of one per tensor.
     #[arg(long)]
     per_channel: bool,
+    /// Also describe this model (a checkpoint folder or a .gguf file): its family and shape.
+    #[arg(long)]
+    model: Option<PathBuf>,
 }
 
 /// Which processor runs the model.
@@ -820,8 +823,10 @@ async fn generate(args: &GenerateArgs) -> CliResult<()> {
         .await?;
     shown?;
     let adapter = generator.engine().adapter();
+    let family = generator.engine().config().family.name();
     if args.model.json {
         let json = serde_json::json!({
+            "family": family,
             "prompt_ids": generation.prompt_ids,
             "generated_ids": generation.generated_ids,
             "text": generation.text,
@@ -835,7 +840,7 @@ async fn generate(args: &GenerateArgs) -> CliResult<()> {
     }
     eprintln!(
         "prompt: {} tokens, {:.1} tokens/s; generated: {} tokens, {:.1} tokens/s; stopped at {}; \
-         engine: {adapter}",
+         engine: {adapter}; model: {family}",
         generation.prompt_ids.len(),
         generation.prompt_tokens_per_s(),
         generation.generated_ids.len(),
@@ -963,6 +968,26 @@ async fn info(args: &InfoArgs) -> bitnet_wgpu::Result<ExitCode> {
         }
     };
 
+    if let Some(path) = &args.model {
+        let files = ModelFiles::read(path)?;
+        let (weights, _) = files.open()?;
+        let c = weights.config();
+        println!(
+            "model: {} ({}), {} layers, hidden {}, {} heads ({} key/value) of {}, intermediate \
+             {} ({} gate), vocabulary {}, {} parameters",
+            c.family.name(),
+            c.family.hf_architecture(),
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.intermediate_size,
+            c.family.activation().name(),
+            c.vocab_size,
+            c.parameter_count().unwrap_or(usize::MAX),
+        );
+    }
     let (out, inp, rows) = (args.out_features, args.in_features, args.tokens);
     let mut rng = SplitMix64(args.seed);
     let weights: Vec<f32> = (0..out * inp).map(|_| rng.uniform_f32()).collect();

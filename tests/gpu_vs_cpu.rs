@@ -101,8 +101,8 @@ fn elementwise_matches_cpu() {
 }
 
 #[test]
-fn relu2_gate_matches_cpu() {
-    pollster::block_on(common::model_ops::relu2_gate_matches_cpu(&mut context()));
+fn gate_matches_cpu() {
+    pollster::block_on(common::model_ops::gate_matches_cpu(&mut context()));
 }
 
 #[test]
@@ -233,10 +233,8 @@ fn lm_head_backward_matches_cpu() {
 }
 
 #[test]
-fn relu2_gate_backward_matches_cpu() {
-    pollster::block_on(common::backward::relu2_gate_backward_matches_cpu(
-        &mut context(),
-    ));
+fn gate_backward_matches_cpu() {
+    pollster::block_on(common::backward::gate_backward_matches_cpu(&mut context()));
 }
 
 #[test]

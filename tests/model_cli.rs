@@ -9,7 +9,7 @@ use bitnet_wgpu::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
 use bitnet_wgpu::formats::gguf::{GgufTokenizer, TableType, write_model};
 use bitnet_wgpu::formats::hf::save_dir;
 use bitnet_wgpu::model::{
-    CpuEngine, LayerWeights, ModelConfig, ModelWeights, load_model, perplexity_windows,
+    CpuEngine, Family, LayerWeights, ModelConfig, ModelWeights, load_model, perplexity_windows,
 };
 use bitnet_wgpu::tokenizer::Tokenizer;
 use rand::{Rng, SeedableRng, rngs::SmallRng};
@@ -1066,6 +1066,96 @@ fn convert_writes_gguf_that_generates_alike() {
     let stderr = refused(&inside, &["--any-row-length"]);
     assert!(stderr.contains("inside the input"), "{stderr}");
     assert!(!inside.exists());
+}
+
+/// A Llama-family checkpoint (Falcon3's layout: SiLU, no sub-norms, untied head, BitLinear's
+/// divisor scales) generates the same ids on both engines, from its folder and from the GGUF
+/// `convert` makes of it (architecture `llama`, q/k rows permuted as llama.cpp's converter
+/// permutes them), and both name the family.
+#[test]
+fn the_llama_family_generates_alike_from_its_folder_and_its_gguf() {
+    let dir = TempDir::new("llama");
+    let mut weights = random_model(262, Some(258), None, 13);
+    weights.config.family = Family::Llama;
+    weights.config.tie_word_embeddings = false;
+    for layer in &mut weights.layers {
+        layer.attn_sub_norm.clear();
+        layer.ffn_sub_norm.clear();
+    }
+    let rng = &mut SmallRng::seed_from_u64(14);
+    weights.lm_head = Some(
+        (0..262 * 64)
+            .map(|_| half::f16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
+            .collect(),
+    );
+    for v in &mut weights.embed_tokens {
+        *v = half::f16::from_f32(*v).to_f32();
+    }
+    let folder = dir.0.join("falcon");
+    save_dir(&weights, &folder, &[]).unwrap();
+    std::fs::write(folder.join("tokenizer.json"), byte_level_tokenizer_json()).unwrap();
+    let gguf = dir.0.join("falcon.gguf");
+    let output = bitnet(&[
+        "convert",
+        "--format",
+        "gguf",
+        "--any-row-length",
+        "--input",
+        path_str(&folder),
+        "--output",
+        path_str(&gguf),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let file =
+        bitnet_wgpu::formats::gguf::GgufFile::from_vec(std::fs::read(&gguf).unwrap()).unwrap();
+    assert_eq!(file.get_str("general.architecture").unwrap(), Some("llama"));
+    assert!(file.tensor("blk.0.attn_sub_norm.weight").is_none());
+    assert_eq!(load_model(&gguf).unwrap().0, weights);
+
+    let generate = |model: &Path, device: &str| {
+        let json = bitnet_json(&[
+            "generate",
+            "--model",
+            path_str(model),
+            "--prompt",
+            "he met the 1234",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--device",
+            device,
+            "--json",
+        ]);
+        let family = json["family"].as_str().unwrap().to_string();
+        (
+            family,
+            ids(&json["prompt_ids"]),
+            ids(&json["generated_ids"]),
+        )
+    };
+    let expected = generate(&folder, "cpu");
+    assert_eq!((expected.0.as_str(), expected.2.len()), ("llama-bitnet", 8));
+    for (model, device) in [(&folder, "gpu"), (&gguf, "cpu"), (&gguf, "gpu")] {
+        assert_eq!(generate(model, device), expected, "{model:?} {device}");
+    }
+    // The same weights as BitNet's decoder generate something else: the family matters.
+    let mut bitnet_family = weights.clone();
+    bitnet_family.config.family = Family::BitNet;
+    bitnet_family.layers.iter_mut().for_each(|l| {
+        l.attn_sub_norm = vec![1.0; 64];
+        l.ffn_sub_norm = vec![1.0; 128];
+    });
+    let other = dir.0.join("other");
+    save_dir(&bitnet_family, &other, &[]).unwrap();
+    std::fs::write(other.join("tokenizer.json"), byte_level_tokenizer_json()).unwrap();
+    let (family, _, ids) = generate(&other, "cpu");
+    assert_eq!(family, "bitnet-b1.58");
+    assert_ne!(ids, expected.2);
 }
 
 /// Without --model, the demo model built into the program runs: a prompt in English gets

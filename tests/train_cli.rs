@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use bitnet_wgpu::formats::hf::save_dir;
-use bitnet_wgpu::model::load_model;
+use bitnet_wgpu::model::{Family, load_model};
 use bitnet_wgpu::train::run::tiny_config;
 use bitnet_wgpu::train::{Quant, TrainModel};
 
@@ -278,11 +278,20 @@ fn resume_after_ctrl_c_equals_an_uninterrupted_run() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// For BitNet and for the Llama family (a Falcon3/Falcon-E layout folder), which comes back out
+/// in its own layout.
 #[test]
 fn fine_tunes_a_checkpoint_folder_and_its_own_master() {
-    let dir = scratch("finetune");
+    for family in [Family::BitNet, Family::Llama] {
+        fine_tunes_a_checkpoint_folder_of(family);
+    }
+}
+
+fn fine_tunes_a_checkpoint_folder_of(family: Family) {
+    let dir = scratch(&format!("finetune-{family:?}"));
     let data = write(&dir, "data.txt", TEXT.repeat(40));
     let mut config = tiny_config(258);
+    config.family = family;
     config.bos_token_id = Some(256);
     config.eos_token_id = Some(257);
     config.tie_word_embeddings = false;
@@ -319,6 +328,8 @@ fn fine_tunes_a_checkpoint_folder_and_its_own_master() {
     let (tuned, _) = load_model(out.join("model")).unwrap();
     assert_eq!(tuned.config, weights.config);
     assert!(tuned.lm_head.is_some());
+    let exported = std::fs::read_to_string(out.join("model/config.json")).unwrap();
+    assert!(exported.contains(family.hf_architecture()), "{exported}");
 
     // The run's master/ (full precision) fine-tunes from its latent weights as they are.
     let again = dir.join("again");

@@ -134,8 +134,8 @@ async fn elementwise_matches_cpu() {
 }
 
 #[wasm_bindgen_test]
-async fn relu2_gate_matches_cpu() {
-    common::model_ops::relu2_gate_matches_cpu(&mut *context().await).await;
+async fn gate_matches_cpu() {
+    common::model_ops::gate_matches_cpu(&mut *context().await).await;
 }
 
 #[wasm_bindgen_test]
@@ -241,8 +241,8 @@ async fn lm_head_backward_matches_cpu() {
 }
 
 #[wasm_bindgen_test]
-async fn relu2_gate_backward_matches_cpu() {
-    common::backward::relu2_gate_backward_matches_cpu(&mut *context().await).await;
+async fn gate_backward_matches_cpu() {
+    common::backward::gate_backward_matches_cpu(&mut *context().await).await;
 }
 
 #[wasm_bindgen_test]

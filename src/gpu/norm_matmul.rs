@@ -1,11 +1,13 @@
 //! Host side of `shaders/norm_matmul.wgsl`: `cpu::norm_matmul` for decoding, one dispatch where
 //! `rmsnorm::record_quant` and `ternary_matmul::record` take two (and, for the stacked q/k/v
-//! projection, `rope::record_qkv` a third).
+//! projection, `rope::record_qkv` a third). Without a norm (the families without sub-norms) the
+//! front is `act_quant::record` alone.
 
 use crate::cpu::AttentionShape;
 use crate::gpu::{
     GpuContext, GpuTernary, Kernel, check_distinct, check_f32s, groups_for, rmsnorm, rope,
 };
+use crate::model::Activation;
 use crate::packing::gpu_words;
 use crate::{Error, Result};
 
@@ -24,8 +26,9 @@ pub enum NormMatmulOutput {
     Replace,
     /// `y += x' · wᵀ`: a residual connection.
     Add,
-    /// `w` is gate_proj stacked on up_proj: `y = relu2_gate(gate, up)`, half as wide.
-    Gated,
+    /// `w` is gate_proj stacked on up_proj: `y = act(gate) * up` ([`Activation::gate`]), half
+    /// as wide.
+    Gated(Activation),
 }
 
 #[repr(C)]
@@ -63,15 +66,17 @@ fn input_params(
     ctx: &GpuContext,
     x: &wgpu::Buffer,
     rows: usize,
-    norm: &wgpu::Buffer,
+    norm: Option<&wgpu::Buffer>,
     eps: f32,
     w: &GpuTernary,
 ) -> Result<Params> {
     let cols = w.cols;
     check_supported(ctx, cols)?;
-    rmsnorm::check_eps(eps)?;
     check_f32s("norm_matmul input", x, rows.checked_mul(cols))?;
-    check_f32s("norm_matmul norm weight", norm, Some(cols))?;
+    if let Some(norm) = norm {
+        rmsnorm::check_eps(eps)?;
+        check_f32s("norm_matmul norm weight", norm, Some(cols))?;
+    }
     Ok(Params {
         rows: rows as u32,
         cols: cols as u32,
@@ -102,9 +107,11 @@ fn check_supported(ctx: &GpuContext, cols: usize) -> Result<()> {
     Ok(())
 }
 
-/// Records `cpu::norm_matmul(x, rows, norm, eps, w, output == Gated)` into `y` (added to what `y`
-/// holds with `Add`). `x` holds `rows x w.cols` f32 and `norm` `w.cols`; needs
-/// [`supported`]`(ctx, w.cols)`. Bit-exact with the two-dispatch path; the float epilogue is
+/// Records `cpu::norm_matmul(x, rows, norm, eps, w, ..)` into `y` (added to what `y` holds with
+/// `Add`, gated with `Gated`); without a norm, `cpu::ternary_matmul(cpu::act_quant(x), w)`
+/// likewise (`eps` unused). `x` holds `rows x w.cols` f32 and `norm` `w.cols`; needs
+/// [`supported`]`(ctx, w.cols)`. Bit-exact with the two-dispatch path (`rmsnorm::record_quant`
+/// or `act_quant::record`, the GEMV, then `gate::record` where gated); the float epilogue is
 /// [`crate::gpu::ternary_matmul::record`]'s.
 #[allow(clippy::too_many_arguments)]
 pub fn record(
@@ -112,14 +119,18 @@ pub fn record(
     pass: &mut wgpu::ComputePass<'_>,
     x: &wgpu::Buffer,
     rows: usize,
-    norm: &wgpu::Buffer,
+    norm: Option<&wgpu::Buffer>,
     eps: f32,
     w: &GpuTernary,
     y: &wgpu::Buffer,
     output: NormMatmulOutput,
 ) -> Result<()> {
     let mut params = input_params(ctx, x, rows, norm, eps, w)?;
-    let gated = output == NormMatmulOutput::Gated;
+    let activation = match output {
+        NormMatmulOutput::Gated(activation) => Some(activation),
+        NormMatmulOutput::Replace | NormMatmulOutput::Add => None,
+    };
+    let gated = activation.is_some();
     if gated && !w.rows.is_multiple_of(2) {
         return Err(Error::invalid(
             "gated norm_matmul",
@@ -138,6 +149,8 @@ pub fn record(
     let constants = [
         ("ADD_TO_Y", (output == NormMatmulOutput::Add) as u64),
         ("GATED", gated as u64),
+        ("SILU", (activation == Some(Activation::Silu)) as u64),
+        ("NORMED", norm.is_some() as u64),
     ];
     let pipeline = ctx.pipeline(Kernel::NormMatmul, "norm_gemv", &constants)?;
     ctx.dispatch(
@@ -146,7 +159,9 @@ pub fn record(
         &[
             params.as_entire_binding(),
             x.as_entire_binding(),
-            norm.as_entire_binding(),
+            // Without a norm the shader reads no weight, but the binding needs a buffer: x
+            // again, read-only both times.
+            norm.unwrap_or(x).as_entire_binding(),
             w.words.as_entire_binding(),
             w.scales.as_entire_binding(),
             y.as_entire_binding(),
@@ -177,7 +192,7 @@ pub fn record_qkv(
     cache_row: usize,
     shape: AttentionShape,
 ) -> Result<()> {
-    let mut params = input_params(ctx, x, rows, norm, eps, w)?;
+    let mut params = input_params(ctx, x, rows, Some(norm), eps, w)?;
     rope::check_qkv_outputs(table, q, k_cache, v_cache, cache_row, rows, shape)?;
     let AttentionShape {
         heads,

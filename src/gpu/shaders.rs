@@ -90,10 +90,11 @@ kernels! {
         entries ["reduce_sum", "finish_scales", "pack_words"];
     TernaryMatmul: "ternary_matmul", common [], entries ["gemv", "gemm"];
     Rmsnorm: "rmsnorm", common ["rms", "quantize_row"], entries ["rmsnorm", "rmsnorm_quant"];
-    NormMatmul: "norm_matmul", common ["rms"], entries ["norm_gemv", "norm_gemv_rope"];
+    NormMatmul: "norm_matmul", common ["rms", "silu"], entries ["norm_gemv", "norm_gemv_rope"];
     Rope: "rope", common [], entries ["rope", "rope_qkv"];
     Elementwise: "elementwise", common [], entries ["copy_rows", "add_rows", "copy_block"];
     Relu2Gate: "relu2_gate", common ["quantize_row"], entries ["relu2_gate", "relu2_gate_quant"];
+    SiluGate: "silu_gate", common ["silu", "quantize_row"], entries ["silu_gate", "silu_gate_quant"];
     Attention: "attention", common [],
         entries ["attention_split", "attention_tiles", "attention_merge"];
     Embedding: "embedding", common ["table"], entries ["embedding"];
@@ -109,6 +110,7 @@ kernels! {
         entries ["embedding_links", "embedding_zero", "embedding_dtable"];
     LmHeadBackward: "lm_head_backward", common ["table"], entries ["lm_head_dx", "lm_head_dtable"];
     Relu2GateBackward: "relu2_gate_backward", common [], entries ["relu2_gate_backward"];
+    SiluGateBackward: "silu_gate_backward", common ["silu"], entries ["silu_gate_backward"];
     RopeBackward: "rope_backward", common [], entries ["rope_backward"];
     AttentionBackward: "attention_backward", common [], entries ["attention_dq", "attention_dkv"];
 }
@@ -237,8 +239,8 @@ pub(crate) struct UniformLayout {
 mod tests {
     use super::*;
     use crate::gpu::{
-        act_quant, argmax, attention, elementwise, embedding, lm_head, nll, norm_matmul, optim,
-        relu2_gate, rmsnorm, rope, sampling, ternary_matmul, ternary_pack,
+        act_quant, argmax, attention, elementwise, embedding, gate, lm_head, nll, norm_matmul,
+        optim, rmsnorm, rope, sampling, ternary_matmul, ternary_pack,
     };
 
     /// Every host module's uniform declarations.
@@ -248,11 +250,11 @@ mod tests {
         attention::UNIFORMS,
         elementwise::UNIFORMS,
         embedding::UNIFORMS,
+        gate::UNIFORMS,
         lm_head::UNIFORMS,
         nll::UNIFORMS,
         norm_matmul::UNIFORMS,
         optim::UNIFORMS,
-        relu2_gate::UNIFORMS,
         rmsnorm::UNIFORMS,
         rope::UNIFORMS,
         sampling::UNIFORMS,

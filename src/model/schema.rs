@@ -5,7 +5,9 @@
 use std::borrow::Cow;
 
 use crate::Result;
-use crate::cpu::{relu2_gate, relu2_gate_backward, rmsnorm, silu_gate, silu_gate_backward};
+use crate::cpu::{
+    relu2_gate, relu2_gate_backward, rmsnorm, rmsnorm_backward, silu_gate, silu_gate_backward,
+};
 use crate::model::ModelConfig;
 
 /// The BitNet b1.58 model families: the same decoder with a different MLP activation and
@@ -260,6 +262,22 @@ pub(crate) fn sub_norm<'a>(
         Ok(Cow::Borrowed(x))
     } else {
         rmsnorm(x, rows, weight, eps).map(Cow::Owned)
+    }
+}
+
+/// The gradients `(dx, dweight)` of [`sub_norm`] for the upstream gradient `dy`: `dy` itself
+/// and no weight gradient where the family has no sub-norm.
+pub(crate) fn sub_norm_backward(
+    x: &[f32],
+    rows: usize,
+    weight: &[f32],
+    eps: f32,
+    dy: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    if weight.is_empty() {
+        Ok((dy.to_vec(), Vec::new()))
+    } else {
+        rmsnorm_backward(x, rows, weight, eps, dy)
     }
 }
 

@@ -7,9 +7,9 @@ use super::model::TrainModel;
 use super::params::Parameters;
 use crate::Result;
 use crate::cpu::{
-    attention_backward, embedding_backward, lm_head_backward, relu2_gate_backward,
-    rmsnorm_backward, rope_backward,
+    attention_backward, embedding_backward, lm_head_backward, rmsnorm_backward, rope_backward,
 };
+use crate::model::sub_norm_backward;
 
 impl TrainModel {
     /// The loss of [`TrainModel::loss`] and its gradient wrt every parameter (the same shapes
@@ -75,9 +75,12 @@ impl TrainModel {
             let (dgated_normed, dw) = linear_backward(&t.down_in, &w.down, &dx)?;
             add_into(&mut g.down_proj, &dw);
             let (dgated, dw) =
-                rmsnorm_backward(&t.gated, n, &lp.ffn_sub_norm, eps, &dgated_normed)?;
+                sub_norm_backward(&t.gated, n, &lp.ffn_sub_norm, eps, &dgated_normed)?;
             add_into(&mut g.ffn_sub_norm, &dw);
-            let (dgate, dup) = relu2_gate_backward(&t.gate, &t.up, &dgated)?;
+            let (dgate, dup) = c
+                .family
+                .activation()
+                .gate_backward(&t.gate, &t.up, &dgated)?;
             let (mut dh, dw) = linear_backward(&t.mlp_in, &w.gate, &dgate)?;
             add_into(&mut g.gate_proj, &dw);
             let (dh_up, dw) = linear_backward(&t.mlp_in, &w.up, &dup)?;
@@ -92,7 +95,7 @@ impl TrainModel {
             // q, k, v from h = input_layernorm(x) and q, k rotated.
             let (dattn_normed, dw) = linear_backward(&t.o_in, &w.o, &dx)?;
             add_into(&mut g.o_proj, &dw);
-            let (dattn, dw) = rmsnorm_backward(&t.attn, n, &lp.attn_sub_norm, eps, &dattn_normed)?;
+            let (dattn, dw) = sub_norm_backward(&t.attn, n, &lp.attn_sub_norm, eps, &dattn_normed)?;
             add_into(&mut g.attn_sub_norm, &dw);
             let (mut dq, mut dk, dv) = attention_backward(&t.q, &t.k, &t.v, &dattn, shape)?;
             rope_backward(
@@ -137,14 +140,15 @@ pub(crate) fn add_into(acc: &mut [f32], delta: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::super::Quant;
-    use super::super::testing::{WINDOWS, scrambled_model};
+    use super::super::testing::{WINDOWS, scrambled_model, scrambled_model_of};
+    use crate::model::Family;
     use crate::rng::SplitMix64;
 
     /// For each tensor, the directional derivative of the loss along a random direction by
     /// central differences, against the analytic gradient's dot product with that direction.
     /// `only` limits the check to tensors whose name contains one of its strings.
-    fn check_directional(tied: bool, quant: Quant, only: &[&str]) -> usize {
-        let model = scrambled_model(tied, quant, 21);
+    fn check_directional(family: Family, tied: bool, quant: Quant, only: &[&str]) -> usize {
+        let model = scrambled_model_of(family, tied, quant, 21);
         let (_, grads) = model.loss_and_gradients(&WINDOWS).unwrap();
         let h = 1e-3f32;
         let mut rng = SplitMix64(99);
@@ -180,9 +184,27 @@ mod tests {
 
     #[test]
     fn float_model_gradient_matches_finite_differences() {
-        // Quantizers off, the loss is smooth: every tensor of both layers, tied and untied.
-        assert_eq!(check_directional(true, Quant::None, &[]), 1 + 2 * 11 + 1);
-        assert_eq!(check_directional(false, Quant::None, &[]), 1 + 2 * 11 + 2);
+        // Quantizers off, the loss is smooth: every tensor of both layers, tied and untied, and
+        // the SiLU families with and without sub-norms.
+        let bitnet = Family::BitNet;
+        assert_eq!(
+            check_directional(bitnet, true, Quant::None, &[]),
+            1 + 2 * 11 + 1
+        );
+        assert_eq!(
+            check_directional(bitnet, false, Quant::None, &[]),
+            1 + 2 * 11 + 2
+        );
+        let llama = Family::Llama;
+        assert_eq!(
+            check_directional(llama, false, Quant::None, &[]),
+            1 + 2 * 9 + 2
+        );
+        let onebit = Family::OneBitLlm;
+        assert_eq!(
+            check_directional(onebit, true, Quant::None, &[]),
+            1 + 2 * 11 + 1
+        );
     }
 
     #[test]
@@ -190,7 +212,12 @@ mod tests {
         // With quantizers on, the final norm and an untied lm_head reach the loss through no
         // quantizer, so their straight-through gradients are true gradients.
         assert_eq!(
-            check_directional(false, Quant::BitNet, &["model.norm", "lm_head"]),
+            check_directional(
+                Family::BitNet,
+                false,
+                Quant::BitNet,
+                &["model.norm", "lm_head"]
+            ),
             2
         );
     }

@@ -130,7 +130,7 @@ pub fn load_checkpoint(dir: &Path, mut optimizer: Optimizer) -> Result<Checkpoin
     };
     // Every parameter is stored as f32: a configuration that needs more bytes than the file
     // has is refused before the model it describes is allocated.
-    let needed = parameter_count(&config).and_then(|n| n.checked_mul(4));
+    let needed = config.parameter_count().and_then(|n| n.checked_mul(4));
     if needed.is_none_or(|needed| needed > bytes.len()) {
         return Err(bad(format!(
             "its configuration ({} layers, hidden size {}, vocabulary {}) needs more weights \
@@ -298,52 +298,22 @@ pub fn load_latent(path: &Path, template: &TrainModel) -> Result<Option<Paramete
     Ok(Some(params))
 }
 
-/// Values in [`Parameters::tensors`] for `c`, or `None` past `usize`.
-fn parameter_count(c: &ModelConfig) -> Option<usize> {
-    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
-    let attn = c.num_attention_heads.checked_mul(c.head_dim)?;
-    let kv = c.num_key_value_heads.checked_mul(c.head_dim)?;
-    // q, o: attn x hidden; k, v: kv x hidden; gate, up, down: inter x hidden.
-    let per_row = attn
-        .checked_mul(2)?
-        .checked_add(kv.checked_mul(2)?)?
-        .checked_add(inter.checked_mul(3)?)?;
-    let norms = hidden
-        .checked_mul(2)?
-        .checked_add(attn)?
-        .checked_add(inter)?;
-    let tables = c
-        .vocab_size
-        .checked_mul(hidden)?
-        .checked_mul(if c.tie_word_embeddings { 1 } else { 2 })?;
-    per_row
-        .checked_mul(hidden)?
-        .checked_add(norms)?
-        .checked_mul(c.num_hidden_layers)?
-        .checked_add(tables)?
-        .checked_add(hidden)
-}
-
 /// Shapes of [`Parameters::tensors`], in its order.
 fn shapes(c: &ModelConfig) -> Vec<Vec<usize>> {
     let (vocab, hidden) = (c.vocab_size, c.hidden_size);
-    let attn = c.num_attention_heads * c.head_dim;
-    let [q, k, v, o, gate, up, down] = linear_shapes(c).map(|(_, r, c)| vec![r, c]);
+    let [q, k, v, o, gate, up, down] = linear_shapes(c).map(|(_, r, c)| Some(vec![r, c]));
+    let [input, attn_sub, post, ffn_sub] =
+        c.layer_norms().map(|n| n.present().then(|| vec![n.len]));
     let mut out = vec![vec![vocab, hidden]];
     for _ in 0..c.num_hidden_layers {
-        out.extend([
-            vec![hidden],
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            o.clone(),
-            vec![attn],
-            vec![hidden],
-            gate.clone(),
-            up.clone(),
-            down.clone(),
-            vec![c.intermediate_size],
-        ]);
+        out.extend(
+            [
+                &input, &q, &k, &v, &o, &attn_sub, &post, &gate, &up, &down, &ffn_sub,
+            ]
+            .into_iter()
+            .flatten()
+            .cloned(),
+        );
     }
     out.push(vec![hidden]);
     if !c.tie_word_embeddings {
@@ -447,7 +417,7 @@ mod tests {
             };
             let model = TrainModel::new(config.clone(), Quant::BitNet, 1).unwrap();
             let held: usize = model.params.tensors().iter().map(|(_, v)| v.len()).sum();
-            assert_eq!(parameter_count(&config), Some(held), "tied {tied}");
+            assert_eq!(config.parameter_count(), Some(held), "tied {tied}");
         }
     }
 

@@ -16,9 +16,9 @@ use super::model::TrainModel;
 use super::params::{Parameters, linear_shapes};
 use crate::cpu::{
     AttentionShape, WeightQuantOptions, act_quant, attention, attention_backward, cross_entropy,
-    embedding, embedding_backward, relu2_gate, relu2_gate_backward, rmsnorm, rmsnorm_backward,
-    rope, rope_backward, weight_quant,
+    embedding, embedding_backward, rmsnorm, rmsnorm_backward, rope, rope_backward, weight_quant,
 };
+use crate::model::{sub_norm, sub_norm_backward};
 use crate::{Error, Result};
 use rayon::prelude::*;
 
@@ -196,7 +196,7 @@ impl TrainModel {
             rot(&mut k, shape.kv_heads)?;
             let attn = attention_per_window(&q, &k, &v, &spans, shape)?;
             let o_in = Operand::input(
-                rmsnorm(&attn, n, &lp.attn_sub_norm, eps)?,
+                sub_norm(&attn, n, &lp.attn_sub_norm, eps)?.into_owned(),
                 n,
                 attn_width,
                 quant,
@@ -206,8 +206,8 @@ impl TrainModel {
             let mlp_in = Operand::input(h, n, hidden, quant)?;
             let gate = linear_fwd(&mlp_in, &w.gate);
             let up = linear_fwd(&mlp_in, &w.up);
-            let gated = relu2_gate(&gate, &up)?;
-            let normed = rmsnorm(&gated, n, &lp.ffn_sub_norm, eps)?;
+            let gated = c.family.activation().gate(&gate, &up)?;
+            let normed = sub_norm(&gated, n, &lp.ffn_sub_norm, eps)?.into_owned();
             let down_in = Operand::input(normed, n, c.intermediate_size, quant)?;
             let x_out = add(&x_mid, &linear_fwd(&down_in, &w.down));
             tapes.push(LayerTape {
@@ -261,9 +261,12 @@ impl TrainModel {
             let w = &weights[i];
             let (dnormed, dw) = linear_bwd(&t.down_in, &w.down, &dx);
             add_into(&mut g.down_proj, &dw);
-            let (dgated, dw) = rmsnorm_backward(&t.gated, n, &lp.ffn_sub_norm, eps, &dnormed)?;
+            let (dgated, dw) = sub_norm_backward(&t.gated, n, &lp.ffn_sub_norm, eps, &dnormed)?;
             add_into(&mut g.ffn_sub_norm, &dw);
-            let (dgate, dup) = relu2_gate_backward(&t.gate, &t.up, &dgated)?;
+            let (dgate, dup) = c
+                .family
+                .activation()
+                .gate_backward(&t.gate, &t.up, &dgated)?;
             let (mut dh, dw) = linear_bwd(&t.mlp_in, &w.gate, &dgate);
             add_into(&mut g.gate_proj, &dw);
             let (dh_up, dw) = linear_bwd(&t.mlp_in, &w.up, &dup);
@@ -276,7 +279,7 @@ impl TrainModel {
 
             let (dattn_normed, dw) = linear_bwd(&t.o_in, &w.o, &dx);
             add_into(&mut g.o_proj, &dw);
-            let (dattn, dw) = rmsnorm_backward(&t.attn, n, &lp.attn_sub_norm, eps, &dattn_normed)?;
+            let (dattn, dw) = sub_norm_backward(&t.attn, n, &lp.attn_sub_norm, eps, &dattn_normed)?;
             add_into(&mut g.attn_sub_norm, &dw);
             let (mut dq, mut dk, dv) = attention_backward_per_window(t, &dattn, &spans, shape)?;
             rope_backward(
@@ -434,8 +437,9 @@ fn gemm(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{WINDOWS, scrambled_model, tiny_config};
+    use super::super::testing::{WINDOWS, scrambled_model, scrambled_model_of, tiny_config};
     use super::*;
+    use crate::model::Family;
 
     /// Every gradient within `tol` of the reference's, relative to the largest of its tensor.
     fn assert_matches_reference(model: &TrainModel, windows: &[&[u32]], tol: f32) {
@@ -465,6 +469,10 @@ mod tests {
                 let model = scrambled_model(tied, quant, 13);
                 assert_matches_reference(&model, &windows, 1e-4);
             }
+        }
+        for family in [Family::Llama, Family::OneBitLlm] {
+            let model = scrambled_model_of(family, false, Quant::BitNet, 14);
+            assert_matches_reference(&model, &windows, 1e-4);
         }
         // A freshly initialized model, with its small weights.
         let model = TrainModel::new(tiny_config(true), Quant::BitNet, 2).unwrap();

@@ -4,10 +4,9 @@
 use super::linear::{LinearInput, StepWeight, linear};
 use super::model::TrainModel;
 use super::params::linear_shapes;
-use crate::cpu::{
-    AttentionShape, attention, cross_entropy, embedding, lm_head, relu2_gate, rmsnorm, rope,
-};
+use crate::cpu::{AttentionShape, attention, cross_entropy, embedding, lm_head, rmsnorm, rope};
 use crate::model::ModelConfig;
+use crate::model::sub_norm;
 use crate::{Error, Result};
 
 /// One layer's linears as a training step computes with them.
@@ -165,7 +164,7 @@ impl TrainModel {
             )?;
             let attn = attention(&q, &k, &v, shape)?;
             let o_in = LinearInput::new(
-                rmsnorm(&attn, n, &lp.attn_sub_norm, eps)?,
+                sub_norm(&attn, n, &lp.attn_sub_norm, eps)?.into_owned(),
                 n,
                 attn_width,
                 quant,
@@ -176,9 +175,9 @@ impl TrainModel {
             let mlp_in = LinearInput::new(h, n, hidden, quant)?;
             let gate = linear(&mlp_in, &w.gate)?;
             let up = linear(&mlp_in, &w.up)?;
-            let gated = relu2_gate(&gate, &up)?;
+            let gated = c.family.activation().gate(&gate, &up)?;
             let down_in = LinearInput::new(
-                rmsnorm(&gated, n, &lp.ffn_sub_norm, eps)?,
+                sub_norm(&gated, n, &lp.ffn_sub_norm, eps)?.into_owned(),
                 n,
                 c.intermediate_size,
                 quant,

@@ -47,11 +47,9 @@ impl TrainModel {
             (0..n).map(|_| a * rng.uniform_f32()).collect()
         };
         let c = &config;
-        let (hidden, attn, inter) = (
-            c.hidden_size,
-            c.num_attention_heads * c.head_dim,
-            c.intermediate_size,
-        );
+        let hidden = c.hidden_size;
+        // Sub-norms start at 1 where the family has them and are empty where it has none.
+        let [_, attn_sub, _, ffn_sub] = c.layer_norms().map(|n| n.len);
         let table = c.vocab_size * hidden;
         let embed_tokens = random(table);
         let layers = (0..c.num_hidden_layers)
@@ -64,12 +62,12 @@ impl TrainModel {
                     k_proj: k,
                     v_proj: v,
                     o_proj: o,
-                    attn_sub_norm: vec![1.0; attn],
+                    attn_sub_norm: vec![1.0; attn_sub],
                     post_attention_layernorm: vec![1.0; hidden],
                     gate_proj: gate,
                     up_proj: up,
                     down_proj: down,
-                    ffn_sub_norm: vec![1.0; inter],
+                    ffn_sub_norm: vec![1.0; ffn_sub],
                 }
             })
             .collect();
@@ -216,24 +214,16 @@ impl TrainModel {
         if let Some(head) = &p.lm_head {
             expect("lm_head", table, head.len())?;
         }
-        let attn = c.num_attention_heads * c.head_dim;
         for layer in &p.layers {
-            expect(
-                "input_layernorm",
-                c.hidden_size,
-                layer.input_layernorm.len(),
-            )?;
-            expect("attn_sub_norm", attn, layer.attn_sub_norm.len())?;
-            expect(
-                "post_attention_layernorm",
-                c.hidden_size,
-                layer.post_attention_layernorm.len(),
-            )?;
-            expect(
-                "ffn_sub_norm",
-                c.intermediate_size,
-                layer.ffn_sub_norm.len(),
-            )?;
+            let norms = [
+                &layer.input_layernorm,
+                &layer.attn_sub_norm,
+                &layer.post_attention_layernorm,
+                &layer.ffn_sub_norm,
+            ];
+            for (spec, norm) in c.layer_norms().into_iter().zip(norms) {
+                expect(spec.hf, spec.len, norm.len())?;
+            }
             for ((name, rows, cols), w) in linear_shapes(c).into_iter().zip(layer.linears()) {
                 expect(name, rows * cols, w.len())?;
             }

@@ -86,14 +86,15 @@ impl LayerParameters {
 
 impl Parameters {
     /// Every tensor with its Hugging Face name (`model.layers.0.self_attn.q_proj.weight`, ...), in
-    /// a fixed order: embedding, layers, final norm, lm_head.
+    /// a fixed order: embedding, layers, final norm, lm_head. The sub-norms of a family without
+    /// them (empty) are left out.
     pub fn tensors(&self) -> Vec<(String, &[f32])> {
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
             &self.embed_tokens[..],
         )];
         for (i, layer) in self.layers.iter().enumerate() {
-            for (name, t) in layer.named() {
+            for (name, t) in layer.named().into_iter().filter(|(_, t)| !t.is_empty()) {
                 out.push((format!("model.layers.{i}.{name}.weight"), &t[..]));
             }
         }
@@ -108,7 +109,13 @@ impl Parameters {
     pub fn tensors_mut(&mut self) -> Vec<&mut [f32]> {
         let mut out: Vec<&mut [f32]> = vec![&mut self.embed_tokens];
         for layer in &mut self.layers {
-            out.extend(layer.all_mut().into_iter().map(|t| &mut t[..]));
+            out.extend(
+                layer
+                    .all_mut()
+                    .into_iter()
+                    .filter(|t| !t.is_empty())
+                    .map(|t| &mut t[..]),
+            );
         }
         out.push(&mut self.norm);
         if let Some(head) = &mut self.lm_head {

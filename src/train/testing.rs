@@ -1,7 +1,7 @@
 //! Test support: the tiny configuration and awkward random models the training tests share.
 
 use super::{Quant, TrainModel};
-use crate::model::ModelConfig;
+use crate::model::{Family, ModelConfig};
 use crate::rng::SplitMix64;
 
 /// vocab 37, hidden 16, 2 layers, 4 heads over 2 kv heads of 4, intermediate 24.
@@ -28,7 +28,16 @@ pub fn tiny_config(tied: bool) -> ModelConfig {
 /// (norm weights in [0.5, 1.5), the rest in [-0.5, 0.5)), so that every path of the gradient
 /// carries a signal well above float noise.
 pub fn scrambled_model(tied: bool, quant: Quant, seed: u64) -> TrainModel {
-    let mut model = TrainModel::new(tiny_config(tied), quant, seed).unwrap();
+    scrambled_model_of(Family::BitNet, tied, quant, seed)
+}
+
+/// [`scrambled_model`] of a model of `family`.
+pub fn scrambled_model_of(family: Family, tied: bool, quant: Quant, seed: u64) -> TrainModel {
+    let config = ModelConfig {
+        family,
+        ..tiny_config(tied)
+    };
+    let mut model = TrainModel::new(config, quant, seed).unwrap();
     let mut rng = SplitMix64(seed ^ 0x5eed);
     let names: Vec<String> = model.params.tensors().into_iter().map(|(n, _)| n).collect();
     for (name, t) in names.iter().zip(model.params.tensors_mut()) {

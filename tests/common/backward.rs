@@ -6,6 +6,7 @@
 use super::pick;
 use bitnet_wgpu::cpu;
 use bitnet_wgpu::gpu::{self, GpuActivations, GpuContext};
+use bitnet_wgpu::model::Activation;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -701,48 +702,74 @@ pub async fn lm_head_backward_matches_cpu(ctx: &mut GpuContext) {
     ctx.check().expect("no device error");
 }
 
-/// relu2_gate_backward.wgsl == cpu::relu2_gate_backward bit for bit (products only, in the same
-/// order), in the fused gate/up layout: closed gates, a gate at exactly 0, one row, odd widths.
-pub async fn relu2_gate_backward_matches_cpu(ctx: &mut GpuContext) {
+/// Relative tolerance of the SiLU gate's gradients against the CPU's, of `|u * dy| * (1 + |g|)`
+/// for `d_gate` (the bound of `|s * (1 + g * (1 - s))|`, whose `1 - s` carries the error of
+/// WGSL's `exp` times `|g|`) and of `|d_up|`: `exp` may be off by 3 + 2|x| ulp, for |x| <= 30.
+pub const SILU_GRAD_REL_TOL: f64 = 2e-5;
+
+/// The gate kernels' gradients, in the fused gate/up layout: relu2_gate_backward.wgsl ==
+/// cpu::relu2_gate_backward bit for bit, silu_gate_backward.wgsl == cpu::silu_gate_backward
+/// within [`SILU_GRAD_REL_TOL`]; zero gates included.
+pub async fn gate_backward_matches_cpu(ctx: &mut GpuContext) {
     use super::model_ops::{assert_bits_eq, values};
-    let mut rng = SmallRng::seed_from_u64(38);
-    for case in 0..200 {
-        let rows = pick(&mut rng, &super::ODD_ROWS);
-        let inter = pick(&mut rng, &super::ODD_COLS);
-        let mut gate_up = Vec::with_capacity(rows * 2 * inter);
-        for _ in 0..rows {
-            let mut gate = values(&mut rng, inter, &[1.0, 30.0, 1e-3]);
-            gate[rng.random_range(0..inter)] = 0.0;
-            gate_up.extend(gate);
-            gate_up.extend(values(&mut rng, inter, &[1.0, 30.0, 1e-3]));
-        }
-        let dy = values(&mut rng, rows * inter, &[1.0, 1e-3, 30.0]);
-        let (gate, up): (Vec<f32>, Vec<f32>) = gate_up
-            .chunks(2 * inter)
-            .flat_map(|row| {
-                row[..inter]
-                    .iter()
-                    .copied()
-                    .zip(row[inter..].iter().copied())
-            })
-            .unzip();
-        let (dgate, dup) = cpu::relu2_gate_backward(&gate, &up, &dy).expect("cpu");
-        let want: Vec<f32> = dgate
-            .chunks(inter)
-            .zip(dup.chunks(inter))
-            .flat_map(|(g, u)| g.iter().chain(u).copied())
-            .collect();
-        let gu_buf = ctx.upload("gate_up", &gate_up).expect("upload");
-        let dy_buf = ctx.upload("dy", &dy).expect("upload");
-        let out = ctx
-            .upload("d_gate_up", &vec![f32::NAN; rows * 2 * inter])
-            .expect("out");
-        run(ctx, |pass| {
-            gpu::relu2_gate::record_backward(ctx, pass, &gu_buf, &dy_buf, &out, rows, inter)
+    for activation in [Activation::Relu2, Activation::Silu] {
+        let mut rng = SmallRng::seed_from_u64(38);
+        for case in 0..200 {
+            let rows = pick(&mut rng, &super::ODD_ROWS);
+            let inter = pick(&mut rng, &super::ODD_COLS);
+            let mut gate_up = Vec::with_capacity(rows * 2 * inter);
+            for _ in 0..rows {
+                let mut gate = values(&mut rng, inter, &[1.0, 30.0, 1e-3]);
+                gate[rng.random_range(0..inter)] = 0.0;
+                gate_up.extend(gate);
+                gate_up.extend(values(&mut rng, inter, &[1.0, 30.0, 1e-3]));
+            }
+            let dy = values(&mut rng, rows * inter, &[1.0, 1e-3, 30.0]);
+            let (gate, up): (Vec<f32>, Vec<f32>) = gate_up
+                .chunks(2 * inter)
+                .flat_map(|row| {
+                    row[..inter]
+                        .iter()
+                        .copied()
+                        .zip(row[inter..].iter().copied())
+                })
+                .unzip();
+            let (dgate, dup) = activation.gate_backward(&gate, &up, &dy).expect("cpu");
+            let interleave = |a: &[f32], b: &[f32]| -> Vec<f32> {
+                a.chunks(inter)
+                    .zip(b.chunks(inter))
+                    .flat_map(|(g, u)| g.iter().chain(u).copied())
+                    .collect()
+            };
+            let want = interleave(&dgate, &dup);
+            let gu_buf = ctx.upload("gate_up", &gate_up).expect("upload");
+            let dy_buf = ctx.upload("dy", &dy).expect("upload");
+            let out = ctx
+                .upload("d_gate_up", &vec![f32::NAN; rows * 2 * inter])
+                .expect("out");
+            run(ctx, |pass| {
+                gpu::gate::record_backward(
+                    ctx, pass, activation, &gu_buf, &dy_buf, &out, rows, inter,
+                )
                 .expect("record");
-        });
-        let got: Vec<f32> = ctx.read(&out, rows * 2 * inter).await.expect("read back");
-        assert_bits_eq(&got, &want, &format!("case {case} ({rows} x {inter})"));
+            });
+            let got: Vec<f32> = ctx.read(&out, rows * 2 * inter).await.expect("read back");
+            let what = format!("{activation:?} case {case} ({rows} x {inter})");
+            match activation {
+                Activation::Relu2 => assert_bits_eq(&got, &want, &what),
+                Activation::Silu => {
+                    let gate_scale: Vec<f32> = (0..gate.len())
+                        .map(|i| (up[i] * dy[i]).abs() * (1.0 + gate[i].abs()))
+                        .collect();
+                    let up_scale: Vec<f32> = dup.iter().map(|d| d.abs()).collect();
+                    let scale: Vec<f64> = interleave(&gate_scale, &up_scale)
+                        .into_iter()
+                        .map(f64::from)
+                        .collect();
+                    assert_grad_close(&got, &want, &scale, SILU_GRAD_REL_TOL, &what);
+                }
+            }
+        }
     }
     ctx.check().expect("no device error");
 }
@@ -991,8 +1018,9 @@ pub async fn backward_bad_shapes_are_errors(ctx: &mut GpuContext) {
         "short dlogits"
     );
 
-    assert!(gpu::relu2_gate::record_backward(ctx, pass, &big, &big2, &big, 2, 4).is_err());
-    assert!(gpu::relu2_gate::record_backward(ctx, pass, &big, &small, &big2, 2, 4).is_err());
+    let act = Activation::Silu;
+    assert!(gpu::gate::record_backward(ctx, pass, act, &big, &big2, &big, 2, 4).is_err());
+    assert!(gpu::gate::record_backward(ctx, pass, act, &big, &small, &big2, 2, 4).is_err());
 
     let cos_sin = gpu::rope::cos_sin_at(ctx, &[0, 1], 4, 10000.0).expect("table");
     assert!(gpu::rope::record_backward(ctx, pass, &small, &cos_sin, 2, 1, 4).is_err());

@@ -10,6 +10,7 @@ use bitnet_wgpu::gpu::norm_matmul::NormMatmulOutput;
 use bitnet_wgpu::gpu::{
     self, GpuActivations, GpuContext, GpuTernary, MatmulOptions, MatmulOutput, MatmulPath,
 };
+use bitnet_wgpu::model::Activation;
 use bitnet_wgpu::packing::gpu_words;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -81,10 +82,41 @@ fn cpu_rope_qkv(
     (q, k, part(q_width + kv_width, kv_width))
 }
 
-/// norm_matmul.wgsl gives the bits of rmsnorm_quant + gemv (+ relu2_gate) and matches
-/// cpu::norm_matmul within the epilogue's division tolerance. Where the adapter lacks the
-/// workgroup memory it needs (16 KiB, WebGPU's default), the model takes the separate kernels:
-/// the fused one must refuse, and the separate ones match the CPU.
+/// cpu::norm_matmul as norm_matmul.wgsl extends it: without a norm (act_quant alone) and gated
+/// with either activation. Returns the outputs and, when gated, the gate values before the
+/// activation.
+fn cpu_norm_matmul(
+    x: &[f32],
+    rows: usize,
+    norm: Option<&[f32]>,
+    eps: f32,
+    w: &TernaryWeights,
+    output: NormMatmulOutput,
+) -> (Vec<f32>, Vec<f32>) {
+    let h = match norm {
+        Some(norm) => cpu::rmsnorm(x, rows, norm, eps).expect("cpu rmsnorm"),
+        None => x.to_vec(),
+    };
+    let acts = cpu::act_quant(&h, rows, w.cols).expect("cpu act_quant");
+    let y = cpu::ternary_matmul(&acts, w, None).expect("cpu ternary_matmul");
+    let NormMatmulOutput::Gated(activation) = output else {
+        return (y, Vec::new());
+    };
+    let n = w.rows / 2;
+    let (mut out, mut gates) = (Vec::new(), Vec::new());
+    for row in y.chunks_exact(w.rows) {
+        out.extend(activation.gate(&row[..n], &row[n..]).expect("cpu gate"));
+        gates.extend_from_slice(&row[..n]);
+    }
+    (out, gates)
+}
+
+/// norm_matmul.wgsl gives the bits of rmsnorm_quant (act_quant without a norm) + gemv (+ the
+/// gate) and matches the CPU within the epilogue's division tolerance (for SiLU, scaled by
+/// `1 + |gate|`: WGSL's `exp` is off by more ulp the larger its argument); with a norm and
+/// relu² that is cpu::norm_matmul. Where the adapter lacks the workgroup memory it needs
+/// (16 KiB, WebGPU's default), the model takes the separate kernels: the fused one must refuse,
+/// and the separate ones match the CPU.
 pub async fn norm_matmul_matches_cpu(ctx: &mut GpuContext) {
     for variant in variants(ctx) {
         ctx.set_variant(variant).expect("variant");
@@ -98,12 +130,16 @@ pub async fn norm_matmul_matches_cpu(ctx: &mut GpuContext) {
                 &[
                     NormMatmulOutput::Replace,
                     NormMatmulOutput::Add,
-                    NormMatmulOutput::Gated,
+                    NormMatmulOutput::Gated(Activation::Relu2),
+                    NormMatmulOutput::Gated(Activation::Silu),
                 ],
             );
-            let gated = output == NormMatmulOutput::Gated;
+            let gated = matches!(output, NormMatmulOutput::Gated(_));
+            let normed = rng.random_range(0..3) > 0;
             let eps = pick(&mut rng, &[1e-5f32, 1e-6]);
-            let what = format!("{variant:?} case {case} ({rows}x{cols} -> {n}, {output:?})");
+            let what = format!(
+                "{variant:?} case {case} ({rows}x{cols} -> {n}, {output:?}, normed {normed})"
+            );
             let mut x = residual_rows(&mut rng, rows, cols);
             if case % 29 == 3 {
                 let i = rng.random_range(0..x.len());
@@ -114,7 +150,12 @@ pub async fn norm_matmul_matches_cpu(ctx: &mut GpuContext) {
             let before: Vec<f32> = (0..rows * n)
                 .map(|_| rng.random_range(-4.0f32..4.0))
                 .collect();
-            let cpu_out = cpu::norm_matmul(&x, rows, &norm, eps, &w, gated).expect("cpu");
+            let norm_used = normed.then_some(&norm[..]);
+            let (cpu_out, cpu_gates) = cpu_norm_matmul(&x, rows, norm_used, eps, &w, output);
+            if normed && output != NormMatmulOutput::Gated(Activation::Silu) {
+                let twin = cpu::norm_matmul(&x, rows, &norm, eps, &w, gated).expect("cpu");
+                assert_bits_eq(&twin, &cpu_out, &format!("{what}: cpu::norm_matmul"));
+            }
 
             let input = ctx.upload("x", &x).expect("upload");
             let norm_buf = ctx.upload("norm", &norm).expect("upload");
@@ -128,20 +169,26 @@ pub async fn norm_matmul_matches_cpu(ctx: &mut GpuContext) {
             let mut encoder = ctx.device.create_command_encoder(&Default::default());
             let mut pass = encoder.begin_compute_pass(&Default::default());
             let fused_here = gpu::norm_matmul::supported(ctx, cols);
+            let norm_gpu = normed.then_some(&norm_buf);
             let recorded = gpu::norm_matmul::record(
-                ctx, &mut pass, &input, rows, &norm_buf, eps, &gw, &fused, output,
+                ctx, &mut pass, &input, rows, norm_gpu, eps, &gw, &fused, output,
             );
             assert_eq!(
                 recorded.is_ok(),
                 fused_here,
                 "{what}: fused kernel recorded"
             );
-            gpu::rmsnorm::record_quant(ctx, &mut pass, &input, &norm_buf, &acts, eps)
-                .expect("record rmsnorm_quant");
+            match norm_gpu {
+                Some(norm) => gpu::rmsnorm::record_quant(ctx, &mut pass, &input, norm, &acts, eps)
+                    .expect("record rmsnorm_quant"),
+                None => {
+                    gpu::act_quant::record(ctx, &mut pass, &input, &acts).expect("record act_quant")
+                }
+            }
             let (out, target) = match output {
                 NormMatmulOutput::Replace => (MatmulOutput::Scaled, &split),
                 NormMatmulOutput::Add => (MatmulOutput::AddScaled, &split),
-                NormMatmulOutput::Gated => (MatmulOutput::Scaled, &gate_up),
+                NormMatmulOutput::Gated(_) => (MatmulOutput::Scaled, &gate_up),
             };
             let options = MatmulOptions {
                 path: MatmulPath::Gemv,
@@ -149,9 +196,9 @@ pub async fn norm_matmul_matches_cpu(ctx: &mut GpuContext) {
             };
             gpu::ternary_matmul::record(ctx, &mut pass, &acts, &gw, None, target, options)
                 .expect("record gemv");
-            if gated {
-                gpu::relu2_gate::record(ctx, &mut pass, &gate_up, &split, rows, n)
-                    .expect("record relu2_gate");
+            if let NormMatmulOutput::Gated(activation) = output {
+                gpu::gate::record(ctx, &mut pass, activation, &gate_up, &split, rows, n)
+                    .expect("record gate");
             }
             drop(pass);
             ctx.queue.submit([encoder.finish()]);
@@ -164,11 +211,16 @@ pub async fn norm_matmul_matches_cpu(ctx: &mut GpuContext) {
                 separate
             };
             for (i, (g, c)) in got.iter().zip(&cpu_out).enumerate() {
-                if output == NormMatmulOutput::Add {
-                    let r = before[i];
-                    assert_close(*g, r + c, c.abs() + r.abs(), &format!("{what}: {i}"));
-                } else {
-                    assert_close(*g, *c, c.abs(), &format!("{what}: {i}"));
+                match output {
+                    NormMatmulOutput::Add => {
+                        let r = before[i];
+                        assert_close(*g, r + c, c.abs() + r.abs(), &format!("{what}: {i}"));
+                    }
+                    NormMatmulOutput::Gated(Activation::Silu) => {
+                        let scale = c.abs() * (1.0 + cpu_gates[i].abs());
+                        assert_close(*g, *c, scale, &format!("{what}: {i}"));
+                    }
+                    _ => assert_close(*g, *c, c.abs(), &format!("{what}: {i}")),
                 }
             }
         }

@@ -1,12 +1,13 @@
 //! The whole transformer on the GPU against the CPU reference forward, on a tiny random model
-//! with awkward sizes (hidden 40, head_dim 20, grouped-query attention).
+//! with awkward sizes (hidden 40, head_dim 20, grouped-query attention), of every family.
 
 use bitnet_wgpu::cpu;
 use bitnet_wgpu::formats::hf;
 use bitnet_wgpu::gpu::GpuContext;
 use bitnet_wgpu::gpu::table::TableStorage;
 use bitnet_wgpu::model::{
-    self, DecodePath, GpuModel, KvCache, Logits, ModelConfig, ModelWeights, Sampler, SamplingParams,
+    self, DecodePath, Family, GpuModel, KvCache, Logits, ModelConfig, ModelWeights, Sampler,
+    SamplingParams,
 };
 use half::f16;
 
@@ -24,7 +25,8 @@ fn f16_table(values: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-pub fn tiny_model(seed: u64, tied: bool) -> ModelWeights {
+/// A tiny random model of `family`.
+pub fn tiny_model(seed: u64, tied: bool, family: Family) -> ModelWeights {
     let config = ModelConfig {
         vocab_size: 37,
         hidden_size: 40,
@@ -38,6 +40,7 @@ pub fn tiny_model(seed: u64, tied: bool) -> ModelWeights {
         tie_word_embeddings: tied,
         bos_token_id: Some(1),
         eos_token_id: Some(2),
+        family,
         ..ModelConfig::bitnet_b158_2b4t()
     };
     let mut weights = model::synthetic(&config, seed);
@@ -70,10 +73,15 @@ fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Prompt logits (the GEMM path), then token-by-token decoding (the GEMV path) with the KV cache,
-/// and greedy generation giving the same tokens, for tied and untied heads.
+/// and greedy generation giving the same tokens, for tied and untied heads, in every family;
+/// both decode paths give the same bits.
 pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
-    for (seed, tied) in [(11, true), (12, false)] {
-        let weights = tiny_model(seed, tied);
+    let cases = Family::ALL
+        .into_iter()
+        .flat_map(|family| [(11, true, family), (12, false, family)]);
+    for (seed, tied, family) in cases {
+        let weights = tiny_model(seed, tied, family);
+        let case = format!("{family:?} seed {seed}");
         let prompt: Vec<u32> = vec![1, 5, 9, 30, 36, 0, 17, 22, 3, 8];
         let mut cache = KvCache::new(&weights.config);
         let cpu_prompt = model::forward(&weights, &prompt, &mut cache).expect("cpu forward");
@@ -87,37 +95,37 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
             .forward(ctx, &prompt, Logits::All)
             .await
             .expect("gpu forward");
-        assert_logits_close(&gpu_prompt, &cpu_prompt, &format!("seed {seed}: prompt"));
+        assert_logits_close(&gpu_prompt, &cpu_prompt, &format!("{case}: prompt"));
 
         // Uploaded from the checkpoint's bytes a layer at a time: the same model, bit for bit.
-        let bytes = hf::to_safetensors_bytes(&weights, &[]).expect("safetensors");
-        let checkpoint =
-            hf::Checkpoint::from_bytes(&hf::config_json(&weights.config).unwrap(), &[&bytes])
-                .expect("checkpoint");
-        let mut streamed =
-            GpuModel::new(ctx, &checkpoint, 64, TableStorage::F16).expect("upload checkpoint");
-        let streamed_prompt = streamed
-            .forward(ctx, &prompt, Logits::All)
-            .await
-            .expect("gpu forward");
-        assert_eq!(
-            streamed_prompt, gpu_prompt,
-            "seed {seed}: from the checkpoint"
-        );
-        drop(streamed);
+        // 1bitLLM's models have no packed Hugging Face layout to write.
+        match hf::config_json(&weights.config) {
+            Ok(json) => {
+                let bytes = hf::to_safetensors_bytes(&weights, &[]).expect("safetensors");
+                let checkpoint = hf::Checkpoint::from_bytes(&json, &[&bytes]).expect("checkpoint");
+                let mut streamed = GpuModel::new(ctx, &checkpoint, 64, TableStorage::F16)
+                    .expect("upload checkpoint");
+                let streamed_prompt = streamed
+                    .forward(ctx, &prompt, Logits::All)
+                    .await
+                    .expect("gpu forward");
+                assert_eq!(streamed_prompt, gpu_prompt, "{case}: from the checkpoint");
+            }
+            Err(e) => assert_eq!(family, Family::OneBitLlm, "{case}: {e}"),
+        }
 
         let vocab = weights.config.vocab_size;
         let mut cpu_next = argmax(&cpu_prompt[cpu_prompt.len() - vocab..]);
         let mut gpu_next = argmax(&gpu_prompt[gpu_prompt.len() - vocab..]);
         let mut steps = Vec::new();
         for step in 0..12 {
-            assert_eq!(gpu_next, cpu_next, "seed {seed}: greedy token {step}");
+            assert_eq!(gpu_next, cpu_next, "{case}: greedy token {step}");
             let c = model::forward(&weights, &[cpu_next], &mut cache).expect("cpu step");
             let g = gpu
                 .forward(ctx, &[gpu_next], Logits::Last)
                 .await
                 .expect("gpu step");
-            assert_logits_close(&g, &c, &format!("seed {seed}: decode step {step}"));
+            assert_logits_close(&g, &c, &format!("{case}: decode step {step}"));
             steps.push((gpu_next, g.clone()));
             cpu_next = argmax(&c);
             gpu_next = argmax(&g);
@@ -138,8 +146,8 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
             })
             .await
             .expect("greedy");
-        assert_eq!(chosen, expected, "seed {seed}: pipelined greedy");
-        assert_eq!(streamed, expected, "seed {seed}: streamed tokens");
+        assert_eq!(chosen, expected, "{case}: pipelined greedy");
+        assert_eq!(streamed, expected, "{case}: streamed tokens");
         assert_eq!(piped.len(), prompt.len() + expected.len() - 1);
         // Stopping early leaves the last token unfed; feeding it goes on where the loop was.
         piped.reset();
@@ -151,7 +159,7 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
             })
             .await
             .expect("greedy");
-        assert_eq!(chosen, expected[..3], "seed {seed}: stopped greedy");
+        assert_eq!(chosen, expected[..3], "{case}: stopped greedy");
         assert_eq!(piped.len(), prompt.len() + 2);
         let resumed = piped
             .forward(ctx, &[chosen[2]], Logits::Last)
@@ -162,7 +170,7 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
                 .iter()
                 .zip(&steps[2].1)
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "seed {seed}: resuming after a stop"
+            "{case}: resuming after a stop"
         );
         // Only the allowed ids are chosen.
         piped.reset();
@@ -184,7 +192,7 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
             assert_eq!(other.decode_path(), DecodePath::Separate);
             assert!(
                 other.set_decode_path(ctx, path).is_err(),
-                "seed {seed}: the fused path refused"
+                "{case}: the fused path refused"
             );
         } else {
             other
@@ -203,7 +211,7 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
                     .iter()
                     .zip(logits)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "seed {seed}: {path:?} decode step {step} differs");
+                assert!(same, "{case}: {path:?} decode step {step} differs");
             }
         }
 
@@ -217,11 +225,7 @@ pub async fn gpu_model_matches_cpu(ctx: &GpuContext) {
             .expect("prompt");
         gpu.forward(ctx, &[4], Logits::Last).await.expect("step");
         let stepped = gpu.forward(ctx, &[6], Logits::Last).await.expect("step");
-        assert_logits_close(
-            &stepped,
-            &whole,
-            &format!("seed {seed}: cache vs recompute"),
-        );
+        assert_logits_close(&stepped, &whole, &format!("{case}: cache vs recompute"));
 
         assert!(
             gpu.forward(ctx, &[37], Logits::Last).await.is_err(),
@@ -264,14 +268,14 @@ pub async fn too_big_model_is_refused(ctx: &GpuContext) {
             assert!(fits.is_ok(), "without a figure nothing is refused early");
         }
     }
-    let tiny = tiny_model(1, true);
+    let tiny = tiny_model(1, true, Family::BitNet);
     GpuModel::check_fits(ctx, &tiny.config, 64, TableStorage::F16).expect("a tiny model fits");
 }
 
 /// `GpuModel::nll` over a window of three logit blocks: `cpu::nll` of the GPU's own logits (f32
 /// against f64), and of the CPU reference's within the logit tolerance.
 pub async fn gpu_nll_matches_cpu(ctx: &GpuContext) {
-    let mut weights = tiny_model(13, false);
+    let mut weights = tiny_model(13, false, Family::BitNet);
     weights.config.max_position_embeddings = 160;
     let tokens: Vec<u32> = (0..150).map(|i| (i * 7 + 3) % 37).collect();
     let vocab = weights.config.vocab_size;
@@ -306,7 +310,7 @@ pub async fn gpu_nll_matches_cpu(ctx: &GpuContext) {
 /// `Sampler` picks on the host from the same logits with the same seed, at several settings, and
 /// only among the allowed ids.
 pub async fn gpu_sampled_decoding_matches_host(ctx: &GpuContext) {
-    let weights = tiny_model(17, true);
+    let weights = tiny_model(17, true, Family::BitNet);
     let vocab = weights.config.vocab_size;
     let prompt = [1, 5, 9, 30];
     let mut gpu = GpuModel::new(ctx, &weights, 64, TableStorage::F16).expect("upload model");

@@ -5,6 +5,7 @@
 use super::{assert_activations_eq, pick, variants};
 use bitnet_wgpu::cpu;
 use bitnet_wgpu::gpu::{self, GpuActivations, GpuContext};
+use bitnet_wgpu::model::Activation;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -240,38 +241,61 @@ pub async fn elementwise_matches_cpu(ctx: &mut GpuContext) {
     }
 }
 
-/// relu2_gate.wgsl == cpu::relu2_gate on the fused gate/up layout, and relu2_gate_quant ==
-/// cpu::act_quant of it, bit for bit.
-pub async fn relu2_gate_matches_cpu(ctx: &mut GpuContext) {
-    for variant in variants(ctx) {
-        ctx.set_variant(variant).expect("variant");
-        let mut rng = SmallRng::seed_from_u64(14);
-        for case in 0..200 {
-            let rows = pick(&mut rng, &ROWS);
-            let inter = pick(&mut rng, &COLS);
-            let what = format!("{variant:?} case {case} ({rows}x{inter})");
-            let gate_up = values(&mut rng, rows * 2 * inter, &[1.0f32, 20.0, 1e-3]);
-            let (mut gate, mut up) = (Vec::new(), Vec::new());
-            for row in gate_up.chunks_exact(2 * inter) {
-                gate.extend_from_slice(&row[..inter]);
-                up.extend_from_slice(&row[inter..]);
-            }
-            let expected = cpu::relu2_gate(&gate, &up).expect("cpu");
-            let expected_q = cpu::act_quant(&expected, rows, inter).expect("cpu act_quant");
+/// How far the SiLU kernels may be from the CPU, relative to the value: WGSL's `exp` may be off
+/// by 3 + 2|x| ulp (Vulkan's bound) and its division by 2.5, for |x| up to 30 here.
+pub const SILU_REL_TOL: f32 = 2e-5;
 
-            let input = ctx.upload("gate_up", &gate_up).expect("upload");
-            let out = ctx.storage("out", (rows * inter * 4) as u64).expect("out");
-            let acts = GpuActivations::new(ctx, rows, inter).expect("activations");
-            let mut encoder = ctx.device.create_command_encoder(&Default::default());
-            let mut pass = encoder.begin_compute_pass(&Default::default());
-            gpu::relu2_gate::record(ctx, &mut pass, &input, &out, rows, inter).expect("record");
-            gpu::relu2_gate::record_quant(ctx, &mut pass, &input, &acts).expect("record");
-            drop(pass);
-            ctx.queue.submit([encoder.finish()]);
-            let got: Vec<f32> = ctx.read(&out, rows * inter).await.expect("read back");
-            assert_bits_eq(&got, &expected, &what);
-            let got_q = acts.read(ctx).await.expect("read back");
-            assert_activations_eq(&got_q, &expected_q, &format!("quant {what}"));
+/// `got` within [`SILU_REL_TOL`] of `want`, value by value (NaN for NaN).
+pub fn assert_silu_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let close = (g - w).abs() <= SILU_REL_TOL * w.abs() + f32::MIN_POSITIVE;
+        assert!(
+            close || (g.is_nan() && w.is_nan()),
+            "{what}: {i}: gpu {g:e} cpu {w:e}"
+        );
+    }
+}
+
+/// The gate kernels on the fused gate/up layout: relu2_gate.wgsl == cpu::relu2_gate bit for bit,
+/// silu_gate.wgsl == cpu::silu_gate within [`SILU_REL_TOL`]; and each one's `_quant` entry ==
+/// cpu::act_quant of what the gate kernel wrote, bit for bit.
+pub async fn gate_matches_cpu(ctx: &mut GpuContext) {
+    for activation in [Activation::Relu2, Activation::Silu] {
+        for variant in variants(ctx) {
+            ctx.set_variant(variant).expect("variant");
+            let mut rng = SmallRng::seed_from_u64(14);
+            for case in 0..200 {
+                let rows = pick(&mut rng, &ROWS);
+                let inter = pick(&mut rng, &COLS);
+                let what = format!("{activation:?} {variant:?} case {case} ({rows}x{inter})");
+                let gate_up = values(&mut rng, rows * 2 * inter, &[1.0f32, 20.0, 1e-3]);
+                let (mut gate, mut up) = (Vec::new(), Vec::new());
+                for row in gate_up.chunks_exact(2 * inter) {
+                    gate.extend_from_slice(&row[..inter]);
+                    up.extend_from_slice(&row[inter..]);
+                }
+                let expected = activation.gate(&gate, &up).expect("cpu");
+
+                let input = ctx.upload("gate_up", &gate_up).expect("upload");
+                let out = ctx.storage("out", (rows * inter * 4) as u64).expect("out");
+                let acts = GpuActivations::new(ctx, rows, inter).expect("activations");
+                let mut encoder = ctx.device.create_command_encoder(&Default::default());
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                gpu::gate::record(ctx, &mut pass, activation, &input, &out, rows, inter)
+                    .expect("record");
+                gpu::gate::record_quant(ctx, &mut pass, activation, &input, &acts).expect("record");
+                drop(pass);
+                ctx.queue.submit([encoder.finish()]);
+                let got: Vec<f32> = ctx.read(&out, rows * inter).await.expect("read back");
+                match activation {
+                    Activation::Relu2 => assert_bits_eq(&got, &expected, &what),
+                    Activation::Silu => assert_silu_close(&got, &expected, &what),
+                }
+                let expected_q = cpu::act_quant(&got, rows, inter).expect("cpu act_quant");
+                let got_q = acts.read(ctx).await.expect("read back");
+                assert_activations_eq(&got_q, &expected_q, &format!("quant {what}"));
+            }
         }
     }
 }
@@ -293,9 +317,12 @@ pub async fn model_ops_bad_shapes_are_errors(ctx: &mut GpuContext) {
     assert!(gpu::rope::record(ctx, p, &small, &other, 1, 1, 1, 6, 1e4, 0).is_err());
     assert!(gpu::rope::record(ctx, p, &small, &other, 0, 2, 1, 4, 1e4, 0).is_err());
     assert!(gpu::elementwise::copy_rows(ctx, p, &small, 0, &other, 1, 2, 3).is_err());
-    assert!(gpu::relu2_gate::record(ctx, p, &small, &other, 1, 4).is_err());
-    assert!(gpu::relu2_gate::record(ctx, p, &small, &other, 1, 0).is_err());
-    assert!(gpu::relu2_gate::record_quant(ctx, p, &small, &acts).is_err());
+    for act in [Activation::Relu2, Activation::Silu] {
+        assert!(gpu::gate::record(ctx, p, act, &small, &other, 1, 4).is_err());
+        assert!(gpu::gate::record(ctx, p, act, &small, &other, 1, 0).is_err());
+        assert!(gpu::gate::record(ctx, p, act, &small, &small, 1, 2).is_err());
+        assert!(gpu::gate::record_quant(ctx, p, act, &small, &acts).is_err());
+    }
     // One dispatch cannot bind a buffer for reading and writing.
     assert!(gpu::rmsnorm::record(ctx, p, &small, &other, &small, 1, 4, 1e-5).is_err());
     assert!(gpu::rope::record(ctx, p, &small, &small, 0, 1, 1, 6, 1e4, 0).is_err());
@@ -308,7 +335,6 @@ pub async fn model_ops_bad_shapes_are_errors(ctx: &mut GpuContext) {
     assert!(
         gpu::elementwise::copy_block(ctx, p, &small, cols(2, 0), &small, cols(2, 0), 1, 2).is_err()
     );
-    assert!(gpu::relu2_gate::record(ctx, p, &small, &small, 1, 2).is_err());
     drop(pass);
     ctx.queue.submit([encoder.finish()]);
     ctx.check().expect("no device error was raised");

@@ -10,8 +10,8 @@ use std::rc::Rc;
 use bitnet_wgpu::Error;
 use bitnet_wgpu::formats::hf::{config_json, to_safetensors_bytes};
 use bitnet_wgpu::model::{
-    Device, Engine, GenerationParams, Generator, ModelConfig, ModelWeights, SamplingParams, Stop,
-    collect, open_model_from_bytes,
+    Device, Engine, GenerationParams, Generator, ModelWeights, SamplingParams, Stop, collect,
+    open_model_from_bytes,
 };
 use bitnet_wgpu::train::data::{Batches, tokenize};
 use bitnet_wgpu::train::{
@@ -92,7 +92,11 @@ impl Demo {
             // The files stay packed; the engine unpacks them a layer at a time. Only a model
             // small enough to fine-tune is kept whole, for training and recovery.
             let (source, tokenizer) = open_model_from_bytes(&named).map_err(error)?;
-            let kept = if parameters(source.config()) <= MAX_TUNE_PARAMETERS {
+            let kept = if source
+                .config()
+                .parameter_count()
+                .is_some_and(|n| n <= MAX_TUNE_PARAMETERS)
+            {
                 Some(collect(&*source).map_err(error)?)
             } else {
                 None
@@ -311,7 +315,10 @@ impl Demo {
             .as_ref()
             .ok_or_else(|| message("the model is busy; try again when it is done".into()))?;
         let mut files = vec![
-            ("config.json", config_json(&weights.config).into_bytes()),
+            (
+                "config.json",
+                config_json(&weights.config).map_err(error)?.into_bytes(),
+            ),
             (
                 "model.safetensors",
                 to_safetensors_bytes(weights, &[]).map_err(error)?,
@@ -414,19 +421,6 @@ async fn tune(
         "engine": engine,
     });
     Ok((tuned, summary))
-}
-
-/// The trainable parameters of a model of shape `c`: every linear, norm and table.
-fn parameters(c: &ModelConfig) -> usize {
-    let (attn, kv) = (
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-    );
-    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
-    let linears = hidden * (2 * attn + 2 * kv + 3 * inter);
-    let norms = 2 * hidden + attn + inter;
-    let tables = if c.tie_word_embeddings { 1 } else { 2 };
-    tables * c.vocab_size * hidden + c.num_hidden_layers * (linears + norms) + hidden
 }
 
 /// What the page shows about a loaded model: JSON text with `adapter`, `backend`, `features`

@@ -8,20 +8,25 @@ use super::{
 use crate::cpu::TernaryWeights;
 use crate::formats::check_layer_count;
 use crate::model::{
-    BlockLayer, LayerWeights, ModelConfig, ModelWeights, WeightSource, check_layer_index, collect,
+    BlockLayer, Family, LayerWeights, LinearSpec, ModelConfig, ModelWeights, WeightSource,
+    check_layer_index, collect,
 };
 use crate::packing::i2s;
 use crate::table::{FloatType, Table};
 use crate::{Error, Result};
 
-/// `general.architecture` values of BitNet b1.58 checkpoints: `bitnet` (the 1bitLLM models
-/// through bitnet.cpp's `convert-hf-to-gguf-bitnet.py`), `bitnet-25` (its
-/// `convert-ms-to-gguf-bitnet.py`) and `bitnet-b1.58` (the released 2B-4T GGUF). All three use
-/// the same tensor names and NeoX-style RoPE on unpermuted q/k weights.
-pub(super) const ARCHITECTURES: [&str; 3] = ["bitnet", "bitnet-25", "bitnet-b1.58"];
-
-/// The architecture [`super::write_model`] writes.
-pub(super) const WRITE_ARCHITECTURE: &str = "bitnet-b1.58";
+/// `general.architecture` values this crate reads, with their family: `bitnet-b1.58` (the
+/// released 2B-4T GGUF) and `bitnet-25` (bitnet.cpp's `convert-ms-to-gguf-bitnet.py`) for BitNet,
+/// `bitnet` (1bitLLM's models through bitnet.cpp's `convert-hf-to-gguf-bitnet.py`) and `llama`
+/// (Falcon3-1.58bit, Falcon-E, Llama3-8B-1.58 through the same converter). The BitNet
+/// architectures keep Hugging Face's q/k rows and use NeoX RoPE; `llama` permutes the q/k rows
+/// for llama.cpp's interleaved RoPE ([`permute_rows`]).
+pub(super) const ARCHITECTURES: [(&str, Family); 4] = [
+    ("bitnet-b1.58", Family::BitNet),
+    ("bitnet-25", Family::BitNet),
+    ("bitnet", Family::OneBitLlm),
+    ("llama", Family::Llama),
+];
 
 /// Tensor names, as bitnet.cpp's converters and llama.cpp's loader spell them.
 pub(super) mod names {
@@ -35,98 +40,50 @@ pub(super) mod names {
     }
 }
 
-/// The per-layer linear tensors in the order of [`layer_linears`], with their shapes.
-pub(super) const LINEARS: [(&str, LinearShape); 7] = [
-    ("attn_q", LinearShape::QueryFromHidden),
-    ("attn_k", LinearShape::KeyValueFromHidden),
-    ("attn_v", LinearShape::KeyValueFromHidden),
-    ("attn_output", LinearShape::HiddenFromQuery),
-    ("ffn_gate", LinearShape::FfnFromHidden),
-    ("ffn_up", LinearShape::FfnFromHidden),
-    ("ffn_down", LinearShape::HiddenFromFfn),
-];
-
-/// The per-layer norm tensors in the order of [`layer_norms`], with their lengths.
-pub(super) const NORMS: [(&str, NormShape); 4] = [
-    ("attn_norm", NormShape::Hidden),
-    ("attn_sub_norm", NormShape::Hidden),
-    ("ffn_norm", NormShape::Hidden),
-    ("ffn_sub_norm", NormShape::Ffn),
-];
-
-/// A layer's linears in [`LINEARS`] order.
-pub(super) fn layer_linears(l: &LayerWeights) -> [&TernaryWeights; 7] {
-    [
-        &l.q_proj,
-        &l.k_proj,
-        &l.v_proj,
-        &l.o_proj,
-        &l.gate_proj,
-        &l.up_proj,
-        &l.down_proj,
-    ]
-}
-
-/// A layer's norms in [`NORMS`] order.
-pub(super) fn layer_norms(l: &LayerWeights) -> [&[f32]; 4] {
-    [
-        &l.input_layernorm,
-        &l.attn_sub_norm,
-        &l.post_attention_layernorm,
-        &l.ffn_sub_norm,
-    ]
-}
-
-/// The shape of a linear weight in terms of the config.
-#[derive(Clone, Copy)]
-pub(super) enum LinearShape {
-    QueryFromHidden,
-    KeyValueFromHidden,
-    HiddenFromQuery,
-    FfnFromHidden,
-    HiddenFromFfn,
-}
-
-impl LinearShape {
-    /// `(out, in)` for a config.
-    pub(super) fn out_in(self, c: &ModelConfig) -> (usize, usize) {
-        let q = c.num_attention_heads * c.head_dim;
-        let kv = c.num_key_value_heads * c.head_dim;
-        match self {
-            LinearShape::QueryFromHidden => (q, c.hidden_size),
-            LinearShape::KeyValueFromHidden => (kv, c.hidden_size),
-            LinearShape::HiddenFromQuery => (c.hidden_size, q),
-            LinearShape::FfnFromHidden => (c.intermediate_size, c.hidden_size),
-            LinearShape::HiddenFromFfn => (c.hidden_size, c.intermediate_size),
+/// The row order llama.cpp's converter gives a Llama q or k weight (`heads` heads of
+/// `rows / heads` rows): within each head, row `2i + s` of the file is Hugging Face's row
+/// `s * half + i` (`half` = half the head), so that llama.cpp's RoPE, which rotates adjacent
+/// pairs, computes what Hugging Face's rotate-half does on the original order. `to_file` true
+/// gives the file's order from Hugging Face's, false the reverse.
+pub(super) fn permute_rows(w: &TernaryWeights, heads: usize, to_file: bool) -> TernaryWeights {
+    let half = w.rows / heads / 2;
+    let hf_row = |file_row: usize| {
+        let (head, j) = (file_row / (2 * half), file_row % (2 * half));
+        head * 2 * half + (j % 2) * half + j / 2
+    };
+    let source = |row: usize| {
+        if to_file {
+            hf_row(row)
+        } else {
+            let (head, j) = (row / (2 * half), row % (2 * half));
+            head * 2 * half + 2 * (j % half) + j / half
         }
-    }
-
-    /// What the row length (`in`) is, in the config's words.
-    pub(super) fn row_name(self) -> &'static str {
-        match self {
-            LinearShape::QueryFromHidden
-            | LinearShape::KeyValueFromHidden
-            | LinearShape::FfnFromHidden => "hidden_size",
-            LinearShape::HiddenFromQuery => "num_attention_heads x head_dim",
-            LinearShape::HiddenFromFfn => "intermediate_size",
-        }
+    };
+    let codes = (0..w.rows)
+        .flat_map(|r| &w.codes[source(r) * w.cols..][..w.cols])
+        .copied()
+        .collect();
+    let scales = match w.scales.len() {
+        1 => w.scales.clone(),
+        _ => (0..w.rows).map(|r| w.scales[source(r)]).collect(),
+    };
+    TernaryWeights {
+        rows: w.rows,
+        cols: w.cols,
+        codes,
+        scales,
     }
 }
 
-/// The length of a norm vector in terms of the config.
-#[derive(Clone, Copy)]
-pub(super) enum NormShape {
-    Hidden,
-    Ffn,
-}
-
-impl NormShape {
-    pub(super) fn len(self, c: &ModelConfig) -> usize {
-        match self {
-            NormShape::Hidden => c.hidden_size,
-            NormShape::Ffn => c.intermediate_size,
-        }
+/// The heads whose rows [`permute_rows`] reorders in a `family` file, for each linear in
+/// [`ModelConfig::layer_linears`] order (q by the query heads, k by the key/value heads).
+pub(super) fn permuted_heads(c: &ModelConfig) -> [Option<usize>; 7] {
+    let mut heads = [None; 7];
+    if c.family == Family::Llama {
+        heads[0] = Some(c.num_attention_heads);
+        heads[1] = Some(c.num_key_value_heads);
     }
+    heads
 }
 
 /// The tokenizer stored under `tokenizer.ggml.*`: enough to rebuild llama.cpp's BPE or
@@ -284,9 +241,10 @@ impl<'f> GgufModel<'f> {
     /// shape and inside the file (so a truncated file fails here, before any weight is read).
     pub fn new(file: GgufFile<'f>) -> Result<Self> {
         let config = config(&file)?;
+        let norms = config.layer_norms().iter().filter(|n| n.present()).count();
         check_layer_count(
             &config,
-            LINEARS.len() + NORMS.len(),
+            config.layer_linears().len() + norms,
             file.tensors.len(),
             "GGUF metadata",
         )?;
@@ -299,12 +257,11 @@ impl<'f> GgufModel<'f> {
             expected.push((names::OUTPUT.to_string(), vec![hidden, vocab]));
         }
         for layer in 0..config.num_hidden_layers {
-            for (part, shape) in LINEARS {
-                let (out, inp) = shape.out_in(&config);
-                expected.push((names::block(layer, part), vec![inp, out]));
+            for l in config.layer_linears() {
+                expected.push((names::block(layer, l.gguf), vec![l.cols, l.rows]));
             }
-            for (part, shape) in NORMS {
-                expected.push((names::block(layer, part), vec![shape.len(&config)]));
+            for n in config.layer_norms().iter().filter(|n| n.present()) {
+                expected.push((names::block(layer, n.gguf), vec![n.len]));
             }
         }
         for (name, ne) in &expected {
@@ -337,7 +294,18 @@ impl WeightSource for GgufModel<'_> {
             gate_proj,
             up_proj,
             down_proj,
-        ] = LINEARS.map(|(part, shape)| linear(file, config, layer, part, shape));
+        ] = config
+            .layer_linears()
+            .map(|spec| linear(file, layer, spec))
+            .into_iter()
+            .zip(permuted_heads(config))
+            .map(|(w, heads)| match heads {
+                Some(heads) => w.map(|w| permute_rows(&w, heads, false)),
+                None => w,
+            })
+            .collect::<Vec<_>>()
+            .try_into()
+            .expect("seven linears");
         let [
             input_layernorm,
             attn_sub_norm,
@@ -359,21 +327,21 @@ impl WeightSource for GgufModel<'_> {
         }))
     }
 
-    /// The layer's I2_S tensors as they lie in the file when every row is whole blocks, each
-    /// checked as [`GgufModel::layer`] checks it.
+    /// The layer's I2_S tensors as they lie in the file when every row is whole blocks and in
+    /// Hugging Face's order (not a `llama` file's permuted q/k), each checked as
+    /// [`GgufModel::layer`] checks it.
     fn layer_blocks(&self, layer: usize) -> Result<Option<BlockLayer<'_>>> {
         let (file, config) = (&self.file, &self.config);
         check_layer_index(config, layer)?;
-        if LINEARS
-            .iter()
-            .any(|(_, shape)| !shape.out_in(config).1.is_multiple_of(i2s::BLOCK))
+        let linears = config.layer_linears();
+        if linears.iter().any(|l| !l.cols.is_multiple_of(i2s::BLOCK))
+            || permuted_heads(config).iter().any(Option::is_some)
         {
             return Ok(None);
         }
-        let [q, k, v, o, gate, up, down] = LINEARS.map(|(part, shape)| {
-            let info = require_tensor(file, &names::block(layer, part))?;
-            let (out, inp) = shape.out_in(config);
-            check_shape(info, &[inp, out])?;
+        let [q, k, v, o, gate, up, down] = linears.map(|l| {
+            let info = require_tensor(file, &names::block(layer, l.gguf))?;
+            check_shape(info, &[l.cols, l.rows])?;
             file.tensor_blocks(info)
         });
         Ok(Some(BlockLayer {
@@ -429,15 +397,15 @@ fn config(file: &GgufFile) -> Result<ModelConfig> {
     let arch = file
         .get_str("general.architecture")?
         .ok_or_else(|| missing_key("general.architecture"))?;
-    if !ARCHITECTURES.contains(&arch) {
+    let Some(&(_, family)) = ARCHITECTURES.iter().find(|(name, _)| *name == arch) else {
         return Err(Error::invalid(
             "GGUF architecture",
             format!(
                 "general.architecture {arch:?} is not a BitNet architecture (supported: {})",
-                ARCHITECTURES.join(", ")
+                ARCHITECTURES.map(|(name, _)| name).join(", ")
             ),
         ));
-    }
+    };
     let u32_key = |suffix: &str| -> Result<Option<usize>> {
         Ok(file
             .get_u32(&format!("{arch}.{suffix}"))?
@@ -454,7 +422,7 @@ fn config(file: &GgufFile) -> Result<ModelConfig> {
             format!("{arch}.attention.head_count is 0"),
         ));
     }
-    let head_dim = match u32_key("attention.key_length")? {
+    let head_dim = match u32_key("attention.key_length")?.or(u32_key("rope.dimension_count")?) {
         Some(d) => d,
         None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
         None => {
@@ -494,7 +462,7 @@ fn config(file: &GgufFile) -> Result<ModelConfig> {
         ));
     }
     Ok(ModelConfig {
-        family: Default::default(),
+        family,
         vocab_size,
         hidden_size,
         intermediate_size: required("feed_forward_length")?,
@@ -552,23 +520,18 @@ fn float_tensor(file: &GgufFile, name: &str, ne: &[usize]) -> Result<Vec<f32>> {
     file.tensor_f32(info)
 }
 
-/// A layer's norms in [`NORMS`] order.
+/// A layer's norms in [`ModelConfig::layer_norms`] order, empty where the family has none.
 fn norms(file: &GgufFile, config: &ModelConfig, layer: usize) -> Result<[Vec<f32>; 4]> {
-    let [a, b, c, d] = NORMS
-        .map(|(part, shape)| float_tensor(file, &names::block(layer, part), &[shape.len(config)]));
+    let [a, b, c, d] = config.layer_norms().map(|n| match n.present() {
+        true => float_tensor(file, &names::block(layer, n.gguf), &[n.len]),
+        false => Ok(Vec::new()),
+    });
     Ok([a?, b?, c?, d?])
 }
 
-/// One ternary linear of a layer, shape-checked.
-fn linear(
-    file: &GgufFile,
-    config: &ModelConfig,
-    layer: usize,
-    part: &str,
-    shape: LinearShape,
-) -> Result<TernaryWeights> {
-    let info = require_tensor(file, &names::block(layer, part))?;
-    let (out, inp) = shape.out_in(config);
-    check_shape(info, &[inp, out])?;
+/// One ternary linear of a layer, shape-checked, in the file's row order.
+fn linear(file: &GgufFile, layer: usize, spec: LinearSpec) -> Result<TernaryWeights> {
+    let info = require_tensor(file, &names::block(layer, spec.gguf))?;
+    check_shape(info, &[spec.cols, spec.rows])?;
     file.tensor_ternary(info)
 }

@@ -1,9 +1,10 @@
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 
-use super::model::{ARCHITECTURES, WRITE_ARCHITECTURE};
+use super::model::{ARCHITECTURES, permute_rows};
 use super::writer::{Tensor, encode, ternary_tensor};
 use super::*;
 use crate::cpu::{WeightQuantOptions, weight_quant};
+use crate::model::Family;
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
 
 fn config(
@@ -76,6 +77,19 @@ fn random_model(rng: &mut SmallRng, mut config: ModelConfig, tied: bool) -> Mode
 fn tiny(seed: u64, tied: bool) -> ModelWeights {
     let mut rng = SmallRng::seed_from_u64(seed);
     random_model(&mut rng, config(64, 128, 2, 4, 2, 50), tied)
+}
+
+/// [`tiny`] as a model of `family`: without sub-norms where the family has none.
+fn tiny_of(family: Family, seed: u64, tied: bool) -> ModelWeights {
+    let mut model = tiny(seed, tied);
+    model.config.family = family;
+    if !family.has_sub_norms() {
+        for layer in &mut model.layers {
+            layer.attn_sub_norm.clear();
+            layer.ffn_sub_norm.clear();
+        }
+    }
+    model
 }
 
 /// `t` as written for a vocabulary of `vocab`: its token list padded with `[PAD{id}]` tokens of
@@ -174,16 +188,40 @@ fn model_error(bytes: &[u8]) -> String {
 
 #[test]
 fn round_trip_is_bit_exact() {
-    for (seed, tied) in [(1, true), (2, false)] {
-        let model = tiny(seed, tied);
+    for (family, seed, tied) in [
+        (Family::BitNet, 1, true),
+        (Family::BitNet, 2, false),
+        (Family::Llama, 3, false),
+        (Family::OneBitLlm, 4, true),
+    ] {
+        let model = tiny_of(family, seed, tied);
         let tok = small_tokenizer();
         let bytes = write_model(&model, (!tied).then_some(&tok), TableType::F32).unwrap();
         let file = GgufFile::parse(&bytes).unwrap();
         assert_eq!(file.version, 3);
         assert_eq!(
             file.get_str("general.architecture").unwrap(),
-            Some(WRITE_ARCHITECTURE)
+            Some(family.gguf_architecture())
         );
+        assert_eq!(
+            file.tensor("blk.0.attn_sub_norm.weight").is_some(),
+            family.has_sub_norms()
+        );
+        // A llama file's q and k rows are in llama.cpp's order, which reading undoes.
+        for (name, w, heads) in [
+            ("blk.0.attn_q.weight", &model.layers[0].q_proj, 4),
+            ("blk.1.attn_k.weight", &model.layers[1].k_proj, 2),
+        ] {
+            let stored = file.tensor_ternary(file.tensor(name).unwrap()).unwrap();
+            let permuted = permute_rows(w, heads, true);
+            assert_ne!(permuted.codes, w.codes);
+            let expected = if family == Family::Llama {
+                &permuted
+            } else {
+                w
+            };
+            assert_eq!(stored.codes, expected.codes, "{family:?} {name}");
+        }
         assert_eq!(file.tensor("output.weight").is_none(), tied);
         assert_eq!(to_model(&file).unwrap(), model);
         assert_eq!(tokenizer(&file).unwrap(), (!tied).then(|| padded(&tok, 50)));
@@ -204,7 +242,27 @@ fn round_trip_is_bit_exact() {
 
 #[test]
 fn written_architecture_is_one_the_reader_accepts() {
-    assert!(ARCHITECTURES.contains(&WRITE_ARCHITECTURE));
+    for family in Family::ALL {
+        assert!(ARCHITECTURES.contains(&(family.gguf_architecture(), family)));
+    }
+}
+
+#[test]
+fn llama_row_permutation_is_undone() {
+    let mut rng = SmallRng::seed_from_u64(9);
+    let w = random_model(&mut rng, config(64, 128, 1, 4, 2, 10), true).layers[0]
+        .q_proj
+        .clone();
+    for heads in [1, 2, 4] {
+        let there = permute_rows(&w, heads, true);
+        assert_eq!(permute_rows(&there, heads, false), w);
+    }
+    // Head 0 of 4 (16 rows): file rows 0, 1, 2, 3 are rows 0, 8, 1, 9.
+    let there = permute_rows(&w, 4, true);
+    let row = |t: &TernaryWeights, r: usize| t.codes[r * 64..][..64].to_vec();
+    for (file_row, hf_row) in [(0, 0), (1, 8), (2, 1), (3, 9), (16, 16), (17, 24)] {
+        assert_eq!(row(&there, file_row), row(&w, hf_row));
+    }
 }
 
 /// A little-endian byte builder for hand-written headers.
@@ -552,10 +610,10 @@ fn model_errors_name_the_problem() {
         m.iter_mut()
             .find(|(k, _)| k == "general.architecture")
             .unwrap()
-            .1 = GgufValue::String("llama".into());
+            .1 = GgufValue::String("gpt2".into());
     });
     let err = model_error(&llama);
-    assert!(err.contains("\"llama\""), "{err}");
+    assert!(err.contains("\"gpt2\""), "{err}");
 
     let wrong_shape = rebuild(&bytes, |_, t| {
         t.iter_mut()
@@ -595,7 +653,7 @@ fn model_errors_name_the_problem() {
         "{err}"
     );
 
-    for arch in ARCHITECTURES {
+    for (arch, family) in ARCHITECTURES {
         let renamed = rebuild(&bytes, |m, _| {
             for (k, v) in m.iter_mut() {
                 if let Some(rest) = k.strip_prefix("bitnet-b1.58.") {
@@ -606,10 +664,11 @@ fn model_errors_name_the_problem() {
                 }
             }
         });
-        assert_eq!(
-            to_model(&GgufFile::parse(&renamed).unwrap()).unwrap(),
-            tiny(6, true)
-        );
+        let read = to_model(&GgufFile::parse(&renamed).unwrap()).unwrap();
+        assert_eq!(read.config.family, family, "{arch}");
+        if family == Family::BitNet {
+            assert_eq!(read, tiny(6, true));
+        }
     }
 }
 

@@ -1,15 +1,13 @@
 //! Writing a [`ModelWeights`] as a GGUF v3 file with I2_S linears.
 
-use super::model::{
-    GgufTokenizer, LINEARS, NORMS, WRITE_ARCHITECTURE, layer_linears, layer_norms, names,
-};
+use super::model::{GgufTokenizer, names, permute_rows, permuted_heads};
 use super::reader::{MAGIC, align_up};
 use half::f16;
 
 use super::{DEFAULT_ALIGNMENT, GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_I2_S, GgufValue};
 use crate::cpu::TernaryWeights;
 use crate::formats::scale::multiplier_of;
-use crate::model::{ModelConfig, ModelWeights};
+use crate::model::{ModelConfig, ModelWeights, NormSpec};
 use crate::packing::i2s;
 use crate::{Error, Result};
 
@@ -57,16 +55,16 @@ const BITNET_CPP_ROWS_AT_ONCE: usize = 4;
 /// ```
 pub fn check_bitnet_cpp_rows(config: &ModelConfig) -> Result<()> {
     let refuse = |why: String| Err(Error::invalid("GGUF for bitnet.cpp", why));
-    for (part, shape) in LINEARS {
-        let (out, row) = shape.out_in(config);
-        let name = names::block(0, part);
+    for spec in config.layer_linears() {
+        let (out, row) = (spec.rows, spec.cols);
+        let name = names::block(0, spec.gguf);
         if !row.is_multiple_of(BITNET_CPP_ROW_MULTIPLE) {
             return refuse(format!(
                 "{name}: its rows hold {row} weights ({}), and bitnet.cpp's I2_S kernels compute \
                  rows of whole {BITNET_CPP_ROW_MULTIPLE}-weight blocks only (they misread the \
                  rest silently); hidden_size, intermediate_size and num_attention_heads x \
                  head_dim must all be multiples of {BITNET_CPP_ROW_MULTIPLE}",
-                shape.row_name(),
+                spec.cols_name,
             ));
         }
         if !out.is_multiple_of(BITNET_CPP_ROWS_AT_ONCE) {
@@ -81,7 +79,8 @@ pub fn check_bitnet_cpp_rows(config: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// Encodes a model as a GGUF v3 file (architecture `bitnet-b1.58`): linears as I2_S, norms as
+/// Encodes a model as a GGUF v3 file (its family's architecture, [`crate::model::Family::gguf_architecture`],
+/// with a `llama` file's q/k rows permuted as llama.cpp's converter does): linears as I2_S, norms as
 /// F32, the embedding tables as `tables` says, plus the tokenizer when given. With
 /// [`TableType::F32`], [`super::to_model`] reads it back to an equal [`ModelWeights`].
 ///
@@ -116,29 +115,47 @@ pub fn write_model(
         ));
     }
     for (layer, l) in weights.layers.iter().enumerate() {
-        let [attn_norm, attn_sub_norm, ffn_norm, ffn_sub_norm] = layer_norms(l);
-        let [q, k, v, o, gate, up, down] = layer_linears(l);
-        let norm = |i: usize, data: &[f32]| {
-            let (part, shape) = NORMS[i];
-            float_tensor(&names::block(layer, part), &[shape.len(c)], data)
+        // Absent sub-norms (a family without them) are not written.
+        let norm = |spec: NormSpec, data: &[f32]| {
+            spec.present()
+                .then(|| float_tensor(&names::block(layer, spec.gguf), &[spec.len], data))
+                .transpose()
         };
-        let linear = |i: usize, w: &TernaryWeights| {
-            let (part, shape) = LINEARS[i];
-            ternary_tensor(&names::block(layer, part), shape.out_in(c), w)
-        };
-        tensors.extend([
-            norm(0, attn_norm)?,
-            linear(0, q)?,
-            linear(1, k)?,
-            linear(2, v)?,
-            linear(3, o)?,
-            norm(1, attn_sub_norm)?,
-            norm(2, ffn_norm)?,
-            linear(4, gate)?,
-            linear(5, up)?,
-            linear(6, down)?,
-            norm(3, ffn_sub_norm)?,
-        ]);
+        let [input, attn_sub, post, ffn_sub] = c.layer_norms();
+        let [attn_norm, attn_sub_norm, ffn_norm, ffn_sub_norm] = l.norms();
+        let linears: Vec<_> = c
+            .layer_linears()
+            .into_iter()
+            .zip(l.linears())
+            .zip(permuted_heads(c))
+            .map(|((spec, w), heads)| {
+                let name = names::block(layer, spec.gguf);
+                match heads {
+                    Some(heads) => {
+                        ternary_tensor(&name, (spec.rows, spec.cols), &permute_rows(w, heads, true))
+                    }
+                    None => ternary_tensor(&name, (spec.rows, spec.cols), w),
+                }
+            })
+            .collect::<Result<_>>()?;
+        let [q, k, v, o, gate, up, down] = linears.try_into().expect("seven linears");
+        tensors.extend(
+            [
+                norm(input, attn_norm)?,
+                Some(q),
+                Some(k),
+                Some(v),
+                Some(o),
+                norm(attn_sub, attn_sub_norm)?,
+                norm(post, ffn_norm)?,
+                Some(gate),
+                Some(up),
+                Some(down),
+                norm(ffn_sub, ffn_sub_norm)?,
+            ]
+            .into_iter()
+            .flatten(),
+        );
     }
     tensors.push(float_tensor(
         names::OUTPUT_NORM,
@@ -193,7 +210,7 @@ fn metadata(
     c: &ModelConfig,
     tokenizer: Option<&GgufTokenizer>,
 ) -> Result<Vec<(String, GgufValue)>> {
-    let arch = WRITE_ARCHITECTURE;
+    let arch = c.family.gguf_architecture();
     let u32_of = |what: &'static str, v: usize| {
         u32::try_from(v)
             .map(GgufValue::U32)

@@ -8,10 +8,10 @@ use crate::gpu::norm_matmul::NormMatmulOutput;
 use crate::gpu::table::{GpuTable, TableStorage, row_words};
 use crate::gpu::ternary_matmul::GEMM_MIN_ROWS;
 use crate::gpu::{
-    self, GpuActivations, GpuContext, GpuTernary, MatmulOptions, MatmulOutput, argmax, attention,
-    elementwise, embedding, lm_head, norm_matmul, relu2_gate, rmsnorm, rope, sampling,
+    self, GpuActivations, GpuContext, GpuTernary, MatmulOptions, MatmulOutput, act_quant, argmax,
+    attention, elementwise, embedding, gate, lm_head, norm_matmul, rmsnorm, rope, sampling,
 };
-use crate::model::{Checked, Logits, ModelConfig, Sampler, WeightSource};
+use crate::model::{Activation, Checked, Logits, ModelConfig, Sampler, WeightSource};
 use crate::packing::gpu_words;
 use crate::{Error, Result};
 
@@ -67,13 +67,14 @@ struct GpuLayer {
     /// rope_qkv's input layout.
     qkv: GpuTernary,
     o_proj: GpuTernary,
-    attn_sub_norm: wgpu::Buffer,
+    /// `None` in a family without sub-norms (wgpu has no empty buffers).
+    attn_sub_norm: Option<wgpu::Buffer>,
     post_attention_layernorm: wgpu::Buffer,
-    /// gate_proj and up_proj stacked likewise: relu2_gate's (and the gated norm_matmul's)
+    /// gate_proj and up_proj stacked likewise: the gate kernels' (and the gated norm_matmul's)
     /// input layout.
     gate_up: GpuTernary,
     down_proj: GpuTernary,
-    ffn_sub_norm: wgpu::Buffer,
+    ffn_sub_norm: Option<wgpu::Buffer>,
     keys: wgpu::Buffer,
     values: wgpu::Buffer,
 }
@@ -188,6 +189,13 @@ impl GpuModel {
         // Each upload is a copy: the source's bytes of what was uploaded can go.
         weights.release();
         let kv_row = c.num_key_value_heads * c.head_dim;
+        let sub_norm = |label, values: &[f32]| -> Result<Option<wgpu::Buffer>> {
+            if c.family.has_sub_norms() {
+                Ok(Some(ctx.upload(label, values)?))
+            } else {
+                Ok(None)
+            }
+        };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for index in 0..c.num_hidden_layers {
             let l = source.layer(index)?;
@@ -195,12 +203,12 @@ impl GpuModel {
                 input_layernorm: ctx.upload("input_layernorm", &l.input_layernorm)?,
                 qkv: GpuTernary::upload(ctx, &stacked(&[&l.q_proj, &l.k_proj, &l.v_proj])?)?,
                 o_proj: GpuTernary::upload(ctx, &packed(&l.o_proj)?)?,
-                attn_sub_norm: ctx.upload("attn_sub_norm", &l.attn_sub_norm)?,
+                attn_sub_norm: sub_norm("attn_sub_norm", &l.attn_sub_norm)?,
                 post_attention_layernorm: ctx
                     .upload("post_attention_layernorm", &l.post_attention_layernorm)?,
                 gate_up: GpuTernary::upload(ctx, &stacked(&[&l.gate_proj, &l.up_proj])?)?,
                 down_proj: GpuTernary::upload(ctx, &packed(&l.down_proj)?)?,
-                ffn_sub_norm: ctx.upload("ffn_sub_norm", &l.ffn_sub_norm)?,
+                ffn_sub_norm: sub_norm("ffn_sub_norm", &l.ffn_sub_norm)?,
                 keys: ctx.storage("keys", (context * kv_row * 4) as u64)?,
                 values: ctx.storage("values", (context * kv_row * 4) as u64)?,
             });
@@ -338,6 +346,11 @@ impl GpuModel {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let q = c.num_attention_heads * c.head_dim;
         let kv = c.num_key_value_heads * c.head_dim;
+        let sub_norms = if c.family.has_sub_norms() {
+            floats(q) + floats(i)
+        } else {
+            0
+        };
         let layer = words(q + 2 * kv, h)
             + words(h, q)
             + words(2 * i, h)
@@ -346,8 +359,7 @@ impl GpuModel {
             + floats(q + 2 * kv)
             + floats(2 * i)
             + 2 * floats(h)
-            + floats(q)
-            + floats(i)
+            + sub_norms
             + 2 * floats(context * kv);
         let table = (c.vocab_size * row_words(h, tables) * 4) as u64;
         let tables = if c.tie_word_embeddings { 1 } else { 2 };
@@ -366,14 +378,15 @@ impl GpuModel {
                     .map(ternary)
                     .sum::<u64>()
                     + [
-                        &l.input_layernorm,
-                        &l.attn_sub_norm,
-                        &l.post_attention_layernorm,
-                        &l.ffn_sub_norm,
-                        &l.keys,
-                        &l.values,
+                        Some(&l.input_layernorm),
+                        l.attn_sub_norm.as_ref(),
+                        Some(&l.post_attention_layernorm),
+                        l.ffn_sub_norm.as_ref(),
+                        Some(&l.keys),
+                        Some(&l.values),
                     ]
                     .into_iter()
+                    .flatten()
                     .map(|b| b.size())
                     .sum::<u64>()
             })

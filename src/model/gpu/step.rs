@@ -34,6 +34,7 @@ impl GpuModel {
             eps,
             shape,
             inter: c.intermediate_size,
+            activation: c.family.activation(),
             cos_sin: &cos_sin,
         };
         embedding::record(ctx, pass, &self.embed, tokens, &s.x, n)?;
@@ -84,6 +85,8 @@ struct LayerStep<'a> {
     eps: f32,
     shape: AttentionShape,
     inter: usize,
+    /// The MLP's gate.
+    activation: Activation,
     /// RoPE's cos/sin of the step's positions.
     cos_sin: &'a wgpu::Buffer,
 }
@@ -117,21 +120,21 @@ fn fused_layer(
         |x, norm, w, y, output| norm_matmul::record(ctx, pass, x, n, norm, eps, w, y, output);
     step(
         &s.attn,
-        &l.attn_sub_norm,
+        l.attn_sub_norm.as_ref(),
         &l.o_proj,
         &s.x,
         NormMatmulOutput::Add,
     )?;
     step(
         &s.x,
-        &l.post_attention_layernorm,
+        Some(&l.post_attention_layernorm),
         &l.gate_up,
         &s.mlp,
-        NormMatmulOutput::Gated,
+        NormMatmulOutput::Gated(p.activation),
     )?;
     step(
         &s.mlp,
-        &l.ffn_sub_norm,
+        l.ffn_sub_norm.as_ref(),
         &l.down_proj,
         &s.x,
         NormMatmulOutput::Add,
@@ -139,7 +142,8 @@ fn fused_layer(
 }
 
 /// A prompt's layer (or any step on adapters without the fused kernels' workgroup memory):
-/// each norm quantizes its rows once for the matmuls that read them.
+/// each norm quantizes its rows once for the matmuls that read them; without a sub-norm, the
+/// attention output and the gate are quantized as they are.
 fn separate_layer(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
@@ -160,12 +164,20 @@ fn separate_layer(
         ctx, pass, &s.qkv, p.cos_sin, &s.q_rot, &l.keys, &l.values, p.start, n, p.shape,
     )?;
     attend(ctx, pass, l, p)?;
-    rmsnorm::record_quant(ctx, pass, &s.attn, &l.attn_sub_norm, &s.attn_acts, eps)?;
+    match &l.attn_sub_norm {
+        Some(norm) => rmsnorm::record_quant(ctx, pass, &s.attn, norm, &s.attn_acts, eps)?,
+        None => act_quant::record(ctx, pass, &s.attn, &s.attn_acts)?,
+    }
     linear(ctx, pass, &s.attn_acts, &l.o_proj, None, &s.x, residual)?;
     rmsnorm::record_quant(ctx, pass, &s.x, &l.post_attention_layernorm, &s.normed, eps)?;
     linear(ctx, pass, &s.normed, &l.gate_up, None, &s.gate_up, matmul)?;
-    relu2_gate::record(ctx, pass, &s.gate_up, &s.mlp, n, p.inter)?;
-    rmsnorm::record_quant(ctx, pass, &s.mlp, &l.ffn_sub_norm, &s.mlp_acts, eps)?;
+    match &l.ffn_sub_norm {
+        Some(norm) => {
+            gate::record(ctx, pass, p.activation, &s.gate_up, &s.mlp, n, p.inter)?;
+            rmsnorm::record_quant(ctx, pass, &s.mlp, norm, &s.mlp_acts, eps)?;
+        }
+        None => gate::record_quant(ctx, pass, p.activation, &s.gate_up, &s.mlp_acts)?,
+    }
     linear(ctx, pass, &s.mlp_acts, &l.down_proj, None, &s.x, residual)
 }
 

@@ -7,8 +7,8 @@ use super::tape::{Tape, first_rows};
 use crate::Result;
 use crate::gpu::elementwise::{Columns, add_rows, copy_block, copy_rows};
 use crate::gpu::{
-    GpuActivations, GpuContext, MatmulOptions, MatmulOutput, attention, embedding, lm_head, nll,
-    relu2_gate, rmsnorm, rope, ternary_matmul,
+    GpuActivations, GpuContext, MatmulOptions, MatmulOutput, attention, embedding, gate, lm_head,
+    nll, rmsnorm, rope, ternary_matmul,
 };
 use crate::model::ModelConfig;
 use crate::train::forward::attention_shape;
@@ -105,6 +105,7 @@ pub(super) fn record_window(
         c.rms_norm_eps,
         c.rope_theta,
     );
+    let activation = c.family.activation();
     let shape = attention_shape(c);
     let (heads, kv_heads, head_dim) = (shape.heads, shape.kv_heads, shape.head_dim);
     let gate_half = Columns {
@@ -152,7 +153,7 @@ pub(super) fn record_window(
         matmul(ctx, pass, &mlp_in, &l.up, &t.up, scaled)?;
         copy_block(ctx, pass, &t.gate, alone, &s.gate_up, gate_half, n, inter)?;
         copy_block(ctx, pass, &t.up, alone, &s.gate_up, up_half, n, inter)?;
-        relu2_gate::record(ctx, pass, &s.gate_up, &s.gated, n, inter)?;
+        gate::record(ctx, pass, activation, &s.gate_up, &s.gated, n, inter)?;
         let down_in = first_rows(&s.down_in, n);
         rmsnorm::record_quant(ctx, pass, &s.gated, &l.ffn_sub_norm.w, &down_in, eps)?;
         copy_rows(ctx, pass, &s.x_mid, 0, x_out, 0, n, hidden)?;
@@ -207,7 +208,16 @@ pub(super) fn record_window(
             n,
             eps,
         )?;
-        relu2_gate::record_backward(ctx, pass, &s.gate_up, &t.d_gated, &t.d_gate_up, n, inter)?;
+        gate::record_backward(
+            ctx,
+            pass,
+            activation,
+            &s.gate_up,
+            &t.d_gated,
+            &t.d_gate_up,
+            n,
+            inter,
+        )?;
         let mlp_in = first_rows(&s.mlp_in, n);
         copy_block(
             ctx,

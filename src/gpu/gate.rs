@@ -1,7 +1,11 @@
-//! Host side of `shaders/relu2_gate.wgsl`: `cpu::relu2_gate` on the fused gate/up matmul output,
-//! and `cpu::act_quant` of it fused, bit for bit; and its gradients (`shaders/relu2_gate_backward.wgsl`).
+//! Host side of the MLP's gates, `act(gate) * up` on the fused gate/up matmul output:
+//! `shaders/relu2_gate.wgsl` (`cpu::relu2_gate`) and `shaders/silu_gate.wgsl`
+//! (`cpu::silu_gate`), each also fused with `cpu::act_quant`, and their gradients
+//! (`shaders/relu2_gate_backward.wgsl`, `shaders/silu_gate_backward.wgsl`). Both kernels of a
+//! kind bind alike; the [`Activation`] picks the file.
 
 use crate::gpu::{GpuActivations, GpuContext, Kernel, check_distinct, check_f32s, groups_for};
+use crate::model::Activation;
 use crate::{Error, Result};
 
 const WG: usize = 256;
@@ -18,6 +22,16 @@ struct Params {
 crate::gpu::shaders::uniforms! {
     Relu2Gate.params = Params { rows, inter, row_words, pad };
     Relu2GateBackward.params = Params { rows, inter, row_words, pad };
+    SiluGate.params = Params { rows, inter, row_words, pad };
+    SiluGateBackward.params = Params { rows, inter, row_words, pad };
+}
+
+/// The forward kernel of `activation` and its entry points: the gate, and the gate quantized.
+fn forward(activation: Activation) -> (Kernel, &'static str, &'static str) {
+    match activation {
+        Activation::Relu2 => (Kernel::Relu2Gate, "relu2_gate", "relu2_gate_quant"),
+        Activation::Silu => (Kernel::SiluGate, "silu_gate", "silu_gate_quant"),
+    }
 }
 
 fn params(
@@ -27,15 +41,15 @@ fn params(
     inter: usize,
 ) -> Result<wgpu::Buffer> {
     if inter == 0 {
-        return Err(Error::Empty("relu2_gate row"));
+        return Err(Error::Empty("gate row"));
     }
     check_f32s(
-        "relu2_gate gate_up",
+        "gate gate_up",
         gate_up,
         rows.checked_mul(inter).and_then(|n| n.checked_mul(2)),
     )?;
     Ok(ctx.uniform(
-        "relu2_gate params",
+        "gate params",
         &Params {
             rows: rows as u32,
             inter: inter as u32,
@@ -45,25 +59,29 @@ fn params(
     ))
 }
 
-/// Records `out[r, i] = relu(gate_up[r, i])² * gate_up[r, inter + i]`, i.e. `cpu::relu2_gate` of
+/// Records `out[r, i] = act(gate_up[r, i]) * gate_up[r, inter + i]`, i.e. `activation.gate` of
 /// the two halves of each row of `gate_up` (`[rows, 2 * inter]` f32, gate first, as the fused
-/// gate/up matmul writes it) into a different buffer `out` (`[rows, inter]` f32). Bit-exact
-/// where no intermediate is subnormal (a GPU may flush those to zero).
+/// gate/up matmul writes it) into a different buffer `out` (`[rows, inter]` f32). relu² is
+/// bit-exact where no intermediate is subnormal (a GPU may flush those to zero); SiLU is within
+/// a few ulp (WGSL's `exp` and division are not correctly rounded).
+#[allow(clippy::too_many_arguments)]
 pub fn record(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
+    activation: Activation,
     gate_up: &wgpu::Buffer,
     out: &wgpu::Buffer,
     rows: usize,
     inter: usize,
 ) -> Result<()> {
     let params = params(ctx, gate_up, rows, inter)?;
-    check_f32s("relu2_gate output", out, rows.checked_mul(inter))?;
-    check_distinct("relu2_gate", gate_up, out)?;
+    check_f32s("gate output", out, rows.checked_mul(inter))?;
+    check_distinct("gate", gate_up, out)?;
     if rows == 0 {
         return Ok(());
     }
-    let pipeline = ctx.pipeline(Kernel::Relu2Gate, "relu2_gate", &[])?;
+    let (kernel, entry, _) = forward(activation);
+    let pipeline = ctx.pipeline(kernel, entry, &[])?;
     ctx.dispatch(
         pass,
         &pipeline,
@@ -77,12 +95,13 @@ pub fn record(
     Ok(())
 }
 
-/// Records `acts = cpu::act_quant(cpu::relu2_gate(..))` of `gate_up` (`[acts.rows, 2 * acts.cols]`
-/// f32, laid out as for [`record`]) without writing the gated values anywhere. Bit-exact under
-/// the condition of [`record`].
+/// Records `acts = cpu::act_quant(activation.gate(..))` of `gate_up` (`[acts.rows, 2 *
+/// acts.cols]` f32, laid out as for [`record`]) without writing the gated values anywhere: the
+/// codes of what [`record`] writes, bit for bit.
 pub fn record_quant(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
+    activation: Activation,
     gate_up: &wgpu::Buffer,
     acts: &GpuActivations,
 ) -> Result<()> {
@@ -90,7 +109,8 @@ pub fn record_quant(
     if acts.rows == 0 {
         return Ok(());
     }
-    let pipeline = ctx.pipeline(Kernel::Relu2Gate, "relu2_gate_quant", &[])?;
+    let (kernel, _, entry) = forward(activation);
+    let pipeline = ctx.pipeline(kernel, entry, &[])?;
     ctx.dispatch(
         pass,
         &pipeline,
@@ -106,13 +126,15 @@ pub fn record_quant(
     Ok(())
 }
 
-/// Records the gradients of [`record`] (`cpu::relu2_gate_backward`) for the upstream gradient
+/// Records the gradients of [`record`] (`activation.gate_backward`) for the upstream gradient
 /// `dy` (`[rows, inter]` f32) into `d_gate_up` (`[rows, 2 * inter]`, gate first, the layout of
-/// `gate_up` and of the fused gate/up matmul's output), bit for bit where no intermediate is
-/// subnormal. `d_gate_up` must differ from both inputs.
+/// `gate_up` and of the fused gate/up matmul's output); relu²'s bit for bit where no
+/// intermediate is subnormal, SiLU's within a few ulp. `d_gate_up` must differ from both inputs.
+#[allow(clippy::too_many_arguments)]
 pub fn record_backward(
     ctx: &GpuContext,
     pass: &mut wgpu::ComputePass<'_>,
+    activation: Activation,
     gate_up: &wgpu::Buffer,
     dy: &wgpu::Buffer,
     d_gate_up: &wgpu::Buffer,
@@ -120,18 +142,22 @@ pub fn record_backward(
     inter: usize,
 ) -> Result<()> {
     let params = params(ctx, gate_up, rows, inter)?;
-    check_f32s("relu2_gate_backward dy", dy, rows.checked_mul(inter))?;
+    check_f32s("gate_backward dy", dy, rows.checked_mul(inter))?;
     check_f32s(
-        "relu2_gate_backward d_gate_up",
+        "gate_backward d_gate_up",
         d_gate_up,
         rows.checked_mul(inter).and_then(|n| n.checked_mul(2)),
     )?;
-    check_distinct("relu2_gate_backward", gate_up, d_gate_up)?;
-    check_distinct("relu2_gate_backward", dy, d_gate_up)?;
+    check_distinct("gate_backward", gate_up, d_gate_up)?;
+    check_distinct("gate_backward", dy, d_gate_up)?;
     if rows == 0 {
         return Ok(());
     }
-    let pipeline = ctx.pipeline(Kernel::Relu2GateBackward, "relu2_gate_backward", &[])?;
+    let (kernel, entry) = match activation {
+        Activation::Relu2 => (Kernel::Relu2GateBackward, "relu2_gate_backward"),
+        Activation::Silu => (Kernel::SiluGateBackward, "silu_gate_backward"),
+    };
+    let pipeline = ctx.pipeline(kernel, entry, &[])?;
     ctx.dispatch(
         pass,
         &pipeline,
