@@ -1,12 +1,12 @@
-//! The CPU reference forward pass of the BitNet transformer, with a KV cache.
+//! The CPU reference forward pass of every model family, with a KV cache.
 //!
-//! This is the specification the GPU forward is tested against: every step is one of the
-//! [`crate::cpu`] operations, in the order of Hugging Face's `BitNetForCausalLM`.
+//! This is the specification the other engines are tested against: every step is one of the
+//! [`crate::cpu`] operations, in the order of transformers' `BitNetForCausalLM` and
+//! `LlamaForCausalLM` with BitLinear layers.
 
-use crate::cpu::{
-    AttentionShape, TernaryWeights, act_quant, attention, rmsnorm, rope, ternary_matmul,
-};
-use crate::model::schema::{linear_shapes, sub_norm};
+use crate::cpu::{AttentionShape, QuantizedActivations, attention, rmsnorm, rope, ternary_matmul};
+use crate::model::layer::{CpuDecoder, run_decoder_layers};
+use crate::model::schema::linear_shapes;
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
 use crate::{Error, Result};
 
@@ -164,20 +164,10 @@ pub(super) fn check_len(what: &'static str, expected: usize, got: usize) -> Resu
 /// values to it, and returns their logits `[tokens.len(), vocab_size]`, row-major.
 ///
 /// A prompt can go in at once or token by token: every step works on rows independently (causal
-/// attention aside), so both give the same logits bit for bit. Each decoder layer is
-///
-/// ```text
-/// h = input_layernorm(x)
-/// q, k, v = BitLinear(h)            (h quantized once, shared: HF's three BitLinears quantize
-///                                    the same h to the same codes; exact matmuls, no bias)
-/// q, k = rope(q, k) at positions cache.len() ..
-/// a = attention(q, cached k, cached v)
-/// x = x + o_proj(attn_sub_norm(a))  (every BitLinear quantizes its own input)
-/// h = post_attention_layernorm(x)
-/// x = x + down_proj(ffn_sub_norm(relu(gate_proj(h))² * up_proj(h)))
-/// ```
-///
-/// then `logits = norm(x) · lm_headᵀ` in plain f32 (`lm_head` or the tied `embed_tokens`; it is
+/// attention aside), so both give the same logits bit for bit. The embeddings go through the
+/// decoder layers of the model's family (the steps are in [`crate::model::layer`]'s
+/// `run_decoder_layers`: input norm, q/k/v, RoPE, attention, o_proj, post-attention norm, gated
+/// MLP, each linear an exact ternary product of its own int8-quantized input), then `logits = norm(x) · lm_headᵀ` in plain f32 (`lm_head` or the tied `embed_tokens`; it is
 /// not a BitLinear). Errors, raised before the cache is touched: weights that fail
 /// [`ModelWeights::validate`], a cache made for another shape, no tokens, a token id not below
 /// `vocab_size`, and more positions than `max_position_embeddings`.
@@ -230,52 +220,12 @@ impl KvCache {
 fn run_layers(weights: &ModelWeights, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
     let c = &weights.config;
     let (n, hidden, eps) = (tokens.len(), c.hidden_size, c.rms_norm_eps);
-    let positions: Vec<usize> = (cache.len..cache.len + n).collect();
-    let shape = AttentionShape {
-        heads: c.num_attention_heads,
-        kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-    };
     let mut x: Vec<f32> = tokens
         .iter()
         .flat_map(|&id| embedding_row(&weights.embed_tokens, hidden, id as usize))
         .copied()
         .collect();
-    let caches = cache.keys.iter_mut().zip(&mut cache.values);
-    for (layer, (keys, values)) in weights.layers.iter().zip(caches) {
-        let h = rmsnorm(&x, n, &layer.input_layernorm, eps)?;
-        let h = act_quant(&h, n, hidden)?;
-        let mut q = ternary_matmul(&h, &layer.q_proj, None)?;
-        let mut k = ternary_matmul(&h, &layer.k_proj, None)?;
-        let v = ternary_matmul(&h, &layer.v_proj, None)?;
-        rope(
-            &mut q,
-            &positions,
-            shape.heads,
-            shape.head_dim,
-            c.rope_theta,
-        )?;
-        rope(
-            &mut k,
-            &positions,
-            shape.kv_heads,
-            shape.head_dim,
-            c.rope_theta,
-        )?;
-        keys.extend_from_slice(&k);
-        values.extend_from_slice(&v);
-        let a = attention(&q, keys, values, shape)?;
-        let a = sub_norm(&a, n, &layer.attn_sub_norm, eps)?;
-        add_assign(&mut x, &bit_linear(&a, n, &layer.o_proj)?);
-
-        let h = rmsnorm(&x, n, &layer.post_attention_layernorm, eps)?;
-        let h = act_quant(&h, n, hidden)?;
-        let gate = ternary_matmul(&h, &layer.gate_proj, None)?;
-        let up = ternary_matmul(&h, &layer.up_proj, None)?;
-        let m = c.family.activation().gate(&gate, &up)?;
-        let m = sub_norm(&m, n, &layer.ffn_sub_norm, eps)?;
-        add_assign(&mut x, &bit_linear(&m, n, &layer.down_proj)?);
-    }
+    run_decoder_layers(&Reference(weights), &mut x, n, cache)?;
     let x = rmsnorm(&x, n, &weights.norm, eps)?;
     let head = weights.lm_head.as_deref().unwrap_or(&weights.embed_tokens);
     Ok(x.chunks_exact(hidden)
@@ -283,22 +233,63 @@ fn run_layers(weights: &ModelWeights, tokens: &[u32], cache: &mut KvCache) -> Re
         .collect())
 }
 
+/// The reference's layer operations: each linear its own exact ternary product, RoPE and
+/// attention as [`crate::cpu`] defines them.
+struct Reference<'a>(&'a ModelWeights);
+
+impl CpuDecoder for Reference<'_> {
+    fn config(&self) -> &ModelConfig {
+        &self.0.config
+    }
+
+    fn norms(&self, layer: usize) -> [&[f32]; 4] {
+        self.0.layers[layer].norms()
+    }
+
+    fn qkv(&self, layer: usize, h: &QuantizedActivations) -> Result<[Vec<f32>; 3]> {
+        let l = &self.0.layers[layer];
+        Ok([
+            ternary_matmul(h, &l.q_proj, None)?,
+            ternary_matmul(h, &l.k_proj, None)?,
+            ternary_matmul(h, &l.v_proj, None)?,
+        ])
+    }
+
+    fn o_proj(&self, layer: usize, a: &QuantizedActivations) -> Result<Vec<f32>> {
+        ternary_matmul(a, &self.0.layers[layer].o_proj, None)
+    }
+
+    fn gate_up(&self, layer: usize, h: &QuantizedActivations) -> Result<[Vec<f32>; 2]> {
+        let l = &self.0.layers[layer];
+        Ok([
+            ternary_matmul(h, &l.gate_proj, None)?,
+            ternary_matmul(h, &l.up_proj, None)?,
+        ])
+    }
+
+    fn down_proj(&self, layer: usize, m: &QuantizedActivations) -> Result<Vec<f32>> {
+        ternary_matmul(m, &self.0.layers[layer].down_proj, None)
+    }
+
+    fn rope(&self, x: &mut [f32], positions: &[usize], heads: usize) -> Result<()> {
+        let c = &self.0.config;
+        rope(x, positions, heads, c.head_dim, c.rope_theta)
+    }
+
+    fn attention(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        shape: AttentionShape,
+    ) -> Result<Vec<f32>> {
+        attention(q, keys, values, shape)
+    }
+}
+
 /// Row `id` of a `[vocab, hidden]` table.
 fn embedding_row(table: &[f32], hidden: usize, id: usize) -> &[f32] {
     &table[id * hidden..][..hidden]
-}
-
-/// A BitLinear without bias: per-token int8 quantization of `x` (`[rows, w.cols]`), then the exact
-/// ternary product, as Hugging Face's `BitLinear.forward`.
-fn bit_linear(x: &[f32], rows: usize, w: &TernaryWeights) -> Result<Vec<f32>> {
-    ternary_matmul(&act_quant(x, rows, w.cols)?, w, None)
-}
-
-/// The residual connection `x += delta`.
-fn add_assign(x: &mut [f32], delta: &[f32]) {
-    for (a, &d) in x.iter_mut().zip(delta) {
-        *a += d;
-    }
 }
 
 /// Left-to-right f32 dot product (the float `lm_head`).
@@ -309,7 +300,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::{WeightQuantOptions, weight_quant};
+    use crate::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
     use rand::{Rng, SeedableRng, rngs::SmallRng};
 
     fn tiny_config(tied: bool) -> ModelConfig {

@@ -7,6 +7,7 @@ mod forward;
 mod generator;
 #[cfg(feature = "gpu")]
 mod gpu;
+mod layer;
 mod load;
 mod packed;
 mod sampling;

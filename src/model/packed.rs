@@ -1,4 +1,4 @@
-//! The CPU engine's model: the reference forward ([`super::forward`]) step for step, on the
+//! The CPU engine's model: the decoder layer of [`super::layer`], as the reference runs it, on the
 //! kernels of [`crate::cpu::fast`], so that its logits equal the reference's bit for bit.
 //!
 //! Ternary weights stay packed (2 bits each; q, k and v stacked into one matrix, gate and up
@@ -8,8 +8,8 @@
 
 use crate::Result;
 use crate::cpu::fast::{InterleavedRows, PackedMatrix, RopeTable, attention, rope_table};
-use crate::cpu::{AttentionShape, act_quant, rmsnorm};
-use crate::model::schema::sub_norm;
+use crate::cpu::{AttentionShape, QuantizedActivations, rmsnorm};
+use crate::model::layer::{CpuDecoder, run_decoder_layers};
 use crate::model::{BlockLayer, Checked, KvCache, LayerWeights, Logits, ModelConfig, WeightSource};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -157,54 +157,13 @@ impl PackedModel {
 
     fn run_layers(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
         let c = &self.config;
-        let (n, hidden, inter, eps) = (
-            tokens.len(),
-            c.hidden_size,
-            c.intermediate_size,
-            c.rms_norm_eps,
-        );
-        let positions: Vec<usize> = (cache.len()..cache.len() + n).collect();
-        let shape = AttentionShape {
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-        };
-        let (attn, kv) = (
-            shape.heads * shape.head_dim,
-            shape.kv_heads * shape.head_dim,
-        );
-        let activation = c.family.activation();
+        let (n, hidden, eps) = (tokens.len(), c.hidden_size, c.rms_norm_eps);
         let embed = self.embed.as_ref().unwrap_or(&self.head);
         let mut x: Vec<f32> = tokens
             .iter()
             .flat_map(|&id| embed.row(id as usize))
             .collect();
-        for (layer, (keys, values)) in self.layers.iter().zip(cache.layers_mut()) {
-            let h = rmsnorm(&x, n, &layer.input_layernorm, eps)?;
-            let qkv = layer.qkv.matmul(&act_quant(&h, n, hidden)?)?;
-            let mut q = Vec::with_capacity(n * attn);
-            let mut k = Vec::with_capacity(n * kv);
-            for row in qkv.chunks_exact(attn + 2 * kv) {
-                q.extend_from_slice(&row[..attn]);
-                k.extend_from_slice(&row[attn..attn + kv]);
-                values.extend_from_slice(&row[attn + kv..]);
-            }
-            self.rope.rotate(&mut q, &positions)?;
-            self.rope.rotate(&mut k, &positions)?;
-            keys.extend_from_slice(&k);
-            let a = attention(&q, keys, values, shape)?;
-            let a = sub_norm(&a, n, &layer.attn_sub_norm, eps)?;
-            add_assign(&mut x, &layer.o_proj.matmul(&act_quant(&a, n, attn)?)?);
-
-            let h = rmsnorm(&x, n, &layer.post_attention_layernorm, eps)?;
-            let gate_up = layer.gate_up.matmul(&act_quant(&h, n, hidden)?)?;
-            let mut m = Vec::with_capacity(n * inter);
-            for row in gate_up.chunks_exact(2 * inter) {
-                m.extend(activation.gate(&row[..inter], &row[inter..])?);
-            }
-            let m = sub_norm(&m, n, &layer.ffn_sub_norm, eps)?;
-            add_assign(&mut x, &layer.down_proj.matmul(&act_quant(&m, n, inter)?)?);
-        }
+        run_decoder_layers(self, &mut x, n, cache)?;
         let rows = match which {
             Logits::Last => &x[(n - 1) * hidden..],
             Logits::All => &x[..],
@@ -215,9 +174,67 @@ impl PackedModel {
     }
 }
 
-/// The residual connection `x += delta`.
-fn add_assign(x: &mut [f32], delta: &[f32]) {
-    for (a, &d) in x.iter_mut().zip(delta) {
-        *a += d;
+/// The CPU engine's layer operations: stacked packed products split into their parts, RoPE from
+/// a table, attention on [`crate::cpu::fast`]'s kernels.
+impl CpuDecoder for PackedModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn norms(&self, layer: usize) -> [&[f32]; 4] {
+        let l = &self.layers[layer];
+        [
+            &l.input_layernorm,
+            &l.attn_sub_norm,
+            &l.post_attention_layernorm,
+            &l.ffn_sub_norm,
+        ]
+    }
+
+    fn qkv(&self, layer: usize, h: &QuantizedActivations) -> Result<[Vec<f32>; 3]> {
+        let (attn, kv) = (self.config.attention_width(), self.config.kv_width());
+        let qkv = self.layers[layer].qkv.matmul(h)?;
+        let rows = qkv.len() / (attn + 2 * kv);
+        let [mut q, mut k, mut v] = [attn, kv, kv].map(|w| Vec::with_capacity(rows * w));
+        for row in qkv.chunks_exact(attn + 2 * kv) {
+            q.extend_from_slice(&row[..attn]);
+            k.extend_from_slice(&row[attn..attn + kv]);
+            v.extend_from_slice(&row[attn + kv..]);
+        }
+        Ok([q, k, v])
+    }
+
+    fn o_proj(&self, layer: usize, a: &QuantizedActivations) -> Result<Vec<f32>> {
+        self.layers[layer].o_proj.matmul(a)
+    }
+
+    fn gate_up(&self, layer: usize, h: &QuantizedActivations) -> Result<[Vec<f32>; 2]> {
+        let inter = self.config.intermediate_size;
+        let gate_up = self.layers[layer].gate_up.matmul(h)?;
+        let rows = gate_up.len() / (2 * inter);
+        let [mut gate, mut up] = [(); 2].map(|()| Vec::with_capacity(rows * inter));
+        for row in gate_up.chunks_exact(2 * inter) {
+            gate.extend_from_slice(&row[..inter]);
+            up.extend_from_slice(&row[inter..]);
+        }
+        Ok([gate, up])
+    }
+
+    fn down_proj(&self, layer: usize, m: &QuantizedActivations) -> Result<Vec<f32>> {
+        self.layers[layer].down_proj.matmul(m)
+    }
+
+    fn rope(&self, x: &mut [f32], positions: &[usize], _heads: usize) -> Result<()> {
+        self.rope.rotate(x, positions)
+    }
+
+    fn attention(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        shape: AttentionShape,
+    ) -> Result<Vec<f32>> {
+        attention(q, keys, values, shape)
     }
 }

@@ -1,0 +1,97 @@
+//! The decoder layer of every family, written once for the CPU inference engines (the
+//! reference [`super::forward`] and the CPU engine): the order of the steps and where the family
+//! differs (its activation, its sub-norms) are here; how the weights are held and multiplied, how
+//! RoPE and attention are computed, is each engine's ([`CpuDecoder`]). Both engines run the same
+//! steps on the same values, so their logits are equal bit for bit.
+
+use crate::Result;
+use crate::cpu::{AttentionShape, QuantizedActivations, act_quant, rmsnorm};
+use crate::model::{KvCache, ModelConfig, sub_norm};
+
+/// What an engine supplies for [`run_decoder_layers`]: layer `layer`'s norms and linears, and
+/// the attention's two position-wise operations.
+pub(super) trait CpuDecoder {
+    fn config(&self) -> &ModelConfig;
+    /// Layer `layer`'s norms in [`crate::model::LayerWeights::norms`] order (the sub-norms empty
+    /// where the family has none).
+    fn norms(&self, layer: usize) -> [&[f32]; 4];
+    /// Queries, keys and values `[n, width]` of the quantized normed input.
+    fn qkv(&self, layer: usize, h: &QuantizedActivations) -> Result<[Vec<f32>; 3]>;
+    fn o_proj(&self, layer: usize, a: &QuantizedActivations) -> Result<Vec<f32>>;
+    /// The gate and up projections `[n, intermediate]` of the quantized normed input.
+    fn gate_up(&self, layer: usize, h: &QuantizedActivations) -> Result<[Vec<f32>; 2]>;
+    fn down_proj(&self, layer: usize, m: &QuantizedActivations) -> Result<Vec<f32>>;
+    /// Rotates `x` (`[positions.len(), heads * head_dim]`) at `positions`.
+    fn rope(&self, x: &mut [f32], positions: &[usize], heads: usize) -> Result<()>;
+    /// Causal attention of `q` over every cached key and value.
+    fn attention(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        shape: AttentionShape,
+    ) -> Result<Vec<f32>>;
+}
+
+/// Runs the residual stream `x` (`[n, hidden]`, the embeddings of `n` tokens after the
+/// positions `cache` holds) through every decoder layer, appending each layer's keys and values
+/// to the cache's rows (its length is the caller's to advance). Each layer is
+///
+/// ```text
+/// h = input_layernorm(x)
+/// q, k, v = BitLinear(h)            (h quantized once, shared: transformers' three BitLinears
+///                                    quantize the same h to the same codes; no bias)
+/// q, k = rope(q, k) at positions cache.len() ..
+/// a = attention(q, cached k, cached v)
+/// x = x + o_proj(attn_sub_norm(a))  (every BitLinear quantizes its own input; no sub-norm in
+///                                    the Llama family)
+/// h = post_attention_layernorm(x)
+/// x = x + down_proj(ffn_sub_norm(act(gate_proj(h)) * up_proj(h)))
+/// ```
+///
+/// with `act` the family's: relu² for BitNet, SiLU for the Llama family and 1bitLLM's.
+pub(super) fn run_decoder_layers(
+    model: &impl CpuDecoder,
+    x: &mut [f32],
+    n: usize,
+    cache: &mut KvCache,
+) -> Result<()> {
+    let c = model.config();
+    let (hidden, eps, activation) = (c.hidden_size, c.rms_norm_eps, c.family.activation());
+    let shape = AttentionShape {
+        heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+    };
+    let positions: Vec<usize> = (cache.len()..cache.len() + n).collect();
+    for (layer, (keys, values)) in cache.layers_mut().enumerate() {
+        let [input_norm, attn_sub_norm, post_norm, ffn_sub_norm] = model.norms(layer);
+        let h = act_quant(&rmsnorm(x, n, input_norm, eps)?, n, hidden)?;
+        let [mut q, mut k, v] = model.qkv(layer, &h)?;
+        model.rope(&mut q, &positions, shape.heads)?;
+        model.rope(&mut k, &positions, shape.kv_heads)?;
+        keys.extend_from_slice(&k);
+        values.extend_from_slice(&v);
+        let a = model.attention(&q, keys, values, shape)?;
+        let a = sub_norm(&a, n, attn_sub_norm, eps)?;
+        add_assign(
+            x,
+            &model.o_proj(layer, &act_quant(&a, n, c.attention_width())?)?,
+        );
+
+        let h = act_quant(&rmsnorm(x, n, post_norm, eps)?, n, hidden)?;
+        let [gate, up] = model.gate_up(layer, &h)?;
+        let m = activation.gate(&gate, &up)?;
+        let m = sub_norm(&m, n, ffn_sub_norm, eps)?;
+        let m = act_quant(&m, n, c.intermediate_size)?;
+        add_assign(x, &model.down_proj(layer, &m)?);
+    }
+    Ok(())
+}
+
+/// The residual connection `x += delta`.
+fn add_assign(x: &mut [f32], delta: &[f32]) {
+    for (a, &d) in x.iter_mut().zip(delta) {
+        *a += d;
+    }
+}
