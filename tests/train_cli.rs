@@ -586,61 +586,75 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The demo model (BitNet) and a tiny Llama-family one (SiLU, no sub-norms).
 #[test]
-fn the_gpu_fine_tunes_the_demo_model_as_the_cpu_does() {
+fn the_gpu_fine_tunes_as_the_cpu_does() {
     let dir = scratch("gpu");
     let data = write(&dir, "data.txt", TEXT.repeat(40));
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
-    let train = |device: &str| {
-        let out = dir.join(device);
-        let o = ok(&[
-            "train",
-            "--data",
-            s(&data),
-            "--out",
-            s(&out),
+    let mut models = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo")];
+    let mut llama = tiny_config(258);
+    llama.family = Family::Llama;
+    let llama = TrainModel::new(llama, Quant::BitNet, 9).unwrap();
+    models.push(dir.join("llama"));
+    save_dir(&llama.to_weights().unwrap(), &models[1], &[]).unwrap();
+    for model in &models {
+        let train = |device: &str| {
+            let out = dir.join(format!("{}-{device}", model.file_name().unwrap().display()));
+            let o = ok(&[
+                "train",
+                "--data",
+                s(&data),
+                "--out",
+                s(&out),
+                "--model",
+                s(model),
+                "--steps",
+                "3",
+                "--batch",
+                "2",
+                "--context",
+                "16",
+                "--lr",
+                "1e-3",
+                "--device",
+                device,
+            ]);
+            (out, stderr(&o))
+        };
+        let (gpu, log) = train("gpu");
+        assert!(!log.contains("engine: cpu"), "{log}");
+        let (cpu, log) = train("cpu");
+        assert!(log.contains("engine: cpu"), "{log}");
+        let (on_gpu, on_cpu) = (losses(&gpu), losses(&cpu));
+        assert_eq!(on_gpu.len(), 3);
+        // The same windows through the same forward: the first loss agrees to the f32 rounding
+        // of each token's loss; the later ones to the float differences of the updates.
+        assert!(
+            (on_gpu[0].1 - on_cpu[0].1).abs() < 1e-5 * on_cpu[0].1,
+            "{model:?}: {on_gpu:?} {on_cpu:?}"
+        );
+        for (g, c) in on_gpu.iter().zip(&on_cpu) {
+            assert!(
+                (g.1 - c.1).abs() < 1e-3 * c.1,
+                "{model:?}: {on_gpu:?} {on_cpu:?}"
+            );
+        }
+        let (trained, _) = load_model(gpu.join("model")).unwrap();
+        let (base, _) = load_model(model).unwrap();
+        assert_eq!(trained.config.family, base.config.family);
+        let g = ok(&[
+            "generate",
             "--model",
-            s(&demo),
-            "--steps",
-            "3",
-            "--batch",
-            "2",
-            "--context",
-            "16",
-            "--lr",
-            "1e-3",
+            s(&gpu.join("model")),
+            "--prompt",
+            "the quick",
+            "--max-new-tokens",
+            "5",
             "--device",
-            device,
+            "cpu",
         ]);
-        (out, stderr(&o))
-    };
-    let (gpu, log) = train("gpu");
-    assert!(!log.contains("engine: cpu"), "{log}");
-    let (cpu, log) = train("cpu");
-    assert!(log.contains("engine: cpu"), "{log}");
-    let (on_gpu, on_cpu) = (losses(&gpu), losses(&cpu));
-    assert_eq!(on_gpu.len(), 3);
-    // The same windows through the same forward: the first loss agrees to the f32 rounding of
-    // each token's loss; the later ones to the float differences of the updates.
-    assert!(
-        (on_gpu[0].1 - on_cpu[0].1).abs() < 1e-5 * on_cpu[0].1,
-        "{on_gpu:?} {on_cpu:?}"
-    );
-    for (g, c) in on_gpu.iter().zip(&on_cpu) {
-        assert!((g.1 - c.1).abs() < 1e-3 * c.1, "{on_gpu:?} {on_cpu:?}");
+        assert!(!String::from_utf8_lossy(&g.stdout).trim().is_empty());
     }
-    let g = ok(&[
-        "generate",
-        "--model",
-        s(&gpu.join("model")),
-        "--prompt",
-        "the quick",
-        "--max-new-tokens",
-        "5",
-        "--device",
-        "cpu",
-    ]);
-    assert!(!String::from_utf8_lossy(&g.stdout).trim().is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -7,8 +7,8 @@ use super::tape::{Tape, first_rows};
 use crate::Result;
 use crate::gpu::elementwise::{Columns, add_rows, copy_block, copy_rows};
 use crate::gpu::{
-    GpuActivations, GpuContext, MatmulOptions, MatmulOutput, attention, embedding, gate, lm_head,
-    nll, rmsnorm, rope, ternary_matmul,
+    GpuActivations, GpuContext, MatmulOptions, MatmulOutput, act_quant, attention, embedding, gate,
+    lm_head, nll, rmsnorm, rope, ternary_matmul,
 };
 use crate::model::ModelConfig;
 use crate::train::forward::attention_shape;
@@ -136,7 +136,10 @@ pub(super) fn record_window(
         )?;
         attention::record(ctx, pass, &s.q, &s.k, &s.v, &s.attn, n, n, shape)?;
         let o_in = first_rows(&s.o_in, n);
-        rmsnorm::record_quant(ctx, pass, &s.attn, &l.attn_sub_norm.w, &o_in, eps)?;
+        match &l.attn_sub_norm {
+            Some(norm) => rmsnorm::record_quant(ctx, pass, &s.attn, &norm.w, &o_in, eps)?,
+            None => act_quant::record(ctx, pass, &s.attn, &o_in)?,
+        }
         copy_rows(ctx, pass, x, 0, &s.x_mid, 0, n, hidden)?;
         matmul(ctx, pass, &o_in, &l.o, &s.x_mid, add)?;
 
@@ -153,9 +156,15 @@ pub(super) fn record_window(
         matmul(ctx, pass, &mlp_in, &l.up, &t.up, scaled)?;
         copy_block(ctx, pass, &t.gate, alone, &s.gate_up, gate_half, n, inter)?;
         copy_block(ctx, pass, &t.up, alone, &s.gate_up, up_half, n, inter)?;
-        gate::record(ctx, pass, activation, &s.gate_up, &s.gated, n, inter)?;
         let down_in = first_rows(&s.down_in, n);
-        rmsnorm::record_quant(ctx, pass, &s.gated, &l.ffn_sub_norm.w, &down_in, eps)?;
+        // The tape keeps the gated product exactly where the family has an ffn_sub_norm.
+        match l.ffn_sub_norm.as_ref().zip(s.gated.as_ref()) {
+            Some((norm, gated)) => {
+                gate::record(ctx, pass, activation, &s.gate_up, gated, n, inter)?;
+                rmsnorm::record_quant(ctx, pass, gated, &norm.w, &down_in, eps)?;
+            }
+            None => gate::record_quant(ctx, pass, activation, &s.gate_up, &down_in)?,
+        }
         copy_rows(ctx, pass, &s.x_mid, 0, x_out, 0, n, hidden)?;
         matmul(ctx, pass, &down_in, &l.down, x_out, add)?;
     }
@@ -195,19 +204,21 @@ pub(super) fn record_window(
     let table = rope::cos_sin(ctx, 0, n, head_dim, theta)?;
     for (i, (l, s)) in p.layers.iter().zip(&t.layers).enumerate().rev() {
         // `t.dx` is the gradient wrt the layer's output.
+        // `t.d_gated` receives the gradient wrt the gated product: through ffn_sub_norm's
+        // backward, or straight from down_proj's where there is no sub-norm.
         let down_in = first_rows(&s.down_in, n);
-        linear_backward(ctx, pass, &down_in, &l.down, &t.dx, &t.d_inter, &t.dw)?;
-        norm_backward(
-            ctx,
-            pass,
-            &s.gated,
-            &l.ffn_sub_norm,
-            &t.d_inter,
-            &t.d_gated,
-            &t.dnorm,
-            n,
-            eps,
-        )?;
+        let ffn_sub_norm = l.ffn_sub_norm.as_ref().zip(s.gated.as_ref());
+        let d_down_in = if ffn_sub_norm.is_some() {
+            &t.d_inter
+        } else {
+            &t.d_gated
+        };
+        linear_backward(ctx, pass, &down_in, &l.down, &t.dx, d_down_in, &t.dw)?;
+        if let Some((norm, gated)) = ffn_sub_norm {
+            norm_backward(
+                ctx, pass, gated, norm, &t.d_inter, &t.d_gated, &t.dnorm, n, eps,
+            )?;
+        }
         gate::record_backward(
             ctx,
             pass,
@@ -256,19 +267,19 @@ pub(super) fn record_window(
         add_rows(ctx, pass, &t.dh2, 0, &t.dx, 0, n, hidden)?;
 
         // `t.dx` is the gradient wrt the residual stream after the attention block.
+        // `t.d_attn2` receives the gradient wrt the attention output, as `t.d_gated` above.
         let o_in = first_rows(&s.o_in, n);
-        linear_backward(ctx, pass, &o_in, &l.o, &t.dx, &t.d_attn, &t.dw)?;
-        norm_backward(
-            ctx,
-            pass,
-            &s.attn,
-            &l.attn_sub_norm,
-            &t.d_attn,
-            &t.d_attn2,
-            &t.dnorm,
-            n,
-            eps,
-        )?;
+        let d_o_in = if l.attn_sub_norm.is_some() {
+            &t.d_attn
+        } else {
+            &t.d_attn2
+        };
+        linear_backward(ctx, pass, &o_in, &l.o, &t.dx, d_o_in, &t.dw)?;
+        if let Some(norm) = &l.attn_sub_norm {
+            norm_backward(
+                ctx, pass, &s.attn, norm, &t.d_attn, &t.d_attn2, &t.dnorm, n, eps,
+            )?;
+        }
         attention::record_backward(
             ctx, pass, &s.q, &s.k, &s.v, &t.d_attn2, &t.dq, &t.dk, &t.dv, n, n, shape,
         )?;

@@ -40,12 +40,13 @@ pub(super) struct Layer {
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
-    pub attn_sub_norm: Piece,
+    /// `None` in a family without sub-norms (see [`crate::model::Family::has_sub_norms`]).
+    pub attn_sub_norm: Option<Piece>,
     pub post_attention_layernorm: Piece,
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
-    pub ffn_sub_norm: Piece,
+    pub ffn_sub_norm: Option<Piece>,
 }
 
 pub(super) struct GpuParams {
@@ -188,6 +189,11 @@ impl GpuParams {
             let vector = |pick: fn(&LayerParameters) -> &Vec<f32>| {
                 Piece::vector(ctx, pick(l), adamw, layer_moments(pick))
             };
+            // `validate` made the sub-norms empty exactly where the family has none; wgpu has
+            // no empty buffers.
+            let sub_norm = |pick: fn(&LayerParameters) -> &Vec<f32>| {
+                c.family.has_sub_norms().then(|| vector(pick)).transpose()
+            };
             let mut linear = |index: usize, pick: fn(&LayerParameters) -> &Vec<f32>| {
                 let (_, rows, cols) = shapes[index];
                 let piece = Piece::vector(ctx, pick(l), adamw, layer_moments(pick))?;
@@ -210,9 +216,9 @@ impl GpuParams {
                 up: linear(5, |l| &l.up_proj)?,
                 down: linear(6, |l| &l.down_proj)?,
                 input_layernorm: vector(|l| &l.input_layernorm)?,
-                attn_sub_norm: vector(|l| &l.attn_sub_norm)?,
+                attn_sub_norm: sub_norm(|l| &l.attn_sub_norm)?,
                 post_attention_layernorm: vector(|l| &l.post_attention_layernorm)?,
-                ffn_sub_norm: vector(|l| &l.ffn_sub_norm)?,
+                ffn_sub_norm: sub_norm(|l| &l.ffn_sub_norm)?,
             });
         }
         let norm = Piece::vector(ctx, &p.norm, adamw, moment(|q| &q.norm))?;
@@ -237,24 +243,27 @@ impl GpuParams {
         })
     }
 
-    /// Every tensor's pieces, in the order of [`Parameters::tensors`].
+    /// Every tensor's pieces, in the order of [`Parameters::tensors`] (which leaves out absent
+    /// sub-norms too).
     pub fn tensors(&self) -> Vec<Vec<&Piece>> {
         let mut out = vec![self.embed.pieces.iter().collect()];
         for l in &self.layers {
             out.extend(
                 [
-                    &l.input_layernorm,
-                    &l.q.piece,
-                    &l.k.piece,
-                    &l.v.piece,
-                    &l.o.piece,
-                    &l.attn_sub_norm,
-                    &l.post_attention_layernorm,
-                    &l.gate.piece,
-                    &l.up.piece,
-                    &l.down.piece,
-                    &l.ffn_sub_norm,
+                    Some(&l.input_layernorm),
+                    Some(&l.q.piece),
+                    Some(&l.k.piece),
+                    Some(&l.v.piece),
+                    Some(&l.o.piece),
+                    l.attn_sub_norm.as_ref(),
+                    Some(&l.post_attention_layernorm),
+                    Some(&l.gate.piece),
+                    Some(&l.up.piece),
+                    Some(&l.down.piece),
+                    l.ffn_sub_norm.as_ref(),
                 ]
+                .into_iter()
+                .flatten()
                 .map(|p| vec![p]),
             );
         }

@@ -15,7 +15,7 @@ pub(super) struct LayerTape {
     pub q: wgpu::Buffer,
     pub k: wgpu::Buffer,
     pub v: wgpu::Buffer,
-    /// The attention output, before `attn_sub_norm`.
+    /// The attention output, before `attn_sub_norm` where the family has it.
     pub attn: wgpu::Buffer,
     pub o_in: GpuActivations,
     /// The residual stream after the attention block.
@@ -23,8 +23,9 @@ pub(super) struct LayerTape {
     pub mlp_in: GpuActivations,
     /// `[rows, 2 * intermediate]`: each row's gate outputs, then its up outputs.
     pub gate_up: wgpu::Buffer,
-    /// `relu2_gate(gate, up)`, before `ffn_sub_norm`.
-    pub gated: wgpu::Buffer,
+    /// `activation.gate(gate, up)`, before `ffn_sub_norm`; kept only for that norm's backward
+    /// (a family without sub-norms quantizes the gate's output straight from `gate_up`).
+    pub gated: Option<wgpu::Buffer>,
     pub down_in: GpuActivations,
 }
 
@@ -81,7 +82,11 @@ impl Tape {
                     x_mid: f32s("residual stream", hidden)?,
                     mlp_in: GpuActivations::new(ctx, rows, hidden)?,
                     gate_up: f32s("gate and up", 2 * inter)?,
-                    gated: f32s("gated", inter)?,
+                    gated: c
+                        .family
+                        .has_sub_norms()
+                        .then(|| f32s("gated", inter))
+                        .transpose()?,
                     down_in: GpuActivations::new(ctx, rows, inter)?,
                 })
             })
