@@ -474,6 +474,22 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
         args
     };
     let context_300 = with(base(&data), &["--context", "300"]);
+    // 1bitLLM's family has no Hugging Face layout the run could export.
+    let mut onebit = tiny_config(258);
+    onebit.family = Family::OneBitLlm;
+    let onebit_gguf = write(
+        &dir,
+        "onebit.gguf",
+        bitnet_wgpu::formats::gguf::write_model(
+            &TrainModel::new(onebit, Quant::BitNet, 1)
+                .unwrap()
+                .to_weights()
+                .unwrap(),
+            None,
+            bitnet_wgpu::formats::gguf::TableType::F32,
+        )
+        .unwrap(),
+    );
     let cases: Vec<(Vec<String>, &str)> = vec![
         (base(&empty), "holds no text"),
         (base(&binary), "not UTF-8"),
@@ -489,6 +505,10 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
         (
             with(base(&data), &["--model", s(&dir)]),
             "neither model.safetensors",
+        ),
+        (
+            with(base(&data), &["--model", s(&onebit_gguf)]),
+            "could not be exported: invalid config.json: 1bitLLM",
         ),
     ];
     for (args, message) in cases {

@@ -829,6 +829,14 @@ fn load_source(source: &ModelSource) -> Result<Option<(ModelWeights, Tokenizer)>
 /// A new run's model and tokenizer.
 fn new_start(o: &TrainOptions, texts: &[String], on_event: &mut dyn FnMut(Event)) -> Result<Start> {
     if let Some((weights, tokenizer)) = load_source(&o.model)? {
+        // The run exports Hugging Face folders: a family without a layout there fails now,
+        // not after training.
+        hf::config_json(&weights.config).map_err(|e| {
+            Error::invalid(
+                "--model",
+                format!("a fine-tuned copy of this model could not be exported: {e}"),
+            )
+        })?;
         let mut model = TrainModel::from_weights(&weights, o.quant)?;
         if let ModelSource::Checkpoint(path) = &o.model
             && let Some(latent) = load_latent(path, &model)?
