@@ -17,9 +17,10 @@
 #     tokens (a float64 computation rounded the same way gives llama-cli's tokens).
 # FAMILY=llama then rewrites the checkpoint in the Llama family's layout (Falcon3-1.58bit's:
 # scripts/as-llama-family.py; SiLU, no sub-norms), which `convert` writes as bitnet.cpp's `llama`
-# architecture with llama.cpp's q/k row order; with PYTHON set to a Python that has torch (and
-# bitnet.cpp's gguf-py), bitnet.cpp's own converter (utils/convert-hf-to-gguf-bitnet.py, --outtype
-# i2_s) also converts that folder and `bitnet generate` must give the same ids from its file.
+# architecture with llama.cpp's q/k row order; with PYTHON set to a Python that has torch,
+# numpy and sentencepiece, bitnet.cpp's own pipeline (as its setup_env.py runs it:
+# utils/convert-hf-to-gguf-bitnet.py --outtype f32, then build/bin/llama-quantize to I2_S) also
+# converts that folder and `bitnet generate` must give the same ids from its file.
 # For three prompts, prints one row: whether the prompt's token ids agree (BOS included), whether
 # the generated ids agree, and the first position where they differ. Then converts the demo model
 # itself (hidden 192, rows bitnet.cpp's x86 I2_S kernels misread) and reports what the converter
@@ -159,9 +160,13 @@ EOF
 their_model=
 if [ -n "${PYTHON:-}" ] && [ "$family" = llama ]; then
     their_model=$work/$name-by-bitnet-cpp.gguf
-    if [ ! -f "$their_model" ] && ! PYTHONPATH=$bitnet_cpp/3rdparty/llama.cpp/gguf-py "$PYTHON" \
-        "$bitnet_cpp/utils/convert-hf-to-gguf-bitnet.py" "$work/$name" --outtype i2_s \
-        --outfile "$their_model" >"$work/$name-their-convert.log" 2>&1; then
+    if [ ! -f "$their_model" ] && ! {
+        PYTHONPATH=$bitnet_cpp/3rdparty/llama.cpp/gguf-py "$PYTHON" \
+            "$bitnet_cpp/utils/convert-hf-to-gguf-bitnet.py" "$work/$name" --outtype f32 \
+            --outfile "$work/$name-f32.gguf" &&
+            "$bitnet_cpp/build/bin/llama-quantize" --token-embedding-type f16 \
+                "$work/$name-f32.gguf" "$their_model" I2_S 1 1
+    } >"$work/$name-their-convert.log" 2>&1; then
         tail -5 "$work/$name-their-convert.log" >&2
         echo "error: bitnet.cpp's converter failed (log: $work/$name-their-convert.log)" >&2
         exit 2
