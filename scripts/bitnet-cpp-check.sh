@@ -17,10 +17,7 @@
 #     tokens (a float64 computation rounded the same way gives llama-cli's tokens).
 # FAMILY=llama then rewrites the checkpoint in the Llama family's layout (Falcon3-1.58bit's:
 # scripts/as-llama-family.py; SiLU, no sub-norms), which `convert` writes as bitnet.cpp's `llama`
-# architecture with llama.cpp's q/k row order; with PYTHON set to a Python that has torch,
-# numpy and sentencepiece, bitnet.cpp's own pipeline (as its setup_env.py runs it:
-# utils/convert-hf-to-gguf-bitnet.py --outtype f32, then build/bin/llama-quantize to I2_S) also
-# converts that folder and `bitnet generate` must give the same ids from its file.
+# architecture with llama.cpp's q/k row order.
 # For three prompts, prints one row: whether the prompt's token ids agree (BOS included), whether
 # the generated ids agree, and the first position where they differ. Then converts the demo model
 # itself (hidden 192, rows bitnet.cpp's x86 I2_S kernels misread) and reports what the converter
@@ -32,7 +29,7 @@
 # BITNET_BIN (the bitnet binary, default target/release/bitnet, built with
 # `cargo build --release --bin bitnet` when missing), CHECKPOINT (trained or random), VOCAB (the
 # vocabulary, default 4224; 4096 needs no padding), TOKENS (generated tokens compared, default
-# 16), THREADS (llama-cli threads, default 2), FAMILY (bitnet or llama), PYTHON, WORK (a folder for the files, default a new
+# 16), THREADS (llama-cli threads, default 2), FAMILY (bitnet or llama), WORK (a folder for the files, default a new
 # temporary one).
 #
 # Exit status: 0 when every prompt agrees, 1 when any differs, 2 when a step fails (a conversion,
@@ -155,24 +152,6 @@ print("same" if diff is None else f"different at {diff}")
 EOF
 }
 
-# bitnet.cpp's own converter, where a Python with torch is given: its file must generate here
-# what ours does.
-their_model=
-if [ -n "${PYTHON:-}" ] && [ "$family" = llama ]; then
-    their_model=$work/$name-by-bitnet-cpp.gguf
-    if [ ! -f "$their_model" ] && ! {
-        PYTHONPATH=$bitnet_cpp/3rdparty/llama.cpp/gguf-py "$PYTHON" \
-            "$bitnet_cpp/utils/convert-hf-to-gguf-bitnet.py" "$work/$name" --outtype f32 \
-            --outfile "$work/$name-f32.gguf" &&
-            "$bitnet_cpp/build/bin/llama-quantize" --token-embedding-type f16 \
-                "$work/$name-f32.gguf" "$their_model" I2_S 1 1
-    } >"$work/$name-their-convert.log" 2>&1; then
-        tail -5 "$work/$name-their-convert.log" >&2
-        echo "error: bitnet.cpp's converter failed (log: $work/$name-their-convert.log)" >&2
-        exit 2
-    fi
-fi
-
 status=0
 rows=()
 for i in "${!prompts[@]}"; do
@@ -190,23 +169,6 @@ for i in "${!prompts[@]}"; do
         exit 2
     fi
     our_ids=$(ours "$work/ours-$i.json" "$work/ours-$i.err")
-    if [ -n "$their_model" ]; then
-        "$bitnet" generate --model "$their_model" --prompt "$prompt" --temperature 0 \
-            --max-new-tokens "$tokens" --device cpu --json >"$work/file-$i.json" \
-            2>"$work/file-$i.err" || {
-            cat "$work/file-$i.err" >&2
-            echo "error: bitnet generate failed on bitnet.cpp's file" >&2
-            exit 2
-        }
-        file_ids=$(ours "$work/file-$i.json" "$work/file-$i.err")
-        if [ "$file_ids" != "$our_ids" ]; then
-            status=1
-            echo "prompt $i: bitnet on bitnet.cpp's file [$file_ids]" >&2
-        fi
-        echo "prompt $i: bitnet.cpp's own file generates $( [ "$file_ids" = "$our_ids" ] \
-            && echo the same ids || echo other ids) here" >&2
-    fi
-    their_ids=$(theirs "$work/theirs-$i.log")
     IFS='|' read -r our_prompt our_gen <<<"$our_ids"
     IFS='|' read -r their_prompt their_gen <<<"$their_ids"
     prompt_match=$(compare "$our_prompt" "$their_prompt" 1000000)

@@ -532,9 +532,14 @@ fn bad_configs_are_named() {
     }
 }
 
-#[test]
-fn full_precision_checkpoints_are_quantized_at_load() {
-    let c = tiny_config(false);
+/// A full-precision checkpoint of `family` (1bitLLM's as its repositories hold it: sub-norms
+/// `inner_attn_ln` and `ffn_layernorm`, no `quantization_config`) loads quantized per tensor; a
+/// Llama one only under an online `quantization_config` (without one it is a plain Llama).
+fn full_precision_checkpoint_of(family: Family) {
+    let c = ModelConfig {
+        family,
+        ..tiny_config(false)
+    };
     let mut rng = SmallRng::seed_from_u64(9);
     let mut tensors = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, rng: &mut SmallRng| {
@@ -574,20 +579,36 @@ fn full_precision_checkpoints_are_quantized_at_load() {
             .collect()
     };
 
-    let mut plain: Value = serde_json::from_str(&config_json(&c).unwrap()).unwrap();
-    plain.as_object_mut().unwrap().remove("quantization_config");
+    let mut plain: Value =
+        serde_json::from_str(&config_json(&tiny_config(false)).unwrap()).unwrap();
+    let object = plain.as_object_mut().unwrap();
+    object.remove("quantization_config");
+    object.insert("architectures".into(), json!([family.hf_architecture()]));
+    object.insert("hidden_act".into(), json!(family.activation().name()));
+    if family != Family::BitNet {
+        object.insert("model_type".into(), json!("llama"));
+    }
     let mut online = plain.clone();
     online["quantization_config"] = json!({"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"});
-    for config in [plain, online] {
+    let mut configs = vec![online];
+    if family == Family::Llama {
+        let e = load_error(&plain.to_string(), &tensors);
+        assert!(e.contains("full-precision Llama"), "{e}");
+    } else {
+        configs.push(plain);
+    }
+    for config in configs {
         let w = load_from_bytes(&config.to_string(), &[&file]).unwrap();
         assert_eq!(w.config, c);
         assert_eq!(w.embed_tokens, widened("model.embed_tokens.weight"));
         assert_eq!(w.lm_head.as_deref(), Some(&widened("lm_head.weight")[..]));
         let l1 = &w.layers[1];
-        assert_eq!(
-            l1.ffn_sub_norm,
-            widened("model.layers.1.mlp.ffn_sub_norm.weight")
-        );
+        let [.., (ffn_sub_norm, _)] = c.layer_norms().map(|n| (n.hf, n.len));
+        let expected_norm = match family.has_sub_norms() {
+            true => widened(&format!("model.layers.1.{ffn_sub_norm}.weight")),
+            false => Vec::new(),
+        };
+        assert_eq!(l1.ffn_sub_norm, expected_norm);
         for (got, name, out, inp) in [
             (&l1.k_proj, "self_attn.k_proj", 20, 40),
             (&l1.down_proj, "mlp.down_proj", 40, 56),
@@ -598,6 +619,14 @@ fn full_precision_checkpoints_are_quantized_at_load() {
             assert_eq!(got, &expected);
         }
     }
+}
+
+#[test]
+fn full_precision_checkpoints_are_quantized_at_load() {
+    for family in Family::ALL {
+        full_precision_checkpoint_of(family);
+    }
+    let c = tiny_config(false);
     // Packed weights under a config without quantization_config are refused.
     let (_, _, packed) = packed_checkpoint(false);
     let mut plain: Value = serde_json::from_str(&config_json(&c).unwrap()).unwrap();
