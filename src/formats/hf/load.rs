@@ -117,7 +117,7 @@ impl CheckpointFiles {
 /// };
 /// let weights = synthetic(&config, 1);
 /// let bytes = to_safetensors_bytes(&weights, &[])?;
-/// let checkpoint = Checkpoint::from_bytes(&config_json(&weights.config), &[&bytes])?;
+/// let checkpoint = Checkpoint::from_bytes(&config_json(&weights.config)?, &[&bytes])?;
 /// assert_eq!(*checkpoint.layer(1)?, weights.layers[1]);
 /// # Ok::<(), bitnet_wgpu::Error>(())
 /// ```
