@@ -868,27 +868,14 @@ fn rate(tokens: usize, time: Duration) -> f64 {
 async fn perplexity(args: &PerplexityArgs) -> CliResult<()> {
     let text = read_text(&args.file)?;
     let (mut engine, tokenizer) = open(&args.model).await?;
-    let max = engine.config().max_position_embeddings;
-    let context = args.context.unwrap_or(max.min(1024));
-    if !(2..=max).contains(&context) {
-        return Err(format!(
-            "--context {context}: a window needs 2 to {max} tokens (the model's \
-             max_position_embeddings)"
-        )
-        .into());
-    }
+    let context = args
+        .context
+        .unwrap_or(engine.config().max_position_embeddings.min(1024));
     let ids = tokenizer.encode(&text, true)?;
-    let windows = perplexity_windows(ids.len(), context);
-    // A window's first token has no prediction, so each window scores one token fewer.
-    let scored: usize = windows.iter().map(|w| w.len() - 1).sum();
-    if scored == 0 {
-        return Err(format!(
-            "{}: {} token(s), and perplexity needs at least 2",
-            args.file.display(),
-            ids.len()
-        )
-        .into());
-    }
+    let scored: usize = perplexity_windows(ids.len(), context)
+        .iter()
+        .map(|w| w.len().saturating_sub(1))
+        .sum();
     let bar = if args.model.json {
         ProgressBar::hidden()
     } else {
@@ -896,33 +883,24 @@ async fn perplexity(args: &PerplexityArgs) -> CliResult<()> {
             "{bar:40} {pos}/{len} tokens, {per_sec}, eta {eta}",
         )?)
     };
-    let mut total = 0.0;
-    for window in windows.iter().filter(|w| w.len() >= 2) {
-        engine.reset();
-        let nll = engine.nll(&ids[window.clone()]).await?;
-        if let Some(i) = nll.iter().position(|v| v.is_nan()) {
-            return Err(format!(
-                "the model's logits for token {} of the text are not numbers (NaN): the \
-                 checkpoint's weights or norms hold NaN or overflow",
-                window.start + i + 1
-            )
-            .into());
-        }
-        total += nll.iter().sum::<f64>();
-        bar.inc(window.len() as u64 - 1);
-    }
+    let p = engine
+        .perplexity(&ids, context, &mut |done| bar.set_position(done as u64))
+        .await
+        .map_err(|e| format!("{} (--context {context}): {e}", args.file.display()))?;
     bar.finish_and_clear();
-    let perplexity = (total / scored as f64).exp();
     if args.model.json {
         println!(
             "{}",
-            serde_json::json!({"perplexity": perplexity, "tokens": scored, "context": context})
+            serde_json::json!({"perplexity": p.perplexity, "tokens": p.scored, "context": p.context})
         );
     } else {
         println!(
-            "perplexity: {perplexity:.4} over {scored} predicted tokens ({} windows of up to \
-             {context} tokens, engine: {})",
-            windows.len(),
+            "perplexity: {:.4} over {} predicted tokens ({} windows of up to {} tokens, engine: \
+             {})",
+            p.perplexity,
+            p.scored,
+            p.windows,
+            p.context,
             engine.adapter()
         );
     }

@@ -1,8 +1,6 @@
 //! Engines: a model together with the state a sequence needs (its KV cache), behind one
 //! `forward(tokens) -> logits` call, plus the scoring helpers every engine's callers share.
 
-use std::ops::Range;
-
 use crate::cpu::nll;
 #[cfg(feature = "gpu")]
 use crate::gpu::GpuContext;
@@ -229,26 +227,6 @@ impl CpuEngine {
     }
 }
 
-/// Splits `n_tokens` into consecutive, non-overlapping windows of `context` tokens, the last one
-/// shorter when `context` does not divide `n_tokens`. Each window is scored on its own, so its
-/// first token is predicted from nothing and only the following ones count. `context == 0` gives
-/// no window.
-///
-/// ```
-/// use bitnet_wgpu::model::perplexity_windows;
-/// assert_eq!(perplexity_windows(10, 4), [0..4, 4..8, 8..10]);
-/// assert_eq!(perplexity_windows(8, 4), [0..4, 4..8]);
-/// ```
-pub fn perplexity_windows(n_tokens: usize, context: usize) -> Vec<Range<usize>> {
-    if context == 0 {
-        return Vec::new();
-    }
-    (0..n_tokens)
-        .step_by(context)
-        .map(|start| start..(start + context).min(n_tokens))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,19 +448,5 @@ mod tests {
         let mut weights = tiny_weights();
         weights.norm.pop();
         assert!(CpuEngine::new(&weights).is_err());
-    }
-
-    #[test]
-    fn windows_cover_every_token_once() {
-        assert_eq!(perplexity_windows(0, 4), Vec::<Range<usize>>::new());
-        assert_eq!(perplexity_windows(3, 4), [Range { start: 0, end: 3 }]);
-        assert_eq!(perplexity_windows(9, 4), [0..4, 4..8, 8..9]);
-        assert!(perplexity_windows(5, 0).is_empty());
-        for (n, c) in [(1000, 7), (1024, 256), (5, 1)] {
-            let w = perplexity_windows(n, c);
-            assert_eq!(w.len(), n.div_ceil(c));
-            assert!(w.windows(2).all(|p| p[0].end == p[1].start));
-            assert_eq!((w[0].start, w.last().unwrap().end), (0, n));
-        }
     }
 }

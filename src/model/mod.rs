@@ -10,6 +10,7 @@ mod gpu;
 mod layer;
 mod load;
 mod packed;
+mod perplexity;
 mod sampling;
 mod schema;
 mod source;
@@ -18,7 +19,7 @@ mod weights;
 
 pub use crate::cpu::SamplingParams;
 pub use config::ModelConfig;
-pub use engine::{CpuEngine, Device, Engine, Logits, perplexity_windows};
+pub use engine::{CpuEngine, Device, Engine, Logits};
 pub use forward::{KvCache, forward};
 pub use generator::{Generation, GenerationParams, Generator, Stop};
 #[cfg(feature = "gpu")]
@@ -26,6 +27,7 @@ pub use gpu::{DecodePath, GpuModel};
 #[cfg(not(target_arch = "wasm32"))]
 pub use load::{ModelFiles, load_model};
 pub use load::{OpenModel, load_model_from_bytes, open_model_from_bytes};
+pub use perplexity::{Perplexity, perplexity_windows};
 pub use sampling::Sampler;
 pub use schema::{Activation, Family, LinearSpec, NormSpec};
 pub(crate) use schema::{linear_shapes, sub_norm, sub_norm_backward};
