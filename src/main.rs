@@ -13,8 +13,8 @@ use bitnet_wgpu::cpu::{ScaleGranularity, WeightQuantOptions};
 use bitnet_wgpu::gpu::table::TableStorage;
 use bitnet_wgpu::gpu::{AdapterSummary, GpuContext};
 use bitnet_wgpu::model::{
-    DecodePath, Device as EngineDevice, Engine, GenerationParams, Generator, GpuModel, Logits,
-    ModelConfig, ModelFiles, Sampler, SamplingParams, Stop, load_model, open_model_from_bytes,
+    DecodePath, Device, Engine, GenerationParams, Generator, GpuModel, Logits, ModelConfig,
+    ModelFiles, Sampler, SamplingParams, Stop, load_model, open_model_from_bytes,
     perplexity_windows, synthetic,
 };
 use bitnet_wgpu::rng::SplitMix64;
@@ -155,16 +155,6 @@ struct InfoArgs {
     /// Also describe this model (a checkpoint folder or a .gguf file): its family and shape.
     #[arg(long)]
     model: Option<PathBuf>,
-}
-
-/// Which processor runs the model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Device {
-    /// A hardware GPU when the model can run there, else the CPU engine (a software adapter
-    /// such as lavapipe is slower than the CPU engine).
-    Auto,
-    Gpu,
-    Cpu,
 }
 
 #[derive(Args)]
@@ -357,9 +347,7 @@ fn main() -> ExitCode {
 /// `bitnet train`: the options to the library's run, a progress bar, Ctrl-C to stop and save.
 fn train(args: &TrainArgs) -> CliResult<ExitCode> {
     use bitnet_wgpu::train::Quant;
-    use bitnet_wgpu::train::run::{
-        Event, ModelSource, OptimizerKind, ScheduleKind, TrainDevice, TrainOptions,
-    };
+    use bitnet_wgpu::train::run::{Event, ModelSource, OptimizerKind, ScheduleKind, TrainOptions};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let mut o = TrainOptions::new(args.data.clone(), args.out.clone());
@@ -391,11 +379,7 @@ fn train(args: &TrainArgs) -> CliResult<ExitCode> {
         QuantArg::Bitnet => Quant::BitNet,
         QuantArg::None => Quant::None,
     };
-    o.device = match args.device {
-        Device::Auto => TrainDevice::Auto,
-        Device::Gpu => TrainDevice::Gpu,
-        Device::Cpu => TrainDevice::Cpu,
-    };
+    o.device = args.device;
     (o.seed, o.shuffle, o.resume) = (args.seed, !args.no_shuffle, args.resume);
     (o.eval_file, o.eval_every, o.eval_windows) =
         (args.eval_file.clone(), args.eval_every, args.eval_windows);
@@ -780,12 +764,7 @@ async fn open(args: &ModelArgs) -> CliResult<(Engine, Tokenizer)> {
         }
         None => open_model_from_bytes(&DEMO_MODEL)?,
     };
-    let device = match args.device {
-        Device::Auto => EngineDevice::Auto,
-        Device::Gpu => EngineDevice::Gpu,
-        Device::Cpu => EngineDevice::Cpu,
-    };
-    match Engine::new(device, &*weights).await {
+    match Engine::new(args.device, &*weights).await {
         Ok((engine, fallback)) => {
             if let Some(why) = fallback {
                 eprintln!("running on the CPU: {why}");

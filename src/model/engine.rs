@@ -29,8 +29,20 @@ pub enum Logits {
     All,
 }
 
-/// Where [`Engine::new`] runs a model.
+/// Where a model runs ([`Engine::new`]) or trains ([`crate::train::run::TrainOptions`]), parsed
+/// from `auto`, `gpu` or `cpu` (the CLI's `--device`, the page's choice).
+///
+/// ```
+/// use bitnet_wgpu::model::Device;
+/// assert_eq!("gpu".parse::<Device>()?, Device::Gpu);
+/// assert!("tpu".parse::<Device>().unwrap_err().to_string().contains("auto, gpu or cpu"));
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    all(feature = "cli", not(target_arch = "wasm32")),
+    derive(clap::ValueEnum)
+)]
 pub enum Device {
     /// The GPU when a hardware adapter opens and the model fits it, else the CPU. Natively a
     /// software adapter (lavapipe, SwiftShader: device type `Cpu`) counts as none, the CPU
@@ -41,6 +53,22 @@ pub enum Device {
     Gpu,
     /// The CPU engine.
     Cpu,
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "gpu" => Ok(Device::Gpu),
+            "cpu" => Ok(Device::Cpu),
+            other => Err(Error::invalid(
+                "device",
+                format!("{other:?} is not a device (auto, gpu or cpu)"),
+            )),
+        }
+    }
 }
 
 /// A model ready to run one sequence at a time, on the CPU engine or resident on a GPU.

@@ -18,7 +18,7 @@ use super::plot::plot_losses;
 use super::{AdamW, Optimizer, Quant, Schedule, Sgd, StepReport, TrainModel, Trainer};
 use crate::formats::hf;
 use crate::model::{
-    ModelConfig, ModelWeights, load_model, load_model_from_bytes, perplexity_windows,
+    Device, ModelConfig, ModelWeights, load_model, load_model_from_bytes, perplexity_windows,
 };
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -46,19 +46,6 @@ pub enum ModelSource {
     Tiny,
     /// A new model shaped by a config.json file.
     ConfigFile(PathBuf),
-}
-
-/// Which processor trains.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TrainDevice {
-    /// A hardware GPU when one opens and can train the model ([`GpuTrainer::new`]'s
-    /// conditions), else the CPU. A software adapter (lavapipe, SwiftShader) counts as none:
-    /// the multi-threaded CPU path trains faster than it.
-    Auto,
-    /// [`GpuTrainer`] on the adapter [`GpuContext::new`] opens, or an error.
-    Gpu,
-    /// The multi-threaded CPU path of [`Trainer::step`].
-    Cpu,
 }
 
 /// The optimizer's kind; its hyper-parameters come from [`TrainOptions`].
@@ -119,7 +106,10 @@ pub struct TrainOptions {
     /// For a new model: train a byte-level BPE of this many tokens on the data (else the
     /// byte-level fallback of 258 tokens).
     pub vocab_size: Option<usize>,
-    pub device: TrainDevice,
+    /// Which processor trains: `Auto` takes a hardware GPU when one opens and can train the
+    /// model ([`GpuTrainer::new`]'s conditions), else the multi-threaded CPU path (a software
+    /// adapter counts as none); `Gpu` the [`GpuTrainer`] or an error; `Cpu` the CPU path.
+    pub device: Device,
     /// Continue the run saved in `out`.
     pub resume: bool,
 }
@@ -151,7 +141,7 @@ impl TrainOptions {
             save_every: 100,
             quant: Quant::BitNet,
             vocab_size: None,
-            device: TrainDevice::Auto,
+            device: Device::Auto,
             resume: false,
         }
     }
@@ -261,7 +251,7 @@ impl StepEngine for CpuEngine {
 /// The GPU side of a run: [`GpuTrainer`] behind [`StepEngine`] where the `gpu` feature is on.
 #[cfg(feature = "gpu")]
 mod on_gpu {
-    use super::{CpuEngine, Event, StepEngine, TrainDevice};
+    use super::{CpuEngine, Device, Event, StepEngine};
     use crate::Result;
     use crate::gpu::GpuContext;
     use crate::train::{GpuTrainer, StepReport, Trainer};
@@ -284,13 +274,13 @@ mod on_gpu {
         }
     }
 
-    /// The adapter `device` asks for: opened for [`TrainDevice::Gpu`] (or the error), a hardware
-    /// one for [`TrainDevice::Auto`] (or none), none for [`TrainDevice::Cpu`].
-    pub(super) fn open_gpu(device: TrainDevice) -> Result<Option<GpuContext>> {
+    /// The adapter `device` asks for: opened for [`Device::Gpu`] (or the error), a hardware
+    /// one for [`Device::Auto`] (or none), none for [`Device::Cpu`].
+    pub(super) fn open_gpu(device: Device) -> Result<Option<GpuContext>> {
         match device {
-            TrainDevice::Cpu => Ok(None),
-            TrainDevice::Gpu => Ok(Some(pollster::block_on(GpuContext::new())?)),
-            TrainDevice::Auto => Ok(pollster::block_on(GpuContext::new())
+            Device::Cpu => Ok(None),
+            Device::Gpu => Ok(Some(pollster::block_on(GpuContext::new())?)),
+            Device::Auto => Ok(pollster::block_on(GpuContext::new())
                 .ok()
                 .filter(|ctx| ctx.adapter_info().device_type != wgpu::DeviceType::Cpu)),
         }
@@ -300,7 +290,7 @@ mod on_gpu {
     /// open and can train the model (with `--device gpu`, an error when it cannot), else the CPU.
     pub(super) fn engine(
         ctx: Option<GpuContext>,
-        device: TrainDevice,
+        device: Device,
         trainer: &Trainer,
         context: usize,
         on_event: &mut dyn FnMut(Event),
@@ -310,7 +300,7 @@ mod on_gpu {
         };
         match GpuTrainer::new(&ctx, trainer, context) {
             Ok(gpu) => Ok(Box::new(GpuEngine { ctx, trainer: gpu })),
-            Err(e) if device == TrainDevice::Gpu => Err(e),
+            Err(e) if device == Device::Gpu => Err(e),
             Err(e) => {
                 on_event(Event::Note(format!(
                     "training on the CPU: {} cannot train this model ({e})",
@@ -326,25 +316,25 @@ mod on_gpu {
 /// the CPU.
 #[cfg(not(feature = "gpu"))]
 mod on_gpu {
-    use super::{CpuEngine, Event, StepEngine, TrainDevice};
+    use super::{CpuEngine, Device, Event, StepEngine};
     use crate::train::Trainer;
     use crate::{Error, Result};
 
     /// An adapter, of which this build has none.
     pub(super) enum NoAdapter {}
 
-    pub(super) fn open_gpu(device: TrainDevice) -> Result<Option<NoAdapter>> {
+    pub(super) fn open_gpu(device: Device) -> Result<Option<NoAdapter>> {
         match device {
-            TrainDevice::Gpu => Err(Error::NoAdapter(
+            Device::Gpu => Err(Error::NoAdapter(
                 "this build has no GPU support (bitnet-wgpu's `gpu` feature is off)".into(),
             )),
-            TrainDevice::Auto | TrainDevice::Cpu => Ok(None),
+            Device::Auto | Device::Cpu => Ok(None),
         }
     }
 
     pub(super) fn engine(
         ctx: Option<NoAdapter>,
-        _: TrainDevice,
+        _: Device,
         _: &Trainer,
         _: usize,
         _: &mut dyn FnMut(Event),
@@ -1021,7 +1011,7 @@ mod tests {
     }
 
     /// A run stopped after step 4 and resumed ends where the uninterrupted run ends, bit for bit.
-    fn check_resume(device: TrainDevice, tag: &str) {
+    fn check_resume(device: Device, tag: &str) {
         let dir = std::env::temp_dir().join(format!("bitnet-run-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let options = |name: &str| TrainOptions {
@@ -1037,7 +1027,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!((whole.steps, whole.interrupted), (8, false));
-        assert_eq!(engine == "cpu", device == TrainDevice::Cpu, "{engine}");
+        assert_eq!(engine == "cpu", device == Device::Cpu, "{engine}");
 
         let stop = AtomicBool::new(false);
         let cut = options("cut");
@@ -1071,12 +1061,12 @@ mod tests {
 
     #[test]
     fn a_stopped_run_resumes_to_the_uninterrupted_result() {
-        check_resume(TrainDevice::Cpu, "cpu");
+        check_resume(Device::Cpu, "cpu");
     }
 
     #[test]
     fn a_stopped_gpu_run_resumes_to_the_uninterrupted_result() {
-        check_resume(TrainDevice::Gpu, "gpu");
+        check_resume(Device::Gpu, "gpu");
     }
 
     #[test]
@@ -1084,7 +1074,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("bitnet-run-refuse-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let o = TrainOptions {
-            device: TrainDevice::Gpu,
+            device: Device::Gpu,
             quant: Quant::None,
             ..options(&dir, "float")
         };

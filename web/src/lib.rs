@@ -71,12 +71,7 @@ impl Demo {
             if busy.get() {
                 return Err(message("a generation is running; stop it first".into()));
             }
-            let device = match device.as_str() {
-                "auto" => Device::Auto,
-                "gpu" => Device::Gpu,
-                "cpu" => Device::Cpu,
-                other => return Err(message(format!("unknown device {other:?}"))),
-            };
+            let device: Device = device.parse().map_err(error)?;
             let owned: Vec<(String, Vec<u8>)> = files
                 .iter()
                 .map(|pair| {
