@@ -7,10 +7,12 @@
 //!   GGUF I2_S and 1.6-bit base-3 storage).
 //! - [`gpu`]: the host layer: adapter selection, pipeline cache, buffers, kernels that record.
 //! - [`model`]: the transformer, its CPU forward and engines; [`tokenizer`]: text <-> token ids.
+//! - [`chat`]: chat templates and conversations that reuse the cache of earlier turns.
 //! - [`train`]: training on the CPU (backward, optimizers, a training step), the reference.
 //! - [`BitLinear`]: the drop-in layer, on the CPU or the GPU, saved and loaded with safetensors.
 
 pub mod bitlinear;
+pub mod chat;
 pub mod convert;
 pub mod cpu;
 mod error;

@@ -20,6 +20,9 @@ use bitnet_wgpu::model::{
 use bitnet_wgpu::rng::SplitMix64;
 use bitnet_wgpu::tokenizer::Tokenizer;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[path = "cli/chat.rs"]
+mod chat;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -39,6 +42,9 @@ enum Command {
     Info(InfoArgs),
     /// Continue a prompt, streaming the text to stdout as it is produced.
     Generate(GenerateArgs),
+    /// Talk with a chat model in its chat template: one message per line on stdin, the answer
+    /// streamed to stdout; /reset starts over, Ctrl-C stops an answer.
+    Chat(chat::ChatArgs),
     /// Perplexity of a model on a text file, over consecutive windows of --context tokens.
     Perplexity(PerplexityArgs),
     /// Turn a full-precision Hugging Face checkpoint into the offline packed ternary format that
@@ -182,6 +188,13 @@ struct GenerateArgs {
     /// model's context limit).
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+/// How `generate` and `chat` choose each token.
+#[derive(Args)]
+struct SamplingArgs {
     /// Softmax temperature; 0 is greedy (always the most likely token).
     #[arg(long, default_value_t = 0.8)]
     temperature: f32,
@@ -194,6 +207,23 @@ struct GenerateArgs {
     /// Seed of the sampler: the same seed, model and prompt give the same text.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+impl SamplingArgs {
+    /// The generation parameters, checked (bad ones fail before a possibly long model load).
+    fn params(&self, max_new_tokens: usize) -> CliResult<GenerationParams> {
+        let params = GenerationParams {
+            max_new_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+            },
+        };
+        Sampler::new(params.sampling)?;
+        Ok(params)
+    }
 }
 
 #[derive(Args)]
@@ -322,6 +352,10 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Command::Generate(args) => match pollster::block_on(generate(&args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&*e),
+        },
+        Command::Chat(args) => match pollster::block_on(chat::chat(&args)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&*e),
         },
@@ -777,17 +811,7 @@ async fn open(args: &ModelArgs) -> CliResult<(Engine, Tokenizer)> {
 }
 
 async fn generate(args: &GenerateArgs) -> CliResult<()> {
-    let params = GenerationParams {
-        max_new_tokens: args.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
-    };
-    // Bad sampling options fail before a possibly long model load.
-    Sampler::new(params.sampling)?;
+    let params = args.sampling.params(args.max_new_tokens)?;
     let (engine, tokenizer) = open(&args.model).await?;
     let mut generator = Generator::new(engine, tokenizer);
     let mut out = std::io::stdout().lock();
@@ -824,14 +848,19 @@ async fn generate(args: &GenerateArgs) -> CliResult<()> {
         generation.prompt_tokens_per_s(),
         generation.generated_ids.len(),
         generation.tokens_per_s(),
-        match generation.stop {
-            Stop::EndOfSequence => "the end-of-sequence token",
-            Stop::MaxNewTokens => "--max-new-tokens",
-            Stop::ContextFull => "the model's context limit",
-            Stop::Cancelled => "an output error",
-        },
+        stop_reason(generation.stop),
     );
     Ok(())
+}
+
+/// Why a generation stopped, for its summary line.
+fn stop_reason(stop: Stop) -> &'static str {
+    match stop {
+        Stop::EndOfSequence => "the end-of-sequence token",
+        Stop::MaxNewTokens => "--max-new-tokens",
+        Stop::ContextFull => "the model's context limit",
+        Stop::Cancelled => "an output error",
+    }
 }
 
 /// Tokens per second; 0 for no tokens (a rate over no work means nothing).

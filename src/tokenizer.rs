@@ -22,6 +22,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 
+use crate::chat::ChatTemplate;
 use crate::formats::gguf::GgufTokenizer;
 use crate::{Error, Result};
 
@@ -61,6 +62,8 @@ pub struct Tokenizer {
     add_bos: bool,
     /// Whether the eos goes after a text, likewise.
     add_eos: bool,
+    /// How the model's conversations are written, when it is a chat model.
+    chat: Option<ChatTemplate>,
 }
 
 #[derive(Clone, Debug)]
@@ -153,6 +156,7 @@ impl Tokenizer {
             eos: None,
             add_bos: false,
             add_eos: false,
+            chat: None,
         })
     }
 
@@ -237,6 +241,7 @@ impl Tokenizer {
             eos: None,
             add_bos: t.adds_bos(),
             add_eos: t.adds_eos(),
+            chat: None,
         }
         .with_special_ids(t.bos, t.eos)
     }
@@ -252,6 +257,7 @@ impl Tokenizer {
             eos: special(BYTE_EOS),
             add_bos: true,
             add_eos: false,
+            chat: None,
         }
     }
 
@@ -272,6 +278,36 @@ impl Tokenizer {
         self.bos = bos;
         self.eos = eos;
         Ok(self)
+    }
+
+    /// Sets the chat template that comes with the model ([`crate::chat`]); `None` for a model
+    /// without one.
+    pub fn with_chat_template(mut self, template: Option<ChatTemplate>) -> Self {
+        self.chat = template;
+        self
+    }
+
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat.as_ref()
+    }
+
+    /// The id of the vocabulary entry `token` (a special token's text, such as `<|eot_id|>`, or
+    /// a BPE token in its own alphabet); `None` when there is none, and always for the byte-level
+    /// fallback, whose specials have no text.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        match &self.kind {
+            Kind::Hf(t, _) => t.token_to_id(token),
+            Kind::Bytes { .. } => None,
+        }
+    }
+
+    /// The vocabulary entry of `id`, the inverse of [`Tokenizer::token_id`].
+    pub fn token(&self, id: u32) -> Option<String> {
+        match &self.kind {
+            Kind::Hf(t, _) => t.id_to_token(id),
+            Kind::Bytes { .. } => None,
+        }
     }
 
     /// The id that starts a sequence, if the vocabulary has one.

@@ -166,6 +166,17 @@ impl Engine {
         }
     }
 
+    /// Forgets the positions from `len` on (none when `len` is past the end), so that the
+    /// sequence continues after its first `len` tokens: an edited conversation keeps the cache of
+    /// the part that did not change.
+    pub fn truncate(&mut self, len: usize) {
+        match self {
+            Engine::Cpu(e) => e.truncate(len),
+            #[cfg(feature = "gpu")]
+            Engine::Gpu(gpu) => gpu.1.truncate(len),
+        }
+    }
+
     /// Positions seen so far: the next token's position.
     pub fn position(&self) -> usize {
         match self {
@@ -238,6 +249,11 @@ impl CpuEngine {
     /// Forgets the sequence, to start a new one.
     pub fn reset(&mut self) {
         self.cache.clear();
+    }
+
+    /// Forgets the positions from `len` on ([`KvCache::truncate`]).
+    pub fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len);
     }
 
     /// Positions seen so far: the next token's position.

@@ -65,8 +65,9 @@ impl KvCache {
         Some((self.keys.get(layer)?, self.values.get(layer)?))
     }
 
-    /// Drops every position from `len` on.
-    fn truncate(&mut self, len: usize) {
+    /// Drops every position from `len` on (none when `len` is past the end).
+    pub fn truncate(&mut self, len: usize) {
+        let len = len.min(self.len);
         for rows in self.keys.iter_mut().chain(&mut self.values) {
             rows.truncate(len * self.kv_width);
         }

@@ -19,7 +19,8 @@ pub struct GenerationParams {
 /// Why a generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stop {
-    /// The model produced its end-of-sequence token (the last generated id).
+    /// The model produced an end token (the last generated id): its end-of-sequence token, or
+    /// one of the stop ids [`Generator::generate_ids`] was given (a chat's end of turn).
     EndOfSequence,
     /// `max_new_tokens` were generated.
     MaxNewTokens,
@@ -34,6 +35,9 @@ pub enum Stop {
 pub struct Generation {
     /// The ids the model saw: the prompt with the special tokens its tokenizer adds.
     pub prompt_ids: Vec<u32>,
+    /// How many of `prompt_ids`, at their end, were processed; the others were in the cache of
+    /// the previous generation ([`Generator::generate_ids`]).
+    pub prefilled: usize,
     pub generated_ids: Vec<u32>,
     /// The text of `generated_ids` (special tokens left out).
     pub text: String,
@@ -47,7 +51,7 @@ pub struct Generation {
 impl Generation {
     /// Prompt tokens per second (0 when nothing was timed).
     pub fn prompt_tokens_per_s(&self) -> f64 {
-        rate(self.prompt_ids.len(), self.prompt_time)
+        rate(self.prefilled, self.prompt_time)
     }
 
     /// Generated tokens per second after the first (0 when nothing was timed).
@@ -102,19 +106,27 @@ fn rate(tokens: usize, time: Duration) -> f64 {
 pub struct Generator {
     engine: Engine,
     tokenizer: Tokenizer,
+    /// The ids whose keys and values the engine's cache holds, from position 0.
+    cached: Vec<u32>,
 }
 
 impl Generator {
     pub fn new(engine: Engine, tokenizer: Tokenizer) -> Self {
-        Generator { engine, tokenizer }
+        Generator {
+            engine,
+            tokenizer,
+            cached: Vec::new(),
+        }
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
 
-    /// The engine, e.g. to score texts between generations.
+    /// The engine, e.g. to score texts between generations. What it is used for may change
+    /// its cache, so the next generation starts a new sequence.
     pub fn engine_mut(&mut self) -> &mut Engine {
+        self.cached.clear();
         &mut self.engine
     }
 
@@ -137,15 +149,38 @@ impl Generator {
         &mut self,
         prompt: &str,
         params: &GenerationParams,
-        mut on_text: impl FnMut(&str) -> bool,
+        on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation> {
-        let mut sampler = Sampler::new(params.sampling)?;
         let prompt_ids = self.tokenizer.encode(prompt, true)?;
         if prompt_ids.is_empty() {
             return Err(Error::invalid(
                 "prompt",
                 "it is empty and the model's tokenizer adds no bos token to start from",
             ));
+        }
+        self.cached.clear();
+        let eos: Vec<u32> = self.tokenizer.eos().into_iter().collect();
+        self.generate_ids(&prompt_ids, &eos, params, on_text).await
+    }
+
+    /// Continues the ids `prompt_ids` as [`Generator::generate`] continues a text, stopping also
+    /// at any of `stop_ids` (a chat template's end of turn). The start that `prompt_ids` shares
+    /// with the previous generation's prompt and tokens is not processed again: its keys and
+    /// values are still in the engine's cache, so a conversation prefills only its new turn
+    /// (and, where the text of the earlier turns tokenizes differently now, from the first id
+    /// that differs). [`Generation::prefilled`] says how many ids were processed.
+    ///
+    /// Errors: no ids, an id outside the model's vocabulary, and those of [`Generator::generate`].
+    pub async fn generate_ids(
+        &mut self,
+        prompt_ids: &[u32],
+        stop_ids: &[u32],
+        params: &GenerationParams,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        let mut sampler = Sampler::new(params.sampling)?;
+        if prompt_ids.is_empty() {
+            return Err(Error::invalid("prompt", "it has no ids"));
         }
         let limit = self.engine.config().max_position_embeddings;
         if prompt_ids.len() > limit {
@@ -160,7 +195,6 @@ impl Generator {
         let vocab = self.engine.config().vocab_size;
         let allowed = self.tokenizer.vocab_size().min(vocab);
         let max_new = params.max_new_tokens;
-        let eos = self.tokenizer.eos();
         let mut stream = self.tokenizer.stream_decoder();
         let mut generated = Vec::new();
         let mut text = String::new();
@@ -185,22 +219,33 @@ impl Generator {
                     return false;
                 }
             }
-            eos != Some(id) && generated.len() < max_new
+            !stop_ids.contains(&id) && generated.len() < max_new
         };
 
-        self.engine.reset();
+        // At least the last id is processed: its logits choose the first new token.
+        let kept = self
+            .cached
+            .iter()
+            .zip(prompt_ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt_ids.len() - 1);
+        self.engine.truncate(kept);
+        // Until the engine reports where it stopped, what its cache holds is unknown.
+        self.cached.clear();
+        let new_ids = &prompt_ids[kept..];
         match &mut self.engine {
             #[cfg(feature = "gpu")]
             Engine::Gpu(gpu) => {
                 let (ctx, model) = &mut **gpu;
                 model
-                    .sample(ctx, &prompt_ids, max_new, allowed, &mut sampler, |id| {
+                    .sample(ctx, new_ids, max_new, allowed, &mut sampler, |id| {
                         accept(id, &mut generated)
                     })
                     .await?;
             }
             engine => {
-                let mut logits = engine.forward(&prompt_ids, Logits::Last).await?;
+                let mut logits = engine.forward(new_ids, Logits::Last).await?;
                 while generated.len() < max_new {
                     let last = logits.len() - vocab;
                     logits[last + allowed..].fill(f32::NEG_INFINITY);
@@ -220,7 +265,15 @@ impl Generator {
             text += &piece;
             on_text(&piece);
         }
-        let stop = if eos.is_some() && generated.last() == eos.as_ref() {
+        // The engine took the prompt and every new token but (at least) the last.
+        let position = self.engine.position();
+        self.cached = prompt_ids
+            .iter()
+            .chain(&generated)
+            .copied()
+            .take(position)
+            .collect();
+        let stop = if generated.last().is_some_and(|id| stop_ids.contains(id)) {
             Stop::EndOfSequence
         } else if cancelled {
             Stop::Cancelled
@@ -231,7 +284,8 @@ impl Generator {
         };
         let first_token = first_token.unwrap_or_else(Instant::now);
         Ok(Generation {
-            prompt_ids,
+            prompt_ids: prompt_ids.to_vec(),
+            prefilled: new_ids.len(),
             generated_ids: generated,
             text,
             prompt_time: first_token - started,

@@ -4,6 +4,7 @@
 #[cfg(not(target_arch = "wasm32"))]
 use std::path::Path;
 
+use crate::chat::ChatFiles;
 use crate::formats::{gguf, hf};
 use crate::model::{ModelWeights, WeightSource, collect};
 use crate::tokenizer::Tokenizer;
@@ -11,6 +12,15 @@ use crate::{Error, Result};
 
 /// Name of the tokenizer file in a Hugging Face checkpoint folder.
 const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// The files of a Hugging Face folder that say how the model chats ([`ChatFiles`]), read when
+/// present.
+const CHAT_FILES: [&str; 4] = [
+    ChatFiles::TOKENIZER_CONFIG,
+    ChatFiles::CHAT_TEMPLATE,
+    ChatFiles::CONFIG,
+    ChatFiles::GENERATION_CONFIG,
+];
 
 /// Vocabularies up to this size are taken for the byte-level fallback ([`Tokenizer::bytes`]:
 /// 256 bytes and a few specials) when no tokenizer comes with the model; any larger one needs
@@ -26,8 +36,10 @@ pub type OpenModel<'a> = (Box<dyn WeightSource + 'a>, Tokenizer);
 /// Loads a model and its tokenizer from `path`:
 ///
 /// - a Hugging Face checkpoint folder (config.json, safetensors, see [`hf::load_dir`]) with its
-///   tokenizer.json; the bos/eos ids come from config.json;
-/// - a GGUF file (see [`gguf::to_model`]) with its embedded byte-level BPE vocabulary.
+///   tokenizer.json; the bos/eos ids come from config.json; its chat template, if any, from
+///   tokenizer_config.json or chat_template.jinja ([`ChatFiles::template`]);
+/// - a GGUF file (see [`gguf::to_model`]) with its embedded byte-level BPE vocabulary and chat
+///   template (`tokenizer.chat_template`).
 ///
 /// A model without a tokenizer gets [`Tokenizer::bytes`] if its vocabulary has at most 260
 /// tokens. Errors name the path: it does not exist, a folder without
@@ -69,6 +81,8 @@ pub enum ModelFiles {
     Checkpoint {
         files: hf::CheckpointFiles,
         tokenizer: Option<Vec<u8>>,
+        /// The [`CHAT_FILES`] in the folder, by name.
+        chat: Vec<(&'static str, Vec<u8>)>,
         path: String,
     },
     Gguf {
@@ -113,20 +127,28 @@ impl ModelFiles {
             ));
         }
         let files = hf::CheckpointFiles::read(path)?;
-        let tokenizer_path = path.join(TOKENIZER_FILE);
-        let tokenizer = match std::fs::read(&tokenizer_path) {
-            Ok(json) => Some(json),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => {
-                return Err(Error::Io {
-                    path: tokenizer_path.display().to_string(),
+        let read_if_present = |name: &str| {
+            let file = path.join(name);
+            match std::fs::read(&file) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(Error::Io {
+                    path: file.display().to_string(),
                     source,
-                });
+                }),
             }
         };
+        let tokenizer = read_if_present(TOKENIZER_FILE)?;
+        let mut chat = Vec::new();
+        for name in CHAT_FILES {
+            if let Some(bytes) = read_if_present(name)? {
+                chat.push((name, bytes));
+            }
+        }
         Ok(ModelFiles::Checkpoint {
             files,
             tokenizer,
+            chat,
             path: where_,
         })
     }
@@ -138,8 +160,17 @@ impl ModelFiles {
             ModelFiles::Checkpoint {
                 files,
                 tokenizer,
+                chat,
                 path,
-            } => with_hf_tokenizer(Box::new(files.open()?), tokenizer.as_deref(), path),
+            } => {
+                let named = |wanted: &str| {
+                    chat.iter()
+                        .find(|(name, _)| *name == wanted)
+                        .map(|(_, bytes)| bytes.as_slice())
+                };
+                let chat = chat_files(named);
+                with_hf_tokenizer(Box::new(files.open()?), tokenizer.as_deref(), chat, path)
+            }
             ModelFiles::Gguf { bytes, path } => {
                 from_gguf(bytes, path, || gguf::GgufFile::from_map(bytes.clone()))
             }
@@ -150,7 +181,7 @@ impl ModelFiles {
 /// Loads a model and its tokenizer from the bytes of its files, named as on disk (a path's last
 /// part is what counts): one GGUF file, or a Hugging Face checkpoint's config.json, its
 /// safetensors file or shards (any names ending in `.safetensors`; an index file is not needed)
-/// and, optionally, tokenizer.json. The same rules and errors as [`load_model`].
+/// and, optionally, tokenizer.json and the files of its chat template ([`ChatFiles`]). The same rules and errors as [`load_model`].
 /// [`open_model_from_bytes`] reads them for an engine to unpack a layer at a time.
 ///
 /// ```
@@ -206,14 +237,31 @@ pub fn open_model_from_bytes<'a>(files: &[(&str, &'a [u8])]) -> Result<OpenModel
         .map(|&(_, bytes)| bytes)
         .collect();
     let checkpoint = hf::Checkpoint::from_bytes(config, &shards)?;
-    with_hf_tokenizer(Box::new(checkpoint), named(TOKENIZER_FILE), "model files")
+    let chat = chat_files(named);
+    with_hf_tokenizer(
+        Box::new(checkpoint),
+        named(TOKENIZER_FILE),
+        chat,
+        "model files",
+    )
+}
+
+/// The chat files among a model's files, found by name.
+fn chat_files<'a>(named: impl Fn(&str) -> Option<&'a [u8]>) -> ChatFiles<'a> {
+    ChatFiles {
+        tokenizer_config: named(ChatFiles::TOKENIZER_CONFIG),
+        chat_template: named(ChatFiles::CHAT_TEMPLATE),
+        config: named(ChatFiles::CONFIG),
+        generation_config: named(ChatFiles::GENERATION_CONFIG),
+    }
 }
 
 /// A Hugging Face model with its tokenizer.json (bos/eos ids from config.json), or the byte
-/// fallback when there is none.
+/// fallback when there is none, and the chat template of `chat`.
 fn with_hf_tokenizer<'a>(
     source: Box<dyn WeightSource + 'a>,
     json: Option<&[u8]>,
+    chat: ChatFiles,
     where_: &str,
 ) -> Result<OpenModel<'a>> {
     let config = source.config();
@@ -223,7 +271,10 @@ fn with_hf_tokenizer<'a>(
             .with_special_ids(config.bos_token_id, config.eos_token_id)?,
         None => byte_fallback(where_, config.vocab_size, format!("no {TOKENIZER_FILE}"))?,
     };
-    checked(source, tokenizer, where_)
+    let template = chat
+        .template(&tokenizer)
+        .map_err(|e| Error::invalid("chat template", format!("{where_}: {e}")))?;
+    checked(source, tokenizer.with_chat_template(template), where_)
 }
 
 /// The model of a GGUF file's `bytes`, as `parse` reads them (borrowing them, or sharing their
@@ -251,6 +302,8 @@ fn from_gguf<'a>(
             "no tokenizer.ggml.tokens".to_string(),
         )?,
     };
+    let template = crate::chat::gguf_template(model.file(), &tokenizer).map_err(in_file)?;
+    let tokenizer = tokenizer.with_chat_template(template);
     checked(Box::new(model), tokenizer, where_)
 }
 

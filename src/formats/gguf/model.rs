@@ -237,6 +237,11 @@ pub struct GgufModel<'f> {
 }
 
 impl<'f> GgufModel<'f> {
+    /// The file the model is read from, for its other metadata (the chat template).
+    pub fn file(&self) -> &GgufFile<'f> {
+        &self.file
+    }
+
     /// The model of `file`: its configuration, then every tensor it needs found, of the right
     /// shape and inside the file (so a truncated file fails here, before any weight is read).
     pub fn new(file: GgufFile<'f>) -> Result<Self> {

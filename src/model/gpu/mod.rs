@@ -285,6 +285,12 @@ impl GpuModel {
         self.len = 0;
     }
 
+    /// Forgets the cached positions from `len` on (none when `len` is past the end): the next
+    /// forward continues the sequence's first `len` tokens, overwriting the rest.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Fails, before anything is uploaded, when a model of `config` with a KV cache of `context`
     /// positions needs more memory than `ctx`'s adapter has (where the backend reports it:
     /// [`crate::gpu::Capabilities::device_memory`]); the error gives both figures.

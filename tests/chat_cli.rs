@@ -1,0 +1,190 @@
+//! `bitnet chat` on a tiny model folder with Llama 3's chat template, its messages piped on
+//! stdin.
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use bitnet_wgpu::formats::hf::save_dir;
+use bitnet_wgpu::model::{ModelConfig, synthetic};
+use serde_json::Value;
+
+const TOKENIZER: &str = include_str!("fixtures/chat/tokenizer.json");
+const LLAMA3: &str = include_str!("fixtures/chat/llama3.jinja");
+
+/// A folder with a random model over the fixtures' byte-level tokenizer (265 tokens) and
+/// Llama 3's template; removed when dropped.
+struct ChatModel(PathBuf);
+
+impl ChatModel {
+    fn new(with_template: bool) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "bitnet-chat-cli-{}-{with_template}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        let config = ModelConfig {
+            vocab_size: 272,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            max_position_embeddings: 160,
+            bos_token_id: Some(256),
+            eos_token_id: Some(257),
+            ..ModelConfig::bitnet_b158_2b4t()
+        };
+        save_dir(&synthetic(&config, 5), &dir, &[]).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), TOKENIZER).unwrap();
+        if with_template {
+            let tokenizer_config = serde_json::json!({
+                "chat_template": LLAMA3, "bos_token": "<|begin_of_text|>",
+                "eos_token": "<|eot_id|>"});
+            std::fs::write(
+                dir.join("tokenizer_config.json"),
+                tokenizer_config.to_string(),
+            )
+            .unwrap();
+        }
+        ChatModel(dir)
+    }
+}
+
+impl Drop for ChatModel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn bitnet(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the bitnet binary runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Each line of stdout as JSON, asserting success.
+fn json_lines(output: &Output) -> Vec<Value> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The Llama 3 rendering of a conversation, with the start of the answer.
+fn llama3(messages: &[(&str, &str)]) -> String {
+    let mut text = String::from("<|begin_of_text|>");
+    for (role, content) in messages {
+        text += &format!(
+            "<|start_header_id|>{role}<|end_header_id|>\n\n{}<|eot_id|>",
+            content.trim()
+        );
+    }
+    text + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+}
+
+const SAMPLING: [&str; 6] = [
+    "--device",
+    "cpu",
+    "--temperature",
+    "0",
+    "--max-new-tokens",
+    "6",
+];
+
+/// Each turn's answer is `generate --temperature 0` of the rendered conversation; the second
+/// turn prefills only what follows the first turn's cached tokens; /reset starts over.
+#[test]
+fn chat_answers_as_generate_does_and_reuses_the_cache() {
+    let model = ChatModel::new(true);
+    let m = path_str(&model.0);
+    let mut args = vec!["chat", "--model", m, "--json", "--system", "Be brief."];
+    args.extend(SAMPLING);
+    let turns = json_lines(&bitnet(&args, "Hello\n\nAnd then?\n/reset\nHello\n"));
+    assert_eq!(turns.len(), 3);
+    let ids = |v: &Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let first_answer = turns[0]["text"].as_str().unwrap();
+    let conversations = [
+        llama3(&[("system", "Be brief."), ("user", "Hello")]),
+        llama3(&[
+            ("system", "Be brief."),
+            ("user", "Hello"),
+            ("assistant", first_answer),
+            ("user", "And then?"),
+        ]),
+    ];
+    for (turn, text) in turns.iter().zip(&conversations) {
+        // generate adds the tokenizer's bos itself.
+        let prompt = text.strip_prefix("<|begin_of_text|>").unwrap();
+        let mut args = vec!["generate", "--model", m, "--json", "--prompt", prompt];
+        args.extend(SAMPLING);
+        let generated = &json_lines(&bitnet(&args, ""))[0];
+        assert_eq!(ids(&turn["prompt_ids"]), ids(&generated["prompt_ids"]));
+        assert_eq!(
+            ids(&turn["generated_ids"]),
+            ids(&generated["generated_ids"])
+        );
+    }
+    let [first, second, again] = [&turns[0], &turns[1], &turns[2]];
+    let len = |v: &Value| v["prompt_ids"].as_array().unwrap().len() as u64;
+    assert_eq!(first["prefilled"].as_u64().unwrap(), len(first));
+    assert!(second["prefilled"].as_u64().unwrap() <= len(second) - len(first));
+    assert_eq!(again["prompt_ids"], first["prompt_ids"]);
+    assert_eq!(again["generated_ids"], first["generated_ids"]);
+}
+
+/// Without a template, chat is an error that says so; so is a conversation past the context,
+/// which ends the turn but not the program.
+#[test]
+fn chat_needs_a_template_and_room() {
+    let plain = ChatModel::new(false);
+    let output = bitnet(&["chat", "--model", path_str(&plain.0)], "Hi\n");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no chat template"), "{stderr}");
+
+    let output = bitnet(&["chat"], "Hi\n");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("demo model"),
+        "{stderr}"
+    );
+
+    let model = ChatModel::new(true);
+    let mut args = vec!["chat", "--model", path_str(&model.0), "--json"];
+    args.extend(SAMPLING);
+    let long = "word ".repeat(40);
+    let output = bitnet(&args, &format!("{long}\nHi\n"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("context is full"), "{stderr}");
+    assert_eq!(json_lines(&output).len(), 1);
+}
