@@ -15,6 +15,7 @@ const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// The files of a Hugging Face folder that say how the model chats ([`ChatFiles`]), read when
 /// present.
+#[cfg(not(target_arch = "wasm32"))]
 const CHAT_FILES: [&str; 4] = [
     ChatFiles::TOKENIZER_CONFIG,
     ChatFiles::CHAT_TEMPLATE,
