@@ -555,6 +555,7 @@ impl Tokenizer {
             pre: Some(pre_name.into()),
             add_bos: Some(add_bos),
             add_eos: Some(add_eos),
+            chat_template: self.chat.as_ref().map(|t| t.source().to_string()),
         })
     }
 
@@ -697,6 +698,7 @@ mod tests {
             pre: Some("gpt-2".into()),
             add_bos: None,
             add_eos: None,
+            chat_template: None,
         }
     }
 

@@ -160,6 +160,40 @@ fn chat_answers_as_generate_does_and_reuses_the_cache() {
     assert!(second["prefilled"].as_u64().unwrap() <= len(second) - len(first));
     assert_eq!(again["prompt_ids"], first["prompt_ids"]);
     assert_eq!(again["generated_ids"], first["generated_ids"]);
+
+    // The GGUF `convert` writes carries the template (tokenizer.chat_template): the same turn.
+    let gguf = model.0.with_extension("gguf");
+    let converted = bitnet(
+        &[
+            "convert",
+            "--format",
+            "gguf",
+            "--any-row-length",
+            "--input",
+            m,
+            "--output",
+            path_str(&gguf),
+        ],
+        "",
+    );
+    assert!(
+        converted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&converted.stderr)
+    );
+    let mut args = vec![
+        "chat",
+        "--model",
+        path_str(&gguf),
+        "--json",
+        "--system",
+        "Be brief.",
+    ];
+    args.extend(SAMPLING);
+    let from_gguf = json_lines(&bitnet(&args, "Hello\n"));
+    assert_eq!(from_gguf[0]["prompt_ids"], first["prompt_ids"]);
+    assert_eq!(from_gguf[0]["generated_ids"], first["generated_ids"]);
+    std::fs::remove_file(&gguf).unwrap();
 }
 
 /// Without a template, chat is an error that says so; so is a conversation past the context,

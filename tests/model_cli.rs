@@ -89,6 +89,7 @@ fn gguf_tokenizer() -> GgufTokenizer {
         pre: Some("llama-bpe".into()),
         add_bos: None,
         add_eos: None,
+        chat_template: None,
     }
 }
 

@@ -109,6 +109,8 @@ pub struct GgufTokenizer {
     pub add_bos: Option<bool>,
     /// `tokenizer.ggml.add_eos_token`, when present.
     pub add_eos: Option<bool>,
+    /// `tokenizer.chat_template`, the model's chat template (Jinja), when it has one.
+    pub chat_template: Option<String>,
 }
 
 /// `tokenizer.ggml.pre` names llama.cpp maps to its Llama 3 pre-tokenizer.
@@ -145,6 +147,7 @@ impl GgufTokenizer {
     ///     pre: Some("llama-bpe".into()),
     ///     add_bos: None,
     ///     add_eos: None,
+    ///     chat_template: None,
     /// };
     /// assert!(t.adds_bos());
     /// t.pre = Some("gpt-2".into());
@@ -215,6 +218,7 @@ pub fn tokenizer(file: &GgufFile) -> Result<Option<GgufTokenizer>> {
         pre: file.get_str("tokenizer.ggml.pre")?.map(str::to_string),
         add_bos: file.get_bool("tokenizer.ggml.add_bos_token")?,
         add_eos: file.get_bool("tokenizer.ggml.add_eos_token")?,
+        chat_template: file.get_str("tokenizer.chat_template")?.map(String::from),
     }))
 }
 

@@ -115,6 +115,7 @@ fn small_tokenizer() -> GgufTokenizer {
         pre: Some("llama-bpe".into()),
         add_bos: Some(true),
         add_eos: None,
+        chat_template: Some("{% for m in messages %}{{ m.content }}{% endfor %}".into()),
     }
 }
 
@@ -133,6 +134,7 @@ fn bos_keys_round_trip_and_default_by_pre_tokenizer() {
             pre: pre.map(String::from),
             add_bos,
             add_eos: add_bos.map(|b| !b),
+            chat_template: None,
             ..small_tokenizer()
         };
         let file = GgufFile::from_vec(write_model(&model, Some(&written), TableType::F32).unwrap())

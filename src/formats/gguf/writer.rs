@@ -307,6 +307,12 @@ fn metadata(
                 kv.push((key.to_string(), GgufValue::Bool(flag)));
             }
         }
+        if let Some(template) = &t.chat_template {
+            kv.push((
+                "tokenizer.chat_template".to_string(),
+                GgufValue::String(template.clone()),
+            ));
+        }
         if !token_types.is_empty() {
             kv.push((
                 "tokenizer.ggml.token_type".to_string(),
