@@ -17,7 +17,10 @@
 # `bitnet` binary to use instead of building one), BITNET_CPP (a bitnet.cpp checkout built with
 # build/bin/llama-cli and llama-bench; default ../bitnet.cpp beside this repository; BITNET_CPP=
 # skips it), ROUNDS (turns per engine and figure against bitnet.cpp, default 2), PROMPT_TOKENS
-# (default 128) and DECODE_TOKENS (default 32) of the tokens/s figures against bitnet.cpp.
+# (the prompt lengths, default 128; several, as "128 512", give a prompt row each) and
+# DECODE_TOKENS (default 32; decoded after the first prompt length) of the tokens/s figures
+# against bitnet.cpp. bitnet.cpp's llama-bench runs prompts in batches of at most 256 tokens
+# (`-ub 256`): with its default of 512 it crashes (a segmentation fault) on a 512-token prompt.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -141,8 +144,8 @@ gguf=$work/2b4t.gguf
 cores=$(nproc)
 cpp=$work/bitnet-cpp.jsonl
 : >"$cpp"
-# The demo tokenizer makes one token of each " the"; with the bos, PROMPT_TOKENS tokens.
-long_prompt="the$(for _ in $(seq 3 "$cpp_prompt"); do printf ' the'; done)"
+# The demo tokenizer makes one token of each " the"; with the bos, a prompt of $1 tokens.
+long_prompt() { echo "the$(for _ in $(seq 3 "$1"); do printf ' the'; done)"; }
 load_before=$(uptime)
 cat "$gguf" >/dev/null # a warm page cache for both
 
@@ -158,17 +161,20 @@ timed() { # engine command... (one JSON line: wall seconds and peak RSS in KB)
     rm "$out"
     echo "{\"engine\": \"$engine\", \"figure\": \"start\", \"seconds\": $seconds, \"kb\": $kb}"
 }
-ours_rates() { # threads
-    RAYON_NUM_THREADS=$1 "$bitnet" generate --model "$gguf" --prompt "$long_prompt" \
-        --max-new-tokens $((cpp_decode + 1)) --temperature 0 --device cpu --json 2>/dev/null |
+ours_rates() { # threads prompt_tokens new_tokens (the decode figure where more than one)
+    RAYON_NUM_THREADS=$1 "$bitnet" generate --model "$gguf" --prompt "$(long_prompt "$2")" \
+        --max-new-tokens "$3" --temperature 0 --device cpu --json 2>/dev/null |
         "$python" -c 'import json, sys; d = json.load(sys.stdin); t = int(sys.argv[1])
 print(json.dumps({"engine": "bitnet", "figure": "prompt", "threads": t,
                   "tokens": len(d["prompt_ids"]), "tokens_per_s": d["prompt_tokens_per_s"]}))
-print(json.dumps({"engine": "bitnet", "figure": "decode", "threads": t,
-                  "tokens": len(d["generated_ids"]) - 1, "tokens_per_s": d["tokens_per_s"]}))' "$1"
+if len(d["generated_ids"]) > 1:
+    print(json.dumps({"engine": "bitnet", "figure": "decode", "threads": t,
+                      "tokens": len(d["generated_ids"]) - 1, "tokens_per_s": d["tokens_per_s"]}))
+' "$1"
 }
 theirs_rate() { # figure threads -p -n
-    "$bitnet_cpp/build/bin/llama-bench" -m "$gguf" -p "$3" -n "$4" -t "$2" -r 3 -o json 2>/dev/null |
+    "$bitnet_cpp/build/bin/llama-bench" -m "$gguf" -p "$3" -n "$4" -t "$2" -ub 256 -r 3 -o json \
+        2>/dev/null |
         "$python" -c 'import json, sys; d = json.load(sys.stdin)[0]
 print(json.dumps({"engine": "bitnet.cpp", "figure": sys.argv[1], "threads": d["n_threads"],
                   "tokens": d["n_prompt"] + d["n_gen"], "tokens_per_s": d["avg_ts"]}))' "$1"
@@ -185,8 +191,12 @@ done
 for threads in 1 2; do
     for _ in $(seq "$rounds"); do
         {
-            ours_rates "$threads"
-            theirs_rate prompt "$threads" "$cpp_prompt" 0
+            new_tokens=$((cpp_decode + 1))
+            for prompt_tokens in $cpp_prompt; do
+                ours_rates "$threads" "$prompt_tokens" "$new_tokens"
+                theirs_rate prompt "$threads" "$prompt_tokens" 0
+                new_tokens=1
+            done
             theirs_rate decode "$threads" 0 "$cpp_decode"
         } >>"$cpp"
     done
@@ -198,9 +208,10 @@ echo
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 rounds, cores = sys.argv[2], sys.argv[3]
-def pick(engine, figure, threads=None):
+def pick(engine, figure, threads=None, tokens=None):
     return [r for r in rows if r["engine"] == engine and r["figure"] == figure
-            and (threads is None or r["threads"] == threads)]
+            and (threads is None or r["threads"] == threads)
+            and (tokens is None or r["tokens"] == tokens)]
 print("| figure | bitnet | bitnet.cpp | ratio (bitnet / bitnet.cpp) |")
 print("| --- | --- | --- | --- |")
 a, b = pick("bitnet", "start"), pick("bitnet.cpp", "start")
@@ -211,9 +222,10 @@ print(f"| start-up to the first token, s (median of {rounds}; {cores} threads; l
 ma, mb = (max(r["kb"] for r in rs) * 1024 / 1e9 for rs in (a, b))
 print(f"| peak host memory, GB (largest start-up `%M`, KiB; lower is better) | {ma:.2f} | {mb:.2f} | "
       f"{ma / mb:.2f}x |")
-for figure in ("prompt", "decode"):
-    for threads in (1, 2):
-        a, b = pick("bitnet", figure, threads), pick("bitnet.cpp", figure, threads)
+lengths = sorted({r["tokens"] for r in pick("bitnet.cpp", "prompt")})
+for figure, sizes in (("prompt", lengths), ("decode", [None])):
+    for size, threads in ((size, threads) for size in sizes for threads in (1, 2)):
+        a, b = pick("bitnet", figure, threads, size), pick("bitnet.cpp", figure, threads, size)
         ra = statistics.median(r["tokens_per_s"] for r in a)
         rb = statistics.median(r["tokens_per_s"] for r in b)
         tokens = "/".join(sorted({str(r["tokens"]) for r in a + b}))

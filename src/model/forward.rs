@@ -4,7 +4,9 @@
 //! [`crate::cpu`] operations, in the order of transformers' `BitNetForCausalLM` and
 //! `LlamaForCausalLM` with BitLinear layers.
 
-use crate::cpu::{AttentionShape, QuantizedActivations, attention, rmsnorm, rope, ternary_matmul};
+use crate::cpu::{
+    AttentionShape, QuantizedActivations, act_quant, attention, rmsnorm, rope, ternary_matmul,
+};
 use crate::model::layer::{CpuDecoder, run_decoder_layers};
 use crate::model::schema::linear_shapes;
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
@@ -270,6 +272,10 @@ impl CpuDecoder for Reference<'_> {
 
     fn down_proj(&self, layer: usize, m: &QuantizedActivations) -> Result<Vec<f32>> {
         ternary_matmul(m, &self.0.layers[layer].down_proj, None)
+    }
+
+    fn act_quant(&self, x: &[f32], rows: usize, cols: usize) -> Result<QuantizedActivations> {
+        act_quant(x, rows, cols)
     }
 
     fn rope(&self, x: &mut [f32], positions: &[usize], heads: usize) -> Result<()> {

@@ -5,7 +5,7 @@
 //! steps on the same values, so their logits are equal bit for bit.
 
 use crate::Result;
-use crate::cpu::{AttentionShape, QuantizedActivations, act_quant, rmsnorm};
+use crate::cpu::{AttentionShape, QuantizedActivations, rmsnorm};
 use crate::model::{KvCache, ModelConfig, sub_norm};
 
 /// What an engine supplies for [`run_decoder_layers`]: layer `layer`'s norms and linears, and
@@ -21,6 +21,8 @@ pub(super) trait CpuDecoder {
     /// The gate and up projections `[n, intermediate]` of the quantized normed input.
     fn gate_up(&self, layer: usize, h: &QuantizedActivations) -> Result<[Vec<f32>; 2]>;
     fn down_proj(&self, layer: usize, m: &QuantizedActivations) -> Result<Vec<f32>>;
+    /// [`crate::cpu::act_quant`] of `x` (`[rows, cols]`), or a twin equal to it bit for bit.
+    fn act_quant(&self, x: &[f32], rows: usize, cols: usize) -> Result<QuantizedActivations>;
     /// Rotates `x` (`[positions.len(), heads * head_dim]`) at `positions`.
     fn rope(&self, x: &mut [f32], positions: &[usize], heads: usize) -> Result<()>;
     /// Causal attention of `q` over every cached key and value.
@@ -66,7 +68,7 @@ pub(super) fn run_decoder_layers(
     let positions: Vec<usize> = (cache.len()..cache.len() + n).collect();
     for (layer, (keys, values)) in cache.layers_mut().enumerate() {
         let [input_norm, attn_sub_norm, post_norm, ffn_sub_norm] = model.norms(layer);
-        let h = act_quant(&rmsnorm(x, n, input_norm, eps)?, n, hidden)?;
+        let h = model.act_quant(&rmsnorm(x, n, input_norm, eps)?, n, hidden)?;
         let [mut q, mut k, v] = model.qkv(layer, &h)?;
         model.rope(&mut q, &positions, shape.heads)?;
         model.rope(&mut k, &positions, shape.kv_heads)?;
@@ -76,14 +78,14 @@ pub(super) fn run_decoder_layers(
         let a = sub_norm(&a, n, attn_sub_norm, eps)?;
         add_assign(
             x,
-            &model.o_proj(layer, &act_quant(&a, n, c.attention_width())?)?,
+            &model.o_proj(layer, &model.act_quant(&a, n, c.attention_width())?)?,
         );
 
-        let h = act_quant(&rmsnorm(x, n, post_norm, eps)?, n, hidden)?;
+        let h = model.act_quant(&rmsnorm(x, n, post_norm, eps)?, n, hidden)?;
         let [gate, up] = model.gate_up(layer, &h)?;
         let m = activation.gate(&gate, &up)?;
         let m = sub_norm(&m, n, ffn_sub_norm, eps)?;
-        let m = act_quant(&m, n, c.intermediate_size)?;
+        let m = model.act_quant(&m, n, c.intermediate_size)?;
         add_assign(x, &model.down_proj(layer, &m)?);
     }
     Ok(())

@@ -3,11 +3,14 @@
 //!
 //! Ternary weights stay packed (2 bits each; q, k and v stacked into one matrix, gate and up
 //! into another, since each pair reads the same quantized input), the float tables interleaved
-//! for SIMD (f16 where every value is one). The norms, the activation quantizer and the gate are
-//! the reference's own functions: their cost is per activation, not per weight.
+//! for SIMD (f16 where every value is one). The norms and the gate are the reference's own
+//! functions: their cost is per activation, not per weight; the activation quantizer is the fast
+//! kernels' twin of the reference's (the reference rounds each value with a call).
 
 use crate::Result;
-use crate::cpu::fast::{InterleavedRows, PackedMatrix, RopeTable, attention, rope_table};
+use crate::cpu::fast::{
+    InterleavedRows, PackedMatrix, RopeTable, act_quant, attention, rope_table,
+};
 use crate::cpu::{AttentionShape, QuantizedActivations, rmsnorm};
 use crate::model::layer::{CpuDecoder, run_decoder_layers};
 use crate::model::{BlockLayer, Checked, KvCache, LayerWeights, Logits, ModelConfig, WeightSource};
@@ -222,6 +225,10 @@ impl CpuDecoder for PackedModel {
 
     fn down_proj(&self, layer: usize, m: &QuantizedActivations) -> Result<Vec<f32>> {
         self.layers[layer].down_proj.matmul(m)
+    }
+
+    fn act_quant(&self, x: &[f32], rows: usize, cols: usize) -> Result<QuantizedActivations> {
+        act_quant(x, rows, cols)
     }
 
     fn rope(&self, x: &mut [f32], positions: &[usize], _heads: usize) -> Result<()> {

@@ -1,9 +1,13 @@
 //! Attention and rotary embeddings for the CPU engine: the reference's arithmetic, heads split
 //! over threads and the rotation angles computed once per position.
 
-use super::for_each_chunk;
+use super::{Kernel, for_each_chunk};
 use crate::cpu::{AttentionShape, rope_inv_freq};
 use crate::{Error, Result};
+
+/// Keys per block of the transposed keys: one score per lane, so that the sums of a block's
+/// keys run side by side (8 AVX vectors), each key's own sum still left to right.
+const KEYS: usize = 64;
 
 /// Equals [`crate::cpu::attention`] bit for bit (same shapes, same errors for bad ones), one
 /// (query row, head) per task.
@@ -27,41 +31,135 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Resu
     }
     let (n, t) = (q.len() / q_width, k.len() / kv_width);
     let group = heads / kv_heads;
-    let scaling = 1.0 / (head_dim as f32).sqrt();
+    let keys = transposed_keys(k, t, kv_heads, head_dim);
+    let head_keys = t.div_ceil(KEYS) * head_dim * KEYS;
+    let kernel = Kernel::detect();
     let mut out = vec![0.0f32; q.len()];
     // Heads per task: about 64k multiply-adds each.
     let per_task = (65_536 / (2 * t * head_dim).max(1)).max(1);
     for_each_chunk(&mut out, per_task * head_dim, |task, out| {
-        let mut scores = Vec::with_capacity(t);
+        let mut scores = Vec::with_capacity(t.next_multiple_of(KEYS));
         for (i, acc) in out.chunks_exact_mut(head_dim).enumerate() {
             let index = task * per_task + i;
             let (r, h) = (index / heads, index % heads);
             let g = h / group;
-            let visible = t - n + r + 1;
-            let q_h = &q[r * q_width + h * head_dim..][..head_dim];
-            let key = |j: usize| &k[j * kv_width + g * head_dim..][..head_dim];
-            scores.clear();
-            scores.extend((0..visible).map(|j| dot(q_h, key(j)) * scaling));
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-            }
-            let total: f32 = scores.iter().sum();
-            for (j, &e) in scores.iter().enumerate() {
-                let weight = e / total;
-                let value = &v[j * kv_width + g * head_dim..][..head_dim];
-                for (a, &val) in acc.iter_mut().zip(value) {
-                    *a += weight * val;
-                }
-            }
+            let head = Head {
+                q: &q[r * q_width + h * head_dim..][..head_dim],
+                keys: &keys[g * head_keys..][..head_keys],
+                values: &v[g * head_dim..],
+                kv_width,
+                visible: t - n + r + 1,
+            };
+            kernel.head(&head, &mut scores, acc);
         }
     });
     Ok(out)
 }
 
-/// Left-to-right f32 dot product, as the reference's.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(&x, &y)| x * y).sum()
+/// The keys `[t, kv_heads * head_dim]` as `[kv_heads, blocks of KEYS, head_dim, KEYS]`, the
+/// last block's missing keys zero: a block's keys side by side for each of their dimensions.
+fn transposed_keys(k: &[f32], t: usize, kv_heads: usize, head_dim: usize) -> Vec<f32> {
+    let kv_width = kv_heads * head_dim;
+    let head_keys = t.div_ceil(KEYS) * head_dim * KEYS;
+    let mut keys = vec![0.0f32; kv_heads * head_keys];
+    for_each_chunk(&mut keys, head_dim * KEYS, |index, block| {
+        let (g, b) = (index / t.div_ceil(KEYS), index % t.div_ceil(KEYS));
+        for (lane, j) in (b * KEYS..t.min((b + 1) * KEYS)).enumerate() {
+            let key = &k[j * kv_width + g * head_dim..][..head_dim];
+            for (d, &value) in key.iter().enumerate() {
+                block[d * KEYS + lane] = value;
+            }
+        }
+    });
+    keys
+}
+
+/// One query head's work: its query, its kv head's transposed keys ([`transposed_keys`]) and
+/// values (row `j` at `values[j * kv_width..]`), and how many positions it sees.
+struct Head<'a> {
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+    kv_width: usize,
+    visible: usize,
+}
+
+impl Kernel {
+    /// `acc = softmax(q · keys * scaling) · values` over the visible positions, as the
+    /// reference; `scores` is scratch.
+    fn head(self, head: &Head<'_>, scores: &mut Vec<f32>, acc: &mut [f32]) {
+        match self {
+            Kernel::Portable => attend(head, scores, acc),
+            // SAFETY: AVX2 is present (`Kernel::detect`).
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 | Kernel::Vnni => unsafe { avx2_attend(head, scores, acc) },
+        }
+    }
+}
+
+/// [`attend`] compiled for AVX2: the same operations, 8 lanes at a time.
+///
+/// # Safety
+/// AVX2 must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_attend(head: &Head<'_>, scores: &mut Vec<f32>, acc: &mut [f32]) {
+    attend(head, scores, acc)
+}
+
+/// The reference's arithmetic for one head: each score `dot(q, key_j)` summed left to right from
+/// `Iterator::sum`'s start, then `* scaling`; softmax; then `acc[d] += weight_j * v_j[d]` from
+/// zero, `j` in order. Written lane-wise (a block of keys, a stretch of dimensions) so that the
+/// compiler keeps the independent sums in vector registers without reordering any one of them.
+#[inline(always)]
+fn attend(head: &Head<'_>, scores: &mut Vec<f32>, acc: &mut [f32]) {
+    let head_dim = head.q.len();
+    let scaling = 1.0 / (head_dim as f32).sqrt();
+    let start: f32 = std::iter::empty::<f32>().sum();
+    scores.clear();
+    for block in head
+        .keys
+        .chunks_exact(head_dim * KEYS)
+        .take(head.visible.div_ceil(KEYS))
+    {
+        let mut sums = [start; KEYS];
+        for (&x, keys) in head.q.iter().zip(block.chunks_exact(KEYS)) {
+            for (s, &key) in sums.iter_mut().zip(keys) {
+                *s += x * key;
+            }
+        }
+        scores.extend(sums.iter().map(|&s| s * scaling));
+    }
+    scores.truncate(head.visible);
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+    }
+    let total: f32 = scores.iter().sum();
+    for s in scores.iter_mut() {
+        *s /= total;
+    }
+    const DIMS: usize = 64;
+    for (c, acc) in acc.chunks_mut(DIMS).enumerate() {
+        let len = acc.len();
+        let value = |j: usize| &head.values[j * head.kv_width + c * DIMS..][..len];
+        if let Ok(acc) = <&mut [f32; DIMS]>::try_from(&mut *acc) {
+            let mut sums = [0.0f32; DIMS];
+            for (j, &weight) in scores.iter().enumerate() {
+                for (a, &val) in sums.iter_mut().zip(value(j)) {
+                    *a += weight * val;
+                }
+            }
+            *acc = sums;
+        } else {
+            acc.fill(0.0);
+            for (j, &weight) in scores.iter().enumerate() {
+                for (a, &val) in acc.iter_mut().zip(value(j)) {
+                    *a += weight * val;
+                }
+            }
+        }
+    }
 }
 
 /// The cosines and sines [`crate::cpu::rope`] rotates by, computed once per position:
@@ -159,6 +257,8 @@ mod tests {
             (6, 2, 10, 1, 37),
             (4, 4, 64, 5, 9),
             (20, 5, 128, 2, 300),
+            (4, 2, 64, 70, 130),
+            (8, 8, 96, 65, 65),
         ] {
             let shape = AttentionShape {
                 heads,

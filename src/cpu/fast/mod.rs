@@ -6,31 +6,48 @@
 //! same code on its one thread).
 
 mod attention;
+mod quant;
 mod rows;
 mod ternary;
 
 pub use attention::{RopeTable, attention, rope_table};
+pub use quant::act_quant;
 pub use rows::InterleavedRows;
 pub use ternary::PackedMatrix;
 
 /// The instructions the products run on, chosen once per product: AVX2 (with F16C, which every
-/// AVX2 processor has, for the f16 tables) where the processor has them, else plain Rust.
-#[derive(Clone, Copy)]
+/// AVX2 processor has, for the f16 tables) where the processor has them, else plain Rust; the
+/// ternary products also use AVX-512 VNNI where it is present (`vpdpbusd`: 32 byte products
+/// summed into i32 lanes in one instruction, three with AVX2), the float ones AVX2 there.
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Kernel {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
 }
 
 impl Kernel {
     fn detect() -> Self {
+        *Self::available().last().expect("the portable kernel")
+    }
+
+    /// Every kernel this processor runs, the fastest last (the tests check each).
+    fn available() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut kernels = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("f16c")
         {
-            return Kernel::Avx2;
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("f16c") {
+                kernels.push(Kernel::Avx2);
+                if has!("avx512f") && has!("avx512vl") && has!("avx512vnni") {
+                    kernels.push(Kernel::Vnni);
+                }
+            }
         }
-        Kernel::Portable
+        kernels
     }
 }
 

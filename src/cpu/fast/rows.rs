@@ -242,7 +242,7 @@ impl Kernel {
             Kernel::Portable => portable_lanes(x, group.chunks_exact(LANES), |&v| v),
             // SAFETY: AVX2 is present; `group` holds `x.len()` columns.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::f32_lanes(x, group) },
+            Kernel::Avx2 | Kernel::Vnni => unsafe { avx2::f32_lanes(x, group) },
         }
     }
 
@@ -253,7 +253,7 @@ impl Kernel {
             }),
             // SAFETY: AVX2 and F16C are present; `group` holds `x.len()` columns.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::f16_lanes(x, group) },
+            Kernel::Avx2 | Kernel::Vnni => unsafe { avx2::f16_lanes(x, group) },
         }
     }
 }

@@ -1,0 +1,125 @@
+//! The activation quantizer for the CPU engine: [`act_quant`] equals [`crate::cpu::act_quant`]
+//! bit for bit, its rounding in vector instructions (plain x86-64 has none: each value was a call
+//! to `rintf`).
+
+use super::Kernel;
+use crate::Result;
+use crate::cpu::QuantizedActivations;
+
+/// Values side by side in the per-row maximum and finiteness checks.
+const LANES: usize = 16;
+
+/// Equals [`crate::cpu::act_quant`] (codes, scales, sums, and the errors of bad shapes).
+pub fn act_quant(x: &[f32], rows: usize, cols: usize) -> Result<QuantizedActivations> {
+    if cols == 0 || rows.checked_mul(cols) != Some(x.len()) {
+        // The reference names the problem.
+        return crate::cpu::act_quant(x, rows, cols);
+    }
+    let mut q = QuantizedActivations {
+        rows,
+        cols,
+        codes: vec![0; x.len()],
+        scales: vec![0.0; rows],
+        sums: vec![0; rows],
+    };
+    let kernel = Kernel::detect();
+    let rows = x
+        .chunks_exact(cols)
+        .zip(q.codes.chunks_exact_mut(cols))
+        .zip(q.scales.iter_mut().zip(&mut q.sums));
+    for ((row, codes), (scale, sum)) in rows {
+        (*scale, *sum) = kernel.quantize_row(row, codes);
+    }
+    Ok(q)
+}
+
+impl Kernel {
+    /// One row's codes (into `codes`), scale and sum of codes.
+    fn quantize_row(self, row: &[f32], codes: &mut [i8]) -> (f32, i32) {
+        match self {
+            Kernel::Portable => quantize_row(row, codes),
+            // SAFETY: AVX2 is present (`Kernel::detect`).
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 | Kernel::Vnni => unsafe { avx2_quantize_row(row, codes) },
+        }
+    }
+}
+
+/// [`quantize_row`] compiled for AVX2 (`vroundps`, and 8 values per instruction).
+///
+/// # Safety
+/// AVX2 must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_quantize_row(row: &[f32], codes: &mut [i8]) -> (f32, i32) {
+    quantize_row(row, codes)
+}
+
+/// The reference's row: a row holding a NaN or an infinity gets zero codes and a NaN scale;
+/// else `scale = quant_scale(max |x|)` and `code = clamp(round_ties_even(x * scale))`. The
+/// maximum is taken lane by lane, then across: the same value, as a maximum of finite values
+/// does not depend on the order.
+#[inline(always)]
+fn quantize_row(row: &[f32], codes: &mut [i8]) -> (f32, i32) {
+    let mut finite = [true; LANES];
+    let mut amax = [0.0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for ((f, m), &v) in finite.iter_mut().zip(&mut amax).zip(chunk) {
+            *f &= v.is_finite();
+            *m = m.max(v.abs());
+        }
+    }
+    for (&v, (f, m)) in tail.iter().zip(finite.iter_mut().zip(&mut amax)) {
+        *f &= v.is_finite();
+        *m = m.max(v.abs());
+    }
+    if !finite.iter().all(|&f| f) {
+        codes.fill(0);
+        return (f32::NAN, 0);
+    }
+    let scale = crate::cpu::quant_scale(amax.iter().fold(0.0f32, |m, &v| m.max(v)));
+    let mut sum = 0i32;
+    for (c, &v) in codes.iter_mut().zip(row) {
+        *c = (v * scale).round_ties_even().clamp(-128.0, 127.0) as i8;
+        sum += i32::from(*c);
+    }
+    (scale, sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+    #[test]
+    fn every_kernel_equals_the_reference() {
+        let mut rng = SmallRng::seed_from_u64(8);
+        let mut x: Vec<f32> = (0..7 * 300).map(|_| rng.random_range(-4.0..4.0)).collect();
+        // Half-way cases (127 is the maximum: scale 1), zeros, a non-finite row, huge values.
+        x[..4].copy_from_slice(&[127.0, 2.5, -3.5, -0.0]);
+        x[300..600].fill(0.0);
+        x[650] = f32::NAN;
+        x[1000] = f32::INFINITY;
+        x[1300] = -f32::MAX;
+        for (rows, cols) in [(7, 300), (21, 100), (1, 2100), (300, 7)] {
+            let want = crate::cpu::act_quant(&x, rows, cols).unwrap();
+            for kernel in Kernel::available() {
+                let mut codes = vec![0; x.len()];
+                let (scales, sums): (Vec<f32>, Vec<i32>) = x
+                    .chunks_exact(cols)
+                    .zip(codes.chunks_exact_mut(cols))
+                    .map(|(row, codes)| kernel.quantize_row(row, codes))
+                    .unzip();
+                assert_eq!(codes, want.codes, "{kernel:?}, {rows} x {cols}");
+                assert_eq!(sums, want.sums, "{kernel:?}, {rows} x {cols}");
+                let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&scales), bits(&want.scales), "{kernel:?}");
+            }
+            assert_eq!(act_quant(&x, rows, cols).unwrap().codes, want.codes);
+        }
+        assert!(act_quant(&x, 7, 301).is_err());
+        assert!(act_quant(&[], 0, 0).is_err());
+    }
+}
