@@ -22,6 +22,8 @@ pub mod gpu;
 pub mod model;
 pub mod packing;
 pub mod rng;
+#[cfg(all(feature = "serve", not(target_arch = "wasm32")))]
+pub mod serve;
 pub mod table;
 pub mod tokenizer;
 pub mod train;

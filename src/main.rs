@@ -23,6 +23,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[path = "cli/chat.rs"]
 mod chat;
+#[path = "cli/serve.rs"]
+mod serve;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -45,6 +47,9 @@ enum Command {
     /// Talk with a chat model in its chat template: one message per line on stdin, the answer
     /// streamed to stdout; /reset starts over, Ctrl-C stops an answer.
     Chat(chat::ChatArgs),
+    /// Serve the model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions,
+    /// /v1/models), decoding concurrent requests together.
+    Serve(serve::ServeArgs),
     /// Perplexity of a model on a text file, over consecutive windows of --context tokens.
     Perplexity(PerplexityArgs),
     /// Turn a full-precision Hugging Face checkpoint into the offline packed ternary format that
@@ -356,6 +361,10 @@ fn main() -> ExitCode {
             Err(e) => fail(&*e),
         },
         Command::Chat(args) => match pollster::block_on(chat::chat(&args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&*e),
+        },
+        Command::Serve(args) => match serve::serve(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&*e),
         },

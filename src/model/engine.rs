@@ -246,6 +246,36 @@ impl CpuEngine {
         self.model.forward(tokens, &mut self.cache, which)
     }
 
+    /// An empty cache for a sequence of its own, decoded with others by
+    /// [`CpuEngine::forward_batch`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config())
+    }
+
+    /// Runs several sequences one step each, in one pass over the weights: each `(cache,
+    /// tokens)` places `tokens` after the positions its cache holds (a prompt, a part of one, or
+    /// one decoded token) and advances the cache. Returns the logits of each sequence's last
+    /// token, `[work.len(), vocab]`, each row bit for bit what that sequence gets alone. A
+    /// batch of sequences decoding a token each reads every weight once instead of once per
+    /// sequence.
+    ///
+    /// Errors (every cache then unchanged): those of [`CpuEngine::forward`] for any sequence,
+    /// naming its index.
+    ///
+    /// ```
+    /// # use bitnet_wgpu::model::{CpuEngine, ModelWeights};
+    /// # fn run(weights: ModelWeights) -> bitnet_wgpu::Result<()> {
+    /// let mut engine = CpuEngine::new(&weights)?;
+    /// let (mut a, mut b) = (engine.new_cache(), engine.new_cache());
+    /// let logits = engine.forward_batch(&mut [(&mut a, &[1, 2, 3]), (&mut b, &[4])])?;
+    /// assert_eq!(logits.len(), 2 * engine.config().vocab_size);
+    /// assert_eq!((a.len(), b.len()), (3, 1));
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_batch(&mut self, work: &mut [(&mut KvCache, &[u32])]) -> Result<Vec<f32>> {
+        self.model.forward_last(work)
+    }
+
     /// Forgets the sequence, to start a new one.
     pub fn reset(&mut self) {
         self.cache.clear();
@@ -485,6 +515,83 @@ mod tests {
             let (k2, v2) = engine.cache.layer(1).unwrap();
             assert!(same_bits(keys, &k2[..keys.len()]) && same_bits(values, &v2[..values.len()]));
         }
+    }
+
+    #[test]
+    fn a_batch_gives_each_sequence_its_solo_logits() {
+        let config = ModelConfig {
+            family: Family::Llama,
+            vocab_size: 45,
+            hidden_size: 67,
+            intermediate_size: 45,
+            num_hidden_layers: 2,
+            num_attention_heads: 3,
+            num_key_value_heads: 1,
+            head_dim: 6,
+            max_position_embeddings: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: false,
+            bos_token_id: None,
+            eos_token_id: None,
+        };
+        let weights = random_model(config, 3, true);
+        let vocab = weights.config.vocab_size;
+        let mut engine = CpuEngine::new(&weights).unwrap();
+        let prompts: [&[u32]; 4] = [&[1, 2, 3, 4, 5], &[7], &[44, 0], &[9, 9, 9]];
+        let solo: Vec<Vec<f32>> = prompts
+            .iter()
+            .map(|p| {
+                let mut cache = engine.new_cache();
+                let mut logits = Vec::new();
+                for step in [&p[..], &[3], &[p[0]]] {
+                    let all = engine.forward_batch(&mut [(&mut cache, step)]).unwrap();
+                    logits.extend(all);
+                }
+                logits
+            })
+            .collect();
+        // Together: first every prompt, then a token each, then (sequence 1 having left) the
+        // rest, sequence 3 joining late.
+        let mut caches: [KvCache; 4] = std::array::from_fn(|_| engine.new_cache());
+        let mut got = vec![Vec::new(); 4];
+        let [c0, c1, c2, c3] = caches.each_mut();
+        let out = engine
+            .forward_batch(&mut [(c0, prompts[0]), (c1, prompts[1]), (c2, prompts[2])])
+            .unwrap();
+        for (i, row) in out.chunks_exact(vocab).enumerate() {
+            got[i].extend_from_slice(row);
+        }
+        let out = engine
+            .forward_batch(&mut [(c0, &[3]), (c1, &[3]), (c2, &[3]), (c3, prompts[3])])
+            .unwrap();
+        for (i, row) in out.chunks_exact(vocab).enumerate() {
+            got[i].extend_from_slice(row);
+        }
+        let out = engine
+            .forward_batch(&mut [(c0, &[1]), (c2, &[44]), (c1, &[7]), (c3, &[3])])
+            .unwrap();
+        for (i, row) in [0, 2, 1, 3].into_iter().zip(out.chunks_exact(vocab)) {
+            got[i].extend_from_slice(row);
+        }
+        let out = engine.forward_batch(&mut [(c3, &[9])]).unwrap();
+        got[3].extend_from_slice(&out);
+        for (i, (got, want)) in got.iter().zip(&solo).enumerate() {
+            assert_eq!(got.len(), want.len(), "sequence {i}");
+            assert!(
+                got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "sequence {i}"
+            );
+        }
+        // One sequence past the context: an error naming it, and no cache moves.
+        let lens: Vec<usize> = caches.iter().map(KvCache::len).collect();
+        let [c0, c1, ..] = caches.each_mut();
+        let e = engine
+            .forward_batch(&mut [(c0, &[1]), (c1, &[1; 14])])
+            .unwrap_err();
+        assert!(e.to_string().contains("sequence 1"), "{e}");
+        assert_eq!(caches.iter().map(KvCache::len).collect::<Vec<_>>(), lens);
+        assert!(engine.forward_batch(&mut []).unwrap().is_empty());
     }
 
     #[test]

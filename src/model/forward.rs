@@ -7,7 +7,7 @@
 use crate::cpu::{
     AttentionShape, QuantizedActivations, act_quant, attention, rmsnorm, rope, ternary_matmul,
 };
-use crate::model::layer::{CpuDecoder, run_decoder_layers};
+use crate::model::layer::{CpuDecoder, Segment, run_decoder_layers};
 use crate::model::schema::linear_shapes;
 use crate::model::{LayerWeights, ModelConfig, ModelWeights};
 use crate::{Error, Result};
@@ -183,7 +183,7 @@ pub fn forward(weights: &ModelWeights, tokens: &[u32], cache: &mut KvCache) -> R
 
 impl KvCache {
     /// Checks `tokens` against `config` and the positions left, then runs `layers`, which
-    /// appends one row per token to every layer's keys and values ([`KvCache::layers_mut`]):
+    /// appends one row per token to every layer's keys and values ([`KvCache::layer_mut`]):
     /// the cache advances when it succeeds and is left as it was when it fails.
     pub(super) fn extend_with<T>(
         &mut self,
@@ -191,31 +191,66 @@ impl KvCache {
         tokens: &[u32],
         layers: impl FnOnce(&mut Self) -> Result<T>,
     ) -> Result<T> {
-        self.check_fits(config)?;
-        config.check_tokens(tokens)?;
-        let start = self.len;
-        if tokens.len() > self.max_len - start {
-            return Err(Error::invalid(
-                "kv cache",
-                format!(
-                    "{start} cached + {} new positions exceed max_position_embeddings {}",
-                    tokens.len(),
-                    self.max_len
-                ),
-            ));
-        }
-        let result = layers(self);
-        match &result {
-            Ok(_) => self.len = start + tokens.len(),
-            Err(_) => self.truncate(start),
-        }
-        result
+        extend_caches(config, &mut [(self, tokens)], |segments| {
+            layers(&mut *segments[0].cache)
+        })
     }
 
-    /// Every layer's keys and values, to append the new positions' rows to.
-    pub(super) fn layers_mut(&mut self) -> impl Iterator<Item = (&mut Vec<f32>, &mut Vec<f32>)> {
-        self.keys.iter_mut().zip(&mut self.values)
+    /// Layer `layer`'s keys and values, to append the new positions' rows to.
+    pub(super) fn layer_mut(&mut self, layer: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
+        (&mut self.keys[layer], &mut self.values[layer])
     }
+}
+
+/// [`KvCache::extend_with`] for several sequences at once: checks every cache and its tokens
+/// (an error names the sequence's index when there are several), then runs `layers` on their
+/// segments; every cache advances when it succeeds and is left as it was when it fails.
+pub(super) fn extend_caches<T>(
+    config: &ModelConfig,
+    work: &mut [(&mut KvCache, &[u32])],
+    layers: impl FnOnce(&mut [Segment<'_>]) -> Result<T>,
+) -> Result<T> {
+    let several = work.len() > 1;
+    let mut starts = Vec::with_capacity(work.len());
+    for (index, (cache, tokens)) in work.iter().enumerate() {
+        let checked = cache.check_fits(config).and_then(|()| {
+            config.check_tokens(tokens)?;
+            let start = cache.len;
+            if tokens.len() > cache.max_len - start {
+                return Err(Error::invalid(
+                    "kv cache",
+                    format!(
+                        "{start} cached + {} new positions exceed max_position_embeddings {}",
+                        tokens.len(),
+                        cache.max_len
+                    ),
+                ));
+            }
+            Ok(start)
+        });
+        match checked {
+            Ok(start) => starts.push(start),
+            Err(e) if several => {
+                return Err(Error::invalid("batch", format!("sequence {index}: {e}")));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut segments: Vec<Segment<'_>> = work
+        .iter_mut()
+        .map(|(cache, tokens)| Segment {
+            cache: &mut **cache,
+            tokens: tokens.len(),
+        })
+        .collect();
+    let result = layers(&mut segments);
+    for (segment, start) in segments.iter_mut().zip(starts) {
+        match &result {
+            Ok(_) => segment.cache.len = start + segment.tokens,
+            Err(_) => segment.cache.truncate(start),
+        }
+    }
+    result
 }
 
 /// The forward proper, on checked inputs; it appends to the cache's rows but leaves its length
@@ -228,7 +263,11 @@ fn run_layers(weights: &ModelWeights, tokens: &[u32], cache: &mut KvCache) -> Re
         .flat_map(|&id| embedding_row(&weights.embed_tokens, hidden, id as usize))
         .copied()
         .collect();
-    run_decoder_layers(&Reference(weights), &mut x, n, cache)?;
+    run_decoder_layers(
+        &Reference(weights),
+        &mut x,
+        &mut [Segment { cache, tokens: n }],
+    )?;
     let x = rmsnorm(&x, n, &weights.norm, eps)?;
     let head = weights.lm_head.as_deref().unwrap_or(&weights.embed_tokens);
     Ok(x.chunks_exact(hidden)

@@ -35,16 +35,25 @@ pub(super) trait CpuDecoder {
     ) -> Result<Vec<f32>>;
 }
 
-/// Runs the residual stream `x` (`[n, hidden]`, the embeddings of `n` tokens after the
-/// positions `cache` holds) through every decoder layer, appending each layer's keys and values
-/// to the cache's rows (its length is the caller's to advance). Each layer is
+/// One sequence's part of a step: `tokens` new positions after those its `cache` holds.
+pub(super) struct Segment<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: usize,
+}
+
+/// Runs the residual stream `x` (`[n, hidden]`: each segment's new tokens in turn, `n` their
+/// sum) through every decoder layer, appending each layer's keys and values to its segment's
+/// cache rows (the caches' lengths are the caller's to advance). Every step but attention works
+/// row by row, so the segments share one pass over each weight matrix (a batch of sequences,
+/// each decoding one token, is one small-M product) and each row's values are those it gets
+/// alone. Each layer is
 ///
 /// ```text
 /// h = input_layernorm(x)
 /// q, k, v = BitLinear(h)            (h quantized once, shared: transformers' three BitLinears
 ///                                    quantize the same h to the same codes; no bias)
-/// q, k = rope(q, k) at positions cache.len() ..
-/// a = attention(q, cached k, cached v)
+/// q, k = rope(q, k) at each segment's positions cache.len() ..
+/// a = attention(q, the segment's cached k, cached v)
 /// x = x + o_proj(attn_sub_norm(a))  (every BitLinear quantizes its own input; no sub-norm in
 ///                                    the Llama family)
 /// h = post_attention_layernorm(x)
@@ -55,31 +64,44 @@ pub(super) trait CpuDecoder {
 pub(super) fn run_decoder_layers(
     model: &impl CpuDecoder,
     x: &mut [f32],
-    n: usize,
-    cache: &mut KvCache,
+    segments: &mut [Segment<'_>],
 ) -> Result<()> {
     let c = model.config();
     let (hidden, eps, activation) = (c.hidden_size, c.rms_norm_eps, c.family.activation());
+    let (attn, kv) = (c.attention_width(), c.kv_width());
     let shape = AttentionShape {
         heads: c.num_attention_heads,
         kv_heads: c.num_key_value_heads,
         head_dim: c.head_dim,
     };
-    let positions: Vec<usize> = (cache.len()..cache.len() + n).collect();
-    for (layer, (keys, values)) in cache.layers_mut().enumerate() {
+    let n: usize = segments.iter().map(|s| s.tokens).sum();
+    let positions: Vec<usize> = segments
+        .iter()
+        .flat_map(|s| s.cache.len()..s.cache.len() + s.tokens)
+        .collect();
+    for layer in 0..c.num_hidden_layers {
         let [input_norm, attn_sub_norm, post_norm, ffn_sub_norm] = model.norms(layer);
         let h = model.act_quant(&rmsnorm(x, n, input_norm, eps)?, n, hidden)?;
         let [mut q, mut k, v] = model.qkv(layer, &h)?;
         model.rope(&mut q, &positions, shape.heads)?;
         model.rope(&mut k, &positions, shape.kv_heads)?;
-        keys.extend_from_slice(&k);
-        values.extend_from_slice(&v);
-        let a = model.attention(&q, keys, values, shape)?;
+        let mut a = Vec::with_capacity(n * attn);
+        let mut first = 0;
+        for s in segments.iter_mut() {
+            let rows = first..first + s.tokens;
+            let (keys, values) = s.cache.layer_mut(layer);
+            keys.extend_from_slice(&k[rows.start * kv..rows.end * kv]);
+            values.extend_from_slice(&v[rows.start * kv..rows.end * kv]);
+            a.extend(model.attention(
+                &q[rows.start * attn..rows.end * attn],
+                keys,
+                values,
+                shape,
+            )?);
+            first = rows.end;
+        }
         let a = sub_norm(&a, n, attn_sub_norm, eps)?;
-        add_assign(
-            x,
-            &model.o_proj(layer, &model.act_quant(&a, n, c.attention_width())?)?,
-        );
+        add_assign(x, &model.o_proj(layer, &model.act_quant(&a, n, attn)?)?);
 
         let h = model.act_quant(&rmsnorm(x, n, post_norm, eps)?, n, hidden)?;
         let [gate, up] = model.gate_up(layer, &h)?;

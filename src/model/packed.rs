@@ -12,7 +12,8 @@ use crate::cpu::fast::{
     InterleavedRows, PackedMatrix, RopeTable, act_quant, attention, rope_table,
 };
 use crate::cpu::{AttentionShape, QuantizedActivations, rmsnorm};
-use crate::model::layer::{CpuDecoder, run_decoder_layers};
+use crate::model::forward::extend_caches;
+use crate::model::layer::{CpuDecoder, Segment, run_decoder_layers};
 use crate::model::{BlockLayer, Checked, KvCache, LayerWeights, Logits, ModelConfig, WeightSource};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -154,26 +155,55 @@ impl PackedModel {
         self.rope.reserve(cache.len() + tokens.len());
         let model = &*self;
         cache.extend_with(&self.config, tokens, |cache| {
-            model.run_layers(tokens, cache, which)
+            let mut x = model.embeddings(tokens);
+            let n = tokens.len();
+            run_decoder_layers(model, &mut x, &mut [Segment { cache, tokens: n }])?;
+            let hidden = model.config.hidden_size;
+            match which {
+                Logits::Last => model.logits(&x[(n - 1) * hidden..]),
+                Logits::All => model.logits(&x),
+            }
         })
     }
 
-    fn run_layers(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let (n, hidden, eps) = (tokens.len(), c.hidden_size, c.rms_norm_eps);
+    /// Each sequence's `tokens` after the positions its cache holds, all in one pass over the
+    /// weights: the logits of each sequence's last token, `[work.len(), vocab]`, each row equal
+    /// bit for bit to what [`PackedModel::forward`] gives that sequence alone.
+    pub(super) fn forward_last(&mut self, work: &mut [(&mut KvCache, &[u32])]) -> Result<Vec<f32>> {
+        let Some(furthest) = work.iter().map(|(c, t)| c.len() + t.len()).max() else {
+            return Ok(Vec::new());
+        };
+        self.rope.reserve(furthest);
+        let tokens: Vec<u32> = work.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+        let model = &*self;
+        extend_caches(&self.config, work, |segments| {
+            let mut x = model.embeddings(&tokens);
+            run_decoder_layers(model, &mut x, segments)?;
+            let hidden = model.config.hidden_size;
+            let mut last = Vec::with_capacity(segments.len() * hidden);
+            let mut end = 0;
+            for s in segments.iter() {
+                end += s.tokens;
+                last.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
+            }
+            model.logits(&last)
+        })
+    }
+
+    fn embeddings(&self, tokens: &[u32]) -> Vec<f32> {
         let embed = self.embed.as_ref().unwrap_or(&self.head);
-        let mut x: Vec<f32> = tokens
+        tokens
             .iter()
             .flat_map(|&id| embed.row(id as usize))
-            .collect();
-        run_decoder_layers(self, &mut x, n, cache)?;
-        let rows = match which {
-            Logits::Last => &x[(n - 1) * hidden..],
-            Logits::All => &x[..],
-        };
-        let count = rows.len() / hidden;
+            .collect()
+    }
+
+    /// The logits of the rows of `x` (`[rows, hidden]`): the final norm, then the head.
+    fn logits(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let rows = x.len() / c.hidden_size;
         self.head
-            .products(&rmsnorm(rows, count, &self.norm, eps)?, count)
+            .products(&rmsnorm(x, rows, &self.norm, c.rms_norm_eps)?, rows)
     }
 }
 

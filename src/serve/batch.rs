@@ -1,0 +1,456 @@
+//! Continuous batching: one thread owns the engine and runs every active sequence one step at a
+//! time in a single forward (the CPU engine's [`CpuEngine::forward_batch`]), new requests joining
+//! between steps and finished or abandoned ones leaving.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::model::{CpuEngine, Engine, KvCache, Logits, Sampler, SamplingParams};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::{Error, Result};
+
+/// Prompt tokens a sequence feeds per step: a long prompt joining the batch is processed over
+/// several steps, so the sequences already decoding keep getting tokens while it is read.
+const PREFILL_CHUNK: usize = 256;
+
+/// One request for the batch: the prompt's ids and how to continue them.
+pub(crate) struct Job {
+    /// The request's id, for the log.
+    pub id: String,
+    pub prompt_ids: Vec<u32>,
+    /// Ids that end the answer (the tokenizer's eos, a chat template's end of turn); not shown.
+    pub stop_ids: Vec<u32>,
+    /// Texts that end the answer; the text stops before them.
+    pub stop_texts: Vec<String>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Where the answer goes; once its receiver is gone the sequence is dropped.
+    pub events: UnboundedSender<Event>,
+}
+
+/// What a job reports, in order: text pieces, then `Done` or `Failed`.
+#[derive(Debug)]
+pub(crate) enum Event {
+    Text(String),
+    Done {
+        finish: Finish,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+/// Why an answer ended, as OpenAI's `finish_reason` says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Finish {
+    /// An end token or a stop text.
+    Stop,
+    /// `max_tokens` or the context.
+    Length,
+}
+
+impl Finish {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// The engine a batch runs on: the CPU engine decodes many sequences in one forward, each with
+/// its own cache; another engine (the GPU's, whose cache is on the device) runs one sequence at
+/// a time.
+pub(crate) enum Backend {
+    Batched(Box<CpuEngine>),
+    Single(Engine),
+}
+
+impl Backend {
+    pub(crate) fn new(engine: Engine) -> Self {
+        match engine {
+            Engine::Cpu(cpu) => Backend::Batched(cpu),
+            other => Backend::Single(other),
+        }
+    }
+
+    /// The most sequences decoded together given the `wanted` number.
+    fn batch_limit(&self, wanted: usize) -> usize {
+        match self {
+            Backend::Batched(_) => wanted.max(1),
+            Backend::Single(_) => 1,
+        }
+    }
+
+    fn vocab(&self) -> usize {
+        match self {
+            Backend::Batched(e) => e.config().vocab_size,
+            Backend::Single(e) => e.config().vocab_size,
+        }
+    }
+
+    fn new_cache(&self) -> Option<KvCache> {
+        match self {
+            Backend::Batched(e) => Some(e.new_cache()),
+            Backend::Single(_) => None,
+        }
+    }
+
+    /// One step of `sequences`, each with its next tokens: the logits of each one's last token.
+    fn step(&mut self, sequences: &mut [Sequence<'_>]) -> Result<Vec<f32>> {
+        match self {
+            Backend::Batched(engine) => {
+                let mut work: Vec<(&mut KvCache, &[u32])> = sequences
+                    .iter_mut()
+                    .map(|s| {
+                        let next = next_tokens(&s.job.prompt_ids, s.fed, &s.generated);
+                        (s.cache.as_mut().expect("a batched sequence has a cache"), next)
+                    })
+                    .collect();
+                engine.forward_batch(&mut work)
+            }
+            Backend::Single(engine) => {
+                let [sequence] = sequences else {
+                    unreachable!("a single-sequence engine runs one sequence at a time")
+                };
+                if sequence.fed == 0 {
+                    engine.reset();
+                }
+                pollster::block_on(engine.forward(sequence.next_tokens(), Logits::Last))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    /// Sequences decoded together.
+    batch: usize,
+    /// Positions of a sequence.
+    context: usize,
+}
+
+/// The handle the HTTP side submits jobs through.
+pub(crate) struct Batcher {
+    jobs: Option<mpsc::Sender<Job>>,
+    /// Jobs submitted and not finished: queued or decoding.
+    load: Arc<AtomicUsize>,
+    capacity: usize,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Batcher {
+    /// Starts the thread that runs `backend`: at most `max_batch` sequences together (one on a
+    /// backend that cannot batch), up to `max_queue` more waiting, each answer ending at
+    /// `context` positions.
+    pub(crate) fn start(
+        backend: Backend,
+        tokenizer: Arc<Tokenizer>,
+        max_batch: usize,
+        max_queue: usize,
+        context: usize,
+    ) -> Self {
+        let (jobs, receiver) = mpsc::channel();
+        let load = Arc::new(AtomicUsize::new(0));
+        let limits = Limits {
+            batch: backend.batch_limit(max_batch),
+            context,
+        };
+        let thread_load = load.clone();
+        let thread = std::thread::spawn(move || {
+            run(backend, &tokenizer, limits, receiver, &thread_load);
+        });
+        Batcher {
+            jobs: Some(jobs),
+            load,
+            capacity: limits.batch + max_queue,
+            thread: Some(thread),
+        }
+    }
+
+    /// Queues `job`, or gives it back when the queue is full.
+    pub(crate) fn submit(&self, job: Job) -> std::result::Result<(), Job> {
+        let taken = self
+            .load
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.capacity).then_some(n + 1)
+            });
+        if taken.is_err() {
+            return Err(job);
+        }
+        let jobs = self.jobs.as_ref().expect("jobs are taken until shutdown");
+        jobs.send(job).map_err(|mpsc::SendError(job)| {
+            self.load.fetch_sub(1, Ordering::SeqCst);
+            job
+        })
+    }
+
+    /// Jobs queued or decoding.
+    pub(crate) fn load(&self) -> usize {
+        self.load.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Batcher {
+    /// Lets the thread finish the jobs it has, then waits for it.
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A job being decoded.
+struct Sequence<'t> {
+    job: Job,
+    cache: Option<KvCache>,
+    /// Ids of the prompt and the answer given to the engine so far.
+    fed: usize,
+    generated: Vec<u32>,
+    sampler: Sampler,
+    decoder: StreamDecoder<'t>,
+    /// The answer's text so far, and how much of it was sent (the rest may start a stop text).
+    text: String,
+    sent: usize,
+    started: Instant,
+    first_token: Option<Duration>,
+}
+
+impl<'t> Sequence<'t> {
+    /// The sequence of `job`, or the job back with why its sampling parameters are refused.
+    fn new(
+        job: Job,
+        backend: &Backend,
+        tokenizer: &'t Tokenizer,
+    ) -> std::result::Result<Self, (Job, Error)> {
+        let sampler = match Sampler::new(job.sampling) {
+            Ok(sampler) => sampler,
+            Err(e) => return Err((job, e)),
+        };
+        Ok(Sequence {
+            sampler,
+            cache: backend.new_cache(),
+            fed: 0,
+            generated: Vec::new(),
+            decoder: tokenizer.stream_decoder(),
+            text: String::new(),
+            sent: 0,
+            started: Instant::now(),
+            first_token: None,
+            job,
+        })
+    }
+
+    fn next_tokens(&self) -> &[u32] {
+        next_tokens(&self.job.prompt_ids, self.fed, &self.generated)
+    }
+
+    /// Takes the step's logits of this sequence's last fed token: chooses the next token once
+    /// the prompt is in (among the first `allowed` ids), streams its text. Returns why the
+    /// answer ended, if it did: a stop, `max_tokens`, or `context` positions fed.
+    fn advance(
+        &mut self,
+        logits: &mut [f32],
+        allowed: usize,
+        context: usize,
+    ) -> Result<Option<Finish>> {
+        self.fed += self.next_tokens().len();
+        if self.fed < self.job.prompt_ids.len() {
+            return Ok(None);
+        }
+        logits[allowed..].fill(f32::NEG_INFINITY);
+        let id = self.sampler.sample(logits)?;
+        self.first_token
+            .get_or_insert_with(|| self.started.elapsed());
+        self.generated.push(id);
+        if self.job.stop_ids.contains(&id) {
+            self.text += &self.decoder.finish()?;
+            return Ok(Some(self.finish(Finish::Stop)));
+        }
+        self.text += &self.decoder.step(id)?;
+        if let Some(end) = self.stop_text_at() {
+            self.text.truncate(end);
+            return Ok(Some(self.finish(Finish::Stop)));
+        }
+        if self.generated.len() >= self.job.max_tokens || self.fed >= context {
+            self.text += &self.decoder.finish()?;
+            return Ok(Some(self.finish(Finish::Length)));
+        }
+        // Text that may be the start of a stop text waits for the tokens after it.
+        let held = self.stop_text_start();
+        self.send_text(held);
+        Ok(None)
+    }
+
+    /// Where the first stop text starts in the answer, if one is there.
+    fn stop_text_at(&self) -> Option<usize> {
+        let longest = self.job.stop_texts.iter().map(String::len).max()?;
+        let mut from = self.sent.saturating_sub(longest);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        self.job
+            .stop_texts
+            .iter()
+            .filter_map(|stop| self.text[from..].find(stop.as_str()).map(|at| from + at))
+            .min()
+    }
+
+    /// The start of the longest end of the answer that begins a stop text (the text's length
+    /// when none does).
+    fn stop_text_start(&self) -> usize {
+        let text = &self.text;
+        (self.sent..text.len())
+            .filter(|&at| text.is_char_boundary(at))
+            .find(|&at| {
+                let tail = &text[at..];
+                self.job.stop_texts.iter().any(|stop| stop.starts_with(tail))
+            })
+            .unwrap_or(text.len())
+    }
+
+    fn send_text(&mut self, upto: usize) {
+        if upto > self.sent {
+            let piece = self.text[self.sent..upto].to_string();
+            self.sent = upto;
+            let _ = self.job.events.send(Event::Text(piece));
+        }
+    }
+
+    fn finish(&mut self, finish: Finish) -> Finish {
+        self.send_text(self.text.len());
+        let _ = self.job.events.send(Event::Done {
+            finish,
+            prompt_tokens: self.job.prompt_ids.len(),
+            completion_tokens: self.generated.len(),
+        });
+        finish
+    }
+
+    /// The request's log line.
+    fn log(&self, how: &str) {
+        let first = self
+            .first_token
+            .map_or("-".into(), |t| format!("{} ms", t.as_millis()));
+        eprintln!(
+            "{} {how}: {} prompt + {} new tokens in {} ms (first token {first})",
+            self.job.id,
+            self.job.prompt_ids.len(),
+            self.generated.len(),
+            self.started.elapsed().as_millis()
+        );
+    }
+}
+
+/// The ids a sequence's next step feeds, `fed` of its prompt and answer being in: a part of the
+/// prompt, or the last new token.
+fn next_tokens<'a>(prompt: &'a [u32], fed: usize, generated: &'a [u32]) -> &'a [u32] {
+    if fed < prompt.len() {
+        &prompt[fed..prompt.len().min(fed + PREFILL_CHUNK)]
+    } else {
+        std::slice::from_ref(generated.last().expect("fed past the prompt"))
+    }
+}
+
+/// The batching loop: until every sender is gone and nothing is left to decode. Each answer
+/// ends at `context` positions.
+fn run(
+    mut backend: Backend,
+    tokenizer: &Tokenizer,
+    limits: Limits,
+    jobs: mpsc::Receiver<Job>,
+    load: &AtomicUsize,
+) {
+    let vocab = backend.vocab();
+    let allowed = tokenizer.vocab_size().min(vocab);
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut active: Vec<Sequence<'_>> = Vec::new();
+    let mut open = true;
+    // A job that leaves (finished, failed, abandoned) frees its place.
+    let leave = |s: &Sequence<'_>, how: &str| {
+        s.log(how);
+        load.fetch_sub(1, Ordering::SeqCst);
+    };
+    loop {
+        if open && active.is_empty() && waiting.is_empty() {
+            match jobs.recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(mpsc::RecvError) => open = false,
+            }
+        }
+        while open {
+            match jobs.try_recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        // Requests whose client left free their place before the step.
+        waiting.retain(|job| {
+            let keep = !job.events.is_closed();
+            if !keep {
+                load.fetch_sub(1, Ordering::SeqCst);
+            }
+            keep
+        });
+        active.retain(|s| {
+            let keep = !s.job.events.is_closed();
+            if !keep {
+                leave(s, "cancelled");
+            }
+            keep
+        });
+        while active.len() < limits.batch {
+            let Some(job) = waiting.pop_front() else {
+                break;
+            };
+            match Sequence::new(job, &backend, tokenizer) {
+                Ok(s) => active.push(s),
+                Err((job, e)) => {
+                    let _ = job.events.send(Event::Failed(e.to_string()));
+                    load.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        }
+        if active.is_empty() {
+            if !open {
+                return;
+            }
+            continue;
+        }
+        match backend.step(&mut active) {
+            Ok(mut logits) => {
+                let mut ended = Vec::new();
+                for (i, (s, row)) in active
+                    .iter_mut()
+                    .zip(logits.chunks_exact_mut(vocab))
+                    .enumerate()
+                {
+                    match s.advance(row, allowed, limits.context) {
+                        Ok(None) => {}
+                        Ok(Some(finish)) => ended.push((i, finish.as_str())),
+                        Err(e) => {
+                            let _ = s.job.events.send(Event::Failed(e.to_string()));
+                            ended.push((i, "failed"));
+                        }
+                    }
+                }
+                for (i, how) in ended.into_iter().rev() {
+                    leave(&active.remove(i), how);
+                }
+            }
+            Err(e) => {
+                for s in active.drain(..) {
+                    let _ = s.job.events.send(Event::Failed(e.to_string()));
+                    leave(&s, "failed");
+                }
+            }
+        }
+    }
+}
