@@ -3,61 +3,14 @@
 #![cfg(not(target_arch = "wasm32"))]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use bitnet_wgpu::formats::hf::save_dir;
-use bitnet_wgpu::model::{ModelConfig, synthetic};
 use serde_json::Value;
 
-const TOKENIZER: &str = include_str!("fixtures/chat/tokenizer.json");
-const LLAMA3: &str = include_str!("fixtures/chat/llama3.jinja");
-
-/// A folder with a random model over the fixtures' byte-level tokenizer (265 tokens) and
-/// Llama 3's template; removed when dropped.
-struct ChatModel(PathBuf);
-
-impl ChatModel {
-    fn new(with_template: bool) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "bitnet-chat-cli-{}-{with_template}-{:?}",
-            std::process::id(),
-            std::time::SystemTime::now()
-        ));
-        let config = ModelConfig {
-            vocab_size: 272,
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: 16,
-            max_position_embeddings: 160,
-            bos_token_id: Some(256),
-            eos_token_id: Some(257),
-            ..ModelConfig::bitnet_b158_2b4t()
-        };
-        save_dir(&synthetic(&config, 5), &dir, &[]).unwrap();
-        std::fs::write(dir.join("tokenizer.json"), TOKENIZER).unwrap();
-        if with_template {
-            let tokenizer_config = serde_json::json!({
-                "chat_template": LLAMA3, "bos_token": "<|begin_of_text|>",
-                "eos_token": "<|eot_id|>"});
-            std::fs::write(
-                dir.join("tokenizer_config.json"),
-                tokenizer_config.to_string(),
-            )
-            .unwrap();
-        }
-        ChatModel(dir)
-    }
-}
-
-impl Drop for ChatModel {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+#[path = "support/chat_model.rs"]
+mod chat_model;
+use chat_model::ChatModel;
 
 fn bitnet(args: &[&str], stdin: &str) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
@@ -120,7 +73,7 @@ const SAMPLING: [&str; 6] = [
 #[test]
 fn chat_answers_as_generate_does_and_reuses_the_cache() {
     let model = ChatModel::new(true);
-    let m = path_str(&model.0);
+    let m = model.path();
     let mut args = vec!["chat", "--model", m, "--json", "--system", "Be brief."];
     args.extend(SAMPLING);
     let turns = json_lines(&bitnet(&args, "Hello\n\nAnd then?\n/reset\nHello\n"));
@@ -201,7 +154,7 @@ fn chat_answers_as_generate_does_and_reuses_the_cache() {
 #[test]
 fn chat_needs_a_template_and_room() {
     let plain = ChatModel::new(false);
-    let output = bitnet(&["chat", "--model", path_str(&plain.0)], "Hi\n");
+    let output = bitnet(&["chat", "--model", plain.path()], "Hi\n");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no chat template"), "{stderr}");
@@ -214,7 +167,7 @@ fn chat_needs_a_template_and_room() {
     );
 
     let model = ChatModel::new(true);
-    let mut args = vec!["chat", "--model", path_str(&model.0), "--json"];
+    let mut args = vec!["chat", "--model", model.path(), "--json"];
     args.extend(SAMPLING);
     let long = "word ".repeat(40);
     let output = bitnet(&args, &format!("{long}\nHi\n"));

@@ -579,7 +579,9 @@ mod tests {
         for (i, (got, want)) in got.iter().zip(&solo).enumerate() {
             assert_eq!(got.len(), want.len(), "sequence {i}");
             assert!(
-                got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                got.iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "sequence {i}"
             );
         }

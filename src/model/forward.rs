@@ -239,7 +239,7 @@ pub(super) fn extend_caches<T>(
     let mut segments: Vec<Segment<'_>> = work
         .iter_mut()
         .map(|(cache, tokens)| Segment {
-            cache: &mut **cache,
+            cache,
             tokens: tokens.len(),
         })
         .collect();

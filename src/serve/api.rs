@@ -199,7 +199,9 @@ impl Options {
     }
 
     pub(crate) fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }
 
@@ -363,8 +365,14 @@ mod tests {
         };
         let hi = request(r#""Hi""#).prompt_ids(&tokenizer, 258).unwrap();
         assert_eq!(hi, [256, 72, 105]);
-        assert_eq!(request(r#"["Hi"]"#).prompt_ids(&tokenizer, 258).unwrap(), hi);
-        assert_eq!(request("[5, 6]").prompt_ids(&tokenizer, 258).unwrap(), [5, 6]);
+        assert_eq!(
+            request(r#"["Hi"]"#).prompt_ids(&tokenizer, 258).unwrap(),
+            hi
+        );
+        assert_eq!(
+            request("[5, 6]").prompt_ids(&tokenizer, 258).unwrap(),
+            [5, 6]
+        );
         for bad in [r#"["a", "b"]"#, "[258]", "[]"] {
             assert!(request(bad).prompt_ids(&tokenizer, 258).is_err(), "{bad}");
         }

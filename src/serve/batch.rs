@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::model::{CpuEngine, Engine, KvCache, Logits, Sampler, SamplingParams};
+use crate::Result;
+use crate::model::{CpuEngine, Engine, KvCache, Logits, Sampler};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
-use crate::{Error, Result};
 
 /// Prompt tokens a sequence feeds per step: a long prompt joining the batch is processed over
 /// several steps, so the sequences already decoding keep getting tokens while it is read.
@@ -28,7 +28,7 @@ pub(crate) struct Job {
     /// Texts that end the answer; the text stops before them.
     pub stop_texts: Vec<String>,
     pub max_tokens: usize,
-    pub sampling: SamplingParams,
+    pub sampler: Sampler,
     /// Where the answer goes; once its receiver is gone the sequence is dropped.
     pub events: UnboundedSender<Event>,
 }
@@ -109,7 +109,10 @@ impl Backend {
                     .iter_mut()
                     .map(|s| {
                         let next = next_tokens(&s.job.prompt_ids, s.fed, &s.generated);
-                        (s.cache.as_mut().expect("a batched sequence has a cache"), next)
+                        (
+                            s.cache.as_mut().expect("a batched sequence has a cache"),
+                            next,
+                        )
                     })
                     .collect();
                 engine.forward_batch(&mut work)
@@ -173,21 +176,22 @@ impl Batcher {
         }
     }
 
-    /// Queues `job`, or gives it back when the queue is full.
-    pub(crate) fn submit(&self, job: Job) -> std::result::Result<(), Job> {
+    /// Queues `job`; `false` when the queue is full.
+    pub(crate) fn submit(&self, job: Job) -> bool {
         let taken = self
             .load
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < self.capacity).then_some(n + 1)
             });
         if taken.is_err() {
-            return Err(job);
+            return false;
         }
         let jobs = self.jobs.as_ref().expect("jobs are taken until shutdown");
-        jobs.send(job).map_err(|mpsc::SendError(job)| {
+        let sent = jobs.send(job).is_ok();
+        if !sent {
             self.load.fetch_sub(1, Ordering::SeqCst);
-            job
-        })
+        }
+        sent
     }
 
     /// Jobs queued or decoding.
@@ -213,28 +217,19 @@ struct Sequence<'t> {
     /// Ids of the prompt and the answer given to the engine so far.
     fed: usize,
     generated: Vec<u32>,
-    sampler: Sampler,
     decoder: StreamDecoder<'t>,
     /// The answer's text so far, and how much of it was sent (the rest may start a stop text).
     text: String,
     sent: usize,
     started: Instant,
     first_token: Option<Duration>,
+    /// The most sequences a step of this one ran together.
+    largest_batch: usize,
 }
 
 impl<'t> Sequence<'t> {
-    /// The sequence of `job`, or the job back with why its sampling parameters are refused.
-    fn new(
-        job: Job,
-        backend: &Backend,
-        tokenizer: &'t Tokenizer,
-    ) -> std::result::Result<Self, (Job, Error)> {
-        let sampler = match Sampler::new(job.sampling) {
-            Ok(sampler) => sampler,
-            Err(e) => return Err((job, e)),
-        };
-        Ok(Sequence {
-            sampler,
+    fn new(job: Job, backend: &Backend, tokenizer: &'t Tokenizer) -> Self {
+        Sequence {
             cache: backend.new_cache(),
             fed: 0,
             generated: Vec::new(),
@@ -243,8 +238,9 @@ impl<'t> Sequence<'t> {
             sent: 0,
             started: Instant::now(),
             first_token: None,
+            largest_batch: 0,
             job,
-        })
+        }
     }
 
     fn next_tokens(&self) -> &[u32] {
@@ -265,7 +261,7 @@ impl<'t> Sequence<'t> {
             return Ok(None);
         }
         logits[allowed..].fill(f32::NEG_INFINITY);
-        let id = self.sampler.sample(logits)?;
+        let id = self.job.sampler.sample(logits)?;
         self.first_token
             .get_or_insert_with(|| self.started.elapsed());
         self.generated.push(id);
@@ -310,7 +306,10 @@ impl<'t> Sequence<'t> {
             .filter(|&at| text.is_char_boundary(at))
             .find(|&at| {
                 let tail = &text[at..];
-                self.job.stop_texts.iter().any(|stop| stop.starts_with(tail))
+                self.job
+                    .stop_texts
+                    .iter()
+                    .any(|stop| stop.starts_with(tail))
             })
             .unwrap_or(text.len())
     }
@@ -339,11 +338,13 @@ impl<'t> Sequence<'t> {
             .first_token
             .map_or("-".into(), |t| format!("{} ms", t.as_millis()));
         eprintln!(
-            "{} {how}: {} prompt + {} new tokens in {} ms (first token {first})",
+            "{} {how}: {} prompt + {} new tokens in {} ms (first token {first}, batches of up \
+             to {})",
             self.job.id,
             self.job.prompt_ids.len(),
             self.generated.len(),
-            self.started.elapsed().as_millis()
+            self.started.elapsed().as_millis(),
+            self.largest_batch
         );
     }
 }
@@ -395,6 +396,7 @@ fn run(
         waiting.retain(|job| {
             let keep = !job.events.is_closed();
             if !keep {
+                eprintln!("{} cancelled while waiting", job.id);
                 load.fetch_sub(1, Ordering::SeqCst);
             }
             keep
@@ -410,19 +412,17 @@ fn run(
             let Some(job) = waiting.pop_front() else {
                 break;
             };
-            match Sequence::new(job, &backend, tokenizer) {
-                Ok(s) => active.push(s),
-                Err((job, e)) => {
-                    let _ = job.events.send(Event::Failed(e.to_string()));
-                    load.fetch_sub(1, Ordering::SeqCst);
-                }
-            }
+            active.push(Sequence::new(job, &backend, tokenizer));
         }
         if active.is_empty() {
             if !open {
                 return;
             }
             continue;
+        }
+        let batch = active.len();
+        for s in &mut active {
+            s.largest_batch = s.largest_batch.max(batch);
         }
         match backend.step(&mut active) {
             Ok(mut logits) => {

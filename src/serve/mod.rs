@@ -42,7 +42,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::chat::ChatTemplate;
-use crate::model::Engine;
+use crate::model::{Engine, Sampler};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use api::{Ask, BadRequest, ChatRequest, CompletionRequest, Options, check_context};
@@ -212,19 +212,44 @@ impl AppState {
         }
     }
 
-    /// The request's JSON body, within the size limit, as `T`.
+    /// The request's JSON body, within the size limit, as `T`. A body announced larger than
+    /// the limit is refused before it is read.
     async fn body<T: serde::de::DeserializeOwned>(
         &self,
+        headers: &HeaderMap,
         body: Body,
     ) -> std::result::Result<T, Response> {
         let limit = self.options.max_body_bytes;
-        let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        let too_large = || {
             error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
-                &format!("the request body is larger than {limit} bytes (or was cut off)"),
+                &format!("the request body is larger than {limit} bytes"),
                 None,
             )
+        };
+        let announced = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if announced.is_some_and(|len| len > limit as u64) {
+            return Err(too_large());
+        }
+        let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            let over_limit = std::iter::from_fn(|| {
+                let error = source?;
+                source = error.source();
+                Some(error)
+            })
+            .any(|error| error.is::<http_body_util::LengthLimitError>());
+            if over_limit {
+                too_large()
+            } else {
+                bad_request(BadRequest::new(
+                    None,
+                    format!("the request body could not be read: {e}"),
+                ))
+            }
         })?;
         serde_json::from_slice(&bytes).map_err(|e| {
             bad_request(BadRequest::new(
@@ -255,17 +280,18 @@ impl AppState {
 
     /// Queues the job, answering 429 when the queue is full.
     fn submit(&self, job: Job) -> std::result::Result<(), Response> {
-        self.batcher.submit(job).map_err(|_| {
-            error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                &format!(
-                    "the server is busy ({} requests decoding or waiting); try again later",
-                    self.batcher.load()
-                ),
-                None,
-            )
-        })
+        if self.batcher.submit(job) {
+            return Ok(());
+        }
+        Err(error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            &format!(
+                "the server is busy ({} requests decoding or waiting); try again later",
+                self.batcher.load()
+            ),
+            None,
+        ))
     }
 }
 
@@ -351,13 +377,16 @@ async fn chat_completions(
 ) -> Response {
     let prepared = async {
         state.authorize(&headers)?;
-        let request: ChatRequest = state.body(body).await?;
+        let request: ChatRequest = state.body(&headers, body).await?;
         state.check_model(&request.model)?;
         let ids = request
             .prompt_ids(state.template.as_ref(), &state.tokenizer)
             .map_err(bad_request)?;
         check_context(ids.len(), state.context, "messages").map_err(bad_request)?;
-        let stop_ids = state.template.as_ref().map_or(Vec::new(), |t| t.end_of_turn().to_vec());
+        let stop_ids = state
+            .template
+            .as_ref()
+            .map_or(Vec::new(), |t| t.end_of_turn().to_vec());
         Ok((request.options, ids, stop_ids))
     }
     .await;
@@ -374,7 +403,7 @@ async fn completions(
 ) -> Response {
     let prepared = async {
         state.authorize(&headers)?;
-        let request: CompletionRequest = state.body(body).await?;
+        let request: CompletionRequest = state.body(&headers, body).await?;
         state.check_model(&request.model)?;
         let ids = request
             .prompt_ids(&state.tokenizer, state.vocab)
@@ -410,6 +439,10 @@ async fn answer(
         Ok(ask) => ask,
         Err(e) => return bad_request(e),
     };
+    let sampler = match Sampler::new(sampling) {
+        Ok(sampler) => sampler,
+        Err(e) => return bad_request(BadRequest::new(None, e.to_string())),
+    };
     let (events, mut receiver) = mpsc::unbounded_channel();
     let job = Job {
         id: id.clone(),
@@ -417,7 +450,7 @@ async fn answer(
         stop_ids,
         stop_texts,
         max_tokens,
-        sampling,
+        sampler,
         events,
     };
     if let Err(r) = state.submit(job) {
