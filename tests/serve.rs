@@ -27,8 +27,13 @@ struct Server {
 impl Server {
     /// `bitnet serve --port 0 --device cpu` with `args`, once it listens.
     fn start(args: &[&str]) -> Self {
+        Server::start_on("cpu", args)
+    }
+
+    /// `bitnet serve --port 0 --device DEVICE` with `args`, once it listens.
+    fn start_on(device: &str, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
-            .args(["serve", "--port", "0", "--device", "cpu"])
+            .args(["serve", "--port", "0", "--device", device])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -605,4 +610,47 @@ fn bad_requests_are_refused_cleanly() {
     let (status, answer) = chat(json!({"model": name, "messages": hello, "max_tokens": 3}));
     assert_eq!(status, 200, "{answer}");
     assert!(answer["usage"]["completion_tokens"].as_u64().unwrap() <= 3);
+}
+
+/// On a GPU (lavapipe in CI; an error, not a skip, without one) the server answers one request
+/// at a time, each with `bitnet generate --device gpu`'s greedy answer.
+#[test]
+fn a_gpu_engine_answers_each_request_as_generate_does() {
+    let model = ChatModel::new(true);
+    let server = Server::start_on("gpu", &["--model", model.path()]);
+    let name = server.model();
+    let server = Arc::new(server);
+    let prompts = ["Once upon", "A B C", "Hello there, how"];
+    let answers: Vec<_> = prompts
+        .iter()
+        .map(|prompt| {
+            let server = server.clone();
+            let request = json!({"model": name, "prompt": prompt, "max_tokens": 16,
+                                 "temperature": 0});
+            std::thread::spawn(move || server.stream("/v1/completions", &request))
+        })
+        .collect();
+    for (prompt, answer) in prompts.iter().zip(answers) {
+        let (text, _, _) = streamed(&answer.join().unwrap(), false);
+        let generated = bitnet(
+            &[
+                "generate",
+                "--model",
+                model.path(),
+                "--device",
+                "gpu",
+                "--json",
+                "--prompt",
+                prompt,
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "16",
+            ],
+            "",
+        );
+        assert_eq!(json!(text), generated["text"], "{prompt}");
+    }
+    let log = server.log();
+    assert_eq!(log.matches("batches of up to 1)").count(), 3, "{log}");
 }
