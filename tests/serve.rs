@@ -168,6 +168,26 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// The log once `lines` of its lines pass `wanted` (a request's line is written after its
+    /// answer is sent).
+    fn log_with(&self, lines: usize, wanted: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let log = self.log();
+            if log.lines().filter(|l| wanted(l)).count() >= lines {
+                return log;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The log line of request `id`.
+    fn log_line(&self, id: &str) -> String {
+        let log = self.log_with(1, |l| l.starts_with(id));
+        log.lines().find(|l| l.starts_with(id)).unwrap().to_string()
+    }
+
     /// The name requests give as `model`.
     fn model(&self) -> String {
         let (status, models) = self.get("/v1/models", None);
@@ -227,7 +247,8 @@ fn streamed(events: &[Value], chat: bool) -> (String, String, Option<Value>) {
     (text, finish.expect("a finish reason"), usage)
 }
 
-fn bitnet(args: &[&str], stdin: &str) -> Value {
+/// Each line of a `bitnet` command's stdout as JSON, asserting success.
+fn bitnet_lines(args: &[&str], stdin: &str) -> Vec<Value> {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
         .args(args)
@@ -249,7 +270,15 @@ fn bitnet(args: &[&str], stdin: &str) -> Value {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_str(stdout.lines().next().unwrap()).unwrap()
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The first line of a `bitnet` command's stdout as JSON.
+fn bitnet(args: &[&str], stdin: &str) -> Value {
+    bitnet_lines(args, stdin).swap_remove(0)
 }
 
 /// Completions (whole and streamed, text and token-id prompts, stop texts) are `bitnet
@@ -374,10 +403,45 @@ fn answers_are_those_of_generate_and_chat() {
         answer["choices"][0]["finish_reason"].as_str().unwrap()
     );
     assert_eq!(usage, None);
-    let log = server.log();
+    // The next turn, the whole conversation sent again: `bitnet chat`'s second answer; the
+    // earlier requests' caches held its start.
+    let turns = bitnet_lines(
+        &[
+            "chat",
+            "--model",
+            model.path(),
+            "--device",
+            "cpu",
+            "--json",
+            "--system",
+            "Be brief.",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "12",
+        ],
+        "Hello\nAnd then?\n",
+    );
+    let mut request = request;
+    request["messages"] = json!([{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "Hello"},
+                                 {"role": "assistant", "content": chat["text"]},
+                                 {"role": "user", "content": "And then?"}]);
+    let (_, second) = server.post("/v1/chat/completions", &request);
+    assert_eq!(second["choices"][0]["message"]["content"], turns[1]["text"]);
+    let line = server.log_line(second["id"].as_str().unwrap());
+    let reused: usize = line
+        .split(" reused)")
+        .next()
+        .unwrap()
+        .rsplit('(')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(
-        log.contains("chatcmpl-") && log.contains("prompt +"),
-        "{log}"
+        reused >= chat["prompt_ids"].as_array().unwrap().len(),
+        "{line}"
     );
 }
 
@@ -426,7 +490,7 @@ fn concurrent_requests_get_their_solo_answers() {
         assert_eq!(&handle.join().unwrap(), want, "request {i}");
     }
     // Some of them shared a step.
-    let log = server.log();
+    let log = server.log_with(32, |l| l.starts_with("cmpl-"));
     let largest = log
         .lines()
         .filter_map(|l| l.split("batches of up to ").nth(1))
@@ -462,7 +526,7 @@ fn cancelling_queueing_and_shutdown() {
     drop(first);
     drop(queued);
     server.wait_idle();
-    let log = server.log();
+    let log = server.log_with(4, |l| l.contains("cancelled"));
     let cancelled: Vec<&str> = log.lines().filter(|l| l.contains("cancelled")).collect();
     assert_eq!(cancelled.len(), 4, "{log}");
     assert!(cancelled.iter().all(|l| !l.contains("+ 250 new")), "{log}");

@@ -94,10 +94,15 @@ impl Backend {
         }
     }
 
-    fn new_cache(&self) -> Option<KvCache> {
+    /// The cache for a new sequence of `prompt` and how many of its ids it holds already:
+    /// the longest start it shares with a finished sequence's, else a new one.
+    fn cache_for(&self, prompt: &[u32], prefixes: &mut Prefixes) -> (Option<KvCache>, usize) {
         match self {
-            Backend::Batched(e) => Some(e.new_cache()),
-            Backend::Single(_) => None,
+            Backend::Batched(e) => match prefixes.take(prompt) {
+                Some((cache, reused)) => (Some(cache), reused),
+                None => (Some(e.new_cache()), 0),
+            },
+            Backend::Single(_) => (None, 0),
         }
     }
 
@@ -216,6 +221,8 @@ struct Sequence<'t> {
     cache: Option<KvCache>,
     /// Ids of the prompt and the answer given to the engine so far.
     fed: usize,
+    /// Of those, the ones an earlier request's cache held.
+    reused: usize,
     generated: Vec<u32>,
     decoder: StreamDecoder<'t>,
     /// The answer's text so far, and how much of it was sent (the rest may start a stop text).
@@ -228,10 +235,13 @@ struct Sequence<'t> {
 }
 
 impl<'t> Sequence<'t> {
-    fn new(job: Job, backend: &Backend, tokenizer: &'t Tokenizer) -> Self {
+    /// The sequence of `job`, continuing `cache` (on a backend that batches) whose first
+    /// `reused` positions hold the start of its prompt.
+    fn new(job: Job, cache: Option<KvCache>, reused: usize, tokenizer: &'t Tokenizer) -> Self {
         Sequence {
-            cache: backend.new_cache(),
-            fed: 0,
+            cache,
+            fed: reused,
+            reused,
             generated: Vec::new(),
             decoder: tokenizer.stream_decoder(),
             text: String::new(),
@@ -338,10 +348,11 @@ impl<'t> Sequence<'t> {
             .first_token
             .map_or("-".into(), |t| format!("{} ms", t.as_millis()));
         eprintln!(
-            "{} {how}: {} prompt + {} new tokens in {} ms (first token {first}, batches of up \
-             to {})",
+            "{} {how}: {} prompt ({} reused) + {} new tokens in {} ms (first token {first}, \
+             batches of up to {})",
             self.job.id,
             self.job.prompt_ids.len(),
+            self.reused,
             self.generated.len(),
             self.started.elapsed().as_millis(),
             self.largest_batch
@@ -373,10 +384,9 @@ fn run(
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut active: Vec<Sequence<'_>> = Vec::new();
     let mut open = true;
-    // A job that leaves (finished, failed, abandoned) frees its place.
-    let leave = |s: &Sequence<'_>, how: &str| {
-        s.log(how);
-        load.fetch_sub(1, Ordering::SeqCst);
+    let mut prefixes = Prefixes {
+        kept: VecDeque::new(),
+        limit: limits.context,
     };
     loop {
         if open && active.is_empty() && waiting.is_empty() {
@@ -401,18 +411,15 @@ fn run(
             }
             keep
         });
-        active.retain(|s| {
-            let keep = !s.job.events.is_closed();
-            if !keep {
-                leave(s, "cancelled");
-            }
-            keep
-        });
+        for s in active.extract_if(.., |s| s.job.events.is_closed()) {
+            leave(s, "cancelled", load, &mut prefixes);
+        }
         while active.len() < limits.batch {
             let Some(job) = waiting.pop_front() else {
                 break;
             };
-            active.push(Sequence::new(job, &backend, tokenizer));
+            let (cache, reused) = backend.cache_for(&job.prompt_ids, &mut prefixes);
+            active.push(Sequence::new(job, cache, reused, tokenizer));
         }
         if active.is_empty() {
             if !open {
@@ -442,15 +449,96 @@ fn run(
                     }
                 }
                 for (i, how) in ended.into_iter().rev() {
-                    leave(&active.remove(i), how);
+                    leave(active.remove(i), how, load, &mut prefixes);
                 }
             }
             Err(e) => {
                 for s in active.drain(..) {
                     let _ = s.job.events.send(Event::Failed(e.to_string()));
-                    leave(&s, "failed");
+                    leave(s, "failed", load, &mut prefixes);
                 }
             }
         }
+    }
+}
+
+/// A sequence that ends (finished, failed, abandoned): its log line, its place freed, its
+/// cache kept for a request that starts the same way.
+fn leave(s: Sequence<'_>, how: &str, load: &AtomicUsize, prefixes: &mut Prefixes) {
+    s.log(how);
+    load.fetch_sub(1, Ordering::SeqCst);
+    if let Some(cache) = s.cache {
+        let ids = s.job.prompt_ids.iter().chain(&s.generated);
+        prefixes.keep(ids.copied().take(cache.len()).collect(), cache);
+    }
+}
+
+/// The caches of finished sequences with the ids they hold, for requests that start the same
+/// way (a chat client sends the whole conversation every turn: only the new turn is then
+/// processed): at most `limit` positions in all, the oldest dropped first.
+struct Prefixes {
+    kept: VecDeque<(Vec<u32>, KvCache)>,
+    limit: usize,
+}
+
+impl Prefixes {
+    fn keep(&mut self, ids: Vec<u32>, cache: KvCache) {
+        self.kept.push_back((ids, cache));
+        let mut total: usize = self.kept.iter().map(|(ids, _)| ids.len()).sum();
+        while total > self.limit {
+            let (ids, _) = self.kept.pop_front().expect("a total over the limit");
+            total -= ids.len();
+        }
+    }
+
+    /// The kept cache sharing the longest start with `prompt`, cut to that start (all of the
+    /// prompt but its last id at most: its logits choose the first new token), and that length;
+    /// `None` when no cache shares a first id.
+    fn take(&mut self, prompt: &[u32]) -> Option<(KvCache, usize)> {
+        let shared = |ids: &[u32]| {
+            let same = ids.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+            same.min(prompt.len().saturating_sub(1))
+        };
+        let (best, len) = self
+            .kept
+            .iter()
+            .enumerate()
+            .map(|(i, (ids, _))| (i, shared(ids)))
+            .max_by_key(|&(i, len)| (len, i))?;
+        if len == 0 {
+            return None;
+        }
+        let (_, mut cache) = self.kept.remove(best).expect("an index of kept");
+        cache.truncate(len);
+        Some((cache, len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelConfig;
+
+    #[test]
+    fn prefixes_give_the_longest_shared_start_within_their_limit() {
+        let cache = || KvCache::new(&ModelConfig::bitnet_b158_2b4t());
+        let mut prefixes = Prefixes {
+            kept: VecDeque::new(),
+            limit: 10,
+        };
+        prefixes.keep(vec![1, 2, 3], cache());
+        prefixes.keep(vec![1, 2, 3, 4, 5], cache());
+        prefixes.keep(vec![7, 8], cache());
+        assert_eq!(prefixes.take(&[9, 1]).map(|(_, n)| n), None);
+        // All of the prompt but its last id, from the longest match.
+        assert_eq!(prefixes.take(&[1, 2, 3, 4]).map(|(_, n)| n), Some(3));
+        assert_eq!(prefixes.kept.len(), 2);
+        assert_eq!(prefixes.take(&[1, 2, 3, 9, 9]).map(|(_, n)| n), Some(3));
+        assert_eq!(prefixes.take(&[7]), None);
+        // Past the limit of positions, the oldest go.
+        prefixes.keep(vec![5; 6], cache());
+        prefixes.keep(vec![6; 6], cache());
+        let kept: Vec<u32> = prefixes.kept.iter().map(|(ids, _)| ids[0]).collect();
+        assert_eq!(kept, [6]);
     }
 }
