@@ -8,16 +8,32 @@
 //! Bad requests get a 400 with OpenAI's error object; past the queue's limit, a 429; a client
 //! that goes away cancels its sequence.
 //!
-//! ```no_run
-//! use bitnet_wgpu::model::{Device, Engine, open_model_from_bytes};
+//! ```
+//! use bitnet_wgpu::model::{Device, Engine, ModelConfig, synthetic};
 //! use bitnet_wgpu::serve::{ServeOptions, serve};
-//! # async fn run(model: &[u8]) -> Result<(), Box<dyn std::error::Error>> {
-//! let (weights, tokenizer) = open_model_from_bytes(model)?;
-//! let (engine, _) = Engine::new(Device::Cpu, &*weights).await?;
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-//! let options = ServeOptions::new("demo");
-//! serve(listener, engine, tokenizer, options, std::future::pending()).await?;
-//! # Ok(()) }
+//! use bitnet_wgpu::tokenizer::Tokenizer;
+//! # tokio::runtime::Runtime::new()?.block_on(async {
+//! let config = ModelConfig {
+//!     vocab_size: 258,
+//!     hidden_size: 64,
+//!     intermediate_size: 128,
+//!     num_hidden_layers: 1,
+//!     num_attention_heads: 4,
+//!     num_key_value_heads: 2,
+//!     head_dim: 16,
+//!     max_position_embeddings: 64,
+//!     ..ModelConfig::bitnet_b158_2b4t()
+//! };
+//! let (engine, _) = Engine::new(Device::Cpu, &synthetic(&config, 7)).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! println!("listening on http://{}", listener.local_addr()?);
+//! let until_ctrl_c = async {
+//!     tokio::signal::ctrl_c().await.ok();
+//! };
+//! # let until_ctrl_c = async {};
+//! serve(listener, engine, Tokenizer::bytes(258), ServeOptions::new("tiny"), until_ctrl_c).await?;
+//! # Ok::<(), Box<dyn std::error::Error>>(()) })?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 mod api;
