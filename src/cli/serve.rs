@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use bitnet_wgpu::model::Engine;
 use bitnet_wgpu::serve::{ServeOptions, serve as run_server};
 use clap::Args;
 
@@ -54,6 +55,19 @@ pub fn serve(args: &ServeArgs) -> CliResult<()> {
                 "off (no chat template): /v1/completions only"
             }
         );
+        if let Engine::Cpu(_) = engine {
+            // Each sequence's cache grows with it, up to the context: say what that can reach.
+            let c = engine.config();
+            let per_position = 2 * 4 * c.num_hidden_layers * c.kv_width();
+            let context = args.context.unwrap_or(c.max_position_embeddings);
+            eprintln!(
+                "KV caches: up to {:.2} GB ({} sequences x {context} positions x {} KB); \
+                 --max-batch and --context bound it",
+                (args.max_batch * context * per_position) as f64 / 1e9,
+                args.max_batch,
+                per_position / 1000
+            );
+        }
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on http://{address}")?;
         out.flush()?;
