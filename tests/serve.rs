@@ -507,7 +507,7 @@ fn concurrent_requests_get_their_solo_answers() {
     assert!(message.contains("no chat template"), "{message}");
 }
 
-/// A client that leaves cancels its sequence; past the queue's limit a request gets 429; Ctrl-C
+/// A client that leaves cancels its sequence; past the queue's limit a request gets 429; SIGTERM
 /// lets the request in flight finish, then the server exits.
 #[test]
 fn cancelling_queueing_and_shutdown() {
@@ -535,7 +535,7 @@ fn cancelling_queueing_and_shutdown() {
     let mut last = server.open_stream("/v1/completions", &long);
     assert!(last.next_event().unwrap().is_some());
     let interrupted = Command::new("kill")
-        .args(["-INT", &server.child.id().to_string()])
+        .args(["-TERM", &server.child.id().to_string()])
         .status()
         .unwrap();
     assert!(interrupted.success());

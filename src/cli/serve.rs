@@ -46,7 +46,7 @@ pub fn serve(args: &ServeArgs) -> CliResult<()> {
         let name = model_name(args.model.model.as_deref());
         let address = listener.local_addr()?;
         eprintln!(
-            "serving {name} ({}, {}) with chat {}; Ctrl-C stops",
+            "serving {name} ({}, {}) with chat {}; Ctrl-C or SIGTERM stops",
             engine.config().family.name(),
             engine.adapter(),
             if tokenizer.chat_template().is_some() {
@@ -80,7 +80,7 @@ pub fn serve(args: &ServeArgs) -> CliResult<()> {
             ..ServeOptions::new(name)
         };
         let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
+            stop_signal().await;
             eprintln!("shutting down: finishing the requests in flight");
         };
         run_server(listener, engine, tokenizer, options, shutdown).await?;
@@ -93,4 +93,20 @@ pub fn serve(args: &ServeArgs) -> CliResult<()> {
 fn model_name(path: Option<&Path>) -> String {
     path.and_then(|p| p.file_stem())
         .map_or("demo".into(), |s| s.to_string_lossy().into_owned())
+}
+
+/// Ctrl-C, or (on Unix) SIGTERM, as service managers and containers stop a program.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
