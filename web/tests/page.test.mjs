@@ -332,7 +332,7 @@ try {
   });
   await gpu.close();
 
-  await check("without WebGPU the page says so and the CPU path generates the same tokens", async () => {
+  await check("without WebGPU the page says so and the CPU path generates and chats as natively", async () => {
     const cpu = await browser(false);
     const page = await cpu.newPage();
     await page.goto(`${base}index.html?prompt=${encodeURIComponent(prompt)}&max_new_tokens=16&temperature=0&autorun=1`);
@@ -340,6 +340,13 @@ try {
     assert.equal(await page.isVisible("#no-webgpu"), true);
     assert.match(await page.textContent("#engine"), /CPU/);
     assert.equal(await generated(page), demoIds);
+    await page.check("#mode-chat");
+    await page.fill("#chat-system", system);
+    await page.fill("#max-new-tokens", "8");
+    await page.setInputFiles("#model-files", chatFiles);
+    await page.waitForSelector('#chat-transcript[data-state="ready"]', { state: "attached", timeout: TIMEOUT });
+    assert.match(await page.textContent("#engine"), /CPU/);
+    sameTurn(await chatTurn(page, "Hello"), nativeTurns[0]);
     await cpu.close();
   });
 } finally {

@@ -304,7 +304,7 @@ async function sendChat() {
   try {
     const { result } = await ask({ type: "chat-send", params: { message: text, ...samplingParams() } });
     showRecovery(result);
-    // The transcript is the library's conversation, as the template rendered it to the model.
+    // The transcript is the library's conversation: the messages its template renders next turn.
     transcript.replaceChildren();
     for (const m of result.messages) appendTurn(m.role, m.content);
     transcript.dataset.promptIds = result.prompt_ids.join(",");
