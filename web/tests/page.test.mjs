@@ -239,17 +239,17 @@ try {
     assert.equal(second.turns.length, 5);
     await page.screenshot({ path: join(artifacts, "page-chat.png"), fullPage: true });
 
-    // Stop cuts an answer short; it stays in the conversation as it was cut.
-    await page.fill("#max-new-tokens", "200");
+    // Stop cuts an answer short; it stays in the conversation as it was cut. The stop reaches
+    // the worker after the turn began there (messages are handled in order), however fast the
+    // adapter.
+    await page.fill("#max-new-tokens", "100");
     await page.fill("#chat-input", "Tell me a long story.");
     await page.click("#chat-send");
-    await page.waitForFunction(() => document.querySelector('.turn[data-state="running"]')?.textContent.length > 0,
-      null, { timeout: TIMEOUT });
     await page.click("#stop");
     await page.waitForSelector('#chat-transcript[data-state="done"]', { state: "attached", timeout: TIMEOUT });
     assert.match(await page.textContent("#stats"), /stopped: stopped/);
     const cut = (await page.getAttribute("#chat-transcript", "data-token-ids")).split(",");
-    assert.ok(cut.length < 200, `${cut.length} tokens`);
+    assert.ok(cut.length < 100, `${cut.length} tokens`);
     assert.equal((await page.$$("#chat-transcript .turn")).length, 7);
 
     // Reset starts over: the first turn again, all of it processed.
