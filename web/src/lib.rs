@@ -1,5 +1,7 @@
 //! The browser side of the demo: what the page's Web Worker calls (see `www/worker.js`). A
-//! [`Demo`] holds one loaded model; it generates, fine-tunes in the tab and exports the result.
+//! [`Demo`] holds one loaded model; it generates, chats in the model's template (rendered by the
+//! library's [`Conversation`], as `bitnet chat` renders it), fine-tunes in the tab and exports
+//! the result.
 //! Every method that computes returns a promise and never blocks the worker. Nothing here runs
 //! natively: the library itself is what native code uses.
 #![cfg(target_arch = "wasm32")]
@@ -8,10 +10,11 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use bitnet_wgpu::Error;
+use bitnet_wgpu::chat::Conversation;
 use bitnet_wgpu::formats::hf::{config_json, to_safetensors_bytes};
 use bitnet_wgpu::model::{
-    Device, Engine, GenerationParams, Generator, ModelWeights, SamplingParams, Stop, collect,
-    open_model_from_bytes,
+    Device, Engine, Generation, GenerationParams, Generator, ModelWeights, SamplingParams, Stop,
+    collect, open_model_from_bytes,
 };
 use bitnet_wgpu::train::data::{Batches, tokenize};
 use bitnet_wgpu::train::{
@@ -31,6 +34,9 @@ pub struct Demo {
     weights: Rc<RefCell<Option<ModelWeights>>>,
     /// The device the model was loaded for, which the tuned model runs on too.
     device: Rc<Cell<Device>>,
+    /// The conversation of chat mode, when one was started for the loaded model; taken out
+    /// while it answers.
+    chat: Rc<RefCell<Option<Conversation>>>,
     busy: Rc<Cell<bool>>,
     cancel: Rc<Cell<bool>>,
 }
@@ -38,6 +44,12 @@ pub struct Demo {
 /// Fine-tuning keeps four f32 copies of every parameter (weights, gradients, two moments): at
 /// this size 1 GiB, well within a tab's wasm32 memory and a browser GPU's.
 const MAX_TUNE_PARAMETERS: usize = 64 << 20;
+
+/// Why chat mode cannot start with the loaded model.
+const NO_TEMPLATE: &str = "this model has no chat template (no chat_template in \
+    tokenizer_config.json, no chat_template.jinja, no tokenizer.chat_template in its GGUF file), \
+    so it cannot chat: open a chat model's files with them; Generate continues plain text with \
+    this one";
 
 impl Default for Demo {
     fn default() -> Self {
@@ -53,19 +65,22 @@ impl Demo {
             generator: Rc::new(RefCell::new(None)),
             weights: Rc::new(RefCell::new(None)),
             device: Rc::new(Cell::new(Device::Auto)),
+            chat: Rc::new(RefCell::new(None)),
             busy: Rc::new(Cell::new(false)),
             cancel: Rc::new(Cell::new(false)),
         }
     }
 
     /// Loads a model from `files`, an array of `[name, Uint8Array]` pairs (one GGUF file, or a
-    /// Hugging Face folder's config.json, safetensors and tokenizer.json), on `device` ("auto",
-    /// "gpu" or "cpu"). Resolves to the model's description (JSON text, see [`describe`]); the
-    /// model loaded before stays in use when this fails.
+    /// Hugging Face folder's config.json, safetensors and tokenizer.json, with the files of its
+    /// chat template when it has one: tokenizer_config.json or chat_template.jinja), on `device`
+    /// ("auto", "gpu" or "cpu"). Resolves to the model's description (JSON text, see
+    /// [`describe`]); the model loaded before stays in use when this fails.
     pub fn load(&self, files: Array, device: String) -> Promise {
         let slot = self.generator.clone();
         let weights_slot = self.weights.clone();
         let device_slot = self.device.clone();
+        let chat_slot = self.chat.clone();
         let busy = self.busy.clone();
         future_to_promise(async move {
             if busy.get() {
@@ -104,16 +119,19 @@ impl Demo {
             let description = describe(&generator, fallback.map(|e| e.to_string()));
             *slot.borrow_mut() = Some(generator);
             *weights_slot.borrow_mut() = kept;
+            // A conversation belongs to the model whose template wrote it.
+            *chat_slot.borrow_mut() = None;
             device_slot.set(device);
-            Ok(JsValue::from_str(&description))
+            Ok(JsValue::from_str(&description.to_string()))
         })
     }
 
-    /// Generates from `prompt`, calling `on_text(piece)` as text arrives. Resolves to JSON text:
-    /// `prompt_ids`, `generated_ids`, `text`, `prompt_tokens_per_s`, `tokens_per_s`,
-    /// `first_token_ms` and `stop`. When the GPU device was lost, the model (if small enough to
-    /// be kept, [`MAX_TUNE_PARAMETERS`]) starts again on a new device and the generation runs
-    /// again: then `recovered_from` names the loss and `model` describes the new engine.
+    /// Generates from `prompt`, calling `on_text(piece)` as text arrives. Resolves to JSON text
+    /// ([`generation_json`]): `prompt_ids`, `prefilled`, `generated_ids`, `text`,
+    /// `prompt_tokens_per_s`, `tokens_per_s`, `first_token_ms` and `stop`. When the GPU device
+    /// was lost, the model (if small enough to be kept, [`MAX_TUNE_PARAMETERS`]) starts again on
+    /// a new device and the generation runs again: then `recovered_from` names the loss and
+    /// `model` describes the new engine.
     #[allow(clippy::too_many_arguments)]
     pub fn generate(
         &self,
@@ -130,6 +148,7 @@ impl Demo {
         let device = self.device.get();
         let busy = self.busy.clone();
         let cancel = self.cancel.clone();
+        let params = generation_params(max_new_tokens, temperature, top_k, top_p, seed);
         future_to_promise(async move {
             if busy.get() {
                 return Err(message("a generation is already running".into()));
@@ -140,60 +159,101 @@ impl Demo {
                 .ok_or_else(|| message("no model is loaded".into()))?;
             busy.set(true);
             cancel.set(false);
-            let params = GenerationParams {
-                max_new_tokens,
-                sampling: SamplingParams {
-                    temperature,
-                    top_k,
-                    top_p,
-                    seed: seed.into(),
-                },
-            };
-            let on_piece = |piece: &str| {
-                let _ = on_text.call1(&JsValue::NULL, &JsValue::from_str(piece));
-                !cancel.get()
-            };
-            let mut generation = generator.generate(&prompt, &params, on_piece).await;
-            // A lost GPU device takes the model's buffers with it: start the kept weights on a
-            // new device and generate again, once.
-            let mut recovered = None;
-            if let Err(Error::DeviceLost(reason)) = &generation {
-                let kept = weights.borrow().clone();
-                if let Some(kept) = kept {
-                    let tokenizer = generator.tokenizer().clone();
-                    match Engine::new(device, &kept).await {
-                        Ok((engine, fallback)) => {
-                            generator = Generator::new(engine, tokenizer);
-                            recovered = Some((reason.clone(), fallback.map(|e| e.to_string())));
-                            generation = generator.generate(&prompt, &params, on_piece).await;
-                        }
-                        Err(e) => generation = Err(e),
-                    }
-                }
-            }
-            let model = recovered
-                .as_ref()
-                .map(|(_, fallback)| describe(&generator, fallback.clone()));
+            let on_piece = streamer(&on_text, &cancel);
+            let (generation, recovered) =
+                recovering(&mut generator, &weights, device, async |generator| {
+                    generator.generate(&prompt, &params, &on_piece).await
+                })
+                .await;
+            let json = generation.map(|g| generation_json(&g, recovered, &generator));
             *slot.borrow_mut() = Some(generator);
             busy.set(false);
-            let generation = generation.map_err(error)?;
-            let json = serde_json::json!({
-                "prompt_ids": generation.prompt_ids,
-                "generated_ids": generation.generated_ids,
-                "text": generation.text,
-                "prompt_tokens_per_s": generation.prompt_tokens_per_s(),
-                "tokens_per_s": generation.tokens_per_s(),
-                "first_token_ms": generation.prompt_time.as_secs_f64() * 1e3,
-                "stop": match generation.stop {
-                    Stop::EndOfSequence => "end of sequence",
-                    Stop::MaxNewTokens => "max new tokens",
-                    Stop::ContextFull => "context full",
-                    Stop::Cancelled => "stopped",
-                },
-                "recovered_from": recovered.map(|(reason, _)| reason),
-                "model": model.and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok()),
+            Ok(JsValue::from_str(&json.map_err(error)?.to_string()))
+        })
+    }
+
+    /// Starts a conversation in the loaded model's chat template, with `system` as its system
+    /// message when given, replacing the conversation before (starting again is how the page
+    /// resets a chat). The engine's cache starts empty too, as after `bitnet chat`'s /reset.
+    ///
+    /// Errors: no model loaded, a generation running, and a model without a chat template.
+    pub fn chat_start(&self, system: Option<String>) -> Result<(), JsValue> {
+        if self.busy.get() {
+            return Err(message("a generation is running; stop it first".into()));
+        }
+        let mut generator = self.generator.borrow_mut();
+        let generator = generator
+            .as_mut()
+            .ok_or_else(|| message("no model is loaded".into()))?;
+        let template = generator.tokenizer().chat_template().cloned();
+        let template = template.ok_or_else(|| message(NO_TEMPLATE.into()))?;
+        generator.engine_mut().reset();
+        *self.chat.borrow_mut() = Some(Conversation::new(template, system));
+        Ok(())
+    }
+
+    /// Sends `user`, the user's message, in the conversation [`Demo::chat_start`] began and
+    /// generates the answer in the model's template, calling `on_text(piece)` as text arrives
+    /// and stopping at the template's end of turn: `bitnet chat`'s turn
+    /// ([`Conversation::reply`]). The earlier turns stay in the engine's cache, so only the new
+    /// one is processed (`prefilled`).
+    /// Resolves to JSON text as [`Demo::generate`]'s, with `messages` (the conversation so far,
+    /// each `role` and `content`). A lost GPU device is recovered from as there.
+    ///
+    /// Errors, after which the conversation is as before: no conversation started, the
+    /// template's (a role it refuses), a conversation that fills the model's context (start
+    /// again), and the generator's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn chat_send(
+        &self,
+        user: String,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        seed: u32,
+        on_text: Function,
+    ) -> Promise {
+        let slot = self.generator.clone();
+        let chat_slot = self.chat.clone();
+        let weights = self.weights.clone();
+        let device = self.device.get();
+        let busy = self.busy.clone();
+        let cancel = self.cancel.clone();
+        let params = generation_params(max_new_tokens, temperature, top_k, top_p, seed);
+        future_to_promise(async move {
+            if busy.get() {
+                return Err(message("a generation is already running".into()));
+            }
+            let mut generator = slot
+                .borrow_mut()
+                .take()
+                .ok_or_else(|| message("no model is loaded".into()))?;
+            let Some(mut conversation) = chat_slot.borrow_mut().take() else {
+                *slot.borrow_mut() = Some(generator);
+                return Err(message(
+                    "no conversation: start one (chat mode) before sending".into(),
+                ));
+            };
+            busy.set(true);
+            cancel.set(false);
+            let on_piece = streamer(&on_text, &cancel);
+            let (generation, recovered) =
+                recovering(&mut generator, &weights, device, async |generator| {
+                    conversation
+                        .reply(generator, &user, &params, &on_piece)
+                        .await
+                })
+                .await;
+            let json = generation.map(|g| {
+                let mut json = generation_json(&g, recovered, &generator);
+                json["messages"] = serde_json::json!(conversation.messages());
+                json
             });
-            Ok(JsValue::from_str(&json.to_string()))
+            *slot.borrow_mut() = Some(generator);
+            *chat_slot.borrow_mut() = Some(conversation);
+            busy.set(false);
+            Ok(JsValue::from_str(&json.map_err(error)?.to_string()))
         })
     }
 
@@ -269,11 +329,8 @@ impl Demo {
                     match Engine::new(device, &tuned).await {
                         Ok((engine, fallback)) => {
                             let generator = Generator::new(engine, tokenizer);
-                            summary["model"] = serde_json::from_str(&describe(
-                                &generator,
-                                fallback.map(|e| e.to_string()),
-                            ))
-                            .unwrap_or_default();
+                            summary["model"] =
+                                describe(&generator, fallback.map(|e| e.to_string()));
                             *slot.borrow_mut() = Some(generator);
                             *weights_slot.borrow_mut() = Some(tuned);
                             Ok(JsValue::from_str(&summary.to_string()))
@@ -332,6 +389,99 @@ impl Demo {
             })
             .collect())
     }
+}
+
+/// The parameters of one generation, as the page's controls give them.
+fn generation_params(
+    max_new_tokens: usize,
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    seed: u32,
+) -> GenerationParams {
+    GenerationParams {
+        max_new_tokens,
+        sampling: SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: seed.into(),
+        },
+    }
+}
+
+/// The generator's text callback: each piece goes to the page's `on_text`; [`Demo::stop`]
+/// ends the generation after its current token.
+fn streamer<'a>(on_text: &'a Function, cancel: &'a Cell<bool>) -> impl Fn(&str) -> bool + 'a {
+    move |piece| {
+        let _ = on_text.call1(&JsValue::NULL, &JsValue::from_str(piece));
+        !cancel.get()
+    }
+}
+
+/// A GPU device lost during a generation, and the engine that took its place.
+struct Recovered {
+    /// Why the device was lost.
+    reason: String,
+    /// Why the CPU runs the new engine, when it does.
+    fallback: Option<String>,
+}
+
+/// Runs `run` on `generator`. A lost GPU device takes the model's buffers with it: then the
+/// kept weights (when the model is small enough to keep, [`MAX_TUNE_PARAMETERS`]) start on a new
+/// device, which replaces `generator`'s engine, and `run` runs again, once.
+async fn recovering(
+    generator: &mut Generator,
+    weights: &RefCell<Option<ModelWeights>>,
+    device: Device,
+    mut run: impl AsyncFnMut(&mut Generator) -> bitnet_wgpu::Result<Generation>,
+) -> (bitnet_wgpu::Result<Generation>, Option<Recovered>) {
+    let generation = run(generator).await;
+    let Err(Error::DeviceLost(reason)) = &generation else {
+        return (generation, None);
+    };
+    let Some(kept) = weights.borrow().clone() else {
+        return (generation, None);
+    };
+    match Engine::new(device, &kept).await {
+        Ok((engine, fallback)) => {
+            let recovered = Recovered {
+                reason: reason.clone(),
+                fallback: fallback.map(|e| e.to_string()),
+            };
+            *generator = Generator::new(engine, generator.tokenizer().clone());
+            (run(generator).await, Some(recovered))
+        }
+        Err(e) => (Err(e), None),
+    }
+}
+
+/// What the page shows of a generation: `prompt_ids`, `prefilled` (how many of them were
+/// processed; the others came from the cache of the turn before), `generated_ids`, `text`,
+/// `prompt_tokens_per_s`, `tokens_per_s`, `first_token_ms`, `stop`, and after a lost device
+/// `recovered_from` (why) and `model` (the new engine's description).
+fn generation_json(
+    generation: &Generation,
+    recovered: Option<Recovered>,
+    generator: &Generator,
+) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_ids": generation.prompt_ids,
+        "prefilled": generation.prefilled,
+        "generated_ids": generation.generated_ids,
+        "text": generation.text,
+        "prompt_tokens_per_s": generation.prompt_tokens_per_s(),
+        "tokens_per_s": generation.tokens_per_s(),
+        "first_token_ms": generation.prompt_time.as_secs_f64() * 1e3,
+        "stop": match generation.stop {
+            Stop::EndOfSequence => "end of sequence",
+            Stop::MaxNewTokens => "max new tokens",
+            Stop::ContextFull => "context full",
+            Stop::Cancelled => "stopped",
+        },
+        "model": recovered.as_ref().map(|r| describe(generator, r.fallback.clone())),
+        "recovered_from": recovered.map(|r| r.reason),
+    })
 }
 
 /// What [`Demo::finetune`] was asked.
@@ -418,10 +568,11 @@ async fn tune(
     Ok((tuned, summary))
 }
 
-/// What the page shows about a loaded model: JSON text with `adapter`, `backend`, `features`
-/// (what the shaders use), `gpu_bytes` (weights and KV cache, 0 on the CPU), `fallback` (why
-/// the CPU runs it, when it does), `vocab_size`, `layers`, `hidden_size` and `context`.
-fn describe(generator: &Generator, fallback: Option<String>) -> String {
+/// What the page shows about a loaded model: `adapter`, `backend`, `features` (what the
+/// shaders use), `gpu_bytes` (weights and KV cache, 0 on the CPU), `fallback` (why the CPU runs
+/// it, when it does), `vocab_size`, `layers`, `hidden_size`, `context`, and `chat` (whether it
+/// has a chat template).
+fn describe(generator: &Generator, fallback: Option<String>) -> serde_json::Value {
     let engine = generator.engine();
     let config = engine.config();
     let (backend, features, gpu_bytes) = match engine {
@@ -460,8 +611,8 @@ fn describe(generator: &Generator, fallback: Option<String>) -> String {
         "layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
         "context": config.max_position_embeddings,
+        "chat": generator.tokenizer().chat_template().is_some(),
     })
-    .to_string()
 }
 
 fn error(e: Error) -> JsValue {

@@ -1,8 +1,9 @@
 // The demo page in headless Chromium (Debian's chromium, driven by playwright-core), checked
 // against the native `bitnet` program: the page must give the tokens `bitnet generate
 // --device cpu --temperature 0` gives, on WebGPU and on the CPU path, from the demo model, from
-// models opened with the file input, and from a model fine-tuned in the tab and downloaded. Needs web/build.sh's web/dist and BITNET_BIN (the
-// native binary). Fails, never skips, when something is missing.
+// models opened with the file input, and from a model fine-tuned in the tab and downloaded; its
+// chat mode the turns `bitnet chat --json` gives. Needs web/build.sh's web/dist and BITNET_BIN
+// (the native binary). Fails, never skips, when something is missing.
 import { chromium } from "playwright-core";
 import { createServer } from "node:http";
 import { execFileSync } from "node:child_process";
@@ -79,6 +80,41 @@ async function generateWith(page, prompt, tokens) {
   return generated(page);
 }
 
+// The page's last chat turn, once it is answered: its ids as the worker reported them and the
+// transcript's turns. `streamed` collects the answer's text each time it grew while streaming.
+async function chatTurn(page, message) {
+  await page.evaluate(() => {
+    window.streamed = [];
+    const transcript = document.getElementById("chat-transcript");
+    window.watcher?.disconnect();
+    window.watcher = new MutationObserver(() => {
+      const running = transcript.querySelector('.turn[data-state="running"]');
+      if (running?.textContent) window.streamed.push(running.textContent);
+    });
+    window.watcher.observe(transcript, { childList: true, subtree: true, characterData: true });
+  });
+  await page.fill("#chat-input", message);
+  await page.click("#chat-send");
+  await page.waitForSelector('#chat-transcript[data-state="done"], #chat-transcript[data-state="error"]', { state: "attached", timeout: TIMEOUT });
+  assert.equal(await page.getAttribute("#chat-transcript", "data-state"), "done",
+    `the chat turn failed: ${await page.textContent("#error")}`);
+  const ids = async (name) => (await page.getAttribute("#chat-transcript", name)).split(",").filter(Boolean).map(Number);
+  return {
+    promptIds: await ids("data-prompt-ids"),
+    generatedIds: await ids("data-token-ids"),
+    prefilled: Number(await page.getAttribute("#chat-transcript", "data-prefilled")),
+    turns: await page.$$eval("#chat-transcript .turn", (turns) => turns.map((t) => [t.dataset.role, t.textContent])),
+    streamed: await page.evaluate(() => window.streamed),
+  };
+}
+
+function sameTurn(pageTurn, native) {
+  assert.deepEqual(pageTurn.promptIds, native.prompt_ids);
+  assert.deepEqual(pageTurn.generatedIds, native.generated_ids);
+  assert.equal(pageTurn.prefilled, native.prefilled);
+  assert.deepEqual(pageTurn.turns.at(-1), ["assistant", native.text]);
+}
+
 const results = [];
 async function check(name, body) {
   const started = Date.now();
@@ -96,6 +132,38 @@ bitnet("convert", "--format", "gguf", "--any-row-length", "--input", demo, "--ou
 const ggufIds = nativeIds(gguf, prompt, 16);
 const truncated = join(scratch, "broken.gguf");
 writeFileSync(truncated, readFileSync(gguf).subarray(0, 4096));
+
+// A chat model: the demo model's weights with the byte-level tokenizer of the chat fixtures
+// (265 tokens, within the model's 4096; ids past them are never generated) and Llama 3's
+// template in tokenizer_config.json, as a folder and as the GGUF file `convert` writes from it.
+const fixtures = join(root, "tests", "fixtures", "chat");
+const chatModel = join(scratch, "chat-model");
+mkdirSync(chatModel);
+const chatConfig = JSON.parse(readFileSync(join(demo, "config.json"), "utf8"));
+Object.assign(chatConfig, { bos_token_id: 256, eos_token_id: 257 });
+writeFileSync(join(chatModel, "config.json"), JSON.stringify(chatConfig));
+writeFileSync(join(chatModel, "model.safetensors"), readFileSync(join(demo, "model.safetensors")));
+writeFileSync(join(chatModel, "tokenizer.json"), readFileSync(join(fixtures, "tokenizer.json")));
+writeFileSync(join(chatModel, "tokenizer_config.json"), JSON.stringify({
+  chat_template: readFileSync(join(fixtures, "llama3.jinja"), "utf8"),
+  bos_token: "<|begin_of_text|>",
+  eos_token: "<|eot_id|>",
+}));
+const chatFiles = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+  .map((f) => join(chatModel, f));
+const chatGguf = join(scratch, "chat.gguf");
+bitnet("convert", "--format", "gguf", "--any-row-length", "--input", chatModel, "--output", chatGguf);
+const system = "Be brief.";
+
+// `bitnet chat --json`'s turns, one message a line of its input.
+function nativeChat(model, lines, tokens) {
+  const out = execFileSync(bin, ["chat", "--model", model, "--json", "--system", system,
+    "--max-new-tokens", String(tokens), "--temperature", "0", "--device", "cpu"],
+  { encoding: "utf8", input: lines.join("\n") + "\n", stdio: ["pipe", "pipe", "pipe"] });
+  return out.trim().split("\n").map((line) => JSON.parse(line));
+}
+const nativeTurns = nativeChat(chatModel, ["Hello", "And then?", "/reset", "Hello"], 8);
+assert.equal(nativeTurns.length, 3);
 
 try {
   const gpu = await browser(true);
@@ -133,6 +201,80 @@ try {
     assert.match(await page.textContent("#error"), /broken\.gguf/);
     assert.equal(await page.textContent("#model-name"), before);
     assert.equal(await generateWith(page, prompt, 16), demoIds);
+  });
+
+  await check("chat mode with a model without a chat template says so; Generate still works", async () => {
+    await page.check("#mode-chat");
+    await page.waitForSelector('#chat-transcript[data-state="unavailable"]', { state: "attached", timeout: TIMEOUT });
+    assert.match(await page.textContent("#error"), /no chat template/);
+    assert.equal(await page.isDisabled("#chat-send"), true);
+    await page.check("#mode-generate");
+    assert.equal(await generateWith(page, prompt, 16), demoIds);
+  });
+
+  await check("chat mode answers in the model's template as `bitnet chat` does, reusing the cache, stopping and starting over", async () => {
+    await page.check("#mode-chat");
+    await page.fill("#chat-system", system);
+    await page.fill("#max-new-tokens", "8");
+    await page.fill("#temperature", "0");
+    // A model opened in chat mode starts a conversation, its template from tokenizer_config.json.
+    await page.setInputFiles("#model-files", chatFiles);
+    await page.waitForSelector('#chat-transcript[data-state="ready"]', { state: "attached", timeout: TIMEOUT });
+    assert.equal(await page.textContent("#model-name"), "local model");
+    const first = await chatTurn(page, "Hello");
+    sameTurn(first, nativeTurns[0]);
+    assert.equal(first.prefilled, first.promptIds.length);
+    assert.deepEqual(first.turns.slice(0, 2), [["system", system], ["user", "Hello"]]);
+    assert.equal(first.turns.length, 3);
+    // The answer streamed: it grew piece by piece, each text a start of the final one.
+    const answer = nativeTurns[0].text;
+    assert.ok(first.streamed.length > 1, `streamed ${JSON.stringify(first.streamed)}`);
+    for (const text of first.streamed) assert.ok(answer.startsWith(text), `${text} / ${answer}`);
+
+    const second = await chatTurn(page, "And then?");
+    sameTurn(second, nativeTurns[1]);
+    // The first turn came from the cache: only what follows it was processed.
+    assert.ok(second.prefilled <= second.promptIds.length - first.promptIds.length,
+      `prefilled ${second.prefilled} of ${second.promptIds.length}`);
+    assert.equal(second.turns.length, 5);
+    await page.screenshot({ path: join(artifacts, "page-chat.png"), fullPage: true });
+
+    // Stop cuts an answer short; it stays in the conversation as it was cut. The stop reaches
+    // the worker after the turn began there (messages are handled in order), however fast the
+    // adapter.
+    await page.fill("#max-new-tokens", "100");
+    await page.fill("#chat-input", "Tell me a long story.");
+    await page.click("#chat-send");
+    await page.click("#stop");
+    await page.waitForSelector('#chat-transcript[data-state="done"]', { state: "attached", timeout: TIMEOUT });
+    assert.match(await page.textContent("#stats"), /stopped: stopped/);
+    const cut = (await page.getAttribute("#chat-transcript", "data-token-ids")).split(",");
+    assert.ok(cut.length < 100, `${cut.length} tokens`);
+    assert.equal((await page.$$("#chat-transcript .turn")).length, 7);
+
+    // Reset starts over: the first turn again, all of it processed.
+    await page.fill("#max-new-tokens", "8");
+    await page.click("#chat-reset");
+    await page.waitForSelector('#chat-transcript[data-state="ready"]', { state: "attached", timeout: TIMEOUT });
+    assert.deepEqual(await page.$$eval("#chat-transcript .turn", (t) => t.map((e) => e.dataset.role)), ["system"]);
+    const again = await chatTurn(page, "Hello");
+    sameTurn(again, nativeTurns[2]);
+    assert.deepEqual(again.generatedIds, first.generatedIds);
+    assert.equal(again.prefilled, again.promptIds.length);
+  });
+
+  await check("a GGUF file's tokenizer.chat_template reaches the page's chat", async () => {
+    await page.setInputFiles("#model-files", chatGguf);
+    await waitForModel(page, "chat.gguf");
+    await page.waitForSelector('#chat-transcript[data-state="ready"]', { state: "attached", timeout: TIMEOUT });
+    const [native] = nativeChat(chatGguf, ["Hello"], 8);
+    const turn = await chatTurn(page, "Hello");
+    sameTurn(turn, native);
+    // The folder's template, through the GGUF file: the same prompt. (Not the same answer:
+    // `convert` pads the file's vocabulary to the model's 4096 ids with [PAD] tokens, which the
+    // folder's 265-token tokenizer never lets the model choose.)
+    assert.deepEqual(turn.promptIds, nativeTurns[0].prompt_ids);
+    await page.check("#mode-generate");
   });
 
   await check("a lost GPU device is reported and the page generates again on a new one", async () => {
@@ -190,7 +332,7 @@ try {
   });
   await gpu.close();
 
-  await check("without WebGPU the page says so and the CPU path generates the same tokens", async () => {
+  await check("without WebGPU the page says so and the CPU path generates and chats as natively", async () => {
     const cpu = await browser(false);
     const page = await cpu.newPage();
     await page.goto(`${base}index.html?prompt=${encodeURIComponent(prompt)}&max_new_tokens=16&temperature=0&autorun=1`);
@@ -198,6 +340,13 @@ try {
     assert.equal(await page.isVisible("#no-webgpu"), true);
     assert.match(await page.textContent("#engine"), /CPU/);
     assert.equal(await generated(page), demoIds);
+    await page.check("#mode-chat");
+    await page.fill("#chat-system", system);
+    await page.fill("#max-new-tokens", "8");
+    await page.setInputFiles("#model-files", chatFiles);
+    await page.waitForSelector('#chat-transcript[data-state="ready"]', { state: "attached", timeout: TIMEOUT });
+    assert.match(await page.textContent("#engine"), /CPU/);
+    sameTurn(await chatTurn(page, "Hello"), nativeTurns[0]);
     await cpu.close();
   });
 } finally {

@@ -6,6 +6,8 @@ const CACHE = "bitnet-models";
 
 let nextId = 1;
 let loadedName = null;
+// Whether the worker holds a conversation for the loaded model (chat mode started one).
+let chatReady = false;
 const pending = new Map();
 let onText = null;
 let onStep = null;
@@ -56,6 +58,7 @@ function showModel(name, info) {
     features: info.features.join(", ") || "none",
     "GPU memory (weights + KV cache)": info.gpu_bytes > 0 ? megabytes(info.gpu_bytes) : "none",
     model: `${info.layers} layers, hidden ${info.hidden_size}, vocabulary ${info.vocab_size}, context ${info.context}`,
+    chat: info.chat ? "its chat template" : "none (no chat template; Generate only)",
   };
   if (info.fallback) facts["why the CPU"] = info.fallback;
   const list = $("adapter-facts");
@@ -72,16 +75,31 @@ function showModel(name, info) {
   $("download").disabled = false;
 }
 
+function chatMode() {
+  return $("mode-chat").checked;
+}
+
+// The chat buttons: Send needs a conversation, both need a model at rest.
+function enableChat(enabled) {
+  $("chat-send").disabled = !(enabled && chatReady);
+  $("chat-reset").disabled = !(enabled && loadedName);
+}
+
 // Loads `files` ([name, ArrayBuffer] pairs) in the worker; the model before stays on failure.
 async function load(name, files) {
   $("model-name").dataset.state = "loading";
   $("generate").disabled = true;
+  enableChat(false);
   const copies = files.map(([n, buffer]) => [n, buffer.slice(0)]);
   const reply = await ask(
     { type: "load", name, files: copies, device: params.get("device") ?? "auto" },
     copies.map(([, buffer]) => buffer),
   );
   showModel(name, reply.info);
+  // The worker dropped the conversation of the model before.
+  chatReady = false;
+  if (chatMode()) await startChat();
+  else enableChat(true);
   return reply.info;
 }
 
@@ -195,7 +213,122 @@ async function openFiles(fileList) {
   } catch (error) {
     $("model-name").dataset.state = loadedName ? "ready" : "empty";
     $("generate").disabled = !loadedName;
+    enableChat(true);
     showError(error);
+  }
+}
+
+// The sampling controls, which Generate and Chat share.
+function samplingParams() {
+  return {
+    maxNewTokens: Number($("max-new-tokens").value),
+    temperature: Number($("temperature").value),
+    topK: Number($("top-k").value),
+    topP: Number($("top-p").value),
+    seed: Number($("seed").value),
+  };
+}
+
+function showRecovery(result) {
+  if (!result.recovered_from) return;
+  $("notice").hidden = false;
+  $("notice").textContent = `The GPU device was lost (${result.recovered_from}); the model ` +
+    "started again on a new device and generated this.";
+  showModel(loadedName, result.model);
+}
+
+function appendTurn(role, content) {
+  const turn = document.createElement("div");
+  turn.className = "turn";
+  turn.dataset.role = role;
+  turn.textContent = content;
+  $("chat-transcript").append(turn);
+  turn.scrollIntoView({ block: "nearest" });
+  return turn;
+}
+
+// A new conversation in the worker (the library's, in the model's template), with the system
+// prompt as it is now written; the one before, if any, ends. A model without a chat template
+// is an error shown here; Generate still works with it.
+async function startChat() {
+  showError(null);
+  chatReady = false;
+  const transcript = $("chat-transcript");
+  transcript.replaceChildren();
+  transcript.dataset.state = "starting";
+  enableChat(false);
+  const system = $("chat-system").value.trim() || null;
+  try {
+    await ask({ type: "chat-start", system });
+    chatReady = true;
+    if (system) appendTurn("system", system);
+    transcript.dataset.state = "ready";
+  } catch (error) {
+    transcript.dataset.state = "unavailable";
+    showError(error);
+  } finally {
+    enableChat(true);
+  }
+}
+
+function setMode() {
+  const chat = chatMode();
+  $("generate-mode").hidden = chat;
+  $("generate").hidden = chat;
+  $("chat-mode").hidden = !chat;
+  $("chat-send").hidden = !chat;
+  $("chat-reset").hidden = !chat;
+  showError(null);
+  if (chat && loadedName && !chatReady) startChat();
+}
+
+async function sendChat() {
+  const text = $("chat-input").value.trim();
+  if (!text || $("chat-send").disabled) return;
+  showError(null);
+  $("notice").hidden = true;
+  const transcript = $("chat-transcript");
+  const question = appendTurn("user", text);
+  const answer = appendTurn("assistant", "");
+  answer.dataset.state = "running";
+  transcript.dataset.state = "running";
+  $("chat-input").value = "";
+  $("generate").disabled = true;
+  enableChat(false);
+  $("stop").disabled = false;
+  onText = (piece) => {
+    answer.textContent += piece;
+    answer.scrollIntoView({ block: "nearest" });
+  };
+  const started = performance.now();
+  try {
+    const { result } = await ask({ type: "chat-send", params: { message: text, ...samplingParams() } });
+    showRecovery(result);
+    // The transcript is the library's conversation: the messages its template renders next turn.
+    transcript.replaceChildren();
+    for (const m of result.messages) appendTurn(m.role, m.content);
+    transcript.dataset.promptIds = result.prompt_ids.join(",");
+    transcript.dataset.prefilled = result.prefilled;
+    transcript.dataset.tokenIds = result.generated_ids.join(",");
+    transcript.dataset.state = "done";
+    $("stats").textContent =
+      `prompt: ${result.prompt_ids.length} tokens, ${result.prefilled} of them processed (the rest ` +
+      `in the cache from earlier turns) at ${result.prompt_tokens_per_s.toFixed(1)} tokens/s; ` +
+      `first token after ${result.first_token_ms.toFixed(0)} ms; ` +
+      `${result.generated_ids.length} tokens at ${result.tokens_per_s.toFixed(1)} tokens/s; ` +
+      `stopped: ${result.stop}; ${((performance.now() - started) / 1000).toFixed(2)} s in all`;
+  } catch (error) {
+    // The conversation is as it was before this message: its turn goes, its text comes back.
+    question.remove();
+    answer.remove();
+    $("chat-input").value = text;
+    transcript.dataset.state = "error";
+    showError(error);
+  } finally {
+    onText = null;
+    $("generate").disabled = false;
+    enableChat(true);
+    $("stop").disabled = true;
   }
 }
 
@@ -207,28 +340,14 @@ async function generate() {
   output.dataset.state = "running";
   delete output.dataset.tokenIds;
   $("generate").disabled = true;
+  enableChat(false);
   $("stop").disabled = false;
   onText = (piece) => { output.textContent += piece; };
   const started = performance.now();
   try {
-    const { result } = await ask({
-      type: "generate",
-      params: {
-        prompt: $("prompt").value,
-        maxNewTokens: Number($("max-new-tokens").value),
-        temperature: Number($("temperature").value),
-        topK: Number($("top-k").value),
-        topP: Number($("top-p").value),
-        seed: Number($("seed").value),
-      },
-    });
+    const { result } = await ask({ type: "generate", params: { prompt: $("prompt").value, ...samplingParams() } });
     output.textContent = result.text;
-    if (result.recovered_from) {
-      $("notice").hidden = false;
-      $("notice").textContent = `The GPU device was lost (${result.recovered_from}); the model ` +
-        "started again on a new device and generated this.";
-      showModel(loadedName, result.model);
-    }
+    showRecovery(result);
     output.dataset.tokenIds = result.generated_ids.join(",");
     output.dataset.state = "done";
     $("stats").textContent =
@@ -242,6 +361,7 @@ async function generate() {
   } finally {
     onText = null;
     $("generate").disabled = false;
+    enableChat(true);
     $("stop").disabled = true;
   }
 }
@@ -270,6 +390,7 @@ async function finetune() {
   status.dataset.state = "running";
   delete status.dataset.losses;
   for (const id of ["tune", "generate", "download"]) $(id).disabled = true;
+  enableChat(false);
   $("tune-stop").disabled = false;
   const losses = [];
   const steps = Number($("tune-steps").value);
@@ -304,6 +425,7 @@ async function finetune() {
     onStep = null;
     $("tune-stop").disabled = true;
     for (const id of ["tune", "generate", "download"]) $(id).disabled = !loadedName;
+    enableChat(true);
   }
 }
 
@@ -335,6 +457,16 @@ async function start() {
     if (params.has(param)) $(id).value = params.get(param);
   }
   $("generate").onclick = generate;
+  $("mode-generate").onchange = setMode;
+  $("mode-chat").onchange = setMode;
+  $("chat-send").onclick = sendChat;
+  $("chat-reset").onclick = startChat;
+  $("chat-input").onkeydown = (e) => {
+    if (e.key === "Enter" && !e.shiftKey) {
+      e.preventDefault();
+      sendChat();
+    }
+  };
   $("stop").onclick = () => worker.postMessage({ type: "stop" });
   $("model-files").onchange = (e) => openFiles(e.target.files);
   const drop = $("drop");

@@ -1,6 +1,6 @@
 // The Web Worker that owns the model: wasm, tokenizer and GPU context live here, so the page
-// never freezes. Messages in: load, generate, finetune, export, stop, lose-device. Messages out: loaded, text,
-// step, done, tuned, exported, error.
+// never freezes. Messages in: load, generate, chat-start, chat-send, finetune, export, stop,
+// lose-device. Messages out: loaded, text, step, chat-started, done, tuned, exported, error.
 import init, { Demo } from "./pkg/bitnet_web.js";
 
 const ready = init();
@@ -19,6 +19,16 @@ self.onmessage = async (event) => {
       const p = message.params;
       const result = await demo.generate(
         p.prompt, p.maxNewTokens, p.temperature, p.topK, p.topP, p.seed,
+        (piece) => self.postMessage({ type: "text", id: message.id, piece }),
+      );
+      self.postMessage({ type: "done", id: message.id, result: JSON.parse(result) });
+    } else if (message.type === "chat-start") {
+      demo.chat_start(message.system);
+      self.postMessage({ type: "chat-started", id: message.id });
+    } else if (message.type === "chat-send") {
+      const p = message.params;
+      const result = await demo.chat_send(
+        p.message, p.maxNewTokens, p.temperature, p.topK, p.topP, p.seed,
         (piece) => self.postMessage({ type: "text", id: message.id, piece }),
       );
       self.postMessage({ type: "done", id: message.id, result: JSON.parse(result) });
