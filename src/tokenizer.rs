@@ -32,6 +32,9 @@ const TOKEN_TYPE_NORMAL: i32 = 1;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 /// GGUF `tokenizer.ggml.token_type` of a user-defined token, matched whole in the input.
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+/// GGUF `tokenizer.ggml.token_type` of a token no text produces (the `[PAD{id}]` tokens that fill
+/// a token list up to the embedding's rows).
+const TOKEN_TYPE_UNUSED: i32 = 5;
 
 /// Llama 3's pre-tokenizer split (its tokenizer.json, and bitnet-b1.58-2B-4T's): contractions
 /// in any case, letters with one leading non-letter, digits in groups of up to three.
@@ -181,8 +184,21 @@ impl Tokenizer {
                 ),
             ));
         }
-        let mut vocab = HashMap::with_capacity(t.tokens.len());
-        for (id, token) in t.tokens.iter().enumerate() {
+        // The padding after the last real token is not the tokenizer's: its ids stay outside
+        // the vocabulary, so that generation never picks them (as with the folder's tokenizer).
+        let padding = t
+            .tokens
+            .iter()
+            .enumerate()
+            .zip(&t.token_types)
+            .rev()
+            .take_while(|&((id, token), &kind)| {
+                kind == TOKEN_TYPE_UNUSED && *token == format!("[PAD{id}]")
+            })
+            .count();
+        let tokens = &t.tokens[..t.tokens.len() - padding];
+        let mut vocab = HashMap::with_capacity(tokens.len());
+        for (id, token) in tokens.iter().enumerate() {
             // The first of duplicated tokens keeps its id, as llama.cpp's lookup does.
             vocab.entry(token.clone()).or_insert(id as u32);
         }
@@ -227,8 +243,7 @@ impl Tokenizer {
             inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         }
         inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let added: Vec<AddedToken> = t
-            .tokens
+        let added: Vec<AddedToken> = tokens
             .iter()
             .zip(&t.token_types)
             .filter(|&(_, &kind)| kind == TOKEN_TYPE_CONTROL || kind == TOKEN_TYPE_USER_DEFINED)
@@ -818,6 +833,20 @@ mod tests {
         let ids = t.encode("<|begin|>he", true).unwrap();
         assert_eq!(ids, [258, he]);
         assert_eq!(t.decode(&ids).unwrap(), "he");
+        // Padded to a larger embedding as GGUF writers pad it: the same tokenizer.
+        let mut padded = g.clone();
+        padded.token_types.resize(g.tokens.len(), TOKEN_TYPE_NORMAL);
+        padded
+            .tokens
+            .extend((260..264).map(|id| format!("[PAD{id}]")));
+        padded.token_types.resize(264, TOKEN_TYPE_UNUSED);
+        let p = Tokenizer::from_gguf(&padded).unwrap();
+        assert_eq!(p.vocab_size(), 260);
+        assert_eq!(
+            p.encode("he met them", true).unwrap(),
+            t.encode("he met them", true).unwrap()
+        );
+        assert!(p.decode(&[261]).is_err());
     }
 
     #[test]
