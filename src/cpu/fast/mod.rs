@@ -6,11 +6,13 @@
 //! same code on its one thread).
 
 mod attention;
+mod int8_rows;
 mod quant;
 mod rows;
 mod ternary;
 
 pub use attention::{RopeTable, attention, rope_table};
+pub use int8_rows::Int8Rows;
 pub use quant::act_quant;
 pub use rows::InterleavedRows;
 pub use ternary::PackedMatrix;
