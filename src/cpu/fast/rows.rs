@@ -78,7 +78,7 @@ impl InterleavedRows {
         }
         let block_rows = (BLOCK_VALUES / cols).max(1).next_multiple_of(LANES);
         if table.stored_type() == Some(FloatType::F16) {
-            let read = |rows| table.read_f16(rows).map(Cow::Owned);
+            let read = |rows| table.read_f16(rows);
             let bits = interleave(table, block_rows, 0, read, release)?;
             return Ok(InterleavedRows {
                 rows,
@@ -409,7 +409,7 @@ mod tests {
         );
         assert_eq!(released.get(), 1);
         // Blocks of one group each, the last one partial, lay out the same values.
-        let read = |r| stored.read_f16(r).map(Cow::Owned);
+        let read = |r| stored.read_f16(r);
         let by_group = interleave(&stored, LANES, 0, read, &release);
         assert_eq!(Values::F16(by_group.unwrap()), want.values);
         assert_eq!(released.get(), 4);
