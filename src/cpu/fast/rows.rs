@@ -1,6 +1,6 @@
 //! A float table (the embeddings, the lm_head) laid out for the CPU engine's products.
 
-use super::{Kernel, for_each_chunk, items_per_task};
+use super::{Kernel, for_each_chunk, items_per_task, populate};
 use std::borrow::Cow;
 use std::ops::Range;
 
@@ -193,6 +193,7 @@ fn interleave<'t, T: Copy + Send + Sync + 't>(
 ) -> Result<Vec<T>> {
     let group_len = LANES * table.cols();
     let mut out = vec![zero; table.rows().div_ceil(LANES) * group_len];
+    populate(out.as_ptr(), out.len());
     for block in table.blocks(block_rows) {
         let first = block.start / LANES;
         let groups = block.len().div_ceil(LANES);
