@@ -13,8 +13,8 @@ use bitnet_wgpu::cpu::{ScaleGranularity, WeightQuantOptions};
 use bitnet_wgpu::gpu::table::TableStorage;
 use bitnet_wgpu::gpu::{AdapterSummary, GpuContext};
 use bitnet_wgpu::model::{
-    DecodePath, Device, Engine, GenerationParams, Generator, GpuModel, Logits, ModelConfig,
-    ModelFiles, Sampler, SamplingParams, Stop, load_model, open_model_from_bytes,
+    CpuEngine, DecodePath, Device, Engine, GenerationParams, Generator, GpuModel, LmHead, Logits,
+    ModelConfig, ModelFiles, Sampler, SamplingParams, Stop, load_model, open_model_from_bytes,
     perplexity_windows, synthetic,
 };
 use bitnet_wgpu::rng::SplitMix64;
@@ -176,6 +176,10 @@ struct ModelArgs {
     model: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// How the CPU engine keeps the lm_head: `exact` (logits equal the reference's) or `int8`
+    /// (half the bytes of an f16 table per token, logits close but not equal; needs --device cpu).
+    #[arg(long, value_enum, default_value_t = LmHead::Exact)]
+    head: LmHead,
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
@@ -807,6 +811,13 @@ async fn open(args: &ModelArgs) -> CliResult<(Engine, Tokenizer)> {
         }
         None => open_model_from_bytes(&DEMO_MODEL)?,
     };
+    if args.head != LmHead::Exact {
+        if args.device != Device::Cpu {
+            return Err("--head int8 is a CPU engine option: add --device cpu".into());
+        }
+        let engine = CpuEngine::with_head(&*weights, args.head)?;
+        return Ok((Engine::Cpu(Box::new(engine)), tokenizer));
+    }
     match Engine::new(args.device, &*weights).await {
         Ok((engine, fallback)) => {
             if let Some(why) = fallback {

@@ -159,8 +159,10 @@ impl<'a> Table<'a> {
 
     /// Rows `range` of a table a file stores as F16 ([`Table::stored_type`]), as the bits of
     /// its values, checked as [`Table::read`] checks them; an error for any other table.
-    /// Nothing is widened: an engine that keeps f16 takes them as they are.
-    pub fn read_f16(&self, range: Range<usize>) -> Result<Vec<u16>> {
+    /// Nothing is widened: an engine that keeps f16 takes them as they are, and nothing is
+    /// copied where the bytes are 2-byte aligned on a little-endian machine (a mapped GGUF's
+    /// tensors are): a copy of 2B4T's table is 0.66 GB of fresh pages to fault in.
+    pub fn read_f16(&self, range: Range<usize>) -> Result<Cow<'_, [u16]>> {
         let Data::Stored {
             name,
             dtype: FloatType::F16,
@@ -170,13 +172,16 @@ impl<'a> Table<'a> {
             return Err(Error::invalid("table", "its values are not stored as F16"));
         };
         let (start, end) = self.value_range(range)?;
-        let mut bits = vec![0u16; end - start];
-        for (h, b) in bits
-            .iter_mut()
-            .zip(bytes[2 * start..2 * end].chunks_exact(2))
-        {
-            *h = u16::from_le_bytes([b[0], b[1]]);
-        }
+        let bytes = &bytes[2 * start..2 * end];
+        let bits = match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+            Ok(bits) if cfg!(target_endian = "little") => Cow::Borrowed(bits),
+            _ => Cow::Owned(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+            ),
+        };
         // An all-ones exponent is an infinity or a NaN. Checked without stopping early, which
         // runs a vector at a time; the value is looked for only when there is one.
         let not_finite = |h: u16| h & 0x7c00 == 0x7c00;
@@ -282,6 +287,10 @@ mod tests {
             if let Ok(bits) = table.read_f16(0..2) {
                 let widened: Vec<f32> = bits.iter().map(|&h| f16::from_bits(h).to_f32()).collect();
                 assert_eq!((dtype, widened), (FloatType::F16, expected.clone()));
+                // Bytes at an odd address are copied, to the same bits.
+                let shifted = [&[0u8][..], &bytes].concat();
+                let shifted = Table::stored("t", dtype, &shifted[1..], 2, 3).unwrap();
+                assert_eq!(shifted.read_f16(0..2).unwrap(), bits);
             } else {
                 assert_ne!(dtype, FloatType::F16);
             }

@@ -1185,6 +1185,33 @@ fn the_built_in_demo_model_generates() {
     assert_eq!(gpu["generated_ids"], cpu["generated_ids"]);
 }
 
+/// `--head int8` runs the CPU engine with its 8-bit lm_head (the demo model's first greedy tokens
+/// are those of the exact head), and is refused on another device.
+#[test]
+fn the_int8_head_generates_on_the_cpu_only() {
+    let args = [
+        "generate",
+        "--prompt",
+        "The king said",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+        "--json",
+    ];
+    let exact = bitnet_json(&args);
+    let int8 = bitnet_json(&[&args[..], &["--head", "int8"]].concat());
+    assert_eq!(int8["generated_ids"], exact["generated_ids"]);
+    let refused = bitnet(&["generate", "--prompt", "Hi", "--head", "int8"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("--device cpu"),
+        "{stderr}"
+    );
+}
+
 /// Runs `bitnet` under a 1 GiB address-space limit, so that an allocation sized by a lying
 /// header aborts the process instead of passing unnoticed on a machine with memory to spare.
 fn bitnet_limited(args: &[&str]) -> Output {

@@ -96,6 +96,123 @@ pub fn lm_head_backward(
     Ok((dx, dtable))
 }
 
+/// Columns that share one activation scale in [`lm_head_int8`].
+pub const INT8_HEAD_BLOCK: usize = 128;
+
+/// An lm_head table in 8 bits ([`int8_table`]): `table[v] ≈ codes[v] * scales[v]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Int8Table {
+    pub rows: usize,
+    pub cols: usize,
+    /// `[rows, cols]`, each in -127..=127.
+    pub codes: Vec<i8>,
+    /// One per row.
+    pub scales: Vec<f32>,
+}
+
+/// `values` in 8 bits, symmetric absmax: `scale = max|v| / 127` and
+/// `code = clamp(round_ties_even(v * 127 / max|v|), -127, 127)` (so that `v ≈ code * scale`);
+/// all zeros give a zero scale, a NaN or an infinity a NaN scale, zero codes both.
+///
+/// ```
+/// let mut codes = [0i8; 3];
+/// let scale = bitnet_wgpu::cpu::quantize_int8(&[0.5, -1.0, 0.25], &mut codes);
+/// assert_eq!((codes, scale), ([64, -127, 32], 1.0 / 127.0));
+/// ```
+pub fn quantize_int8(values: &[f32], codes: &mut [i8]) -> f32 {
+    let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if !values.iter().all(|v| v.is_finite()) || max == 0.0 {
+        codes.fill(0);
+        return if max == 0.0 { 0.0 } else { f32::NAN };
+    }
+    let inverse = 127.0 / max;
+    for (c, &v) in codes.iter_mut().zip(values) {
+        *c = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    max / 127.0
+}
+
+/// The `[vocab, hidden]` table row by row in 8 bits ([`quantize_int8`]): a quarter of its f32
+/// bytes, half of its f16 ones, for [`lm_head_int8`].
+pub fn int8_table(table: &[f32], vocab: usize, hidden: usize) -> Result<Int8Table> {
+    if hidden == 0 {
+        return Err(Error::Empty("lm_head hidden size"));
+    }
+    if table.len() != vocab * hidden {
+        return Err(Error::shape(
+            "lm_head table",
+            format!("{vocab} x {hidden}"),
+            table.len(),
+        ));
+    }
+    let mut codes = vec![0i8; table.len()];
+    let scales = table
+        .chunks_exact(hidden)
+        .zip(codes.chunks_exact_mut(hidden))
+        .map(|(row, codes)| quantize_int8(row, codes))
+        .collect();
+    Ok(Int8Table {
+        rows: vocab,
+        cols: hidden,
+        codes,
+        scales,
+    })
+}
+
+/// An approximation of [`lm_head`] that reads a quarter of the bytes of an f32 table: each row
+/// of `x` is quantized in blocks of [`INT8_HEAD_BLOCK`] columns ([`quantize_int8`], scale `s_b`,
+/// codes `q`), and `logits[r, v] = (sum_b dot_b * s_b) * scales[v]` with `dot_b` the exact
+/// integer product of block `b`'s codes with the table's codes (the blocks summed in order in
+/// f32, from `0.0`). Errors as [`lm_head`].
+///
+/// ```
+/// use bitnet_wgpu::cpu::{int8_table, lm_head, lm_head_int8};
+/// let table = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]; // vocab 3, hidden 2
+/// let logits = lm_head_int8(&[2.0, 3.0], 1, &int8_table(&table, 3, 2)?)?;
+/// let exact = lm_head(&[2.0, 3.0], 1, &table, 3, 2)?;
+/// assert!(logits.iter().zip(&exact).all(|(a, b)| (a - b).abs() < 0.02));
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+pub fn lm_head_int8(x: &[f32], rows: usize, table: &Int8Table) -> Result<Vec<f32>> {
+    let hidden = table.cols;
+    if hidden == 0 {
+        return Err(Error::Empty("lm_head hidden size"));
+    }
+    if x.len() != rows * hidden {
+        return Err(Error::shape(
+            "lm_head input",
+            format!("{rows} x {hidden}"),
+            x.len(),
+        ));
+    }
+    let mut logits = Vec::with_capacity(rows * table.rows);
+    for row in x.chunks_exact(hidden) {
+        let mut codes = vec![0i8; hidden];
+        let scales: Vec<f32> = row
+            .chunks(INT8_HEAD_BLOCK)
+            .zip(codes.chunks_mut(INT8_HEAD_BLOCK))
+            .map(|(values, codes)| quantize_int8(values, codes))
+            .collect();
+        for (w, &scale) in table.codes.chunks_exact(hidden).zip(&table.scales) {
+            let mut sum = 0.0f32;
+            for ((x, w), &s) in codes
+                .chunks(INT8_HEAD_BLOCK)
+                .zip(w.chunks(INT8_HEAD_BLOCK))
+                .zip(&scales)
+            {
+                let dot: i32 = x
+                    .iter()
+                    .zip(w)
+                    .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                    .sum();
+                sum += dot as f32 * s;
+            }
+            logits.push(sum * scale);
+        }
+    }
+    Ok(logits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,7 +27,9 @@ pub use act_quant::{QuantizedActivations, act_quant, quant_scale};
 pub use argmax::argmax;
 pub use attention::{AttentionShape, attention, attention_backward};
 pub use embedding::{embedding, embedding_backward};
-pub use lm_head::{lm_head, lm_head_backward};
+pub use lm_head::{
+    INT8_HEAD_BLOCK, Int8Table, int8_table, lm_head, lm_head_backward, lm_head_int8, quantize_int8,
+};
 pub use nll::{cross_entropy, nll};
 pub use norm_matmul::norm_matmul;
 pub use relu2_gate::{relu2_gate, relu2_gate_backward};

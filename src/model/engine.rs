@@ -8,7 +8,7 @@ use crate::gpu::GpuContext;
 use crate::gpu::table::TableStorage;
 #[cfg(feature = "gpu")]
 use crate::model::GpuModel;
-use crate::model::packed::PackedModel;
+use crate::model::packed::{LmHead, PackedModel};
 use crate::model::{KvCache, ModelConfig, WeightSource};
 use crate::{Error, Result};
 
@@ -228,7 +228,13 @@ impl CpuEngine {
     /// An engine over `weights`, read a part at a time, each part checked
     /// ([`crate::model::ModelWeights::validate`]'s checks) and packed.
     pub fn new(weights: &dyn WeightSource) -> Result<Self> {
-        let model = PackedModel::new(weights)?;
+        Self::with_head(weights, LmHead::Exact)
+    }
+
+    /// As [`CpuEngine::new`], with the lm_head kept as `head` says ([`LmHead::Int8`]: faster
+    /// decoding, logits close to the reference's but not equal).
+    pub fn with_head(weights: &dyn WeightSource, head: LmHead) -> Result<Self> {
+        let model = PackedModel::new(weights, head)?;
         let cache = KvCache::new(weights.config());
         Ok(CpuEngine { model, cache })
     }
@@ -594,6 +600,50 @@ mod tests {
         assert!(e.to_string().contains("sequence 1"), "{e}");
         assert_eq!(caches.iter().map(KvCache::len).collect::<Vec<_>>(), lens);
         assert!(engine.forward_batch(&mut []).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_int8_head_approximates_the_exact_logits() {
+        // (hidden, vocab, tied): a row past one 128-column block, a vocabulary past 16 rows.
+        for (seed, (hidden, vocab, tied)) in
+            [(130, 37, true), (64, 50, false)].into_iter().enumerate()
+        {
+            let config = ModelConfig {
+                vocab_size: vocab,
+                hidden_size: hidden,
+                intermediate_size: 96,
+                num_attention_heads: 2,
+                num_key_value_heads: 1,
+                head_dim: 16,
+                tie_word_embeddings: tied,
+                max_position_embeddings: 8,
+                ..tiny_weights().config
+            };
+            let weights = random_model(config, seed as u64, false);
+            let mut exact = CpuEngine::new(&weights).unwrap();
+            let mut int8 = CpuEngine::with_head(&weights, LmHead::Int8).unwrap();
+            for tokens in [&[1, 2, 3][..], &[4]] {
+                let (want, got) = (
+                    exact.forward(tokens).unwrap(),
+                    int8.forward(tokens).unwrap(),
+                );
+                assert_eq!(got.len(), want.len());
+                for (w, g) in want.chunks_exact(vocab).zip(got.chunks_exact(vocab)) {
+                    let largest = w.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                    for (a, b) in w.iter().zip(g) {
+                        assert!((a - b).abs() < 0.02 * largest, "{a} against {b}");
+                    }
+                }
+            }
+            // The int8 table (a byte per value, rows to 16, columns to 128) is held beside the
+            // embeddings (2 or 4 bytes per value) when tied, in place of the float head when not.
+            let head = vocab.next_multiple_of(16) * (hidden.next_multiple_of(128) + 4);
+            if tied {
+                assert_eq!(int8.weight_bytes(), exact.weight_bytes() + head);
+            } else {
+                assert!(int8.weight_bytes() < exact.weight_bytes());
+            }
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub use gpu::{DecodePath, GpuModel};
 #[cfg(not(target_arch = "wasm32"))]
 pub use load::{ModelFiles, load_model};
 pub use load::{OpenModel, load_model_from_bytes, open_model_from_bytes};
+pub use packed::LmHead;
 pub use perplexity::{Perplexity, perplexity_windows};
 pub use sampling::Sampler;
 pub use schema::{Activation, Family, LinearSpec, NormSpec};

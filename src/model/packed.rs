@@ -9,19 +9,59 @@
 
 use crate::Result;
 use crate::cpu::fast::{
-    InterleavedRows, PackedMatrix, RopeTable, act_quant, attention, rope_table,
+    Int8Rows, InterleavedRows, PackedMatrix, RopeTable, act_quant, attention, rope_table,
 };
 use crate::cpu::{AttentionShape, QuantizedActivations, rmsnorm};
 use crate::model::forward::extend_caches;
 use crate::model::layer::{CpuDecoder, Segment, run_decoder_layers};
 use crate::model::{BlockLayer, Checked, KvCache, LayerWeights, Logits, ModelConfig, WeightSource};
 
+/// How the CPU engine keeps its lm_head (the output projection, or the tied embeddings).
+///
+/// ```
+/// use bitnet_wgpu::model::{CpuEngine, LmHead, ModelConfig, synthetic};
+/// let mut config = ModelConfig::bitnet_b158_2b4t();
+/// (config.num_hidden_layers, config.vocab_size, config.hidden_size) = (1, 100, 128);
+/// (config.intermediate_size, config.num_attention_heads, config.head_dim) = (256, 2, 64);
+/// config.num_key_value_heads = 1;
+/// let weights = synthetic(&config, 7);
+/// let exact = CpuEngine::with_head(&weights, LmHead::Exact)?.forward(&[1, 2])?;
+/// let int8 = CpuEngine::with_head(&weights, LmHead::Int8)?.forward(&[1, 2])?;
+/// let largest = exact.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+/// assert!(exact.iter().zip(&int8).all(|(a, b)| (a - b).abs() < 0.05 * largest));
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    all(feature = "cli", not(target_arch = "wasm32")),
+    derive(clap::ValueEnum)
+)]
+pub enum LmHead {
+    /// The table's own values (f16 where each is one, else f32): logits equal the reference's
+    /// bit for bit.
+    #[default]
+    Exact,
+    /// Each row in 8 bits with its own scale, the final hidden state in 8 bits per block of
+    /// 128 values ([`crate::cpu::lm_head_int8`]): half the bytes of an f16 table to read per
+    /// token, a quarter of an f32 one, at the cost of logits that only approximate the
+    /// reference's. The embeddings keep their values.
+    Int8,
+}
+
+/// The lm_head as the engine holds it.
+#[derive(Clone, Debug, PartialEq)]
+enum Head {
+    /// The embeddings' table.
+    Tied,
+    Exact(InterleavedRows),
+    Int8(Int8Rows),
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct PackedModel {
     config: ModelConfig,
-    /// The embeddings when the lm_head is a table of its own, else `None` (tied: `head`).
-    embed: Option<InterleavedRows>,
-    head: InterleavedRows,
+    embed: InterleavedRows,
+    head: Head,
     layers: Vec<PackedLayer>,
     norm: Vec<f32>,
     rope: RopeTable,
@@ -81,7 +121,7 @@ impl PackedModel {
     /// Packs `weights` a part at a time, each checked ([`crate::model::ModelWeights::validate`]'s
     /// checks), telling the source to release what it read ([`WeightSource::release`]) after each
     /// block of table rows and each layer.
-    pub(super) fn new(weights: &dyn WeightSource) -> Result<Self> {
+    pub(super) fn new(weights: &dyn WeightSource, head: LmHead) -> Result<Self> {
         let source = Checked::new(weights)?;
         let c = weights.config().clone();
         let release = || weights.release();
@@ -97,9 +137,15 @@ impl PackedModel {
             })
             .collect::<Result<_>>()?;
         let norm = source.norm()?.into_owned();
-        let (embed, head) = match source.lm_head()? {
-            Some(head) => (Some(embed), InterleavedRows::from_table(&head, &release)?),
-            None => (None, embed),
+        let head = match (source.lm_head()?, head) {
+            (Some(table), LmHead::Exact) => {
+                Head::Exact(InterleavedRows::from_table(&table, &release)?)
+            }
+            (Some(table), LmHead::Int8) => Head::Int8(Int8Rows::from_table(&table, &release)?),
+            (None, LmHead::Exact) => Head::Tied,
+            (None, LmHead::Int8) => {
+                Head::Int8(Int8Rows::from_table(&source.embed_tokens()?, &release)?)
+            }
         };
         let rope = rope_table(c.head_dim, c.rope_theta)?;
         Ok(PackedModel {
@@ -138,10 +184,12 @@ impl PackedModel {
                     .sum::<usize>()
             })
             .sum();
-        layers
-            + self.head.bytes()
-            + self.embed.as_ref().map_or(0, |e| e.bytes())
-            + floats(&self.norm)
+        let head = match &self.head {
+            Head::Tied => 0,
+            Head::Exact(h) => h.bytes(),
+            Head::Int8(h) => h.bytes(),
+        };
+        layers + self.embed.bytes() + head + floats(&self.norm)
     }
 
     /// [`super::forward`] of `tokens` after the positions `cache` holds, with the same errors;
@@ -191,10 +239,9 @@ impl PackedModel {
     }
 
     fn embeddings(&self, tokens: &[u32]) -> Vec<f32> {
-        let embed = self.embed.as_ref().unwrap_or(&self.head);
         tokens
             .iter()
-            .flat_map(|&id| embed.row(id as usize))
+            .flat_map(|&id| self.embed.row(id as usize))
             .collect()
     }
 
@@ -202,8 +249,12 @@ impl PackedModel {
     fn logits(&self, x: &[f32]) -> Result<Vec<f32>> {
         let c = &self.config;
         let rows = x.len() / c.hidden_size;
-        self.head
-            .products(&rmsnorm(x, rows, &self.norm, c.rms_norm_eps)?, rows)
+        let x = rmsnorm(x, rows, &self.norm, c.rms_norm_eps)?;
+        match &self.head {
+            Head::Tied => self.embed.products(&x, rows),
+            Head::Exact(h) => h.products(&x, rows),
+            Head::Int8(h) => h.products(&x, rows),
+        }
     }
 }
 

@@ -6,11 +6,13 @@
 //! same code on its one thread).
 
 mod attention;
+mod int8_rows;
 mod quant;
 mod rows;
 mod ternary;
 
 pub use attention::{RopeTable, attention, rope_table};
+pub use int8_rows::Int8Rows;
 pub use quant::act_quant;
 pub use rows::InterleavedRows;
 pub use ternary::PackedMatrix;
@@ -49,6 +51,28 @@ impl Kernel {
         }
         kernels
     }
+}
+
+/// Maps in the pages under `len` elements from `start` (memory a buffer is about to fill) in one
+/// call, where Linux can: filling a fresh allocation of 2B4T's size otherwise takes a page fault
+/// per 4 KiB, most of the time it takes to build the engine. Only whole pages inside the range
+/// are touched; an older kernel's refusal leaves the faults to come, as correct.
+fn populate<T>(start: *const T, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let (begin, end) = (start as usize, start as usize + len * size_of::<T>());
+        let (first, last) = (begin.next_multiple_of(PAGE), end / PAGE * PAGE);
+        if last > first {
+            // SAFETY: the pages lie inside one allocation this process owns; MADV_POPULATE_WRITE
+            // maps them as a write would, changing no byte.
+            unsafe {
+                libc::madvise(first as *mut _, last - first, libc::MADV_POPULATE_WRITE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, len);
 }
 
 /// Runs `f(index, chunk)` on every `chunk`-sized piece of `out`, on all cores natively.

@@ -1,7 +1,7 @@
 //! The BitLinear product with the weights kept packed: [`PackedMatrix::matmul`] equals
 //! [`crate::cpu::ternary_matmul`] (no bias) bit for bit.
 
-use super::{Kernel, for_each_chunk, items_per_task};
+use super::{Kernel, for_each_chunk, items_per_task, populate};
 use crate::cpu::{QuantizedActivations, TernaryWeights};
 use crate::packing::i2s::{self, BlockRows};
 use crate::{Error, Result};
@@ -103,6 +103,7 @@ impl PackedMatrix {
         check_cols(cols)?;
         let rows: usize = parts.iter().map(|(w, _)| w.rows()).sum();
         let mut bytes = Vec::with_capacity(rows * cols / 4);
+        populate(bytes.as_ptr(), bytes.capacity());
         let mut scales = Vec::with_capacity(rows);
         for (w, scale) in parts {
             if w.cols() != cols {

@@ -1,0 +1,389 @@
+//! The int8 lm_head ([`crate::cpu::lm_head_int8`]) laid out for the CPU engine: half the bytes
+//! of the f16 table per decoding step, and 64 multiply-adds per instruction where AVX-512 VNNI
+//! is present.
+
+use super::{Kernel, for_each_chunk, items_per_task};
+use crate::cpu::{INT8_HEAD_BLOCK, quantize_int8};
+use crate::table::Table;
+use crate::{Error, Result};
+
+/// Rows side by side: one 64-byte vector holds 4 consecutive columns of 16 rows, so that
+/// `vpdpbusd` adds each row's 4 products into its own i32 lane.
+const LANES: usize = 16;
+/// Columns per lane of a vector.
+const QUAD: usize = 4;
+/// Values quantized at a time when a table is laid out (64 MiB as f32).
+const BLOCK_VALUES: usize = 16 << 20;
+/// Table bytes a task reads at least.
+const TASK_BYTES: usize = 256 << 10;
+
+/// A `[rows, cols]` float table in 8 bits per value (each row quantized as
+/// [`crate::cpu::int8_table`] quantizes it), whose products with vectors equal
+/// [`crate::cpu::lm_head_int8`]'s bit for bit. The codes are stored plus 128 (so that they are
+/// the unsigned operand of `vpdpbusd`, the activations the signed one) in groups of [`LANES`]
+/// rows, 4 columns of each row side by side; rows and columns past the end hold code 0.
+///
+/// ```
+/// use bitnet_wgpu::cpu::fast::Int8Rows;
+/// use bitnet_wgpu::cpu::{int8_table, lm_head_int8};
+/// use bitnet_wgpu::table::Table;
+/// let table = [1.0, 0.5, -0.25, 0.0, 1.0, 1.0];
+/// let rows = Int8Rows::from_table(&Table::values(&table[..], 2), &|| {})?;
+/// let reference = lm_head_int8(&[2.0, 3.0], 1, &int8_table(&table, 3, 2)?)?;
+/// assert_eq!(rows.products(&[2.0, 3.0], 1)?, reference);
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Int8Rows {
+    rows: usize,
+    cols: usize,
+    /// `[groups, padded / QUAD, LANES, QUAD]` codes plus 128; `padded` is `cols` rounded up to
+    /// whole [`INT8_HEAD_BLOCK`]s.
+    values: Vec<u8>,
+    /// One per row, then zeros to whole groups.
+    scales: Vec<f32>,
+}
+
+impl Int8Rows {
+    /// `table` quantized a block of rows at a time (never widened whole); `release` is called
+    /// after each block, as [`super::InterleavedRows::from_table`] calls it.
+    pub fn from_table(table: &Table<'_>, release: &dyn Fn()) -> Result<Self> {
+        let (rows, cols) = (table.rows(), table.cols());
+        if cols == 0 {
+            return Err(Error::Empty("table row"));
+        }
+        if rows * cols != table.len() {
+            return Err(Error::shape(
+                "table",
+                format!("{rows} x {cols}"),
+                table.len(),
+            ));
+        }
+        let padded = padded(cols);
+        let group_len = LANES * padded;
+        let groups = rows.div_ceil(LANES);
+        let mut values = vec![128u8; groups * group_len];
+        let mut scales = vec![0.0f32; groups * LANES];
+        let block_rows = (BLOCK_VALUES / cols).max(1).next_multiple_of(LANES);
+        for block in table.blocks(block_rows) {
+            let first = block.start / LANES;
+            let floats = table.read(block.clone())?;
+            let out = &mut values[first * group_len..][..block.len().div_ceil(LANES) * group_len];
+            let scales = &mut scales[block.start..][..block.len()];
+            let mut codes = vec![0i8; floats.len()];
+            for ((row, codes), scale) in floats
+                .chunks_exact(cols)
+                .zip(codes.chunks_exact_mut(cols))
+                .zip(scales.iter_mut())
+            {
+                *scale = quantize_int8(row, codes);
+            }
+            for_each_chunk(out, group_len, |g, group| {
+                let rows = &codes[g * LANES * cols..codes.len().min((g + 1) * LANES * cols)];
+                for (lane, row) in rows.chunks_exact(cols).enumerate() {
+                    for (k, &c) in row.iter().enumerate() {
+                        group[(k / QUAD * LANES + lane) * QUAD + k % QUAD] = c as u8 ^ 0x80;
+                    }
+                }
+            });
+            release();
+        }
+        Ok(Int8Rows {
+            rows,
+            cols,
+            values,
+            scales,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.values.len() + 4 * self.scales.len()
+    }
+
+    /// [`crate::cpu::lm_head_int8`] of the `n` vectors `x` (`[n, cols]`) with this table:
+    /// `[n, rows]`, equal bit for bit.
+    pub fn products(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        if n.checked_mul(self.cols) != Some(x.len()) {
+            return Err(Error::shape(
+                "table product input",
+                format!("{n} x {}", self.cols),
+                x.len(),
+            ));
+        }
+        let acts = Activations::new(x, n, self.cols);
+        let padded = acts.padded;
+        let groups = self.rows.div_ceil(LANES);
+        let group_len = LANES * padded;
+        let per_task = items_per_task(groups, group_len, TASK_BYTES);
+        let kernel = Kernel::detect();
+        // [groups, n, LANES], then transposed into [n, rows].
+        let mut by_group = vec![0.0f32; groups * n * LANES];
+        for_each_chunk(&mut by_group, per_task * n * LANES, |task, out| {
+            for (g, out) in (task * per_task..).zip(out.chunks_exact_mut(n * LANES)) {
+                let group = &self.values[g * group_len..][..group_len];
+                let row_scales = &self.scales[g * LANES..][..LANES];
+                for (m, out) in out.chunks_exact_mut(LANES).enumerate() {
+                    let sums = kernel.int8_lanes(group, &acts, m);
+                    for ((o, s), &scale) in out.iter_mut().zip(sums).zip(row_scales) {
+                        *o = s * scale;
+                    }
+                }
+            }
+        });
+        let mut y = vec![0.0f32; n * self.rows];
+        for (g, block) in by_group.chunks_exact(n * LANES).enumerate() {
+            for (m, lanes) in block.chunks_exact(LANES).enumerate() {
+                let first = g * LANES;
+                let count = LANES.min(self.rows - first);
+                y[m * self.rows + first..][..count].copy_from_slice(&lanes[..count]);
+            }
+        }
+        Ok(y)
+    }
+}
+
+/// `cols` rounded up to whole [`INT8_HEAD_BLOCK`]s.
+fn padded(cols: usize) -> usize {
+    cols.div_ceil(INT8_HEAD_BLOCK) * INT8_HEAD_BLOCK
+}
+
+/// Quantized vectors: `[n, padded]` codes (zeros past `cols`), and per block of
+/// [`INT8_HEAD_BLOCK`] columns a scale and the sum of its codes (`[n, blocks]` each).
+struct Activations {
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+    sums: Vec<i32>,
+    padded: usize,
+}
+
+impl Activations {
+    /// The `n` vectors `x` (`[n, cols]`) quantized block by block as the reference does.
+    fn new(x: &[f32], n: usize, cols: usize) -> Self {
+        let padded = padded(cols);
+        let blocks = padded / INT8_HEAD_BLOCK;
+        let mut codes = vec![0i8; n * padded];
+        let mut scales = vec![0.0f32; n * blocks];
+        let mut sums = vec![0i32; n * blocks];
+        for ((x, codes), (scales, sums)) in x
+            .chunks_exact(cols)
+            .zip(codes.chunks_exact_mut(padded))
+            .zip(
+                scales
+                    .chunks_exact_mut(blocks)
+                    .zip(sums.chunks_exact_mut(blocks)),
+            )
+        {
+            let blocks = x
+                .chunks(INT8_HEAD_BLOCK)
+                .zip(codes.chunks_mut(INT8_HEAD_BLOCK));
+            for ((x, codes), (scale, sum)) in blocks.zip(scales.iter_mut().zip(sums.iter_mut())) {
+                *scale = quantize_int8(x, &mut codes[..x.len()]);
+                *sum = codes.iter().map(|&c| i32::from(c)).sum();
+            }
+        }
+        Activations {
+            codes,
+            scales,
+            sums,
+            padded,
+        }
+    }
+}
+
+impl Kernel {
+    /// `sum_b dot_b * scale_b` (blocks in order, from `0.0`) of vector `m` with each of the
+    /// [`LANES`] rows of `group`, before the rows' own scales.
+    fn int8_lanes(self, group: &[u8], x: &Activations, m: usize) -> [f32; LANES] {
+        match self {
+            // SAFETY: AVX-512F and VNNI are present; `group` and the codes are whole blocks.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => unsafe { vnni::int8_lanes(group, x, m) },
+            // Without VNNI the unsigned-by-signed pairs of `vpmaddubsw` would overflow i16.
+            _ => portable_lanes(group, x, m),
+        }
+    }
+}
+
+fn portable_lanes(group: &[u8], x: &Activations, m: usize) -> [f32; LANES] {
+    let blocks = x.padded / INT8_HEAD_BLOCK;
+    let codes = &x.codes[m * x.padded..][..x.padded];
+    let (scales, sums) = (&x.scales[m * blocks..], &x.sums[m * blocks..]);
+    let mut out = [0.0f32; LANES];
+    for (lane, out) in out.iter_mut().enumerate() {
+        for (b, (codes, (&scale, &sum))) in codes
+            .chunks_exact(INT8_HEAD_BLOCK)
+            .zip(scales.iter().zip(sums))
+            .enumerate()
+        {
+            // sum (w + 128) * x over the block, then less 128 * sum x: the exact dot.
+            let stored: i32 = codes
+                .chunks_exact(QUAD)
+                .enumerate()
+                .flat_map(|(j, x)| {
+                    let at = ((b * INT8_HEAD_BLOCK / QUAD + j) * LANES + lane) * QUAD;
+                    x.iter()
+                        .zip(&group[at..at + QUAD])
+                        .map(|(&x, &w)| i32::from(x) * i32::from(w))
+                })
+                .sum();
+            *out += (stored - 128 * sum) as f32 * scale;
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{Activations, INT8_HEAD_BLOCK, LANES, QUAD};
+    use std::arch::x86_64::*;
+
+    /// [`super::portable_lanes`] with one `vpdpbusd` per 4 columns of all 16 rows: the 4
+    /// codes of the vector broadcast to every lane. Four accumulators, so that no `vpdpbusd`
+    /// waits for the one before; each block's integer sums exact, then scaled and added in f32
+    /// as the reference adds them (a product, then a sum, never fused).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512 VNNI must be present; `group` is `LANES * x.padded` bytes.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub(super) unsafe fn int8_lanes(group: &[u8], x: &Activations, m: usize) -> [f32; LANES] {
+        let blocks = x.padded / INT8_HEAD_BLOCK;
+        debug_assert_eq!(group.len(), LANES * x.padded);
+        let codes = x.codes[m * x.padded..][..x.padded].as_ptr();
+        let quads = INT8_HEAD_BLOCK / QUAD;
+        let mut total = _mm512_setzero_ps();
+        for b in 0..blocks {
+            let mut acc = [_mm512_setzero_si512(); 4];
+            for j in 0..quads {
+                let k = b * quads + j;
+                // SAFETY: quad `k` of the codes and its 64 table bytes are in bounds.
+                let (w, x4) = unsafe {
+                    (
+                        _mm512_loadu_si512(group.as_ptr().add(k * LANES * QUAD).cast()),
+                        codes.add(k * QUAD).cast::<i32>().read_unaligned(),
+                    )
+                };
+                acc[j % 4] = _mm512_dpbusd_epi32(acc[j % 4], w, _mm512_set1_epi32(x4));
+            }
+            let stored = _mm512_add_epi32(
+                _mm512_add_epi32(acc[0], acc[1]),
+                _mm512_add_epi32(acc[2], acc[3]),
+            );
+            let dot = _mm512_sub_epi32(stored, _mm512_set1_epi32(128 * x.sums[m * blocks + b]));
+            let scaled = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(dot),
+                _mm512_set1_ps(x.scales[m * blocks + b]),
+            );
+            total = _mm512_add_ps(total, scaled);
+        }
+        let mut out = [0.0f32; LANES];
+        // SAFETY: 16 writable floats.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), total) };
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{int8_table, lm_head_int8};
+    use crate::table::FloatType;
+    use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+    #[test]
+    fn products_equal_the_reference_bit_for_bit() {
+        let mut rng = SmallRng::seed_from_u64(21);
+        for (rows, cols, n) in [
+            (1, 1, 1),
+            (17, 5, 2),
+            (33, 127, 1),
+            (40, 129, 3),
+            (300, 256, 1),
+            (1000, 390, 2),
+        ] {
+            let mut table: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            // An all-zero row, and a row with one large value.
+            table[..cols].fill(0.0);
+            table[(rows - 1) * cols] = 40.0;
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
+            let fast = Int8Rows::from_table(&Table::values(&table[..], cols), &|| {}).unwrap();
+            let want = lm_head_int8(&x, n, &int8_table(&table, rows, cols).unwrap()).unwrap();
+            for kernel in Kernel::available() {
+                let got = fast.products_on(kernel, &x, n);
+                assert_eq!(got.len(), want.len());
+                for (a, b) in got.iter().zip(&want) {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{kernel:?}: {rows} x {cols}, {n}");
+                }
+            }
+            assert_eq!(fast.products(&x, n).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn close_to_the_float_products() {
+        // The quantization error of a logit is a small part of the sum of |x_k * w_k|.
+        let mut rng = SmallRng::seed_from_u64(22);
+        let (rows, cols) = (50, 300);
+        let table: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let fast = Int8Rows::from_table(&Table::values(&table[..], cols), &|| {}).unwrap();
+        let got = fast.products(&x, 1).unwrap();
+        for (r, w) in table.chunks_exact(cols).enumerate() {
+            let exact: f32 = x.iter().zip(w).map(|(a, b)| a * b).sum();
+            let bound: f32 = x.iter().zip(w).map(|(a, b)| (a * b).abs()).sum();
+            assert!((got[r] - exact).abs() < 0.01 * bound, "row {r}");
+        }
+    }
+
+    #[test]
+    fn a_stored_f16_table_quantizes_as_its_values() {
+        let mut rng = SmallRng::seed_from_u64(23);
+        let (rows, cols) = (70, 130);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| half::f16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
+            .collect();
+        let bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        let stored = Table::stored("t", FloatType::F16, &bytes, rows, cols).unwrap();
+        let released = std::cell::Cell::new(0);
+        let from_file =
+            Int8Rows::from_table(&stored, &|| released.set(released.get() + 1)).unwrap();
+        assert_eq!(released.get(), 1);
+        let from_values = Int8Rows::from_table(&Table::values(&values[..], cols), &|| {});
+        assert_eq!(from_file, from_values.unwrap());
+        assert_eq!(from_file.bytes(), 5 * LANES * 256 + 4 * 5 * LANES);
+        assert!(from_file.products(&[1.0; 129], 1).is_err());
+    }
+
+    impl Int8Rows {
+        /// [`Int8Rows::products`] on `kernel`.
+        fn products_on(&self, kernel: Kernel, x: &[f32], n: usize) -> Vec<f32> {
+            let acts = Activations::new(x, n, self.cols);
+            let padded = acts.padded;
+            let mut y = vec![0.0; n * self.rows];
+            for r in 0..self.rows {
+                let (g, lane) = (r / LANES, r % LANES);
+                let group = &self.values[g * LANES * padded..][..LANES * padded];
+                for m in 0..n {
+                    let sums = kernel.int8_lanes(group, &acts, m);
+                    y[m * self.rows + r] = sums[lane] * self.scales[r];
+                }
+            }
+            y
+        }
+    }
+}
