@@ -129,7 +129,11 @@ impl Backend {
                 if sequence.fed == 0 {
                     engine.reset();
                 }
-                pollster::block_on(engine.forward(sequence.next_tokens(), Logits::Last))
+                // `Logits::Last` gives at least the last row: keep only it.
+                let vocab = engine.config().vocab_size;
+                let mut logits =
+                    pollster::block_on(engine.forward(sequence.next_tokens(), Logits::Last))?;
+                Ok(logits.split_off(logits.len() - vocab))
             }
         }
     }
