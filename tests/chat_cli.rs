@@ -2,49 +2,19 @@
 //! stdin.
 #![cfg(not(target_arch = "wasm32"))]
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
 #[path = "support/chat_model.rs"]
 mod chat_model;
+#[path = "support/cli.rs"]
+mod cli;
 use chat_model::ChatModel;
-
-fn bitnet(args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the bitnet binary runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
+use cli::{bitnet, json_lines};
 
 fn path_str(path: &Path) -> &str {
     path.to_str().unwrap()
-}
-
-/// Each line of stdout as JSON, asserting success.
-fn json_lines(output: &Output) -> Vec<Value> {
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// The Llama 3 rendering of a conversation, with the start of the answer.

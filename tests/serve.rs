@@ -4,7 +4,7 @@
 #![cfg(not(target_arch = "wasm32"))]
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,10 @@ use ureq::Agent;
 
 #[path = "support/chat_model.rs"]
 mod chat_model;
+#[path = "support/cli.rs"]
+mod cli;
 use chat_model::ChatModel;
+use cli::{bitnet, json_lines};
 
 /// A running server; killed when dropped.
 struct Server {
@@ -247,38 +250,9 @@ fn streamed(events: &[Value], chat: bool) -> (String, String, Option<Value>) {
     (text, finish.expect("a finish reason"), usage)
 }
 
-/// Each line of a `bitnet` command's stdout as JSON, asserting success.
+/// The JSON lines a `bitnet` command prints.
 fn bitnet_lines(args: &[&str], stdin: &str) -> Vec<Value> {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let output: Output = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// The first line of a `bitnet` command's stdout as JSON.
-fn bitnet(args: &[&str], stdin: &str) -> Value {
-    bitnet_lines(args, stdin).swap_remove(0)
+    json_lines(&bitnet(args, stdin))
 }
 
 /// Completions (whole and streamed, text and token-id prompts, stop texts) are `bitnet
@@ -288,7 +262,7 @@ fn answers_are_those_of_generate_and_chat() {
     let model = ChatModel::new(true);
     let server = Server::start(&["--model", model.path()]);
     let name = server.model();
-    let generated = bitnet(
+    let generated = &bitnet_lines(
         &[
             "generate",
             "--model",
@@ -304,7 +278,7 @@ fn answers_are_those_of_generate_and_chat() {
             "20",
         ],
         "",
-    );
+    )[0];
     let want_text = generated["text"].as_str().unwrap();
     let prompt_ids = generated["prompt_ids"].as_array().unwrap().len();
     let new_ids = generated["generated_ids"].as_array().unwrap().len();
@@ -361,7 +335,7 @@ fn answers_are_those_of_generate_and_chat() {
         );
     }
 
-    let chat = bitnet(
+    let turns = bitnet_lines(
         &[
             "chat",
             "--model",
@@ -376,8 +350,9 @@ fn answers_are_those_of_generate_and_chat() {
             "--max-new-tokens",
             "12",
         ],
-        "Hello\n",
+        "Hello\nAnd then?\n",
     );
+    let chat = &turns[0];
     let messages = json!([{"role": "system", "content": "Be brief."},
                           {"role": "user", "content": [{"type": "text", "text": "Hello"}]}]);
     let request = json!({"model": name, "messages": messages, "max_completion_tokens": 12,
@@ -405,23 +380,6 @@ fn answers_are_those_of_generate_and_chat() {
     assert_eq!(usage, None);
     // The next turn, the whole conversation sent again: `bitnet chat`'s second answer; the
     // earlier requests' caches held its start.
-    let turns = bitnet_lines(
-        &[
-            "chat",
-            "--model",
-            model.path(),
-            "--device",
-            "cpu",
-            "--json",
-            "--system",
-            "Be brief.",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "12",
-        ],
-        "Hello\nAnd then?\n",
-    );
     let mut request = request;
     request["messages"] = json!([{"role": "system", "content": "Be brief."},
                                  {"role": "user", "content": "Hello"},
@@ -696,7 +654,7 @@ fn a_gpu_engine_answers_each_request_as_generate_does() {
         .collect();
     for (prompt, answer) in prompts.iter().zip(answers) {
         let (text, _, _) = streamed(&answer.join().unwrap(), false);
-        let generated = bitnet(
+        let generated = &bitnet_lines(
             &[
                 "generate",
                 "--model",
@@ -712,7 +670,7 @@ fn a_gpu_engine_answers_each_request_as_generate_does() {
                 "16",
             ],
             "",
-        );
+        )[0];
         assert_eq!(json!(text), generated["text"], "{prompt}");
     }
     let log = server.log();
