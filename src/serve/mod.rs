@@ -406,10 +406,7 @@ async fn chat_completions(
         Ok((request.options, ids, stop_ids))
     }
     .await;
-    match prepared {
-        Ok((options, ids, stop_ids)) => answer(&state, Kind::Chat, options, ids, stop_ids).await,
-        Err(response) => response,
-    }
+    answer(&state, Kind::Chat, prepared).await
 }
 
 async fn completions(
@@ -429,22 +426,19 @@ async fn completions(
         Ok((request.options, ids, stop_ids))
     }
     .await;
-    match prepared {
-        Ok((options, ids, stop_ids)) => {
-            answer(&state, Kind::Completion, options, ids, stop_ids).await
-        }
-        Err(response) => response,
-    }
+    answer(&state, Kind::Completion, prepared).await
 }
 
+/// What a request asks, its prompt's ids and the ids that end its answer; or the response
+/// that refuses it.
+type Prepared = std::result::Result<(Options, Vec<u32>, Vec<u32>), Response>;
+
 /// Queues the checked request and answers it, streamed or whole.
-async fn answer(
-    state: &Arc<AppState>,
-    kind: Kind,
-    options: Options,
-    prompt_ids: Vec<u32>,
-    stop_ids: Vec<u32>,
-) -> Response {
+async fn answer(state: &Arc<AppState>, kind: Kind, prepared: Prepared) -> Response {
+    let (options, prompt_ids, stop_ids) = match prepared {
+        Ok(prepared) => prepared,
+        Err(response) => return response,
+    };
     let id = state.next_id(kind.id_prefix());
     let seed = unix_time() ^ state.requests.load(Ordering::Relaxed).rotate_left(32);
     let Ask {
