@@ -19,21 +19,12 @@ pub fn lm_head(
     vocab: usize,
     hidden: usize,
 ) -> Result<Vec<f32>> {
-    if hidden == 0 {
-        return Err(Error::Empty("lm_head hidden size"));
-    }
+    check_table(table, vocab, hidden)?;
     if x.len() != rows * hidden {
         return Err(Error::shape(
             "lm_head input",
             format!("{rows} x {hidden}"),
             x.len(),
-        ));
-    }
-    if table.len() != vocab * hidden {
-        return Err(Error::shape(
-            "lm_head table",
-            format!("{vocab} x {hidden}"),
-            table.len(),
         ));
     }
     let mut logits = Vec::with_capacity(rows * vocab);
@@ -135,16 +126,7 @@ pub fn quantize_int8(values: &[f32], codes: &mut [i8]) -> f32 {
 /// The `[vocab, hidden]` table row by row in 8 bits ([`quantize_int8`]): a quarter of its f32
 /// bytes, half of its f16 ones, for [`lm_head_int8`].
 pub fn int8_table(table: &[f32], vocab: usize, hidden: usize) -> Result<Int8Table> {
-    if hidden == 0 {
-        return Err(Error::Empty("lm_head hidden size"));
-    }
-    if table.len() != vocab * hidden {
-        return Err(Error::shape(
-            "lm_head table",
-            format!("{vocab} x {hidden}"),
-            table.len(),
-        ));
-    }
+    check_table(table, vocab, hidden)?;
     let mut codes = vec![0i8; table.len()];
     let scales = table
         .chunks_exact(hidden)
@@ -211,6 +193,21 @@ pub fn lm_head_int8(x: &[f32], rows: usize, table: &Int8Table) -> Result<Vec<f32
         }
     }
     Ok(logits)
+}
+
+/// Refuses a hidden size of 0 and a table that is not `[vocab, hidden]`.
+fn check_table(table: &[f32], vocab: usize, hidden: usize) -> Result<()> {
+    if hidden == 0 {
+        return Err(Error::Empty("lm_head hidden size"));
+    }
+    if table.len() != vocab * hidden {
+        return Err(Error::shape(
+            "lm_head table",
+            format!("{vocab} x {hidden}"),
+            table.len(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
