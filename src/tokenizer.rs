@@ -138,21 +138,24 @@ impl Tokenizer {
     /// set them with [`Tokenizer::with_special_ids`].
     pub fn from_json(json: &[u8]) -> Result<Self> {
         // tokenizers panics (an `expect` in its decoder's deserializer) when the decoder is not
-        // well-formed JSON, instead of returning its error, so the file is checked first: its
-        // syntax, the decoder's strings (which skipping would not decode) and the post-processor.
+        // well-formed JSON, instead of returning its error, so the file's syntax and the
+        // decoder's strings (which skipping would not decode) are checked first.
         #[derive(serde::Deserialize)]
         struct Checked {
             #[serde(rename = "decoder")]
             _decoder: Option<serde_json::Value>,
-            post_processor: Option<serde_json::Value>,
         }
-        let checked: Checked =
+        let _: Checked =
             serde_json::from_slice(json).map_err(|e| Error::invalid("tokenizer.json", e))?;
-        if let Some(processor) = &checked.post_processor {
-            check_post_processor(processor)?;
-        }
         let inner = tokenizers::Tokenizer::from_bytes(json)
             .map_err(|e| Error::invalid("tokenizer.json", e))?;
+        // The post-processor is checked as tokenizers writes it back: tokenizers reads a
+        // processor by its fields, whatever its "type" says.
+        if let Some(processor) = inner.get_post_processor() {
+            let written =
+                serde_json::to_value(processor).map_err(|e| Error::invalid("tokenizer.json", e))?;
+            check_post_processor(&written)?;
+        }
         Ok(Tokenizer {
             kind: Kind::hf(inner),
             bos: None,
@@ -759,8 +762,15 @@ mod tests {
             (r#""special_tokens": {"<s>""#, r#""special_tokens": {"<t>""#),
             (r#""id": "A""#, r#""id": "B""#),
             (r#""ids": [1]"#, r#""ids": [1, 2]"#),
+            (
+                r#""type": "TemplateProcessing",
+             "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},"#,
+                r#""type": "TemplateProcessinf",
+             "single": [{"SpecialToken": {"id": "<t>", "type_id": 0}},"#,
+            ),
         ] {
             let json = good.replacen(from, to, 1);
+            assert_ne!(json, good, "{to}");
             let e = Tokenizer::from_json(json.as_bytes()).unwrap_err();
             assert!(e.to_string().contains("post_processor"), "{to}: {e}");
         }
