@@ -110,6 +110,7 @@ pub struct Int8Table {
 /// let scale = bitnet_wgpu::cpu::quantize_int8(&[0.5, -1.0, 0.25], &mut codes);
 /// assert_eq!((codes, scale), ([64, -127, 32], 1.0 / 127.0));
 /// ```
+#[inline]
 pub fn quantize_int8(values: &[f32], codes: &mut [i8]) -> f32 {
     let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     if !values.iter().all(|v| v.is_finite()) || max == 0.0 {

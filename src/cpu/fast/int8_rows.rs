@@ -2,10 +2,11 @@
 //! of the f16 table per decoding step, and 64 multiply-adds per instruction where AVX-512 VNNI
 //! is present.
 
-use super::{Kernel, for_each_chunk, items_per_task};
+use super::{Kernel, for_each_chunk, for_each_chunk_pair, items_per_task};
 use crate::cpu::{INT8_HEAD_BLOCK, quantize_int8};
 use crate::table::Table;
 use crate::{Error, Result};
+use std::sync::OnceLock;
 
 /// Rows side by side: one 64-byte vector holds 4 consecutive columns of 16 rows, so that
 /// `vpdpbusd` adds each row's 4 products into its own i32 lane.
@@ -67,25 +68,34 @@ impl Int8Rows {
         let block_rows = (BLOCK_VALUES / cols).max(1).next_multiple_of(LANES);
         for block in table.blocks(block_rows) {
             let first = block.start / LANES;
-            let floats = table.read(block.clone())?;
             let out = &mut values[first * group_len..][..block.len().div_ceil(LANES) * group_len];
             let scales = &mut scales[block.start..][..block.len()];
-            let mut codes = vec![0i8; floats.len()];
-            for ((row, codes), scale) in floats
-                .chunks_exact(cols)
-                .zip(codes.chunks_exact_mut(cols))
-                .zip(scales.iter_mut())
-            {
-                *scale = quantize_int8(row, codes);
-            }
-            for_each_chunk(out, group_len, |g, group| {
-                let rows = &codes[g * LANES * cols..codes.len().min((g + 1) * LANES * cols)];
-                for (lane, row) in rows.chunks_exact(cols).enumerate() {
-                    for (k, &c) in row.iter().enumerate() {
-                        group[(k / QUAD * LANES + lane) * QUAD + k % QUAD] = c as u8 ^ 0x80;
+            let kernel = Kernel::detect();
+            // Each task widens its own rows: a table of 2B4T's size is 0.33 G values.
+            let failure = OnceLock::new();
+            for_each_chunk_pair((out, group_len), (scales, LANES), |g, group, scales| {
+                let start = block.start + g * LANES;
+                let floats = match table.read(start..start + scales.len()) {
+                    Ok(floats) => floats,
+                    Err(e) => {
+                        let _ = failure.set(e);
+                        return;
+                    }
+                };
+                let mut codes = vec![0i8; cols];
+                for (lane, (row, scale)) in floats.chunks_exact(cols).zip(scales).enumerate() {
+                    *scale = kernel.quantize_int8(row, &mut codes);
+                    for (q, codes) in codes.chunks(QUAD).enumerate() {
+                        let lane = &mut group[(q * LANES + lane) * QUAD..][..codes.len()];
+                        for (v, &c) in lane.iter_mut().zip(codes) {
+                            *v = c as u8 ^ 0x80;
+                        }
                     }
                 }
             });
+            if let Some(e) = failure.into_inner() {
+                return Err(e);
+            }
             release();
         }
         Ok(Int8Rows {
@@ -151,6 +161,27 @@ impl Int8Rows {
     }
 }
 
+impl Kernel {
+    /// [`quantize_int8`], its rounding one vector instruction where AVX2 is present (plain
+    /// x86-64 calls `rintf` for each value).
+    fn quantize_int8(self, values: &[f32], codes: &mut [i8]) -> f32 {
+        match self {
+            Kernel::Portable => quantize_int8(values, codes),
+            // SAFETY: AVX2 is present (`Kernel::detect`).
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 | Kernel::Vnni => unsafe { avx2_quantize_int8(values, codes) },
+        }
+    }
+}
+
+/// # Safety
+/// AVX2 must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_quantize_int8(values: &[f32], codes: &mut [i8]) -> f32 {
+    quantize_int8(values, codes)
+}
+
 /// `cols` rounded up to whole [`INT8_HEAD_BLOCK`]s.
 fn padded(cols: usize) -> usize {
     cols.div_ceil(INT8_HEAD_BLOCK) * INT8_HEAD_BLOCK
@@ -168,6 +199,7 @@ struct Activations {
 impl Activations {
     /// The `n` vectors `x` (`[n, cols]`) quantized block by block as the reference does.
     fn new(x: &[f32], n: usize, cols: usize) -> Self {
+        let kernel = Kernel::detect();
         let padded = padded(cols);
         let blocks = padded / INT8_HEAD_BLOCK;
         let mut codes = vec![0i8; n * padded];
@@ -186,7 +218,7 @@ impl Activations {
                 .chunks(INT8_HEAD_BLOCK)
                 .zip(codes.chunks_mut(INT8_HEAD_BLOCK));
             for ((x, codes), (scale, sum)) in blocks.zip(scales.iter_mut().zip(sums.iter_mut())) {
-                *scale = quantize_int8(x, &mut codes[..x.len()]);
+                *scale = kernel.quantize_int8(x, &mut codes[..x.len()]);
                 *sum = codes.iter().map(|&c| i32::from(c)).sum();
             }
         }

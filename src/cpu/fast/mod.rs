@@ -92,6 +92,33 @@ fn for_each_chunk<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [
         .for_each(|(i, c)| f(i, c));
 }
 
+/// [`for_each_chunk`] over two outputs cut into as many pieces: `f(index, a_chunk, b_chunk)`.
+#[cfg(not(target_arch = "wasm32"))]
+fn for_each_chunk_pair<A: Send, B: Send>(
+    (a, a_chunk): (&mut [A], usize),
+    (b, b_chunk): (&mut [B], usize),
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) {
+    use rayon::prelude::*;
+    a.par_chunks_mut(a_chunk.max(1))
+        .zip(b.par_chunks_mut(b_chunk.max(1)))
+        .enumerate()
+        .for_each(|(i, (a, b))| f(i, a, b));
+}
+
+/// [`for_each_chunk`] over two outputs cut into as many pieces; the browser has one thread.
+#[cfg(target_arch = "wasm32")]
+fn for_each_chunk_pair<A: Send, B: Send>(
+    (a, a_chunk): (&mut [A], usize),
+    (b, b_chunk): (&mut [B], usize),
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) {
+    a.chunks_mut(a_chunk.max(1))
+        .zip(b.chunks_mut(b_chunk.max(1)))
+        .enumerate()
+        .for_each(|(i, (a, b))| f(i, a, b));
+}
+
 /// Items per task so that each task has about `work` units of work, given `per_item` units per
 /// item: small products stay on one thread, where splitting costs more than it saves.
 fn items_per_task(items: usize, per_item: usize, work: usize) -> usize {
