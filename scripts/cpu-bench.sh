@@ -4,7 +4,8 @@
 # the demo model, and random weights with the shapes of bitnet-b1.58-2B-4T. Prints one table.
 # Then the CPU engine against bitnet.cpp (microsoft/BitNet's llama.cpp fork) on the 2B4T-shaped
 # file, the two taking turns: start-up to the first token, peak host memory, and prompt and decode
-# tokens/s at 1 and 2 threads. Prints a second table.
+# tokens/s at 1 and 2 threads (decoding with the exact head and with `--head int8`). Prints a
+# second table.
 #
 #   scripts/cpu-bench.sh
 #
@@ -161,16 +162,19 @@ timed() { # engine command... (one JSON line: wall seconds and peak RSS in KB)
     rm "$out"
     echo "{\"engine\": \"$engine\", \"figure\": \"start\", \"seconds\": $seconds, \"kb\": $kb}"
 }
-ours_rates() { # threads prompt_tokens new_tokens (the decode figure where more than one)
+ours_rates() { # threads prompt_tokens new_tokens [head] (the decode figure where more than one)
+    local head=${4:-exact}
     RAYON_NUM_THREADS=$1 "$bitnet" generate --model "$gguf" --prompt "$(long_prompt "$2")" \
-        --max-new-tokens "$3" --temperature 0 --device cpu --json 2>/dev/null |
+        --max-new-tokens "$3" --temperature 0 --device cpu --head "$head" --json 2>/dev/null |
         "$python" -c 'import json, sys; d = json.load(sys.stdin); t = int(sys.argv[1])
-print(json.dumps({"engine": "bitnet", "figure": "prompt", "threads": t,
-                  "tokens": len(d["prompt_ids"]), "tokens_per_s": d["prompt_tokens_per_s"]}))
+engine = "bitnet" if sys.argv[2] == "exact" else "bitnet --head " + sys.argv[2]
+if engine == "bitnet":
+    print(json.dumps({"engine": engine, "figure": "prompt", "threads": t,
+                      "tokens": len(d["prompt_ids"]), "tokens_per_s": d["prompt_tokens_per_s"]}))
 if len(d["generated_ids"]) > 1:
-    print(json.dumps({"engine": "bitnet", "figure": "decode", "threads": t,
+    print(json.dumps({"engine": engine, "figure": "decode", "threads": t,
                       "tokens": len(d["generated_ids"]) - 1, "tokens_per_s": d["tokens_per_s"]}))
-' "$1"
+' "$1" "$head"
 }
 theirs_rate() { # figure threads -p -n
     "$bitnet_cpp/build/bin/llama-bench" -m "$gguf" -p "$3" -n "$4" -t "$2" -ub 256 -r 3 -o json \
@@ -198,6 +202,7 @@ for threads in 1 2; do
                 new_tokens=1
             done
             theirs_rate decode "$threads" 0 "$cpp_decode"
+            ours_rates "$threads" "${cpp_prompt%% *}" "$((cpp_decode + 1))" int8
         } >>"$cpp"
     done
 done
@@ -231,6 +236,12 @@ for figure, sizes in (("prompt", lengths), ("decode", [None])):
         tokens = "/".join(sorted({str(r["tokens"]) for r in a + b}))
         print(f"| {figure} tokens/s, {tokens} tokens, {threads} thread{'s' if threads > 1 else ''} "
               f"(median of {rounds}) | {ra:.2f} | {rb:.2f} | {ra / rb:.2f}x |")
+        int8 = pick("bitnet --head int8", figure, threads, size)
+        if int8:
+            ri = statistics.median(r["tokens_per_s"] for r in int8)
+            print(f"| {figure} tokens/s, {tokens} tokens, {threads} "
+                  f"thread{'s' if threads > 1 else ''}, `--head int8` (median of {rounds}) | "
+                  f"{ri:.2f} | {rb:.2f} | {ri / rb:.2f}x |")
 PYEOF
 echo
 echo "load before: $load_before"
