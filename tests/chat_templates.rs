@@ -1,6 +1,7 @@
 //! Chat templates rendered and tokenized as transformers' `apply_chat_template` does, against
 //! what it produced (tests/fixtures/chat/expected.json, written by scripts/chat-fixtures.py),
 //! and a conversation that stops at the template's end of turn.
+#![cfg(not(target_arch = "wasm32"))]
 
 use bitnet_wgpu::chat::{ChatFiles, ChatTemplate, Conversation, Message};
 use bitnet_wgpu::model::{

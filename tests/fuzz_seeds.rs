@@ -7,6 +7,7 @@
 //!
 //! Seeds holding several files (`hf_load`) are framed as the fuzz crate reads
 //! them: each part is its length (u32, little-endian) followed by its bytes.
+#![cfg(not(target_arch = "wasm32"))]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

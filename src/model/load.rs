@@ -348,7 +348,8 @@ fn not_a_model(where_: &str, why: String) -> Error {
     Error::invalid("model path", format!("{where_}: {why}"))
 }
 
-#[cfg(test)]
+// The tests write checkpoints to files and load them by path, which the browser has not.
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
     use crate::cpu::{WeightQuantOptions, weight_quant};
