@@ -19,14 +19,8 @@ pub fn lm_head(
     vocab: usize,
     hidden: usize,
 ) -> Result<Vec<f32>> {
-    check_table(table, vocab, hidden)?;
-    if x.len() != rows * hidden {
-        return Err(Error::shape(
-            "lm_head input",
-            format!("{rows} x {hidden}"),
-            x.len(),
-        ));
-    }
+    check_rows(table, vocab, hidden, "lm_head table")?;
+    check_rows(x, rows, hidden, "lm_head input")?;
     let mut logits = Vec::with_capacity(rows * vocab);
     for row in x.chunks_exact(hidden) {
         for w in table.chunks_exact(hidden) {
@@ -127,7 +121,7 @@ pub fn quantize_int8(values: &[f32], codes: &mut [i8]) -> f32 {
 /// The `[vocab, hidden]` table row by row in 8 bits ([`quantize_int8`]): a quarter of its f32
 /// bytes, half of its f16 ones, for [`lm_head_int8`].
 pub fn int8_table(table: &[f32], vocab: usize, hidden: usize) -> Result<Int8Table> {
-    check_table(table, vocab, hidden)?;
+    check_rows(table, vocab, hidden, "lm_head table")?;
     let mut codes = vec![0i8; table.len()];
     let scales = table
         .chunks_exact(hidden)
@@ -158,16 +152,7 @@ pub fn int8_table(table: &[f32], vocab: usize, hidden: usize) -> Result<Int8Tabl
 /// ```
 pub fn lm_head_int8(x: &[f32], rows: usize, table: &Int8Table) -> Result<Vec<f32>> {
     let hidden = table.cols;
-    if hidden == 0 {
-        return Err(Error::Empty("lm_head hidden size"));
-    }
-    if x.len() != rows * hidden {
-        return Err(Error::shape(
-            "lm_head input",
-            format!("{rows} x {hidden}"),
-            x.len(),
-        ));
-    }
+    check_rows(x, rows, hidden, "lm_head input")?;
     let mut logits = Vec::with_capacity(rows * table.rows);
     for row in x.chunks_exact(hidden) {
         let mut codes = vec![0i8; hidden];
@@ -196,16 +181,17 @@ pub fn lm_head_int8(x: &[f32], rows: usize, table: &Int8Table) -> Result<Vec<f32
     Ok(logits)
 }
 
-/// Refuses a hidden size of 0 and a table that is not `[vocab, hidden]`.
-fn check_table(table: &[f32], vocab: usize, hidden: usize) -> Result<()> {
+/// Refuses a hidden size of 0 and `values` (the input, or the table, as `what` names it) that
+/// are not `[rows, hidden]`.
+fn check_rows(values: &[f32], rows: usize, hidden: usize, what: &'static str) -> Result<()> {
     if hidden == 0 {
         return Err(Error::Empty("lm_head hidden size"));
     }
-    if table.len() != vocab * hidden {
+    if values.len() != rows * hidden {
         return Err(Error::shape(
-            "lm_head table",
-            format!("{vocab} x {hidden}"),
-            table.len(),
+            what,
+            format!("{rows} x {hidden}"),
+            values.len(),
         ));
     }
     Ok(())

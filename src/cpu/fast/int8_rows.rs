@@ -2,7 +2,7 @@
 //! of the f16 table per decoding step, and 64 multiply-adds per instruction where AVX-512 VNNI
 //! is present.
 
-use super::{Kernel, for_each_chunk, for_each_chunk_pair, items_per_task};
+use super::{Kernel, for_each_chunk, for_each_chunk_pair, items_per_task, table_shape};
 use crate::cpu::{INT8_HEAD_BLOCK, quantize_int8};
 use crate::table::Table;
 use crate::{Error, Result};
@@ -49,28 +49,18 @@ impl Int8Rows {
     /// `table` quantized a block of rows at a time (never widened whole); `release` is called
     /// after each block, as [`super::InterleavedRows::from_table`] calls it.
     pub fn from_table(table: &Table<'_>, release: &dyn Fn()) -> Result<Self> {
-        let (rows, cols) = (table.rows(), table.cols());
-        if cols == 0 {
-            return Err(Error::Empty("table row"));
-        }
-        if rows * cols != table.len() {
-            return Err(Error::shape(
-                "table",
-                format!("{rows} x {cols}"),
-                table.len(),
-            ));
-        }
+        let (rows, cols) = table_shape(table)?;
         let padded = padded(cols);
         let group_len = LANES * padded;
         let groups = rows.div_ceil(LANES);
         let mut values = vec![128u8; groups * group_len];
         let mut scales = vec![0.0f32; groups * LANES];
         let block_rows = (BLOCK_VALUES / cols).max(1).next_multiple_of(LANES);
+        let kernel = Kernel::detect();
         for block in table.blocks(block_rows) {
             let first = block.start / LANES;
             let out = &mut values[first * group_len..][..block.len().div_ceil(LANES) * group_len];
             let scales = &mut scales[block.start..][..block.len()];
-            let kernel = Kernel::detect();
             // Each task widens its own rows: a table of 2B4T's size is 0.33 G values.
             let failure = OnceLock::new();
             for_each_chunk_pair((out, group_len), (scales, LANES), |g, group, scales| {

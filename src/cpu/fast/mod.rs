@@ -75,6 +75,23 @@ fn populate<T>(start: *const T, len: usize) {
     let _ = (start, len);
 }
 
+/// `(rows, cols)` of a table an engine lays out: an error for empty rows, or for values that are
+/// not whole rows.
+fn table_shape(table: &crate::table::Table<'_>) -> crate::Result<(usize, usize)> {
+    let (rows, cols) = (table.rows(), table.cols());
+    if cols == 0 {
+        return Err(crate::Error::Empty("table row"));
+    }
+    if rows * cols != table.len() {
+        return Err(crate::Error::shape(
+            "table",
+            format!("{rows} x {cols}"),
+            table.len(),
+        ));
+    }
+    Ok((rows, cols))
+}
+
 /// Runs `f(index, chunk)` on every `chunk`-sized piece of `out`, on all cores natively. One
 /// piece, or one thread, runs here: handing it to the pool and waiting costs the calling thread
 /// a sleep and a wake-up (about a tenth of a decoding step on one thread, measured).

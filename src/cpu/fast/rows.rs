@@ -1,6 +1,6 @@
 //! A float table (the embeddings, the lm_head) laid out for the CPU engine's products.
 
-use super::{Kernel, for_each_chunk, items_per_task, populate};
+use super::{Kernel, for_each_chunk, items_per_task, populate, table_shape};
 use std::borrow::Cow;
 use std::ops::Range;
 
@@ -65,17 +65,7 @@ impl InterleavedRows {
     /// [`crate::model::WeightSource::release`], so that a mapped file's pages go as the rows are
     /// laid out rather than all at the end.
     pub fn from_table(table: &Table<'_>, release: &dyn Fn()) -> Result<Self> {
-        let (rows, cols) = (table.rows(), table.cols());
-        if cols == 0 {
-            return Err(Error::Empty("table row"));
-        }
-        if rows * cols != table.len() {
-            return Err(Error::shape(
-                "table",
-                format!("{rows} x {cols}"),
-                table.len(),
-            ));
-        }
+        let (rows, cols) = table_shape(table)?;
         let block_rows = (BLOCK_VALUES / cols).max(1).next_multiple_of(LANES);
         if table.stored_type() == Some(FloatType::F16) {
             let read = |rows| table.read_f16(rows);
