@@ -122,6 +122,7 @@ impl PackedModel {
     /// checks), telling the source to release what it read ([`WeightSource::release`]) after each
     /// block of table rows and each layer.
     pub(super) fn new(weights: &dyn WeightSource, head: LmHead) -> Result<Self> {
+        crate::cpu::fast::keep_freed_memory();
         let source = Checked::new(weights)?;
         let c = weights.config().clone();
         let release = || weights.release();

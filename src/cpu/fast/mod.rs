@@ -75,6 +75,24 @@ fn populate<T>(start: *const T, len: usize) {
     let _ = (start, len);
 }
 
+/// Asks glibc's malloc to keep freed memory for the next allocation, once per process. A
+/// prompt's activations (megabytes per layer) are allocated and freed at every step; by default
+/// the larger ones are mapped and unmapped each time, or trimmed from the heap's top, and every
+/// reuse pays a page fault and a zeroed page per 4 KiB: 17% of a 128-token prompt (`perf`),
+/// 10% of its speed. Allocations up to 32 MiB (the most glibc allows for this threshold) come
+/// from the heap and freed memory stays mapped, up to 1 GiB; the peak is unchanged.
+pub(crate) fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        // SAFETY: mallopt only changes thresholds; called before the engine's work begins.
+        ONCE.call_once(|| unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        });
+    }
+}
+
 /// `(rows, cols)` of a table an engine lays out: an error for empty rows, or for values that are
 /// not whole rows.
 fn table_shape(table: &crate::table::Table<'_>) -> crate::Result<(usize, usize)> {
