@@ -97,14 +97,65 @@ impl Kernel {
     }
 }
 
-/// [`attend`] compiled for AVX2: the same operations, 8 lanes at a time.
+/// [`attend`] in AVX2 intrinsics: the same operations in the same order, each block's 64 sums
+/// (and each stretch of 64 output dimensions) held in eight vector registers. Left to the
+/// compiler, the 64 sums lived on the stack, a store and a reload per multiply-add.
 ///
 /// # Safety
 /// AVX2 must be present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn avx2_attend(head: &Head<'_>, scores: &mut Vec<f32>, acc: &mut [f32]) {
-    attend(head, scores, acc)
+    use std::arch::x86_64::*;
+    const VECTORS: usize = KEYS / 8;
+    let head_dim = head.q.len();
+    let scaling = 1.0 / (head_dim as f32).sqrt();
+    let start: f32 = std::iter::empty::<f32>().sum();
+    scores.clear();
+    let mut lanes = [0.0f32; KEYS];
+    for block in head
+        .keys
+        .chunks_exact(head_dim * KEYS)
+        .take(head.visible.div_ceil(KEYS))
+    {
+        let mut sums = [_mm256_set1_ps(start); VECTORS];
+        for (&x, keys) in head.q.iter().zip(block.chunks_exact(KEYS)) {
+            let x = _mm256_set1_ps(x);
+            for (l, sum) in sums.iter_mut().enumerate() {
+                // SAFETY: `keys` holds KEYS values, 8 per vector.
+                let key = unsafe { _mm256_loadu_ps(keys.as_ptr().add(8 * l)) };
+                *sum = _mm256_add_ps(*sum, _mm256_mul_ps(x, key));
+            }
+        }
+        for (l, sum) in sums.iter().enumerate() {
+            // SAFETY: `lanes` holds KEYS values.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * l), *sum) };
+        }
+        scores.extend(lanes.iter().map(|&s| s * scaling));
+    }
+    scores.truncate(head.visible);
+    softmax(scores);
+    const DIMS: usize = 64;
+    for (c, acc) in acc.chunks_mut(DIMS).enumerate() {
+        if acc.len() < DIMS {
+            weighted_values(head, scores, c * DIMS, acc);
+            continue;
+        }
+        let mut sums = [_mm256_setzero_ps(); DIMS / 8];
+        for (j, &weight) in scores.iter().enumerate() {
+            let value = &head.values[j * head.kv_width + c * DIMS..][..DIMS];
+            let weight = _mm256_set1_ps(weight);
+            for (l, sum) in sums.iter_mut().enumerate() {
+                // SAFETY: `value` holds DIMS values, 8 per vector.
+                let v = unsafe { _mm256_loadu_ps(value.as_ptr().add(8 * l)) };
+                *sum = _mm256_add_ps(*sum, _mm256_mul_ps(weight, v));
+            }
+        }
+        for (l, sum) in sums.iter().enumerate() {
+            // SAFETY: `acc` holds DIMS values.
+            unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(8 * l), *sum) };
+        }
+    }
 }
 
 /// The reference's arithmetic for one head: each score `dot(q, key_j)` summed left to right from
@@ -131,6 +182,17 @@ fn attend(head: &Head<'_>, scores: &mut Vec<f32>, acc: &mut [f32]) {
         scores.extend(sums.iter().map(|&s| s * scaling));
     }
     scores.truncate(head.visible);
+    softmax(scores);
+    const DIMS: usize = 64;
+    for (c, acc) in acc.chunks_mut(DIMS).enumerate() {
+        weighted_values(head, scores, c * DIMS, acc);
+    }
+}
+
+/// The reference's softmax of `scores` in place: `exp(s - max)`, then each divided by their sum
+/// (left to right).
+#[inline(always)]
+fn softmax(scores: &mut [f32]) {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for s in scores.iter_mut() {
         *s = (*s - max).exp();
@@ -139,25 +201,16 @@ fn attend(head: &Head<'_>, scores: &mut Vec<f32>, acc: &mut [f32]) {
     for s in scores.iter_mut() {
         *s /= total;
     }
-    const DIMS: usize = 64;
-    for (c, acc) in acc.chunks_mut(DIMS).enumerate() {
-        let len = acc.len();
-        let value = |j: usize| &head.values[j * head.kv_width + c * DIMS..][..len];
-        if let Ok(acc) = <&mut [f32; DIMS]>::try_from(&mut *acc) {
-            let mut sums = [0.0f32; DIMS];
-            for (j, &weight) in scores.iter().enumerate() {
-                for (a, &val) in sums.iter_mut().zip(value(j)) {
-                    *a += weight * val;
-                }
-            }
-            *acc = sums;
-        } else {
-            acc.fill(0.0);
-            for (j, &weight) in scores.iter().enumerate() {
-                for (a, &val) in acc.iter_mut().zip(value(j)) {
-                    *a += weight * val;
-                }
-            }
+}
+
+/// `acc[d] = sum_j weights[j] * v_j[from + d]` from zero, `j` in order.
+#[inline(always)]
+fn weighted_values(head: &Head<'_>, weights: &[f32], from: usize, acc: &mut [f32]) {
+    acc.fill(0.0);
+    for (j, &weight) in weights.iter().enumerate() {
+        let value = &head.values[j * head.kv_width + from..][..acc.len()];
+        for (a, &val) in acc.iter_mut().zip(value) {
+            *a += weight * val;
         }
     }
 }
