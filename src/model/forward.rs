@@ -313,6 +313,10 @@ impl CpuDecoder for Reference<'_> {
         ternary_matmul(m, &self.0.layers[layer].down_proj, None)
     }
 
+    fn rmsnorm(&self, x: &[f32], rows: usize, weight: &[f32], eps: f32) -> Result<Vec<f32>> {
+        rmsnorm(x, rows, weight, eps)
+    }
+
     fn act_quant(&self, x: &[f32], rows: usize, cols: usize) -> Result<QuantizedActivations> {
         act_quant(x, rows, cols)
     }

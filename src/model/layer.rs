@@ -5,8 +5,9 @@
 //! steps on the same values, so their logits are equal bit for bit.
 
 use crate::Result;
-use crate::cpu::{AttentionShape, QuantizedActivations, rmsnorm};
-use crate::model::{KvCache, ModelConfig, sub_norm};
+use crate::cpu::{AttentionShape, QuantizedActivations};
+use crate::model::{KvCache, ModelConfig};
+use std::borrow::Cow;
 
 /// What an engine supplies for [`run_decoder_layers`]: layer `layer`'s norms and linears, and
 /// the attention's two position-wise operations.
@@ -21,6 +22,8 @@ pub(super) trait CpuDecoder {
     /// The gate and up projections `[n, intermediate]` of the quantized normed input.
     fn gate_up(&self, layer: usize, h: &QuantizedActivations) -> Result<[Vec<f32>; 2]>;
     fn down_proj(&self, layer: usize, m: &QuantizedActivations) -> Result<Vec<f32>>;
+    /// [`crate::cpu::rmsnorm`] of `x` (`[rows, weight.len()]`), or a twin equal to it bit for bit.
+    fn rmsnorm(&self, x: &[f32], rows: usize, weight: &[f32], eps: f32) -> Result<Vec<f32>>;
     /// [`crate::cpu::act_quant`] of `x` (`[rows, cols]`), or a twin equal to it bit for bit.
     fn act_quant(&self, x: &[f32], rows: usize, cols: usize) -> Result<QuantizedActivations>;
     /// Rotates `x` (`[positions.len(), heads * head_dim]`) at `positions`.
@@ -81,7 +84,7 @@ pub(super) fn run_decoder_layers(
         .collect();
     for layer in 0..c.num_hidden_layers {
         let [input_norm, attn_sub_norm, post_norm, ffn_sub_norm] = model.norms(layer);
-        let h = model.act_quant(&rmsnorm(x, n, input_norm, eps)?, n, hidden)?;
+        let h = model.act_quant(&model.rmsnorm(x, n, input_norm, eps)?, n, hidden)?;
         let [mut q, mut k, v] = model.qkv(layer, &h)?;
         model.rope(&mut q, &positions, shape.heads)?;
         model.rope(&mut k, &positions, shape.kv_heads)?;
@@ -100,17 +103,33 @@ pub(super) fn run_decoder_layers(
             )?);
             first = rows.end;
         }
-        let a = sub_norm(&a, n, attn_sub_norm, eps)?;
+        let a = sub_norm(model, &a, n, attn_sub_norm, eps)?;
         add_assign(x, &model.o_proj(layer, &model.act_quant(&a, n, attn)?)?);
 
-        let h = model.act_quant(&rmsnorm(x, n, post_norm, eps)?, n, hidden)?;
+        let h = model.act_quant(&model.rmsnorm(x, n, post_norm, eps)?, n, hidden)?;
         let [gate, up] = model.gate_up(layer, &h)?;
         let m = activation.gate(&gate, &up)?;
-        let m = sub_norm(&m, n, ffn_sub_norm, eps)?;
+        let m = sub_norm(model, &m, n, ffn_sub_norm, eps)?;
         let m = model.act_quant(&m, n, c.intermediate_size)?;
         add_assign(x, &model.down_proj(layer, &m)?);
     }
     Ok(())
+}
+
+/// The family's sub-norm: the engine's rmsnorm, or `x` itself where the family has none (an
+/// empty weight).
+fn sub_norm<'a>(
+    model: &impl CpuDecoder,
+    x: &'a [f32],
+    rows: usize,
+    weight: &[f32],
+    eps: f32,
+) -> Result<Cow<'a, [f32]>> {
+    if weight.is_empty() {
+        Ok(Cow::Borrowed(x))
+    } else {
+        model.rmsnorm(x, rows, weight, eps).map(Cow::Owned)
+    }
 }
 
 /// The residual connection `x += delta`.

@@ -9,9 +9,9 @@
 
 use crate::Result;
 use crate::cpu::fast::{
-    Int8Rows, InterleavedRows, PackedMatrix, RopeTable, act_quant, attention, rope_table,
+    Int8Rows, InterleavedRows, PackedMatrix, RopeTable, act_quant, attention, rmsnorm, rope_table,
 };
-use crate::cpu::{AttentionShape, QuantizedActivations, rmsnorm};
+use crate::cpu::{AttentionShape, QuantizedActivations};
 use crate::model::forward::extend_caches;
 use crate::model::layer::{CpuDecoder, Segment, run_decoder_layers};
 use crate::model::{BlockLayer, Checked, KvCache, LayerWeights, Logits, ModelConfig, WeightSource};
@@ -307,6 +307,10 @@ impl CpuDecoder for PackedModel {
 
     fn down_proj(&self, layer: usize, m: &QuantizedActivations) -> Result<Vec<f32>> {
         self.layers[layer].down_proj.matmul(m)
+    }
+
+    fn rmsnorm(&self, x: &[f32], rows: usize, weight: &[f32], eps: f32) -> Result<Vec<f32>> {
+        rmsnorm(x, rows, weight, eps)
     }
 
     fn act_quant(&self, x: &[f32], rows: usize, cols: usize) -> Result<QuantizedActivations> {

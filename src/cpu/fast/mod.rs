@@ -13,7 +13,7 @@ mod ternary;
 
 pub use attention::{RopeTable, attention, rope_table};
 pub use int8_rows::Int8Rows;
-pub use quant::act_quant;
+pub use quant::{act_quant, rmsnorm};
 pub use rows::InterleavedRows;
 pub use ternary::PackedMatrix;
 

@@ -1,13 +1,17 @@
-//! The activation quantizer for the CPU engine: [`act_quant`] equals [`crate::cpu::act_quant`]
-//! bit for bit, its rounding in vector instructions (plain x86-64 has none: each value was a call
-//! to `rintf`).
+//! The activation quantizer and the RMS norm for the CPU engine, a prompt's rows split over
+//! threads: [`act_quant`] equals [`crate::cpu::act_quant`] bit for bit, its rounding in vector
+//! instructions (plain x86-64 has none: each value was a call to `rintf`); [`rmsnorm`] is the
+//! reference's own per row.
 
-use super::Kernel;
+use super::{Kernel, for_each_chunk, for_each_chunk_pair, items_per_task};
 use crate::Result;
 use crate::cpu::QuantizedActivations;
 
 /// Values side by side in the per-row maximum and finiteness checks.
 const LANES: usize = 16;
+/// Values a task of [`act_quant`] or [`rmsnorm`] takes at least: a decoding step's one row
+/// stays on the calling thread, a prompt's rows are split.
+const ROWS_WORK: usize = 32 << 10;
 
 /// Equals [`crate::cpu::act_quant`] (codes, scales, sums, and the errors of bad shapes).
 pub fn act_quant(x: &[f32], rows: usize, cols: usize) -> Result<QuantizedActivations> {
@@ -15,22 +19,49 @@ pub fn act_quant(x: &[f32], rows: usize, cols: usize) -> Result<QuantizedActivat
         // The reference names the problem.
         return crate::cpu::act_quant(x, rows, cols);
     }
-    let mut q = QuantizedActivations {
+    let mut codes = vec![0; x.len()];
+    let mut rows_out = vec![(0.0, 0); rows];
+    let kernel = Kernel::detect();
+    let per_task = items_per_task(rows, cols, ROWS_WORK);
+    for_each_chunk_pair(
+        (&mut codes, per_task * cols),
+        (&mut rows_out, per_task),
+        |task, codes, out| {
+            let x = &x[task * per_task * cols..];
+            for ((row, codes), out) in x
+                .chunks_exact(cols)
+                .zip(codes.chunks_exact_mut(cols))
+                .zip(out)
+            {
+                *out = kernel.quantize_row(row, codes);
+            }
+        },
+    );
+    let (scales, sums) = rows_out.into_iter().unzip();
+    Ok(QuantizedActivations {
         rows,
         cols,
-        codes: vec![0; x.len()],
-        scales: vec![0.0; rows],
-        sums: vec![0; rows],
-    };
-    let kernel = Kernel::detect();
-    let rows = x
-        .chunks_exact(cols)
-        .zip(q.codes.chunks_exact_mut(cols))
-        .zip(q.scales.iter_mut().zip(&mut q.sums));
-    for ((row, codes), (scale, sum)) in rows {
-        (*scale, *sum) = kernel.quantize_row(row, codes);
+        codes,
+        scales,
+        sums,
+    })
+}
+
+/// Equals [`crate::cpu::rmsnorm`] (values and errors), rows split over threads.
+pub fn rmsnorm(x: &[f32], rows: usize, weight: &[f32], eps: f32) -> Result<Vec<f32>> {
+    let cols = weight.len();
+    if cols == 0 || rows.checked_mul(cols) != Some(x.len()) {
+        return crate::cpu::rmsnorm(x, rows, weight, eps);
     }
-    Ok(q)
+    let mut y = vec![0.0; x.len()];
+    let per_task = items_per_task(rows, cols, ROWS_WORK);
+    for_each_chunk(&mut y, per_task * cols, |task, y| {
+        let x = &x[task * per_task * cols..][..y.len()];
+        let normed = crate::cpu::rmsnorm(x, y.len() / cols, weight, eps)
+            .expect("whole rows of the weight's length");
+        y.copy_from_slice(&normed);
+    });
+    Ok(y)
 }
 
 impl Kernel {
@@ -121,5 +152,31 @@ mod tests {
         }
         assert!(act_quant(&x, 7, 301).is_err());
         assert!(act_quant(&[], 0, 0).is_err());
+    }
+
+    #[test]
+    fn a_prompt_split_over_tasks_equals_the_reference() {
+        let mut rng = SmallRng::seed_from_u64(9);
+        for (rows, cols) in [(97, 1001), (40, 2560), (3, 40_000), (1, 7)] {
+            let mut x: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-3.0..3.0))
+                .collect();
+            x[cols / 2] = f32::NAN;
+            let weight: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let q = act_quant(&x, rows, cols).unwrap();
+            let want = crate::cpu::act_quant(&x, rows, cols).unwrap();
+            let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                (&q.codes, &q.sums),
+                (&want.codes, &want.sums),
+                "{rows} x {cols}"
+            );
+            assert_eq!(bits(&q.scales), bits(&want.scales), "{rows} x {cols}");
+            let y = rmsnorm(&x, rows, &weight, 1e-5).unwrap();
+            let want = crate::cpu::rmsnorm(&x, rows, &weight, 1e-5).unwrap();
+            assert_eq!(bits(&y), bits(&want), "{rows} x {cols}");
+        }
+        assert!(rmsnorm(&[1.0; 5], 2, &[1.0; 3], 0.0).is_err());
+        assert!(rmsnorm(&[], 0, &[], 0.0).is_err());
     }
 }
