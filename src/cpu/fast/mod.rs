@@ -9,6 +9,8 @@ mod attention;
 mod int8_rows;
 mod quant;
 mod rows;
+#[cfg(not(target_arch = "wasm32"))]
+mod team;
 mod ternary;
 
 pub use attention::{RopeTable, attention, rope_table};
@@ -110,23 +112,15 @@ fn table_shape(table: &crate::table::Table<'_>) -> crate::Result<(usize, usize)>
     Ok((rows, cols))
 }
 
-/// Runs `f(index, chunk)` on every `chunk`-sized piece of `out`, on all cores natively. One
-/// piece, or one thread, runs here: handing it to the pool and waiting costs the calling thread
-/// a sleep and a wake-up (about a tenth of a decoding step on one thread, measured).
+/// Runs `f(index, chunk)` on every `chunk`-sized piece of `out`, on all cores natively (the
+/// engine's own threads, [`team`]; `rayon`'s when those are busy with another loop). One piece,
+/// or one thread, runs here: handing it over and waiting costs a sleep and a wake-up.
 fn for_each_chunk<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    let chunk = chunk.max(1);
-    #[cfg(not(target_arch = "wasm32"))]
-    if out.len() > chunk && threads() > 1 {
-        use rayon::prelude::*;
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
-        return;
-    }
-    out.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+    for_each_chunk_pair((out, chunk), (&mut [(); 0], 0), |i, a, _| f(i, a));
 }
 
-/// [`for_each_chunk`] over two outputs cut into as many pieces: `f(index, a_chunk, b_chunk)`.
+/// [`for_each_chunk`] over two outputs cut into as many pieces: `f(index, a_chunk, b_chunk)`
+/// (`b`'s pieces empty past its end).
 fn for_each_chunk_pair<A: Send, B: Send>(
     (a, a_chunk): (&mut [A], usize),
     (b, b_chunk): (&mut [B], usize),
@@ -135,17 +129,68 @@ fn for_each_chunk_pair<A: Send, B: Send>(
     let (a_chunk, b_chunk) = (a_chunk.max(1), b_chunk.max(1));
     #[cfg(not(target_arch = "wasm32"))]
     if a.len() > a_chunk && threads() > 1 {
-        use rayon::prelude::*;
-        a.par_chunks_mut(a_chunk)
-            .zip(b.par_chunks_mut(b_chunk))
-            .enumerate()
-            .for_each(|(i, (a, b))| f(i, a, b));
+        let pieces = a.len().div_ceil(a_chunk);
+        let (a_len, b_len) = (a.len(), b.len());
+        let (a_ptr, b_ptr) = (SendPtr(a.as_mut_ptr()), SendPtr(b.as_mut_ptr()));
+        let piece = |i: usize| {
+            let (a_start, b_start) = (i * a_chunk, (i * b_chunk).min(b_len));
+            // SAFETY: piece `i` covers elements of `a` and of `b` no other piece covers (each
+            // index runs once), inside the slices borrowed mutably for this call.
+            let (a, b) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(
+                        a_ptr.get().add(a_start),
+                        a_chunk.min(a_len - a_start),
+                    ),
+                    std::slice::from_raw_parts_mut(
+                        b_ptr.get().add(b_start),
+                        b_chunk.min(b_len - b_start),
+                    ),
+                )
+            };
+            f(i, a, b);
+        };
+        if !team::run(threads(), pieces, &piece) {
+            use rayon::prelude::*;
+            (0..pieces).into_par_iter().for_each(piece);
+        }
         return;
     }
     a.chunks_mut(a_chunk)
-        .zip(b.chunks_mut(b_chunk))
+        .zip(
+            b.chunks_mut(b_chunk)
+                .chain(std::iter::repeat_with(|| &mut [][..])),
+        )
         .enumerate()
         .for_each(|(i, (a, b))| f(i, a, b));
+}
+
+/// A pointer the pieces of one loop share across threads.
+#[cfg(not(target_arch = "wasm32"))]
+struct SendPtr<T>(*mut T);
+
+#[cfg(not(target_arch = "wasm32"))]
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl<T> Copy for SendPtr<T> {}
+
+// SAFETY: each piece dereferences its own part only (`for_each_chunk_pair`).
+#[cfg(not(target_arch = "wasm32"))]
+unsafe impl<T: Send> Send for SendPtr<T> {}
+#[cfg(not(target_arch = "wasm32"))]
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not its field).
+    fn get(&self) -> *mut T {
+        self.0
+    }
 }
 
 /// Items per task so that each task has about `work` units of work, given `per_item` units per
@@ -165,4 +210,62 @@ fn threads() -> usize {
 #[cfg(target_arch = "wasm32")]
 fn threads() -> usize {
     1
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::*;
+
+    /// Every piece once, with its own index, from loops run one after another, side by side
+    /// on several threads, and inside a piece of another loop.
+    #[test]
+    fn every_piece_runs_once() {
+        let check = |len: usize, chunk: usize| {
+            let mut a = vec![0usize; len];
+            let mut b = vec![0u8; len.div_ceil(chunk.max(1)) * 2 - 1];
+            for_each_chunk_pair((&mut a, chunk), (&mut b, 2), |i, a, b| {
+                for v in a.iter_mut() {
+                    *v += i + 1;
+                }
+                for v in b.iter_mut() {
+                    *v += 1;
+                }
+            });
+            let want: Vec<usize> = (0..len).map(|k| k / chunk.max(1) + 1).collect();
+            assert_eq!(a, want, "{len} / {chunk}");
+            assert!(b.iter().all(|&v| v == 1), "{len} / {chunk}: {b:?}");
+        };
+        for (len, chunk) in [(1, 1), (7, 3), (1000, 1), (4097, 64), (10, 100)] {
+            check(len, chunk);
+        }
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                s.spawn(move || {
+                    for round in 0..200 {
+                        check(100 + t + round, 1 + round % 7);
+                    }
+                });
+            }
+        });
+        let mut outer = vec![0usize; 8];
+        for_each_chunk(&mut outer, 1, |i, o| {
+            let mut inner = vec![0usize; 50];
+            for_each_chunk(&mut inner, 5, |j, c| c.fill(j));
+            o[0] = i + inner.iter().sum::<usize>();
+        });
+        let inner: usize = (0..10).map(|j| 5 * j).sum();
+        assert_eq!(outer, (0..8).map(|i| i + inner).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_panic_in_a_piece_reaches_the_caller() {
+        let result = std::panic::catch_unwind(|| {
+            let mut a = vec![0u8; 64];
+            for_each_chunk(&mut a, 1, |i, _| assert!(i != 37, "piece 37"));
+        });
+        assert!(result.is_err());
+        let mut a = vec![0u8; 64];
+        for_each_chunk(&mut a, 1, |_, a| a[0] = 1);
+        assert!(a.iter().all(|&v| v == 1), "the team works after a panic");
+    }
 }
