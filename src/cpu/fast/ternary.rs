@@ -143,36 +143,53 @@ impl PackedMatrix {
     }
 
     fn matmul_acc_on(&self, kernel: Kernel, x: &QuantizedActivations) -> Result<Vec<i32>> {
-        let (parts, per_task) = self.row_products(kernel, x)?;
         // dot(x, w + 1) - sum(x) = dot(x, w).
-        Ok(self.by_token(&parts, per_task, x.rows, |d, i, _, out| {
-            for (o, &d) in out.iter_mut().zip(d) {
-                *o = d - x.sums[i];
-            }
-        }))
+        self.products_by_token(kernel, x, |d, i, _| d - x.sums[i])
     }
 
     /// The BitLinear output `y[m, n] = acc[m, n] / (x.scales[m] * scale[n])`, `[x.rows, rows]`:
     /// equal to [`crate::cpu::ternary_matmul`] without bias, bit for bit.
     pub fn matmul(&self, x: &QuantizedActivations) -> Result<Vec<f32>> {
-        let (parts, per_task) = self.row_products(Kernel::detect(), x)?;
-        Ok(self.by_token(&parts, per_task, x.rows, |d, i, n, out| {
-            let (sum, sx) = (x.sums[i], x.scales[i]);
-            for ((o, &d), &sw) in out.iter_mut().zip(d).zip(&self.scales[n..]) {
-                *o = (d - sum) as f32 / (sx * sw);
-            }
-        }))
+        self.products_by_token(Kernel::detect(), x, |d, i, n| {
+            (d - x.sums[i]) as f32 / (x.scales[i] * self.scales[n])
+        })
     }
 
-    /// `dot(x_i, w_n + 1)` for every weight row `n` and token `i`, in tasks over weight rows,
-    /// each reading its rows once for all the tokens: part `p` holds rows
-    /// `p * per_task..` as `[x.rows, rows of the part]`. Returns the parts and `per_task`.
-    fn row_products(&self, kernel: Kernel, x: &QuantizedActivations) -> Result<(Vec<i32>, usize)> {
+    /// `[x.rows, rows]` of `f(dot(x_i, w_n + 1), i, n)`: the products in tasks over weight
+    /// rows, each reading its rows once for all the tokens, into this thread's scratch (part
+    /// `p` holds rows `p * per_task..` as `[x.rows, rows of the part]`), then laid out token by
+    /// token in tasks over tokens.
+    fn products_by_token<T: Send>(
+        &self,
+        kernel: Kernel,
+        x: &QuantizedActivations,
+        f: impl Fn(i32, usize, usize) -> T + Sync,
+    ) -> Result<Vec<T>> {
+        thread_local! {
+            /// Products of the last call, kept: a prompt's are megabytes per product, and a
+            /// fresh zeroed allocation each time cost page faults or a `memset`.
+            static PARTS: std::cell::Cell<Vec<i32>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut parts = PARTS.take();
+        let per_task = self.row_products(kernel, x, &mut parts)?;
+        let out = self.by_token(&parts, per_task, x.rows, f);
+        PARTS.set(parts);
+        Ok(out)
+    }
+
+    /// `dot(x_i, w_n + 1)` for every weight row `n` and token `i` into `parts` (see
+    /// [`PackedMatrix::products_by_token`]); returns the rows per task.
+    fn row_products(
+        &self,
+        kernel: Kernel,
+        x: &QuantizedActivations,
+        parts: &mut Vec<i32>,
+    ) -> Result<usize> {
         self.check(x)?;
         let (m, padded) = (x.rows, self.row_bytes * 4);
         let per_task = items_per_task(self.rows, self.row_bytes * m.div_ceil(TOKENS), TASK_BYTES);
         if m == 0 {
-            return Ok((Vec::new(), per_task));
+            return Ok(per_task);
         }
         // Activations padded with zeros to whole blocks, as the weights are (a copy only where
         // the rows are not whole blocks already).
@@ -188,34 +205,45 @@ impl PackedMatrix {
             }
             Cow::Owned(codes)
         };
-        let mut parts = vec![0i32; self.rows * m];
-        for_each_chunk(&mut parts, per_task * m, |task, out| {
+        // Every value is written by the kernels: old values need no clearing.
+        parts.resize(self.rows * m, 0);
+        for_each_chunk(parts, per_task * m, |task, out| {
             let rows = out.len() / m;
             let w = &self.bytes[task * per_task * self.row_bytes..][..rows * self.row_bytes];
             kernel.products(w, &codes, padded, out);
         });
-        Ok((parts, per_task))
+        Ok(per_task)
     }
 
-    /// `[m, rows]` from [`PackedMatrix::row_products`]'s parts: `f(products, i, n, out)` fills
-    /// `out` (token `i`'s outputs from row `n` on) from the products of those rows with token `i`.
-    fn by_token<T: Copy + Default + Send>(
+    /// `[m, rows]` of `f(product, i, n)` from [`PackedMatrix::row_products`]'s parts, in tasks
+    /// over tokens, written once each (the output is never zeroed first).
+    fn by_token<T: Send>(
         &self,
         parts: &[i32],
         per_task: usize,
         m: usize,
-        f: impl Fn(&[i32], usize, usize, &mut [T]) + Sync,
+        f: impl Fn(i32, usize, usize) -> T + Sync,
     ) -> Vec<T> {
-        let mut out = vec![T::default(); m * self.rows];
+        let len = m * self.rows;
+        let mut out = Vec::with_capacity(len);
         let tokens_per_task = items_per_task(m, self.rows, TASK_BYTES / 4);
-        for_each_chunk(&mut out, tokens_per_task * self.rows, |task, out| {
-            for (i, out) in (task * tokens_per_task..).zip(out.chunks_exact_mut(self.rows)) {
-                for (n, out) in (0..).step_by(per_task).zip(out.chunks_mut(per_task)) {
-                    let part = &parts[n * m..][..out.len() * m];
-                    f(&part[i * out.len()..][..out.len()], i, n, out);
+        for_each_chunk(
+            &mut out.spare_capacity_mut()[..len],
+            tokens_per_task * self.rows,
+            |task, out| {
+                for (i, out) in (task * tokens_per_task..).zip(out.chunks_exact_mut(self.rows)) {
+                    for (n, out) in (0..).step_by(per_task).zip(out.chunks_mut(per_task)) {
+                        let part = &parts[n * m..][..out.len() * m];
+                        let products = &part[i * out.len()..][..out.len()];
+                        for (j, (o, &d)) in out.iter_mut().zip(products).enumerate() {
+                            o.write(f(d, i, n + j));
+                        }
+                    }
                 }
-            }
-        });
+            },
+        );
+        // SAFETY: the chunks cover `out[..len]` and every element of each was written.
+        unsafe { out.set_len(len) };
         out
     }
 
