@@ -10,7 +10,7 @@ use crate::{Error, Result};
 const KEYS: usize = 64;
 
 /// Equals [`crate::cpu::attention`] bit for bit (same shapes, same errors for bad ones), one
-/// (query row, head) per task.
+/// query row's heads of one kv head per task (they read the same keys and values).
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Result<Vec<f32>> {
     let AttentionShape {
         heads,
@@ -34,25 +34,38 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Resu
     let keys = transposed_keys(k, t, kv_heads, head_dim);
     let head_keys = t.div_ceil(KEYS) * head_dim * KEYS;
     let kernel = Kernel::detect();
-    let mut out = vec![0.0f32; q.len()];
-    // Heads per task: about 64k multiply-adds each.
-    let per_task = (65_536 / (2 * t * head_dim).max(1)).max(1);
-    for_each_chunk(&mut out, per_task * head_dim, |task, out| {
-        let mut scores = Vec::with_capacity(t.next_multiple_of(KEYS));
-        for (i, acc) in out.chunks_exact_mut(head_dim).enumerate() {
+    // `[kv_heads, n, group * head_dim]`: the rows of one kv head in turn, so that a task's
+    // rows share its keys and values while they are in the cache (a long prompt's keys and
+    // values of every kv head do not fit); reordered into `[n, heads * head_dim]` at the end.
+    let mut by_group = vec![0.0f32; q.len()];
+    // Rows per task: about 64k multiply-adds each.
+    let per_task = (65_536 / (2 * t * head_dim * group).max(1)).max(1);
+    let group_width = group * head_dim;
+    for_each_chunk(&mut by_group, per_task * group_width, |task, out| {
+        let mut scores = Vec::new();
+        for (i, acc) in out.chunks_exact_mut(group_width).enumerate() {
             let index = task * per_task + i;
-            let (r, h) = (index / heads, index % heads);
-            let g = h / group;
-            let head = Head {
-                q: &q[r * q_width + h * head_dim..][..head_dim],
+            let (g, r) = (index / n, index % n);
+            let heads = Heads {
+                q: &q[r * q_width + g * group_width..][..group_width],
+                head_dim,
                 keys: &keys[g * head_keys..][..head_keys],
                 values: &v[g * head_dim..],
                 kv_width,
                 visible: t - n + r + 1,
             };
-            kernel.head(&head, &mut scores, acc);
+            kernel.heads(&heads, &mut scores, acc);
         }
     });
+    if kv_heads == 1 {
+        return Ok(by_group);
+    }
+    let mut out = vec![0.0f32; q.len()];
+    for (r, row) in out.chunks_exact_mut(q_width).enumerate() {
+        for (g, part) in row.chunks_exact_mut(group_width).enumerate() {
+            part.copy_from_slice(&by_group[(g * n + r) * group_width..][..group_width]);
+        }
+    }
     Ok(out)
 }
 
@@ -74,10 +87,13 @@ fn transposed_keys(k: &[f32], t: usize, kv_heads: usize, head_dim: usize) -> Vec
     keys
 }
 
-/// One query head's work: its query, its kv head's transposed keys ([`transposed_keys`]) and
-/// values (row `j` at `values[j * kv_width..]`), and how many positions it sees.
-struct Head<'a> {
+/// The work of a kv head's query heads on one row: their queries (`[heads, head_dim]`), the kv
+/// head's transposed keys ([`transposed_keys`]) and values (row `j` at `values[j * kv_width..]`),
+/// and how many positions they see.
+#[derive(Clone, Copy)]
+struct Heads<'a> {
     q: &'a [f32],
+    head_dim: usize,
     keys: &'a [f32],
     values: &'a [f32],
     kv_width: usize,
@@ -85,75 +101,145 @@ struct Head<'a> {
 }
 
 impl Kernel {
-    /// `acc = softmax(q · keys * scaling) · values` over the visible positions, as the
-    /// reference; `scores` is scratch.
-    fn head(self, head: &Head<'_>, scores: &mut Vec<f32>, acc: &mut [f32]) {
+    /// `acc[h] = softmax(q[h] · keys * scaling) · values` over the visible positions for each
+    /// head `h`, as the reference; `scores` is scratch.
+    fn heads(self, heads: &Heads<'_>, scores: &mut Vec<f32>, acc: &mut [f32]) {
         match self {
-            Kernel::Portable => attend(head, scores, acc),
-            // SAFETY: AVX2 is present (`Kernel::detect`).
+            Kernel::Portable => {
+                for (q, acc) in heads
+                    .q
+                    .chunks_exact(heads.head_dim)
+                    .zip(acc.chunks_exact_mut(heads.head_dim))
+                {
+                    attend(&Heads { q, ..*heads }, scores, acc);
+                }
+            }
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 | Kernel::Vnni => unsafe { avx2_attend(head, scores, acc) },
+            Kernel::Avx2 | Kernel::Vnni => {
+                let width = avx2::HEADS * heads.head_dim;
+                for (q, acc) in heads.q.chunks(width).zip(acc.chunks_mut(width)) {
+                    let part = Heads { q, ..*heads };
+                    // SAFETY: AVX2 is present (`Kernel::detect`); `q` holds whole heads.
+                    unsafe {
+                        match q.len() / heads.head_dim {
+                            1 => avx2::heads::<1>(&part, scores, acc),
+                            2 => avx2::heads::<2>(&part, scores, acc),
+                            3 => avx2::heads::<3>(&part, scores, acc),
+                            _ => avx2::heads::<4>(&part, scores, acc),
+                        }
+                    }
+                }
+            }
         }
     }
 }
 
-/// [`attend`] in AVX2 intrinsics: the same operations in the same order, each block's 64 sums
-/// (and each stretch of 64 output dimensions) held in eight vector registers. Left to the
-/// compiler, the 64 sums lived on the stack, a store and a reload per multiply-add.
-///
-/// # Safety
-/// AVX2 must be present.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn avx2_attend(head: &Head<'_>, scores: &mut Vec<f32>, acc: &mut [f32]) {
+mod avx2 {
+    use super::{Heads, KEYS, softmax, weighted_values};
     use std::arch::x86_64::*;
-    const VECTORS: usize = KEYS / 8;
-    let head_dim = head.q.len();
-    let scaling = 1.0 / (head_dim as f32).sqrt();
-    let start: f32 = std::iter::empty::<f32>().sum();
-    scores.clear();
-    let mut lanes = [0.0f32; KEYS];
-    for block in head
-        .keys
-        .chunks_exact(head_dim * KEYS)
-        .take(head.visible.div_ceil(KEYS))
-    {
-        let mut sums = [_mm256_set1_ps(start); VECTORS];
-        for (&x, keys) in head.q.iter().zip(block.chunks_exact(KEYS)) {
-            let x = _mm256_set1_ps(x);
-            for (l, sum) in sums.iter_mut().enumerate() {
-                // SAFETY: `keys` holds KEYS values, 8 per vector.
-                let key = unsafe { _mm256_loadu_ps(keys.as_ptr().add(8 * l)) };
-                *sum = _mm256_add_ps(*sum, _mm256_mul_ps(x, key));
+
+    /// Query heads taken together: each vector of keys or values loaded feeds this many.
+    pub(super) const HEADS: usize = 4;
+    /// Keys, or value dimensions, per pass: 2 vectors for each of up to [`HEADS`] heads, 8
+    /// sums in registers.
+    const WIDTH: usize = 16;
+
+    /// [`super::attend`] for `G` heads at once, in AVX2 intrinsics: the same operations in the
+    /// same order for each head, each vector of keys (of values) loaded once for all `G`, and
+    /// the sums in registers (left to the compiler they lived on the stack, a store and a
+    /// reload per multiply-add).
+    ///
+    /// # Safety
+    /// AVX2 must be present; `heads.q` holds `G` heads.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn heads<const G: usize>(
+        heads: &Heads<'_>,
+        scores: &mut Vec<f32>,
+        acc: &mut [f32],
+    ) {
+        let head_dim = heads.head_dim;
+        debug_assert_eq!(heads.q.len(), G * head_dim);
+        let scaling = _mm256_set1_ps(1.0 / (head_dim as f32).sqrt());
+        let start: f32 = std::iter::empty::<f32>().sum();
+        let blocks = heads.visible.div_ceil(KEYS);
+        let stride = blocks * KEYS;
+        scores.clear();
+        scores.resize(G * stride, 0.0);
+        let keys = heads.keys.chunks_exact(head_dim * KEYS).take(blocks);
+        for (b, block) in keys.enumerate() {
+            for sub in (0..KEYS).step_by(WIDTH) {
+                let mut sums = [[_mm256_set1_ps(start); 2]; G];
+                // Pointers, not indices: bounds checks in this loop left too few registers.
+                let (mut key, mut q) = (block[sub..].as_ptr(), heads.q.as_ptr());
+                for _ in 0..head_dim {
+                    // SAFETY: `key` is dimension `d`'s 16 keys of the block (`d` in
+                    // 0..head_dim), `q.add(h * head_dim)` head `h`'s value `d`.
+                    unsafe {
+                        let k = [_mm256_loadu_ps(key), _mm256_loadu_ps(key.add(8))];
+                        for (h, sums) in sums.iter_mut().enumerate() {
+                            let x = _mm256_broadcast_ss(&*q.add(h * head_dim));
+                            for (sum, &k) in sums.iter_mut().zip(&k) {
+                                *sum = _mm256_add_ps(*sum, _mm256_mul_ps(x, k));
+                            }
+                        }
+                        key = key.add(KEYS);
+                        q = q.add(1);
+                    }
+                }
+                for (h, sums) in sums.iter().enumerate() {
+                    let out = &mut scores[h * stride + b * KEYS + sub..][..WIDTH];
+                    // SAFETY: 16 scores.
+                    unsafe {
+                        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(sums[0], scaling));
+                        _mm256_storeu_ps(out.as_mut_ptr().add(8), _mm256_mul_ps(sums[1], scaling));
+                    }
+                }
             }
         }
-        for (l, sum) in sums.iter().enumerate() {
-            // SAFETY: `lanes` holds KEYS values.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * l), *sum) };
+        for h in 0..G {
+            softmax(&mut scores[h * stride..][..heads.visible]);
         }
-        scores.extend(lanes.iter().map(|&s| s * scaling));
-    }
-    scores.truncate(head.visible);
-    softmax(scores);
-    const DIMS: usize = 64;
-    for (c, acc) in acc.chunks_mut(DIMS).enumerate() {
-        if acc.len() < DIMS {
-            weighted_values(head, scores, c * DIMS, acc);
-            continue;
-        }
-        let mut sums = [_mm256_setzero_ps(); DIMS / 8];
-        for (j, &weight) in scores.iter().enumerate() {
-            let value = &head.values[j * head.kv_width + c * DIMS..][..DIMS];
-            let weight = _mm256_set1_ps(weight);
-            for (l, sum) in sums.iter_mut().enumerate() {
-                // SAFETY: `value` holds DIMS values, 8 per vector.
-                let v = unsafe { _mm256_loadu_ps(value.as_ptr().add(8 * l)) };
-                *sum = _mm256_add_ps(*sum, _mm256_mul_ps(weight, v));
+        let whole = head_dim / WIDTH * WIDTH;
+        for c in (0..whole).step_by(WIDTH) {
+            let mut sums = [[_mm256_setzero_ps(); 2]; G];
+            // The last value row read is inside `values` (checked once, here).
+            let _ = &heads.values[(heads.visible - 1) * heads.kv_width + c..][..WIDTH];
+            let (mut value, mut weight) = (heads.values[c..].as_ptr(), scores.as_ptr());
+            for _ in 0..heads.visible {
+                // SAFETY: `value` is row `j`'s dimensions `c..c + 16` (`j` below `visible`,
+                // checked above), `weight.add(h * stride)` head `h`'s weight `j`.
+                unsafe {
+                    let v = [_mm256_loadu_ps(value), _mm256_loadu_ps(value.add(8))];
+                    for (h, sums) in sums.iter_mut().enumerate() {
+                        let w = _mm256_broadcast_ss(&*weight.add(h * stride));
+                        for (sum, &v) in sums.iter_mut().zip(&v) {
+                            *sum = _mm256_add_ps(*sum, _mm256_mul_ps(w, v));
+                        }
+                    }
+                    value = value.add(heads.kv_width);
+                    weight = weight.add(1);
+                }
+            }
+            for (h, sums) in sums.iter().enumerate() {
+                let out = &mut acc[h * head_dim + c..][..WIDTH];
+                // SAFETY: 16 outputs.
+                unsafe {
+                    _mm256_storeu_ps(out.as_mut_ptr(), sums[0]);
+                    _mm256_storeu_ps(out.as_mut_ptr().add(8), sums[1]);
+                }
             }
         }
-        for (l, sum) in sums.iter().enumerate() {
-            // SAFETY: `acc` holds DIMS values.
-            unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(8 * l), *sum) };
+        if whole < head_dim {
+            for h in 0..G {
+                let weights = &scores[h * stride..][..heads.visible];
+                weighted_values(
+                    heads,
+                    weights,
+                    whole,
+                    &mut acc[h * head_dim..][whole..head_dim],
+                );
+            }
         }
     }
 }
@@ -163,7 +249,7 @@ unsafe fn avx2_attend(head: &Head<'_>, scores: &mut Vec<f32>, acc: &mut [f32]) {
 /// zero, `j` in order. Written lane-wise (a block of keys, a stretch of dimensions) so that the
 /// compiler keeps the independent sums in vector registers without reordering any one of them.
 #[inline(always)]
-fn attend(head: &Head<'_>, scores: &mut Vec<f32>, acc: &mut [f32]) {
+fn attend(head: &Heads<'_>, scores: &mut Vec<f32>, acc: &mut [f32]) {
     let head_dim = head.q.len();
     let scaling = 1.0 / (head_dim as f32).sqrt();
     let start: f32 = std::iter::empty::<f32>().sum();
@@ -205,7 +291,7 @@ fn softmax(scores: &mut [f32]) {
 
 /// `acc[d] = sum_j weights[j] * v_j[from + d]` from zero, `j` in order.
 #[inline(always)]
-fn weighted_values(head: &Head<'_>, weights: &[f32], from: usize, acc: &mut [f32]) {
+fn weighted_values(head: &Heads<'_>, weights: &[f32], from: usize, acc: &mut [f32]) {
     acc.fill(0.0);
     for (j, &weight) in weights.iter().enumerate() {
         let value = &head.values[j * head.kv_width + from..][..acc.len()];
@@ -312,6 +398,8 @@ mod tests {
             (20, 5, 128, 2, 300),
             (4, 2, 64, 70, 130),
             (8, 8, 96, 65, 65),
+            (10, 2, 24, 3, 70),
+            (12, 4, 48, 17, 129),
         ] {
             let shape = AttentionShape {
                 heads,
