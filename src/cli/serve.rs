@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use bitnet_wgpu::model::Engine;
+use bitnet_wgpu::model::{Engine, KvCache};
 use bitnet_wgpu::serve::{ServeOptions, serve as run_server};
 use clap::Args;
 
@@ -58,7 +58,7 @@ pub fn serve(args: &ServeArgs) -> CliResult<()> {
         if let Engine::Cpu(_) = engine {
             // Each sequence's cache grows with it, up to the context: say what that can reach.
             let c = engine.config();
-            let per_position = 2 * 4 * c.num_hidden_layers * c.kv_width();
+            let per_position = KvCache::cpu_bytes_per_position(c);
             let context = args.context.unwrap_or(c.max_position_embeddings);
             eprintln!(
                 "KV caches: up to {:.2} GB ({} sequences x {context} positions x {} KB); \

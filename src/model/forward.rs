@@ -18,15 +18,37 @@ use crate::{Error, Result};
 /// Keys are stored after RoPE, as transformers caches them. Each layer holds two row-major
 /// matrices `[len, kv_heads * head_dim]`, growing one row per position up to
 /// `max_position_embeddings` (the positions the model was trained on; further ones are refused).
-#[derive(Clone, Debug, PartialEq)]
+/// Two caches are equal when those are (an engine's copy of the keys is derived from them).
+#[derive(Clone, Debug)]
 pub struct KvCache {
     /// Per layer, `[len, kv_width]` keys after RoPE.
     keys: Vec<Vec<f32>>,
     /// Per layer, `[len, kv_width]` values.
     values: Vec<Vec<f32>>,
+    /// Per layer, the keys again in an engine's own layout (the CPU engine's attention reads
+    /// them transposed), brought up to date by that engine.
+    engine_keys: Vec<EngineKeys>,
     kv_width: usize,
     len: usize,
     max_len: usize,
+}
+
+impl PartialEq for KvCache {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.keys,
+            &self.values,
+            self.kv_width,
+            self.len,
+            self.max_len,
+        ) == (
+            &other.keys,
+            &other.values,
+            other.kv_width,
+            other.len,
+            other.max_len,
+        )
+    }
 }
 
 impl KvCache {
@@ -35,10 +57,17 @@ impl KvCache {
         KvCache {
             keys: vec![Vec::new(); config.num_hidden_layers],
             values: vec![Vec::new(); config.num_hidden_layers],
+            engine_keys: vec![EngineKeys::default(); config.num_hidden_layers],
             kv_width: config.num_key_value_heads * config.head_dim,
             len: 0,
             max_len: config.max_position_embeddings,
         }
+    }
+
+    /// The bytes a position takes in the CPU engine's cache: every layer's key and value rows
+    /// in f32, and the keys' transposed copy its attention reads.
+    pub fn cpu_bytes_per_position(config: &ModelConfig) -> usize {
+        3 * 4 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
     }
 
     /// Positions cached so far; the next token gets this position.
@@ -72,6 +101,9 @@ impl KvCache {
         let len = len.min(self.len);
         for rows in self.keys.iter_mut().chain(&mut self.values) {
             rows.truncate(len * self.kv_width);
+        }
+        for keys in &mut self.engine_keys {
+            keys.positions = keys.positions.min(len);
         }
         self.len = len;
     }
@@ -183,7 +215,7 @@ pub fn forward(weights: &ModelWeights, tokens: &[u32], cache: &mut KvCache) -> R
 
 impl KvCache {
     /// Checks `tokens` against `config` and the positions left, then runs `layers`, which
-    /// appends one row per token to every layer's keys and values ([`KvCache::layer_mut`]):
+    /// appends one row per token to every layer's keys and values ([`KvCache::append`]):
     /// the cache advances when it succeeds and is left as it was when it fails.
     pub(super) fn extend_with<T>(
         &mut self,
@@ -196,10 +228,36 @@ impl KvCache {
         })
     }
 
-    /// Layer `layer`'s keys and values, to append the new positions' rows to.
-    pub(super) fn layer_mut(&mut self, layer: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
-        (&mut self.keys[layer], &mut self.values[layer])
+    /// Appends rows of keys (`[rows, kv_width]`, after RoPE) and values to layer `layer`.
+    pub(super) fn append(&mut self, layer: usize, keys: &[f32], values: &[f32]) {
+        self.keys[layer].extend_from_slice(keys);
+        self.values[layer].extend_from_slice(values);
     }
+
+    /// Layer `layer`'s keys and values so far, for attention.
+    pub(super) fn layer_view(&mut self, layer: usize) -> LayerView<'_> {
+        LayerView {
+            keys: &self.keys[layer],
+            values: &self.values[layer],
+            engine_keys: &mut self.engine_keys[layer],
+        }
+    }
+}
+
+/// One layer's cached keys and values (`[positions, kv_width]` each), and the engine's own
+/// copy of the keys to bring up to date.
+pub(super) struct LayerView<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    pub engine_keys: &'a mut EngineKeys,
+}
+
+/// An engine's copy of a layer's keys in its own layout: `values`, holding the first
+/// `positions` positions (a truncated cache lowers `positions`; what lies past it is stale).
+#[derive(Clone, Debug, Default)]
+pub struct EngineKeys {
+    pub(crate) values: Vec<f32>,
+    pub(crate) positions: usize,
 }
 
 /// [`KvCache::extend_with`] for several sequences at once: checks every cache and its tokens
@@ -329,11 +387,10 @@ impl CpuDecoder for Reference<'_> {
     fn attention(
         &self,
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        cache: LayerView<'_>,
         shape: AttentionShape,
     ) -> Result<Vec<f32>> {
-        attention(q, keys, values, shape)
+        attention(q, cache.keys, cache.values, shape)
     }
 }
 

@@ -6,6 +6,7 @@
 
 use crate::Result;
 use crate::cpu::{AttentionShape, QuantizedActivations};
+use crate::model::forward::LayerView;
 use crate::model::{KvCache, ModelConfig};
 use std::borrow::Cow;
 
@@ -28,14 +29,9 @@ pub(super) trait CpuDecoder {
     fn act_quant(&self, x: &[f32], rows: usize, cols: usize) -> Result<QuantizedActivations>;
     /// Rotates `x` (`[positions.len(), heads * head_dim]`) at `positions`.
     fn rope(&self, x: &mut [f32], positions: &[usize], heads: usize) -> Result<()>;
-    /// Causal attention of `q` over every cached key and value.
-    fn attention(
-        &self,
-        q: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        shape: AttentionShape,
-    ) -> Result<Vec<f32>>;
+    /// Causal attention of `q` over every key and value of a layer's cache.
+    fn attention(&self, q: &[f32], cache: LayerView<'_>, shape: AttentionShape)
+    -> Result<Vec<f32>>;
 }
 
 /// One sequence's part of a step: `tokens` new positions after those its `cache` holds.
@@ -92,13 +88,11 @@ pub(super) fn run_decoder_layers(
         let mut first = 0;
         for s in segments.iter_mut() {
             let rows = first..first + s.tokens;
-            let (keys, values) = s.cache.layer_mut(layer);
-            keys.extend_from_slice(&k[rows.start * kv..rows.end * kv]);
-            values.extend_from_slice(&v[rows.start * kv..rows.end * kv]);
+            let kv_rows = rows.start * kv..rows.end * kv;
+            s.cache.append(layer, &k[kv_rows.clone()], &v[kv_rows]);
             a.extend(model.attention(
                 &q[rows.start * attn..rows.end * attn],
-                keys,
-                values,
+                s.cache.layer_view(layer),
                 shape,
             )?);
             first = rows.end;

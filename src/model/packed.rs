@@ -9,10 +9,11 @@
 
 use crate::Result;
 use crate::cpu::fast::{
-    Int8Rows, InterleavedRows, PackedMatrix, RopeTable, act_quant, attention, rmsnorm, rope_table,
+    Int8Rows, InterleavedRows, PackedMatrix, RopeTable, act_quant, attention_cached, rmsnorm,
+    rope_table,
 };
 use crate::cpu::{AttentionShape, QuantizedActivations};
-use crate::model::forward::extend_caches;
+use crate::model::forward::{LayerView, extend_caches};
 use crate::model::layer::{CpuDecoder, Segment, run_decoder_layers};
 use crate::model::{BlockLayer, Checked, KvCache, LayerWeights, Logits, ModelConfig, WeightSource};
 
@@ -324,10 +325,17 @@ impl CpuDecoder for PackedModel {
     fn attention(
         &self,
         q: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        cache: LayerView<'_>,
         shape: AttentionShape,
     ) -> Result<Vec<f32>> {
-        attention(q, keys, values, shape)
+        let keys = cache.engine_keys;
+        attention_cached(
+            q,
+            cache.keys,
+            cache.values,
+            &mut keys.values,
+            &mut keys.positions,
+            shape,
+        )
     }
 }

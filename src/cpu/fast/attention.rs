@@ -12,6 +12,21 @@ const KEYS: usize = 64;
 /// Equals [`crate::cpu::attention`] bit for bit (same shapes, same errors for bad ones), one
 /// query row's heads of one kv head per task (they read the same keys and values).
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Result<Vec<f32>> {
+    attention_cached(q, k, v, &mut Vec::new(), &mut 0, shape)
+}
+
+/// [`attention`] with the keys' transposed copy (`[blocks of KEYS positions, kv_heads,
+/// head_dim, KEYS]`, holding the first `transposed` positions) kept between calls: only the
+/// positions past `transposed` are laid out, so that a decoding step costs no pass over the
+/// whole cache.
+pub(crate) fn attention_cached(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_blocks: &mut Vec<f32>,
+    transposed: &mut usize,
+    shape: AttentionShape,
+) -> Result<Vec<f32>> {
     let AttentionShape {
         heads,
         kv_heads,
@@ -31,8 +46,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Resu
     }
     let (n, t) = (q.len() / q_width, k.len() / kv_width);
     let group = heads / kv_heads;
-    let keys = transposed_keys(k, t, kv_heads, head_dim);
-    let head_keys = t.div_ceil(KEYS) * head_dim * KEYS;
+    transpose_keys(k, t, kv_width, head_dim, key_blocks, transposed);
     let kernel = Kernel::detect();
     // `[kv_heads, n, group * head_dim]`: the rows of one kv head in turn, so that a task's
     // rows share its keys and values while they are in the cache (a long prompt's keys and
@@ -41,6 +55,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Resu
     // Rows per task: about 64k multiply-adds each.
     let per_task = (65_536 / (2 * t * head_dim * group).max(1)).max(1);
     let group_width = group * head_dim;
+    let key_blocks = &key_blocks[..];
     for_each_chunk(&mut by_group, per_task * group_width, |task, out| {
         let mut scores = Vec::new();
         for (i, acc) in out.chunks_exact_mut(group_width).enumerate() {
@@ -49,7 +64,8 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Resu
             let heads = Heads {
                 q: &q[r * q_width + g * group_width..][..group_width],
                 head_dim,
-                keys: &keys[g * head_keys..][..head_keys],
+                keys: &key_blocks[g * head_dim * KEYS..],
+                key_stride: kv_width * KEYS,
                 values: &v[g * head_dim..],
                 kv_width,
                 visible: t - n + r + 1,
@@ -69,32 +85,50 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Resu
     Ok(out)
 }
 
-/// The keys `[t, kv_heads * head_dim]` as `[kv_heads, blocks of KEYS, head_dim, KEYS]`, the
-/// last block's missing keys zero: a block's keys side by side for each of their dimensions.
-fn transposed_keys(k: &[f32], t: usize, kv_heads: usize, head_dim: usize) -> Vec<f32> {
-    let kv_width = kv_heads * head_dim;
-    let head_keys = t.div_ceil(KEYS) * head_dim * KEYS;
-    let mut keys = vec![0.0f32; kv_heads * head_keys];
-    for_each_chunk(&mut keys, head_dim * KEYS, |index, block| {
-        let (g, b) = (index / t.div_ceil(KEYS), index % t.div_ceil(KEYS));
-        for (lane, j) in (b * KEYS..t.min((b + 1) * KEYS)).enumerate() {
-            let key = &k[j * kv_width + g * head_dim..][..head_dim];
-            for (d, &value) in key.iter().enumerate() {
-                block[d * KEYS + lane] = value;
+/// Lays out the keys `[t, kv_width]` from position `transposed` on into `blocks`
+/// (`[blocks of KEYS positions, kv_heads, head_dim, KEYS]`: a block's keys side by side for each
+/// of their dimensions), growing it by whole blocks; `transposed` becomes `t`. Lanes past `t`
+/// in the last block are left as they are (zeros, or a truncated cache's stale keys): no score
+/// of theirs is kept.
+fn transpose_keys(
+    k: &[f32],
+    t: usize,
+    kv_width: usize,
+    head_dim: usize,
+    blocks: &mut Vec<f32>,
+    transposed: &mut usize,
+) {
+    let block_len = kv_width * KEYS;
+    let from = (*transposed).min(t);
+    if blocks.len() < t.div_ceil(KEYS) * block_len {
+        blocks.resize(t.div_ceil(KEYS) * block_len, 0.0);
+    }
+    let first = from / KEYS;
+    let new = &mut blocks[first * block_len..t.div_ceil(KEYS) * block_len];
+    for_each_chunk(new, block_len, |i, block| {
+        let b = first + i;
+        for j in from.max(b * KEYS)..t.min((b + 1) * KEYS) {
+            let lane = j % KEYS;
+            for (c, &value) in k[j * kv_width..][..kv_width].iter().enumerate() {
+                // Column c is dimension c % head_dim of kv head c / head_dim.
+                let (g, d) = (c / head_dim, c % head_dim);
+                block[(g * head_dim + d) * KEYS + lane] = value;
             }
         }
     });
-    keys
+    *transposed = t;
 }
 
 /// The work of a kv head's query heads on one row: their queries (`[heads, head_dim]`), the kv
-/// head's transposed keys ([`transposed_keys`]) and values (row `j` at `values[j * kv_width..]`),
+/// head's transposed keys ([`transpose_keys`]) and values (row `j` at `values[j * kv_width..]`),
 /// and how many positions they see.
 #[derive(Clone, Copy)]
 struct Heads<'a> {
     q: &'a [f32],
     head_dim: usize,
+    /// Block `b` of the kv head's keys at `keys[b * key_stride..]`.
     keys: &'a [f32],
+    key_stride: usize,
     values: &'a [f32],
     kv_width: usize,
     visible: usize,
@@ -166,9 +200,11 @@ mod avx2 {
         let stride = blocks * KEYS;
         scores.clear();
         scores.resize(G * stride, 0.0);
-        let keys = heads.keys.chunks_exact(head_dim * KEYS).take(blocks);
-        for (b, block) in keys.enumerate() {
-            for sub in (0..KEYS).step_by(WIDTH) {
+        for b in 0..blocks {
+            let block = &heads.keys[b * heads.key_stride..][..head_dim * KEYS];
+            // Keys past the visible ones are never read (their scores stay zero, unused).
+            let keys = KEYS.min(heads.visible - b * KEYS);
+            for sub in (0..keys).step_by(WIDTH) {
                 let mut sums = [[_mm256_set1_ps(start); 2]; G];
                 // Pointers, not indices: bounds checks in this loop left too few registers.
                 let (mut key, mut q) = (block[sub..].as_ptr(), heads.q.as_ptr());
@@ -254,11 +290,8 @@ fn attend(head: &Heads<'_>, scores: &mut Vec<f32>, acc: &mut [f32]) {
     let scaling = 1.0 / (head_dim as f32).sqrt();
     let start: f32 = std::iter::empty::<f32>().sum();
     scores.clear();
-    for block in head
-        .keys
-        .chunks_exact(head_dim * KEYS)
-        .take(head.visible.div_ceil(KEYS))
-    {
+    for b in 0..head.visible.div_ceil(KEYS) {
+        let block = &head.keys[b * head.key_stride..][..head_dim * KEYS];
         let mut sums = [start; KEYS];
         for (&x, keys) in head.q.iter().zip(block.chunks_exact(KEYS)) {
             for (s, &key) in sums.iter_mut().zip(keys) {
@@ -425,6 +458,40 @@ mod tests {
             head_dim: 2,
         };
         assert!(attention(&[0.0; 8], &[0.0; 2], &[0.0; 2], shape).is_err());
+    }
+
+    /// The transposed keys kept between calls: a cache growing a position or a prompt at a time,
+    /// then cut back and grown with other keys, as a generator's cache is.
+    #[test]
+    fn kept_keys_follow_the_cache() {
+        let mut rng = SmallRng::seed_from_u64(22);
+        let shape = AttentionShape {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 20,
+        };
+        let kv = shape.kv_heads * shape.head_dim;
+        let mut k = floats(&mut rng, 200 * kv);
+        let v = floats(&mut rng, 200 * kv);
+        let (mut blocks, mut transposed) = (Vec::new(), 0);
+        let mut check =
+            |k: &[f32], t: usize, n: usize, blocks: &mut Vec<f32>, transposed: &mut usize| {
+                let q = floats(&mut rng, n * shape.heads * shape.head_dim);
+                let (k, v) = (&k[..t * kv], &v[..t * kv]);
+                let got = attention_cached(&q, k, v, blocks, transposed, shape).unwrap();
+                let want = crate::cpu::attention(&q, k, v, shape).unwrap();
+                assert!(same_bits(&got, &want), "{n} of {t}");
+                assert_eq!(*transposed, t);
+            };
+        for (t, n) in [(1, 1), (2, 1), (70, 68), (71, 1), (129, 58), (130, 1)] {
+            check(&k, t, n, &mut blocks, &mut transposed);
+        }
+        // Cut back to 65 positions; the keys after them change.
+        transposed = transposed.min(65);
+        k[65 * kv..].iter_mut().for_each(|x| *x = -*x);
+        for (t, n) in [(66, 1), (200, 134)] {
+            check(&k, t, n, &mut blocks, &mut transposed);
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod rows;
 mod team;
 mod ternary;
 
+pub(crate) use attention::attention_cached;
 pub use attention::{RopeTable, attention, rope_table};
 pub use int8_rows::Int8Rows;
 pub use quant::{act_quant, rmsnorm};
