@@ -2,8 +2,9 @@
 //! integer accumulators and the same f32 operations in the same order, so every result is equal
 //! to its reference twin's bit for bit. What changes is the layout (ternary weights packed 2 bits
 //! each, float tables interleaved for SIMD), the instructions (AVX2 chosen at run time on x86-64,
-//! portable Rust elsewhere) and the threads (`rayon`, natively; the browser's wasm build runs the
-//! same code on its one thread).
+//! portable Rust elsewhere) and the threads (natively a team of the engine's own, `team`, with
+//! `rayon` for loops that find it busy; the browser's wasm build runs the same code on its one
+//! thread).
 
 mod attention;
 mod int8_rows;
