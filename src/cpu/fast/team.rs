@@ -10,7 +10,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, TryLockError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -79,8 +79,11 @@ fn team(threads: usize) -> &'static Team {
 /// index once; `false` (nothing run) when the team is busy with another caller's loop.
 pub(super) fn run(threads: usize, count: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
     let team = team(threads);
-    let Ok(_guard) = team.busy.try_lock() else {
-        return false;
+    // A loop that panicked left the lock poisoned; the team itself is whole again by then.
+    let _guard = match team.busy.try_lock() {
+        Ok(guard) => guard,
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => return false,
     };
     team.run(count, f);
     true
@@ -96,9 +99,11 @@ impl Team {
         self.next.store(0, Ordering::Relaxed);
         self.finished.store(0, Ordering::Relaxed);
         let generation = ((self.state.load(Ordering::Relaxed) >> 32) + 1) & u64::from(u32::MAX);
-        self.state.store(generation << 32, Ordering::Release);
+        // SeqCst here and in `wait_for_loop`: a helper going to sleep either sees this loop or
+        // is seen asleep and woken.
+        self.state.store(generation << 32, Ordering::SeqCst);
         for (thread, asleep) in self.helpers.get().into_iter().flatten() {
-            if asleep.load(Ordering::Acquire) {
+            if asleep.load(Ordering::SeqCst) {
                 thread.unpark();
             }
         }
@@ -180,12 +185,11 @@ impl Team {
                 std::hint::spin_loop();
             }
             if start.elapsed() > SPIN {
-                asleep.store(true, Ordering::Release);
-                let state = self.state.load(Ordering::Acquire);
-                if !open(state) {
+                asleep.store(true, Ordering::SeqCst);
+                if !open(self.state.load(Ordering::SeqCst)) {
                     std::thread::park();
                 }
-                asleep.store(false, Ordering::Release);
+                asleep.store(false, Ordering::Relaxed);
             }
         }
     }
