@@ -14,7 +14,7 @@ mod lm_head;
 mod nll;
 mod norm_matmul;
 mod relu2_gate;
-mod rmsnorm;
+pub(crate) mod rmsnorm;
 mod rope;
 mod sampling;
 mod silu_gate;

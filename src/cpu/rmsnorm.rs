@@ -36,14 +36,25 @@ pub fn rmsnorm(x: &[f32], rows: usize, weight: &[f32], eps: f32) -> Result<Vec<f
             x.len(),
         ));
     }
-    let mut y = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(cols) {
-        let squares: Vec<f32> = row.iter().map(|&v| v * v).collect();
+    let mut y = vec![0.0; x.len()];
+    rmsnorm_rows(x, weight, eps, &mut y);
+    Ok(y)
+}
+
+/// [`rmsnorm`]'s arithmetic on whole rows of `weight.len()` values, into `y` (as long as `x`):
+/// shared with the CPU engine, which runs it on a part of the rows per thread.
+pub(crate) fn rmsnorm_rows(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32]) {
+    let cols = weight.len();
+    let mut squares = Vec::with_capacity(cols);
+    for (row, y) in x.chunks_exact(cols).zip(y.chunks_exact_mut(cols)) {
+        squares.clear();
+        squares.extend(row.iter().map(|&v| v * v));
         let mean = tree_sum(&squares) / cols as f32;
         let inv_rms = 1.0 / (mean + eps).sqrt();
-        y.extend(row.iter().zip(weight).map(|(&v, &w)| (v * inv_rms) * w));
+        for ((y, &v), &w) in y.iter_mut().zip(row).zip(weight) {
+            *y = (v * inv_rms) * w;
+        }
     }
-    Ok(y)
 }
 
 /// The gradients of [`rmsnorm`]: `(dx, dweight)` for the upstream gradient `dy` (`[rows, n]`).

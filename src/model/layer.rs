@@ -7,8 +7,7 @@
 use crate::Result;
 use crate::cpu::{AttentionShape, QuantizedActivations};
 use crate::model::forward::LayerView;
-use crate::model::{KvCache, ModelConfig};
-use std::borrow::Cow;
+use crate::model::{KvCache, ModelConfig, sub_norm};
 
 /// What an engine supplies for [`run_decoder_layers`]: layer `layer`'s norms and linears, and
 /// the attention's two position-wise operations.
@@ -97,33 +96,21 @@ pub(super) fn run_decoder_layers(
             )?);
             first = rows.end;
         }
-        let a = sub_norm(model, &a, n, attn_sub_norm, eps)?;
+        let a = sub_norm(&a, n, attn_sub_norm, eps, |x, r, w, e| {
+            model.rmsnorm(x, r, w, e)
+        })?;
         add_assign(x, &model.o_proj(layer, &model.act_quant(&a, n, attn)?)?);
 
         let h = model.act_quant(&model.rmsnorm(x, n, post_norm, eps)?, n, hidden)?;
         let [gate, up] = model.gate_up(layer, &h)?;
         let m = activation.gate(&gate, &up)?;
-        let m = sub_norm(model, &m, n, ffn_sub_norm, eps)?;
+        let m = sub_norm(&m, n, ffn_sub_norm, eps, |x, r, w, e| {
+            model.rmsnorm(x, r, w, e)
+        })?;
         let m = model.act_quant(&m, n, c.intermediate_size)?;
         add_assign(x, &model.down_proj(layer, &m)?);
     }
     Ok(())
-}
-
-/// The family's sub-norm: the engine's rmsnorm, or `x` itself where the family has none (an
-/// empty weight).
-fn sub_norm<'a>(
-    model: &impl CpuDecoder,
-    x: &'a [f32],
-    rows: usize,
-    weight: &[f32],
-    eps: f32,
-) -> Result<Cow<'a, [f32]>> {
-    if weight.is_empty() {
-        Ok(Cow::Borrowed(x))
-    } else {
-        model.rmsnorm(x, rows, weight, eps).map(Cow::Owned)
-    }
 }
 
 /// The residual connection `x += delta`.

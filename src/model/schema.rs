@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use crate::Result;
 use crate::cpu::{
-    relu2_gate, relu2_gate_backward, rmsnorm, rmsnorm_backward, silu_gate, silu_gate_backward,
+    relu2_gate, relu2_gate_backward, rmsnorm_backward, silu_gate, silu_gate_backward,
 };
 use crate::model::ModelConfig;
 
@@ -250,18 +250,20 @@ impl ModelConfig {
     }
 }
 
-/// A sub-norm where the family has one: `rmsnorm(x, weight)` over `rows` rows, or `x` as it is
-/// where `weight` is empty (the family has none, [`NormSpec::present`]).
+/// A sub-norm where the family has one: `norm(x, rows, weight, eps)` (an engine's
+/// [`crate::cpu::rmsnorm`] or its twin), or `x` as it is where `weight` is empty (the family has
+/// none, [`NormSpec::present`]).
 pub(crate) fn sub_norm<'a>(
     x: &'a [f32],
     rows: usize,
     weight: &[f32],
     eps: f32,
+    norm: impl FnOnce(&[f32], usize, &[f32], f32) -> Result<Vec<f32>>,
 ) -> Result<Cow<'a, [f32]>> {
     if weight.is_empty() {
         Ok(Cow::Borrowed(x))
     } else {
-        rmsnorm(x, rows, weight, eps).map(Cow::Owned)
+        norm(x, rows, weight, eps).map(Cow::Owned)
     }
 }
 

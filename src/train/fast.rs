@@ -196,7 +196,7 @@ impl TrainModel {
             rot(&mut k, shape.kv_heads)?;
             let attn = attention_per_window(&q, &k, &v, &spans, shape)?;
             let o_in = Operand::input(
-                sub_norm(&attn, n, &lp.attn_sub_norm, eps)?.into_owned(),
+                sub_norm(&attn, n, &lp.attn_sub_norm, eps, rmsnorm)?.into_owned(),
                 n,
                 attn_width,
                 quant,
@@ -207,7 +207,7 @@ impl TrainModel {
             let gate = linear_fwd(&mlp_in, &w.gate);
             let up = linear_fwd(&mlp_in, &w.up);
             let gated = c.family.activation().gate(&gate, &up)?;
-            let normed = sub_norm(&gated, n, &lp.ffn_sub_norm, eps)?.into_owned();
+            let normed = sub_norm(&gated, n, &lp.ffn_sub_norm, eps, rmsnorm)?.into_owned();
             let down_in = Operand::input(normed, n, c.intermediate_size, quant)?;
             let x_out = add(&x_mid, &linear_fwd(&down_in, &w.down));
             tapes.push(LayerTape {

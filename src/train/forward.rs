@@ -164,7 +164,7 @@ impl TrainModel {
             )?;
             let attn = attention(&q, &k, &v, shape)?;
             let o_in = LinearInput::new(
-                sub_norm(&attn, n, &lp.attn_sub_norm, eps)?.into_owned(),
+                sub_norm(&attn, n, &lp.attn_sub_norm, eps, rmsnorm)?.into_owned(),
                 n,
                 attn_width,
                 quant,
@@ -177,7 +177,7 @@ impl TrainModel {
             let up = linear(&mlp_in, &w.up)?;
             let gated = c.family.activation().gate(&gate, &up)?;
             let down_in = LinearInput::new(
-                sub_norm(&gated, n, &lp.ffn_sub_norm, eps)?.into_owned(),
+                sub_norm(&gated, n, &lp.ffn_sub_norm, eps, rmsnorm)?.into_owned(),
                 n,
                 c.intermediate_size,
                 quant,

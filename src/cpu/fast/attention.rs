@@ -73,7 +73,8 @@ pub(crate) fn attention_cached(
             kernel.heads(&heads, &mut scores, acc);
         }
     });
-    if kv_heads == 1 {
+    // One kv head, or one row: the two layouts are the same.
+    if kv_heads == 1 || n == 1 {
         return Ok(by_group);
     }
     let mut out = vec![0.0f32; q.len()];

@@ -57,9 +57,7 @@ pub fn rmsnorm(x: &[f32], rows: usize, weight: &[f32], eps: f32) -> Result<Vec<f
     let per_task = items_per_task(rows, cols, ROWS_WORK);
     for_each_chunk(&mut y, per_task * cols, |task, y| {
         let x = &x[task * per_task * cols..][..y.len()];
-        let normed = crate::cpu::rmsnorm(x, y.len() / cols, weight, eps)
-            .expect("whole rows of the weight's length");
-        y.copy_from_slice(&normed);
+        crate::cpu::rmsnorm::rmsnorm_rows(x, weight, eps, y);
     });
     Ok(y)
 }

@@ -308,7 +308,7 @@ impl Kernel {
             Kernel::Vnni if xs.len() >= vnni::TILE_TOKENS * padded => unsafe {
                 vnni::products(w, xs, padded, out)
             },
-            // One token (a decoding step): every row of the task in one call, two at a time.
+            // One token (a decoding step): every row of the task in one call, four at a time.
             // SAFETY: as above; the rows are short enough for the kernel's i32 lanes.
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni if xs.len() == padded && padded <= vnni::FEW_MAX_COLS => unsafe {
