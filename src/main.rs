@@ -177,7 +177,9 @@ struct ModelArgs {
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
     /// How the CPU engine keeps the lm_head: `exact` (logits equal the reference's) or `int8`
-    /// (half the bytes of an f16 table per token, logits close but not equal; needs --device cpu).
+    /// (an int8 screen, half the bytes of an f16 table per token, then the exact logits of every
+    /// token that could be the likeliest: the same greedy ids, the other logits close; holds
+    /// the screen beside the table; needs --device cpu).
     #[arg(long, value_enum, default_value_t = LmHead::Exact)]
     head: LmHead,
     /// Print one JSON object on stdout instead of text.

@@ -181,6 +181,126 @@ pub fn lm_head_int8(x: &[f32], rows: usize, table: &Int8Table) -> Result<Vec<f32
     Ok(logits)
 }
 
+/// [`lm_head`]'s logits wherever they could be the largest, [`lm_head_int8`]'s elsewhere: an
+/// int8 screen that reads half an f16 table's bytes, and greedy ids (the first largest logit)
+/// that are [`lm_head`]'s. For each row of `x`, every logit of the screen is taken; the row
+/// with the largest (the first, on ties) is computed exactly, and so is every row whose screen
+/// logit, raised by a bound on its error ([`ScreenBound`]), reaches that exact value. A row left
+/// out is then provably below a row computed exactly, so it cannot be the largest. A row of `x`
+/// that is not finite gets [`lm_head`]'s logits throughout. `int8` is `table` in 8 bits
+/// ([`int8_table`]); errors as [`lm_head`].
+///
+/// ```
+/// use bitnet_wgpu::cpu::{int8_table, lm_head, lm_head_screened};
+/// let table = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.9, 1.1]; // vocab 4, hidden 2
+/// let x = [2.0, 3.0];
+/// let logits = lm_head_screened(&x, 1, &table, &int8_table(&table, 4, 2)?)?;
+/// let exact = lm_head(&x, 1, &table, 4, 2)?;
+/// assert_eq!(logits[2..], exact[2..]); // the two that could be largest, exact
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+pub fn lm_head_screened(
+    x: &[f32],
+    rows: usize,
+    table: &[f32],
+    int8: &Int8Table,
+) -> Result<Vec<f32>> {
+    let (vocab, hidden) = (int8.rows, int8.cols);
+    check_rows(table, vocab, hidden, "lm_head table")?;
+    let mut logits = lm_head_int8(x, rows, int8)?;
+    for (row, logits) in x
+        .chunks_exact(hidden)
+        .zip(logits.chunks_exact_mut(vocab.max(1)))
+    {
+        let exact = |v: usize| lm_head(row, 1, &table[v * hidden..][..hidden], 1, hidden);
+        let Some(bound) = ScreenBound::new(row) else {
+            logits.copy_from_slice(&lm_head(row, 1, table, vocab, hidden)?);
+            continue;
+        };
+        let top = first_largest(logits);
+        let best = exact(top)?[0];
+        for (v, codes) in int8.codes.chunks_exact(hidden).enumerate() {
+            let sums = codes
+                .chunks(INT8_HEAD_BLOCK)
+                .map(|b| b.iter().map(|c| u16::from(c.unsigned_abs())).sum());
+            let total = codes.iter().map(|c| u32::from(c.unsigned_abs())).sum();
+            if v == top || bound.admits(logits[v], int8.scales[v], total, sums, best) {
+                logits[v] = exact(v)?[0];
+            }
+        }
+    }
+    Ok(logits)
+}
+
+/// The index of the first largest value (0 for an empty slice).
+pub(crate) fn first_largest(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// How far an [`lm_head_int8`] logit can be from [`lm_head`]'s, for one input row `x`, and the
+/// test [`lm_head_screened`] makes with it. With the row's codes `q` and scale `s`, the input's
+/// codes `p` and block scales `t_b`, both rounded to within half a code (and a few ulps):
+/// `x · w - s Σ_b t_b q_b · p_b = Σ (w - s q) x + s Σ q (x - t_b p)`, at most
+/// `s (½ |x|₁ + ½ Σ_b t_b |q_b|₁)`. To that come the f32 rounding of the exact sum (at most
+/// `cols` ulps of `Σ |w x| ≤ 127 s |x|₁`) and of the screen's (a few ulps): the slack in the two
+/// factors below covers both with room to spare.
+pub struct ScreenBound {
+    /// The `|x|₁` term, its factor applied.
+    l1: f32,
+    /// The block terms' factors times each block's scale `t_b`.
+    blocks: Vec<f32>,
+    /// The largest of `blocks`.
+    widest: f32,
+}
+
+impl ScreenBound {
+    /// The bound for input row `x`; `None` where it is not finite (no bound holds then).
+    pub fn new(x: &[f32]) -> Option<Self> {
+        let l1: f32 = x.iter().map(|v| v.abs()).sum();
+        if !l1.is_finite() {
+            return None;
+        }
+        let rounding = 128.0 * x.len() as f32 * f32::EPSILON;
+        let mut codes = [0i8; INT8_HEAD_BLOCK];
+        let blocks: Vec<f32> = x
+            .chunks(INT8_HEAD_BLOCK)
+            .map(|b| 0.501 * quantize_int8(b, &mut codes[..b.len()]))
+            .collect();
+        Some(ScreenBound {
+            l1: (0.51 + rounding) * l1,
+            widest: blocks.iter().fold(0.0, |m, &t| m.max(t)),
+            blocks,
+        })
+    }
+
+    /// Whether a row whose screen logit is `approx` may reach `best`: its row scale `scale`, its
+    /// codes' absolute sum `total` and their sums per [`INT8_HEAD_BLOCK`] `sums`. Tested first
+    /// with every block at the widest scale (no per-block work for most rows), then block by
+    /// block.
+    pub fn admits(
+        &self,
+        approx: f32,
+        scale: f32,
+        total: u32,
+        sums: impl Iterator<Item = u16>,
+        best: f32,
+    ) -> bool {
+        approx + scale * (self.l1 + self.widest * total as f32) >= best
+            && approx
+                + scale
+                    * sums
+                        .zip(&self.blocks)
+                        .fold(self.l1, |acc, (c, t)| acc + t * f32::from(c))
+                >= best
+    }
+}
+
 /// Refuses a hidden size of 0 and `values` (the input, or the table, as `what` names it) that
 /// are not `[rows, hidden]`.
 fn check_rows(values: &[f32], rows: usize, hidden: usize, what: &'static str) -> Result<()> {
@@ -201,6 +321,97 @@ fn check_rows(values: &[f32], rows: usize, hidden: usize, what: &'static str) ->
 mod tests {
     use super::*;
     use crate::cpu::gradcheck::{assert_grad_close, numeric_grad, uniform, weighted_sum};
+
+    /// A `[rows, cols]` table whose rows come in near-twins (a row, then that row nudged by
+    /// less than the screen's error), so that the screen alone cannot order them.
+    fn twin_table(seed: u64, rows: usize, cols: usize) -> Vec<f32> {
+        let base = uniform(seed, rows * cols, -1.0, 1.0);
+        let nudge = uniform(seed + 1, rows * cols, -1e-4, 1e-4);
+        let mut table = base.clone();
+        for r in (1..rows).step_by(2) {
+            for k in 0..cols {
+                table[r * cols + k] = base[(r - 1) * cols + k] + nudge[r * cols + k];
+            }
+        }
+        table
+    }
+
+    #[test]
+    fn the_screen_keeps_the_greedy_id_and_its_logit() {
+        for (seed, rows, cols, n) in [
+            (1, 1, 1, 1),
+            (2, 9, 5, 2),
+            (3, 64, 130, 3),
+            (4, 501, 300, 2),
+        ] {
+            let table = twin_table(seed, rows, cols);
+            let x = uniform(seed + 2, n * cols, -2.0, 2.0);
+            let int8 = int8_table(&table, rows, cols).unwrap();
+            let got = lm_head_screened(&x, n, &table, &int8).unwrap();
+            let exact = lm_head(&x, n, &table, rows, cols).unwrap();
+            let approx = lm_head_int8(&x, n, &int8).unwrap();
+            for ((got, exact), approx) in got
+                .chunks_exact(rows)
+                .zip(exact.chunks_exact(rows))
+                .zip(approx.chunks_exact(rows))
+            {
+                let id = crate::cpu::argmax(exact).unwrap() as usize;
+                assert_eq!(crate::cpu::argmax(got).unwrap() as usize, id);
+                // Each logit is the exact one or the screen's, and the largest is exact.
+                for ((g, e), a) in got.iter().zip(exact).zip(approx) {
+                    assert!(g.to_bits() == e.to_bits() || g.to_bits() == a.to_bits());
+                    assert!(*g <= got[id]);
+                }
+                assert_eq!(got[id].to_bits(), exact[id].to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn the_screen_bound_holds_for_every_row() {
+        // Activations with outliers in one block, the case the per-block bound is for.
+        let (rows, cols) = (400, 257);
+        let table = uniform(11, rows * cols, -1.0, 1.0);
+        let int8 = int8_table(&table, rows, cols).unwrap();
+        let mut x = uniform(12, cols, -1.0, 1.0);
+        x[3] = 40.0;
+        x[140] = -25.0;
+        let bound = ScreenBound::new(&x).unwrap();
+        let exact = lm_head(&x, 1, &table, rows, cols).unwrap();
+        let approx = lm_head_int8(&x, 1, &int8).unwrap();
+        let best = exact.iter().fold(f32::MIN, |m, &v| m.max(v));
+        let mut admitted = 0;
+        for (v, codes) in int8.codes.chunks_exact(cols).enumerate() {
+            let sums = || {
+                codes
+                    .chunks(INT8_HEAD_BLOCK)
+                    .map(|b| b.iter().map(|c| u16::from(c.unsigned_abs())).sum())
+            };
+            let total = codes.iter().map(|c| u32::from(c.unsigned_abs())).sum();
+            // `admits(approx, best)` holds for every `best` up to the exact logit ...
+            assert!(bound.admits(approx[v], int8.scales[v], total, sums(), exact[v]));
+            admitted += usize::from(bound.admits(approx[v], int8.scales[v], total, sums(), best));
+        }
+        // ... and against the largest it leaves out most rows.
+        assert!(admitted < rows / 10, "{admitted} of {rows}");
+        assert!(ScreenBound::new(&[1.0, f32::NAN]).is_none());
+    }
+
+    #[test]
+    fn the_screen_computes_a_row_that_is_not_finite_exactly() {
+        let (rows, cols) = (20, 6);
+        let table = uniform(13, rows * cols, -1.0, 1.0);
+        let int8 = int8_table(&table, rows, cols).unwrap();
+        let mut x = uniform(14, 2 * cols, -1.0, 1.0);
+        x[cols + 2] = f32::INFINITY;
+        let got = lm_head_screened(&x, 2, &table, &int8).unwrap();
+        let exact = lm_head(&x[cols..], 1, &table, rows, cols).unwrap();
+        assert_eq!(
+            got[rows..].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            exact.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(lm_head_screened(&x, 2, &table[1..], &int8).is_err());
+    }
 
     #[test]
     fn backward_matches_finite_differences() {

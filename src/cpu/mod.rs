@@ -27,8 +27,10 @@ pub use act_quant::{QuantizedActivations, act_quant, quant_scale};
 pub use argmax::argmax;
 pub use attention::{AttentionShape, attention, attention_backward};
 pub use embedding::{embedding, embedding_backward};
+pub(crate) use lm_head::first_largest;
 pub use lm_head::{
-    INT8_HEAD_BLOCK, Int8Table, int8_table, lm_head, lm_head_backward, lm_head_int8, quantize_int8,
+    INT8_HEAD_BLOCK, Int8Table, ScreenBound, int8_table, lm_head, lm_head_backward, lm_head_int8,
+    lm_head_screened, quantize_int8,
 };
 pub use nll::{cross_entropy, nll};
 pub use norm_matmul::norm_matmul;

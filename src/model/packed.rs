@@ -9,8 +9,8 @@
 
 use crate::Result;
 use crate::cpu::fast::{
-    Int8Rows, InterleavedRows, PackedMatrix, RopeTable, act_quant, attention_cached, rmsnorm,
-    rope_table,
+    FloatRows, Int8Rows, InterleavedRows, PackedMatrix, RopeTable, act_quant, attention_cached,
+    rmsnorm, rope_table,
 };
 use crate::cpu::{AttentionShape, QuantizedActivations};
 use crate::model::forward::{LayerView, extend_caches};
@@ -20,6 +20,7 @@ use crate::model::{BlockLayer, Checked, KvCache, LayerWeights, Logits, ModelConf
 /// How the CPU engine keeps its lm_head (the output projection, or the tied embeddings).
 ///
 /// ```
+/// use bitnet_wgpu::cpu::argmax;
 /// use bitnet_wgpu::model::{CpuEngine, LmHead, ModelConfig, synthetic};
 /// let mut config = ModelConfig::bitnet_b158_2b4t();
 /// (config.num_hidden_layers, config.vocab_size, config.hidden_size) = (1, 100, 128);
@@ -28,8 +29,11 @@ use crate::model::{BlockLayer, Checked, KvCache, LayerWeights, Logits, ModelConf
 /// let weights = synthetic(&config, 7);
 /// let exact = CpuEngine::with_head(&weights, LmHead::Exact)?.forward(&[1, 2])?;
 /// let int8 = CpuEngine::with_head(&weights, LmHead::Int8)?.forward(&[1, 2])?;
-/// let largest = exact.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-/// assert!(exact.iter().zip(&int8).all(|(a, b)| (a - b).abs() < 0.05 * largest));
+/// for (e, i) in exact.chunks(100).zip(int8.chunks(100)) {
+///     let id = argmax(e)?;
+///     assert_eq!(argmax(i)?, id);
+///     assert_eq!(i[id as usize], e[id as usize]);
+/// }
 /// # Ok::<(), bitnet_wgpu::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -42,27 +46,90 @@ pub enum LmHead {
     /// bit for bit.
     #[default]
     Exact,
-    /// Each row in 8 bits with its own scale, the final hidden state in 8 bits per block of
-    /// 128 values ([`crate::cpu::lm_head_int8`]): half the bytes of an f16 table to read per
-    /// token, a quarter of an f32 one, at the cost of logits that only approximate the
-    /// reference's. The embeddings keep their values.
+    /// An int8 screen of the table (each row in 8 bits with its own scale, the final hidden
+    /// state in 8 bits per block of 128 values: half the bytes of an f16 table to read per
+    /// token), then the table's own products for every row whose screen logit, raised by a
+    /// bound on its error, reaches the largest exact one ([`crate::cpu::lm_head_screened`]).
+    /// Greedy ids are [`LmHead::Exact`]'s, and so are the logits of the rows that could be the
+    /// largest; the others are the screen's approximations. The engine keeps the table
+    /// row-major beside the screen (the embeddings' when tied): half as many bytes again.
     Int8,
 }
 
-/// The lm_head as the engine holds it.
+/// The float tables as the engine holds them.
 #[derive(Clone, Debug, PartialEq)]
-enum Head {
-    /// The embeddings' table.
-    Tied,
-    Exact(InterleavedRows),
-    Int8(Int8Rows),
+enum Tables {
+    /// The embeddings are the lm_head, interleaved for its products.
+    Tied(InterleavedRows),
+    Untied {
+        embed: FloatRows,
+        head: InterleavedRows,
+    },
+    /// [`LmHead::Int8`]: the exact rows the screen picks come from `head`, or from the
+    /// embeddings when tied.
+    Screened {
+        embed: FloatRows,
+        head: Option<FloatRows>,
+        screen: Int8Rows,
+    },
+}
+
+impl Tables {
+    /// The tables of `source` for `head`; `release` as [`InterleavedRows::from_table`] takes it.
+    fn new(source: &Checked<'_>, head: LmHead, release: &dyn Fn()) -> Result<Self> {
+        let embed = source.embed_tokens()?;
+        Ok(match (source.lm_head()?, head) {
+            (None, LmHead::Exact) => Tables::Tied(InterleavedRows::from_table(&embed, release)?),
+            (Some(head), LmHead::Exact) => Tables::Untied {
+                embed: FloatRows::from_table(&embed, release)?,
+                head: InterleavedRows::from_table(&head, release)?,
+            },
+            (head, LmHead::Int8) => Tables::Screened {
+                screen: Int8Rows::from_table(head.as_ref().unwrap_or(&embed), release)?,
+                embed: FloatRows::from_table(&embed, release)?,
+                head: head
+                    .map(|h| FloatRows::from_table(&h, release))
+                    .transpose()?,
+            },
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Tables::Tied(t) => t.bytes(),
+            Tables::Untied { embed, head } => embed.bytes() + head.bytes(),
+            Tables::Screened {
+                embed,
+                head,
+                screen,
+            } => embed.bytes() + head.as_ref().map_or(0, FloatRows::bytes) + screen.bytes(),
+        }
+    }
+
+    fn embedding(&self, id: usize) -> Vec<f32> {
+        match self {
+            Tables::Tied(t) => t.row(id),
+            Tables::Untied { embed, .. } | Tables::Screened { embed, .. } => embed.row(id),
+        }
+    }
+
+    /// The head's products with the `rows` rows of `x`.
+    fn logits(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        match self {
+            Tables::Tied(head) | Tables::Untied { head, .. } => head.products(x, rows),
+            Tables::Screened {
+                embed,
+                head,
+                screen,
+            } => screen.screened_products(head.as_ref().unwrap_or(embed), x, rows),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct PackedModel {
     config: ModelConfig,
-    embed: InterleavedRows,
-    head: Head,
+    tables: Tables,
     layers: Vec<PackedLayer>,
     norm: Vec<f32>,
     rope: RopeTable,
@@ -127,7 +194,7 @@ impl PackedModel {
         let source = Checked::new(weights)?;
         let c = weights.config().clone();
         let release = || weights.release();
-        let embed = InterleavedRows::from_table(&source.embed_tokens()?, &release)?;
+        let tables = Tables::new(&source, head, &release)?;
         let layers = (0..c.num_hidden_layers)
             .map(|index| {
                 let layer = match source.layer_blocks(index)? {
@@ -139,20 +206,9 @@ impl PackedModel {
             })
             .collect::<Result<_>>()?;
         let norm = source.norm()?.into_owned();
-        let head = match (source.lm_head()?, head) {
-            (Some(table), LmHead::Exact) => {
-                Head::Exact(InterleavedRows::from_table(&table, &release)?)
-            }
-            (Some(table), LmHead::Int8) => Head::Int8(Int8Rows::from_table(&table, &release)?),
-            (None, LmHead::Exact) => Head::Tied,
-            (None, LmHead::Int8) => {
-                Head::Int8(Int8Rows::from_table(&source.embed_tokens()?, &release)?)
-            }
-        };
         let rope = rope_table(c.head_dim, c.rope_theta)?;
         Ok(PackedModel {
-            embed,
-            head,
+            tables,
             layers,
             norm,
             rope,
@@ -186,12 +242,7 @@ impl PackedModel {
                     .sum::<usize>()
             })
             .sum();
-        let head = match &self.head {
-            Head::Tied => 0,
-            Head::Exact(h) => h.bytes(),
-            Head::Int8(h) => h.bytes(),
-        };
-        layers + self.embed.bytes() + head + floats(&self.norm)
+        layers + self.tables.bytes() + floats(&self.norm)
     }
 
     /// [`super::forward`] of `tokens` after the positions `cache` holds, with the same errors;
@@ -243,7 +294,7 @@ impl PackedModel {
     fn embeddings(&self, tokens: &[u32]) -> Vec<f32> {
         tokens
             .iter()
-            .flat_map(|&id| self.embed.row(id as usize))
+            .flat_map(|&id| self.tables.embedding(id as usize))
             .collect()
     }
 
@@ -252,11 +303,7 @@ impl PackedModel {
         let c = &self.config;
         let rows = x.len() / c.hidden_size;
         let x = rmsnorm(x, rows, &self.norm, c.rms_norm_eps)?;
-        match &self.head {
-            Head::Tied => self.embed.products(&x, rows),
-            Head::Exact(h) => h.products(&x, rows),
-            Head::Int8(h) => h.products(&x, rows),
-        }
+        self.tables.logits(&x, rows)
     }
 }
 

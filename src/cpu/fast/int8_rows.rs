@@ -2,8 +2,8 @@
 //! of the f16 table per decoding step, and 64 multiply-adds per instruction where AVX-512 VNNI
 //! is present.
 
-use super::{Kernel, for_each_chunk, for_each_chunk_pair, items_per_task, table_shape};
-use crate::cpu::{INT8_HEAD_BLOCK, quantize_int8};
+use super::{FloatRows, Kernel, for_each_chunk, for_each_chunk_pair, items_per_task, table_shape};
+use crate::cpu::{INT8_HEAD_BLOCK, ScreenBound, first_largest, quantize_int8};
 use crate::table::Table;
 use crate::{Error, Result};
 use std::sync::OnceLock;
@@ -17,6 +17,8 @@ const QUAD: usize = 4;
 const BLOCK_VALUES: usize = 16 << 20;
 /// Table bytes a task reads at least.
 const TASK_BYTES: usize = 256 << 10;
+/// Rows a task of the screen's test takes.
+const SCREEN_ROWS: usize = 8192;
 
 /// A `[rows, cols]` float table in 8 bits per value (each row quantized as
 /// [`crate::cpu::int8_table`] quantizes it), whose products with vectors equal
@@ -43,6 +45,11 @@ pub struct Int8Rows {
     values: Vec<u8>,
     /// One per row, then zeros to whole groups.
     scales: Vec<f32>,
+    /// `[rows to whole groups, padded / INT8_HEAD_BLOCK]`: each block's `sum |code|`, for
+    /// [`ScreenBound::admits`].
+    code_sums: Vec<u16>,
+    /// Each row's `sum |code|`.
+    totals: Vec<u32>,
 }
 
 impl Int8Rows {
@@ -88,11 +95,31 @@ impl Int8Rows {
             }
             release();
         }
+        let blocks = padded / INT8_HEAD_BLOCK;
+        let mut code_sums = vec![0u16; groups * LANES * blocks];
+        for_each_chunk(&mut code_sums, LANES * blocks, |g, sums| {
+            let group = &values[g * group_len..][..group_len];
+            for (q, quads) in group.chunks_exact(LANES * QUAD).enumerate() {
+                let b = q * QUAD / INT8_HEAD_BLOCK;
+                for (sums, quad) in sums.chunks_exact_mut(blocks).zip(quads.chunks_exact(QUAD)) {
+                    sums[b] += quad
+                        .iter()
+                        .map(|&c| u16::from(((c ^ 0x80) as i8).unsigned_abs()))
+                        .sum::<u16>();
+                }
+            }
+        });
+        let totals = code_sums
+            .chunks_exact(blocks)
+            .map(|sums| sums.iter().map(|&s| u32::from(s)).sum())
+            .collect();
         Ok(Int8Rows {
             rows,
             cols,
             values,
             scales,
+            code_sums,
+            totals,
         })
     }
 
@@ -106,7 +133,67 @@ impl Int8Rows {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.values.len() + 4 * self.scales.len()
+        self.values.len() + 4 * self.scales.len() + 2 * self.code_sums.len() + 4 * self.totals.len()
+    }
+
+    /// [`crate::cpu::lm_head_screened`] of the `n` vectors `x` (`[n, cols]`) with this table
+    /// as the screen and `exact` as the table (the one this was quantized from): `[n, rows]`,
+    /// equal bit for bit. The screen's products, then the exact ones of the rows it cannot
+    /// rule out (a few hundred of 2B4T's 128k on random weights).
+    ///
+    /// ```
+    /// use bitnet_wgpu::cpu::fast::{FloatRows, Int8Rows};
+    /// use bitnet_wgpu::cpu::{int8_table, lm_head_screened};
+    /// use bitnet_wgpu::table::Table;
+    /// let table = [1.0, 0.5, -0.25, 0.0, 1.0, 1.0];
+    /// let (screen, exact) = (Table::values(&table[..], 2), Table::values(&table[..], 2));
+    /// let screen = Int8Rows::from_table(&screen, &|| {})?;
+    /// let exact = FloatRows::from_table(&exact, &|| {})?;
+    /// let reference = lm_head_screened(&[2.0, 3.0], 1, &table, &int8_table(&table, 3, 2)?)?;
+    /// assert_eq!(screen.screened_products(&exact, &[2.0, 3.0], 1)?, reference);
+    /// # Ok::<(), bitnet_wgpu::Error>(())
+    /// ```
+    pub fn screened_products(&self, exact: &FloatRows, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        if (exact.rows(), exact.cols()) != (self.rows, self.cols) {
+            return Err(Error::shape(
+                "exact table of an int8 screen",
+                format!("{} x {}", self.rows, self.cols),
+                format!("{} x {}", exact.rows(), exact.cols()),
+            ));
+        }
+        let mut logits = self.products(x, n)?;
+        let blocks = padded(self.cols) / INT8_HEAD_BLOCK;
+        for (x, logits) in x
+            .chunks_exact(self.cols)
+            .zip(logits.chunks_exact_mut(self.rows))
+        {
+            let picks: Vec<usize> = match ScreenBound::new(x) {
+                None => (0..self.rows).collect(),
+                Some(bound) => {
+                    let top = first_largest(logits);
+                    let best = exact.products_of(&[top], x)?[0];
+                    let mut admitted = vec![false; self.rows];
+                    for_each_chunk(&mut admitted, SCREEN_ROWS, |task, admitted| {
+                        for (v, a) in (task * SCREEN_ROWS..).zip(admitted) {
+                            let sums = self.code_sums[v * blocks..][..blocks].iter().copied();
+                            *a = v == top
+                                || bound.admits(
+                                    logits[v],
+                                    self.scales[v],
+                                    self.totals[v],
+                                    sums,
+                                    best,
+                                );
+                        }
+                    });
+                    (0..self.rows).filter(|&v| admitted[v]).collect()
+                }
+            };
+            for (&v, z) in picks.iter().zip(exact.products_of(&picks, x)?) {
+                logits[v] = z;
+            }
+        }
+        Ok(logits)
     }
 
     /// [`crate::cpu::lm_head_int8`] of the `n` vectors `x` (`[n, cols]`) with this table:
@@ -316,7 +403,7 @@ mod vnni {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::{int8_table, lm_head_int8};
+    use crate::cpu::{int8_table, lm_head_int8, lm_head_screened};
     use crate::table::FloatType;
     use rand::{Rng, SeedableRng, rngs::SmallRng};
 
@@ -349,6 +436,41 @@ mod tests {
             }
             assert_eq!(fast.products(&x, n).unwrap(), want);
         }
+    }
+
+    #[test]
+    fn screened_products_equal_the_reference_bit_for_bit() {
+        let mut rng = SmallRng::seed_from_u64(24);
+        for (rows, cols, n) in [(1, 1, 1), (17, 5, 2), (70, 129, 3), (1000, 300, 2)] {
+            // Rows in pairs a hair apart (the screen cannot order them), an all-zero row.
+            let mut table: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            for r in (1..rows).step_by(2) {
+                for k in 0..cols {
+                    table[r * cols + k] = table[(r - 1) * cols + k] + rng.random_range(-1e-4..1e-4);
+                }
+            }
+            table[(rows - 1) * cols..].fill(0.0);
+            let mut x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
+            if n > 2 {
+                x[cols] = f32::NAN;
+            }
+            let values = Table::values(&table[..], cols);
+            let screen = Int8Rows::from_table(&values, &|| {}).unwrap();
+            let exact = FloatRows::from_table(&values, &|| {}).unwrap();
+            let int8 = int8_table(&table, rows, cols).unwrap();
+            let want = lm_head_screened(&x, n, &table, &int8).unwrap();
+            let got = screen.screened_products(&exact, &x, n).unwrap();
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{rows} x {cols}, {n}"
+            );
+        }
+        let screen = Int8Rows::from_table(&Table::values(&[1.0; 6][..], 2), &|| {}).unwrap();
+        let other = FloatRows::from_table(&Table::values(&[1.0; 4][..], 2), &|| {}).unwrap();
+        assert!(screen.screened_products(&other, &[1.0, 2.0], 1).is_err());
     }
 
     #[test]
@@ -387,7 +509,8 @@ mod tests {
         assert_eq!(released.get(), 1);
         let from_values = Int8Rows::from_table(&Table::values(&values[..], cols), &|| {});
         assert_eq!(from_file, from_values.unwrap());
-        assert_eq!(from_file.bytes(), 5 * LANES * 256 + 4 * 5 * LANES);
+        // Codes, then per row a scale, a sum of |code| per 128 columns and in all.
+        assert_eq!(from_file.bytes(), 5 * LANES * (256 + 4 + 2 * 2 + 4));
         assert!(from_file.products(&[1.0; 129], 1).is_err());
     }
 

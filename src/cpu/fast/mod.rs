@@ -18,7 +18,7 @@ pub(crate) use attention::attention_cached;
 pub use attention::{RopeTable, attention, rope_table};
 pub use int8_rows::Int8Rows;
 pub use quant::{act_quant, rmsnorm};
-pub use rows::InterleavedRows;
+pub use rows::{FloatRows, InterleavedRows};
 pub use ternary::PackedMatrix;
 
 /// The instructions the products run on, chosen once per product: AVX2 (with F16C, which every

@@ -15,6 +15,9 @@ const LANES: usize = 64;
 const BLOCK_VALUES: usize = 16 << 20;
 /// Table bytes a task reads at least.
 const TASK_BYTES: usize = 256 << 10;
+/// Fewer picked rows than this are summed one by one rather than laid out as a group of
+/// [`LANES`] (a group's layout writes all its lanes, however few are picked).
+const FEW_PICKS: usize = 8;
 
 /// A `[rows, cols]` f32 table (row-major in memory elsewhere) stored in groups of [`LANES`]
 /// rows interleaved column by column, so that the products of one vector with every row run
@@ -67,39 +70,15 @@ impl InterleavedRows {
     pub fn from_table(table: &Table<'_>, release: &dyn Fn()) -> Result<Self> {
         let (rows, cols) = table_shape(table)?;
         let block_rows = (BLOCK_VALUES / cols).max(1).next_multiple_of(LANES);
-        if table.stored_type() == Some(FloatType::F16) {
+        let values = if table.stored_type() == Some(FloatType::F16) {
             let read = |rows| table.read_f16(rows);
-            let bits = interleave(table, block_rows, 0, read, release)?;
-            return Ok(InterleavedRows {
-                rows,
-                cols,
-                values: Values::F16(bits),
-            });
-        }
-        let mut exact_f16 = true;
-        for block in table.blocks(block_rows) {
-            exact_f16 &= table
-                .read(block)?
-                .iter()
-                .all(|&v| f16::from_f32(v).to_f32().to_bits() == v.to_bits());
-            release();
-        }
-        let values = if exact_f16 {
-            let read = |rows| {
-                let values = table.read(rows)?;
-                Ok(Cow::Owned(
-                    values.iter().map(|&v| f16::from_f32(v).to_bits()).collect(),
-                ))
-            };
+            Values::F16(interleave(table, block_rows, 0, read, release)?)
+        } else if all_f16(table, block_rows, release)? {
+            let read = |rows| Ok(Cow::Owned(f16_bits(&table.read(rows)?)));
             Values::F16(interleave(table, block_rows, 0, read, release)?)
         } else {
-            Values::F32(interleave(
-                table,
-                block_rows,
-                0.0,
-                |rows| table.read(rows),
-                release,
-            )?)
+            let read = |rows| table.read(rows);
+            Values::F32(interleave(table, block_rows, 0.0, read, release)?)
         };
         Ok(InterleavedRows { rows, cols, values })
     }
@@ -169,6 +148,146 @@ impl InterleavedRows {
         }
         Ok(y)
     }
+}
+
+/// Whether every value of `table` is an f16 exactly, read a block at a time (`release` after
+/// each).
+fn all_f16(table: &Table<'_>, block_rows: usize, release: &dyn Fn()) -> Result<bool> {
+    let mut exact = true;
+    for block in table.blocks(block_rows) {
+        exact &= table
+            .read(block)?
+            .iter()
+            .all(|&v| f16::from_f32(v).to_f32().to_bits() == v.to_bits());
+        release();
+    }
+    Ok(exact)
+}
+
+fn f16_bits(values: &[f32]) -> Vec<u16> {
+    values.iter().map(|&v| f16::from_f32(v).to_bits()).collect()
+}
+
+/// A `[rows, cols]` float table row-major, f16 where every value is one exactly (as
+/// [`InterleavedRows`] keeps it): for rows read one at a time, the embeddings' lookups and the
+/// exact products of the few rows an int8 screen cannot rule out ([`FloatRows::products_of`]).
+///
+/// ```
+/// use bitnet_wgpu::cpu::fast::FloatRows;
+/// use bitnet_wgpu::table::Table;
+/// let table = FloatRows::from_table(&Table::values(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0][..], 2), &|| {})?;
+/// assert_eq!(table.row(1), [3.0, 4.0]);
+/// assert_eq!(table.products_of(&[2, 0], &[1.0, -1.0])?, [-1.0, -1.0]);
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct FloatRows {
+    rows: usize,
+    cols: usize,
+    /// `[rows, cols]`.
+    values: Values,
+}
+
+impl FloatRows {
+    /// A [`Table`], read a block of rows at a time, `release` called after each (as
+    /// [`InterleavedRows::from_table`] reads it).
+    pub fn from_table(table: &Table<'_>, release: &dyn Fn()) -> Result<Self> {
+        let (rows, cols) = table_shape(table)?;
+        let block_rows = (BLOCK_VALUES / cols).max(1);
+        let f16 =
+            table.stored_type() == Some(FloatType::F16) || all_f16(table, block_rows, release)?;
+        let values = if f16 {
+            let mut bits = Vec::with_capacity(rows * cols);
+            for block in table.blocks(block_rows) {
+                match table.stored_type() {
+                    Some(FloatType::F16) => bits.extend_from_slice(&table.read_f16(block)?),
+                    _ => bits.extend(f16_bits(&table.read(block)?)),
+                }
+                release();
+            }
+            Values::F16(bits)
+        } else {
+            let mut values = Vec::with_capacity(rows * cols);
+            for block in table.blocks(block_rows) {
+                values.extend_from_slice(&table.read(block)?);
+                release();
+            }
+            Values::F32(values)
+        };
+        Ok(FloatRows { rows, cols, values })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match &self.values {
+            Values::F32(v) => 4 * v.len(),
+            Values::F16(v) => 2 * v.len(),
+        }
+    }
+
+    /// Row `r`, as f32.
+    pub fn row(&self, r: usize) -> Vec<f32> {
+        let at = r * self.cols..(r + 1) * self.cols;
+        match &self.values {
+            Values::F32(v) => v[at].to_vec(),
+            Values::F16(v) => v[at].iter().map(|&h| f16::from_bits(h).to_f32()).collect(),
+        }
+    }
+
+    /// `x · row_r` for each `r` of `picks`, in that order, each equal bit for bit to
+    /// [`InterleavedRows::products`]' (left to right from `-0.0`): the picked rows are laid out
+    /// as a group, [`LANES`] at a time, for the same kernels.
+    pub fn products_of(&self, picks: &[usize], x: &[f32]) -> Result<Vec<f32>> {
+        if x.len() != self.cols {
+            return Err(Error::shape("table product input", self.cols, x.len()));
+        }
+        if let Some(&r) = picks.iter().find(|&&r| r >= self.rows) {
+            return Err(Error::shape("table row", format!("below {}", self.rows), r));
+        }
+        let kernel = Kernel::detect();
+        let cols = self.cols;
+        let mut out = vec![0.0f32; picks.len()];
+        for_each_chunk(&mut out, LANES, |batch, out| {
+            let picks = &picks[batch * LANES..][..out.len()];
+            if picks.len() < FEW_PICKS {
+                for (o, &r) in out.iter_mut().zip(picks) {
+                    *o = self
+                        .row(r)
+                        .iter()
+                        .zip(x)
+                        .fold(-0.0, |acc, (&w, &xk)| acc + xk * w);
+                }
+                return;
+            }
+            let sums = match &self.values {
+                Values::F32(v) => kernel.f32_lanes(x, &gather(v, picks, cols, 0.0)),
+                Values::F16(v) => kernel.f16_lanes(x, &gather(v, picks, cols, 0)),
+            };
+            out.copy_from_slice(&sums[..out.len()]);
+        });
+        Ok(out)
+    }
+}
+
+/// The rows `picks` (at most [`LANES`]) of the row-major `values` as one group
+/// (`[cols, LANES]`), missing lanes `zero`.
+fn gather<T: Transpose>(values: &[T], picks: &[usize], cols: usize, zero: T) -> Vec<T> {
+    let mut rows = Vec::with_capacity(LANES * cols);
+    for &r in picks {
+        rows.extend_from_slice(&values[r * cols..][..cols]);
+    }
+    rows.resize(LANES * cols, zero);
+    let mut group = vec![zero; LANES * cols];
+    T::transpose(&rows, cols, &mut group);
+    group
 }
 
 /// `table` as `[groups, cols, LANES]`, missing rows `zero`, from the values `read` gives for
@@ -488,6 +607,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("inf at row 3, column 5"), "{e}");
+    }
+
+    #[test]
+    fn float_rows_give_the_interleaved_products_of_any_rows() {
+        let mut rng = SmallRng::seed_from_u64(10);
+        for (rows, cols, f16_values) in [(1, 1, true), (70, 13, false), (200, 136, true)] {
+            let values: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .map(|v: f32| {
+                    if f16_values {
+                        f16::from_f32(v).to_f32()
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let bytes: Vec<u8> = values
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                .collect();
+            let table = FloatRows::new_for_test(&values, cols);
+            assert_eq!(table.bytes(), rows * cols * if f16_values { 2 } else { 4 });
+            if f16_values {
+                let stored = Table::stored("t", FloatType::F16, &bytes, rows, cols).unwrap();
+                assert_eq!(FloatRows::from_table(&stored, &|| {}).unwrap(), table);
+            }
+            let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let all = InterleavedRows::new(&values, rows, cols)
+                .unwrap()
+                .products(&x, 1)
+                .unwrap();
+            // Every row, in an order of its own, more than a group's worth, and repeats.
+            let picks: Vec<usize> = (0..rows + 70).map(|i| (i * 7 + 3) % rows).collect();
+            let got = table.products_of(&picks, &x).unwrap();
+            for (&r, g) in picks.iter().zip(&got) {
+                assert_eq!(g.to_bits(), all[r].to_bits());
+                assert_eq!(table.row(r), values[r * cols..][..cols]);
+            }
+            assert!(table.products_of(&[rows], &x).is_err());
+            assert!(table.products_of(&[0], &x[1..]).is_err());
+        }
+    }
+
+    impl FloatRows {
+        fn new_for_test(values: &[f32], cols: usize) -> Self {
+            FloatRows::from_table(&Table::values(values, cols), &|| {}).unwrap()
+        }
     }
 
     #[test]
