@@ -659,6 +659,63 @@ mod tests {
         }
     }
 
+    /// A GGUF file's tables, mapped, are read where they lie: the engine holds neither the
+    /// embeddings (its lookups and the screen's exact rows read the file) nor, with the exact
+    /// head untied, a copy of them, and its logits are those of an engine over the same bytes
+    /// in memory.
+    #[test]
+    #[cfg(not(target_arch = "wasm32"))]
+    fn a_mapped_gguf_keeps_its_tables_in_the_file() {
+        use crate::formats::gguf::{GgufFile, GgufModel, TableType, map, write_model};
+        for (seed, tied) in [(2u64, true), (4, false)] {
+            let config = ModelConfig {
+                vocab_size: 70,
+                hidden_size: 128,
+                intermediate_size: 96,
+                num_attention_heads: 2,
+                num_key_value_heads: 1,
+                head_dim: 64,
+                tie_word_embeddings: tied,
+                max_position_embeddings: 8,
+                ..tiny_weights().config
+            };
+            let weights = random_model(config, seed, false);
+            let bytes = write_model(&weights, None, TableType::F16).unwrap();
+            let path = std::env::temp_dir()
+                .join(format!("bitnet-mapped-{}-{seed}.gguf", std::process::id()));
+            std::fs::write(&path, &bytes).unwrap();
+            let mapped = GgufModel::new(
+                GgufFile::from_map(std::sync::Arc::new(map(&path).unwrap())).unwrap(),
+            )
+            .unwrap();
+            let in_memory = GgufModel::new(GgufFile::parse(&bytes).unwrap()).unwrap();
+            let table = 70 * 128 * 2;
+            for head in [LmHead::Exact, LmHead::Int8] {
+                let mut from_file = CpuEngine::with_head(&mapped, head).unwrap();
+                let mut from_bytes = CpuEngine::with_head(&in_memory, head).unwrap();
+                let held = from_bytes.weight_bytes() - from_file.weight_bytes();
+                // Interleaved tables (rows to 64) stay copies; row-major ones do not.
+                match (tied, head) {
+                    (true, LmHead::Exact) => assert_eq!(held, 0),
+                    (false, LmHead::Exact) | (true, LmHead::Int8) => assert_eq!(held, table),
+                    (false, LmHead::Int8) => assert_eq!(held, 2 * table),
+                }
+                for tokens in [&[1, 2, 3][..], &[69]] {
+                    let (a, b) = (
+                        from_file.forward(tokens).unwrap(),
+                        from_bytes.forward(tokens).unwrap(),
+                    );
+                    assert_eq!(
+                        a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    );
+                }
+            }
+            drop(mapped);
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
     #[test]
     fn engine_refuses_inconsistent_weights() {
         let mut weights = tiny_weights();

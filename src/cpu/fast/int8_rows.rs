@@ -251,12 +251,70 @@ impl Kernel {
     }
 }
 
+/// [`quantize_int8`] 8 values per instruction: the largest magnitude and whether all are
+/// finite in one pass, then `round_ties_even(v * inverse)` clamped, as the reference forms it.
+///
 /// # Safety
 /// AVX2 must be present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn avx2_quantize_int8(values: &[f32], codes: &mut [i8]) -> f32 {
-    quantize_int8(values, codes)
+    use std::arch::x86_64::*;
+    const VECTOR: usize = 8;
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let infinity = _mm256_set1_ps(f32::INFINITY);
+    let (mut widest, mut not_finite) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let whole = values.len() / VECTOR * VECTOR;
+    for chunk in values[..whole].chunks_exact(VECTOR) {
+        // SAFETY: 8 values.
+        let v = _mm256_and_ps(unsafe { _mm256_loadu_ps(chunk.as_ptr()) }, magnitude);
+        // `maxps` returns its second operand where either is NaN: a NaN is passed over, as
+        // `f32::max` passes it over.
+        widest = _mm256_max_ps(v, widest);
+        not_finite = _mm256_or_ps(not_finite, _mm256_cmp_ps::<_CMP_NLT_UQ>(v, infinity));
+    }
+    let mut lanes = [0.0f32; VECTOR];
+    // SAFETY: 8 writable floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), widest) };
+    let tail = &values[whole..];
+    let max = tail
+        .iter()
+        .chain(&lanes)
+        .fold(0.0f32, |m, v| m.max(v.abs()));
+    if _mm256_movemask_ps(not_finite) != 0 || !tail.iter().all(|v| v.is_finite()) || max == 0.0 {
+        codes[..values.len()].fill(0);
+        return if max == 0.0 { 0.0 } else { f32::NAN };
+    }
+    let inverse = 127.0 / max;
+    let (scale, low, high) = (
+        _mm256_set1_ps(inverse),
+        _mm256_set1_ps(-127.0),
+        _mm256_set1_ps(127.0),
+    );
+    let code = |chunk: &[f32]| {
+        // SAFETY: 8 values.
+        let v = _mm256_mul_ps(unsafe { _mm256_loadu_ps(chunk.as_ptr()) }, scale);
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, low), high))
+    };
+    let quads = values.len() / (4 * VECTOR) * 4 * VECTOR;
+    for (chunk, out) in values[..quads]
+        .chunks_exact(4 * VECTOR)
+        .zip(codes.chunks_exact_mut(4 * VECTOR))
+    {
+        let [a, b, c, d] = [0, 1, 2, 3].map(|i| code(&chunk[i * VECTOR..][..VECTOR]));
+        // Packing works within 128-bit halves: the dwords come out as a0 b0 c0 d0 a1 b1 c1 d1
+        // (each 4 codes), put back in order by one permutation.
+        let packed = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        let ordered =
+            _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: 32 writable codes.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), ordered) };
+    }
+    for (c, &v) in codes[quads..].iter_mut().zip(&values[quads..]) {
+        *c = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    max / 127.0
 }
 
 /// `cols` rounded up to whole [`INT8_HEAD_BLOCK`]s.
@@ -471,6 +529,42 @@ mod tests {
         let screen = Int8Rows::from_table(&Table::values(&[1.0; 6][..], 2), &|| {}).unwrap();
         let other = FloatRows::from_table(&Table::values(&[1.0; 4][..], 2), &|| {}).unwrap();
         assert!(screen.screened_products(&other, &[1.0, 2.0], 1).is_err());
+    }
+
+    #[test]
+    fn quantizes_as_the_reference_on_every_kernel() {
+        let mut rng = SmallRng::seed_from_u64(25);
+        for len in [1, 7, 8, 31, 32, 33, 100, 128] {
+            let mut cases: Vec<Vec<f32>> = vec![
+                (0..len).map(|_| rng.random_range(-3.0..3.0)).collect(),
+                // Ties at .5 after scaling by 127 / 127.
+                (0..len).map(|i| (i as f32 - 40.0) * 0.5).collect(),
+                vec![0.0; len],
+                vec![-0.0; len],
+            ];
+            cases[1][0] = 127.0;
+            for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut v = cases[0].clone();
+                v[len / 2] = special;
+                cases.push(v);
+                let mut zeros = vec![0.0; len];
+                zeros[len - 1] = special;
+                cases.push(zeros);
+            }
+            for values in cases {
+                let mut want = vec![0i8; len];
+                let scale = quantize_int8(&values, &mut want);
+                for kernel in Kernel::available() {
+                    let mut got = vec![5i8; len];
+                    let s = kernel.quantize_int8(&values, &mut got);
+                    assert_eq!(
+                        (s.to_bits(), &got),
+                        (scale.to_bits(), &want),
+                        "{kernel:?} {values:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@ use super::{Kernel, for_each_chunk, items_per_task, populate, table_shape};
 use std::borrow::Cow;
 use std::ops::Range;
 
+#[cfg(not(target_arch = "wasm32"))]
+use crate::table::MappedTable;
 use crate::table::{FloatType, Table};
 use crate::{Error, Result};
 use half::f16;
@@ -168,9 +170,12 @@ fn f16_bits(values: &[f32]) -> Vec<u16> {
     values.iter().map(|&v| f16::from_f32(v).to_bits()).collect()
 }
 
-/// A `[rows, cols]` float table row-major, f16 where every value is one exactly (as
-/// [`InterleavedRows`] keeps it): for rows read one at a time, the embeddings' lookups and the
-/// exact products of the few rows an int8 screen cannot rule out ([`FloatRows::products_of`]).
+/// A `[rows, cols]` float table row-major, for rows read one at a time: the embeddings'
+/// lookups and the exact products of the few rows an int8 screen cannot rule out
+/// ([`FloatRows::products_of`]). A table that lies in a mapped file ([`Table::mapped`]) is
+/// read there as it is needed (the rows a decoding step reads are a few kilobytes of the page
+/// cache, not a copy of the table); any other is copied, f16 where every value is one exactly
+/// (as [`InterleavedRows`] keeps it).
 ///
 /// ```
 /// use bitnet_wgpu::cpu::fast::FloatRows;
@@ -184,16 +189,39 @@ fn f16_bits(values: &[f32]) -> Vec<u16> {
 pub struct FloatRows {
     rows: usize,
     cols: usize,
+    values: RowValues,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum RowValues {
     /// `[rows, cols]`.
-    values: Values,
+    Held(Values),
+    #[cfg(not(target_arch = "wasm32"))]
+    Mapped(MappedTable),
 }
 
 impl FloatRows {
     /// A [`Table`], read a block of rows at a time, `release` called after each (as
-    /// [`InterleavedRows::from_table`] reads it).
+    /// [`InterleavedRows::from_table`] reads it). A mapped table's values are read once, to
+    /// check that they are finite, and left where they lie.
     pub fn from_table(table: &Table<'_>, release: &dyn Fn()) -> Result<Self> {
         let (rows, cols) = table_shape(table)?;
         let block_rows = (BLOCK_VALUES / cols).max(1);
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(mapped) = table.mapped() {
+            for block in table.blocks(block_rows) {
+                match mapped.dtype {
+                    FloatType::F16 => drop(table.read_f16(block)?),
+                    _ => drop(table.read(block)?),
+                }
+                release();
+            }
+            return Ok(FloatRows {
+                rows,
+                cols,
+                values: RowValues::Mapped(mapped),
+            });
+        }
         let f16 =
             table.stored_type() == Some(FloatType::F16) || all_f16(table, block_rows, release)?;
         let values = if f16 {
@@ -214,7 +242,11 @@ impl FloatRows {
             }
             Values::F32(values)
         };
-        Ok(FloatRows { rows, cols, values })
+        Ok(FloatRows {
+            rows,
+            cols,
+            values: RowValues::Held(values),
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -225,11 +257,13 @@ impl FloatRows {
         self.cols
     }
 
-    /// Bytes held.
+    /// Bytes held (none for a table read from its mapped file).
     pub fn bytes(&self) -> usize {
         match &self.values {
-            Values::F32(v) => 4 * v.len(),
-            Values::F16(v) => 2 * v.len(),
+            RowValues::Held(Values::F32(v)) => 4 * v.len(),
+            RowValues::Held(Values::F16(v)) => 2 * v.len(),
+            #[cfg(not(target_arch = "wasm32"))]
+            RowValues::Mapped(_) => 0,
         }
     }
 
@@ -237,14 +271,22 @@ impl FloatRows {
     pub fn row(&self, r: usize) -> Vec<f32> {
         let at = r * self.cols..(r + 1) * self.cols;
         match &self.values {
-            Values::F32(v) => v[at].to_vec(),
-            Values::F16(v) => v[at].iter().map(|&h| f16::from_bits(h).to_f32()).collect(),
+            RowValues::Held(Values::F32(v)) => v[at].to_vec(),
+            RowValues::Held(Values::F16(v)) => {
+                v[at].iter().map(|&h| f16::from_bits(h).to_f32()).collect()
+            }
+            #[cfg(not(target_arch = "wasm32"))]
+            RowValues::Mapped(m) => {
+                let size = m.dtype.bytes();
+                m.dtype
+                    .widen(&m.mapping[m.offset + at.start * size..m.offset + at.end * size])
+            }
         }
     }
 
     /// `x · row_r` for each `r` of `picks`, in that order, each equal bit for bit to
-    /// [`InterleavedRows::products`]' (left to right from `-0.0`): the picked rows are laid out
-    /// as a group, [`LANES`] at a time, for the same kernels.
+    /// [`InterleavedRows::products`]' (left to right from `-0.0`): a few rows one by one, more
+    /// laid out as groups, [`LANES`] at a time, for the same kernels.
     pub fn products_of(&self, picks: &[usize], x: &[f32]) -> Result<Vec<f32>> {
         if x.len() != self.cols {
             return Err(Error::shape("table product input", self.cols, x.len()));
@@ -268,8 +310,19 @@ impl FloatRows {
                 return;
             }
             let sums = match &self.values {
-                Values::F32(v) => kernel.f32_lanes(x, &gather(v, picks, cols, 0.0)),
-                Values::F16(v) => kernel.f16_lanes(x, &gather(v, picks, cols, 0)),
+                RowValues::Held(Values::F32(v)) => kernel.f32_lanes(
+                    x,
+                    &gather(picks.iter().map(|&r| &v[r * cols..][..cols]), cols, 0.0),
+                ),
+                RowValues::Held(Values::F16(v)) => kernel.f16_lanes(
+                    x,
+                    &gather(picks.iter().map(|&r| &v[r * cols..][..cols]), cols, 0),
+                ),
+                #[cfg(not(target_arch = "wasm32"))]
+                RowValues::Mapped(_) => {
+                    let rows: Vec<Vec<f32>> = picks.iter().map(|&r| self.row(r)).collect();
+                    kernel.f32_lanes(x, &gather(rows.iter().map(Vec::as_slice), cols, 0.0))
+                }
             };
             out.copy_from_slice(&sums[..out.len()]);
         });
@@ -277,16 +330,20 @@ impl FloatRows {
     }
 }
 
-/// The rows `picks` (at most [`LANES`]) of the row-major `values` as one group
-/// (`[cols, LANES]`), missing lanes `zero`.
-fn gather<T: Transpose>(values: &[T], picks: &[usize], cols: usize, zero: T) -> Vec<T> {
-    let mut rows = Vec::with_capacity(LANES * cols);
-    for &r in picks {
-        rows.extend_from_slice(&values[r * cols..][..cols]);
+/// `rows` (at most [`LANES`], of `cols` values each) as one group (`[cols, LANES]`), missing
+/// lanes `zero`.
+fn gather<'v, T: Transpose + 'v>(
+    rows: impl Iterator<Item = &'v [T]>,
+    cols: usize,
+    zero: T,
+) -> Vec<T> {
+    let mut side_by_side = Vec::with_capacity(LANES * cols);
+    for row in rows {
+        side_by_side.extend_from_slice(row);
     }
-    rows.resize(LANES * cols, zero);
+    side_by_side.resize(LANES * cols, zero);
     let mut group = vec![zero; LANES * cols];
-    T::transpose(&rows, cols, &mut group);
+    T::transpose(&side_by_side, cols, &mut group);
     group
 }
 
@@ -629,25 +686,57 @@ mod tests {
                 .collect();
             let table = FloatRows::new_for_test(&values, cols);
             assert_eq!(table.bytes(), rows * cols * if f16_values { 2 } else { 4 });
+            let mut tables = vec![table];
             if f16_values {
                 let stored = Table::stored("t", FloatType::F16, &bytes, rows, cols).unwrap();
-                assert_eq!(FloatRows::from_table(&stored, &|| {}).unwrap(), table);
+                assert_eq!(FloatRows::from_table(&stored, &|| {}).unwrap(), tables[0]);
+                tables.extend(mapped_rows(&bytes, rows, cols));
             }
             let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
             let all = InterleavedRows::new(&values, rows, cols)
                 .unwrap()
                 .products(&x, 1)
                 .unwrap();
-            // Every row, in an order of its own, more than a group's worth, and repeats.
+            // Every row, in an order of its own, more than a group's worth, and repeats; and a
+            // few rows, summed one by one.
             let picks: Vec<usize> = (0..rows + 70).map(|i| (i * 7 + 3) % rows).collect();
-            let got = table.products_of(&picks, &x).unwrap();
-            for (&r, g) in picks.iter().zip(&got) {
-                assert_eq!(g.to_bits(), all[r].to_bits());
-                assert_eq!(table.row(r), values[r * cols..][..cols]);
+            for table in &tables {
+                for picks in [&picks[..], &picks[..3]] {
+                    let got = table.products_of(picks, &x).unwrap();
+                    for (&r, g) in picks.iter().zip(&got) {
+                        assert_eq!(g.to_bits(), all[r].to_bits());
+                        assert_eq!(table.row(r), values[r * cols..][..cols]);
+                    }
+                }
+                assert!(table.products_of(&[rows], &x).is_err());
+                assert!(table.products_of(&[0], &x[1..]).is_err());
             }
-            assert!(table.products_of(&[rows], &x).is_err());
-            assert!(table.products_of(&[0], &x[1..]).is_err());
         }
+    }
+
+    /// The F16 table `bytes` read where a mapped file holds them (after 6 bytes of something
+    /// else); none in the browser, which maps no files.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn mapped_rows(bytes: &[u8], rows: usize, cols: usize) -> Option<FloatRows> {
+        let path =
+            std::env::temp_dir().join(format!("bitnet-float-rows-{}-{rows}", std::process::id()));
+        std::fs::write(&path, [&[7u8; 6][..], bytes].concat()).unwrap();
+        let mapping = std::sync::Arc::new(crate::formats::gguf::map(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        let stored = Table::stored("t", FloatType::F16, &mapping[6..], rows, cols)
+            .unwrap()
+            .in_mapping(mapping.clone())
+            .unwrap();
+        let mapped = FloatRows::from_table(&stored, &|| {}).unwrap();
+        assert_eq!(mapped.bytes(), 0);
+        let elsewhere = Table::stored("t", FloatType::F16, bytes, rows, cols).unwrap();
+        assert!(elsewhere.in_mapping(mapping.clone()).is_err());
+        Some(mapped)
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    fn mapped_rows(_: &[u8], _: usize, _: usize) -> Option<FloatRows> {
+        None
     }
 
     impl FloatRows {

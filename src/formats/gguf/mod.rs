@@ -232,6 +232,15 @@ impl<'a> GgufFile<'a> {
         reader::parse(Bytes::Mapped(map))
     }
 
+    /// The mapping the file is read from, where it is mapped ([`GgufFile::from_map`]).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn mapping(&self) -> Option<&std::sync::Arc<memmap2::Mmap>> {
+        match &self.bytes {
+            Bytes::Mapped(map) => Some(map),
+            _ => None,
+        }
+    }
+
     /// Lets go of the pages of a mapped file ([`GgufFile::from_map`]) that this process has
     /// read: the page cache keeps them, and a later read maps them again. A reader that has
     /// copied what it needs calls this, so that its memory does not grow by the file's size.

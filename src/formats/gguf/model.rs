@@ -377,7 +377,7 @@ impl WeightSource for GgufModel<'_> {
 }
 
 /// A float `[rows, cols]` table (`ne = [cols, rows]`, shape checked by [`GgufModel::new`]),
-/// widened as it is read.
+/// widened as it is read; where the file is mapped, the table says so ([`Table::mapped`]).
 fn table<'s>(file: &'s GgufFile<'_>, name: &str, rows: usize, cols: usize) -> Result<Table<'s>> {
     let info = require_tensor(file, name)?;
     let dtype = match info.ggml_type {
@@ -392,13 +392,18 @@ fn table<'s>(file: &'s GgufFile<'_>, name: &str, rows: usize, cols: usize) -> Re
         }
         _ => return Err(info.unsupported()),
     };
-    Table::stored(
+    let table = Table::stored(
         format!("tensor {name}"),
         dtype,
         file.tensor_bytes(info)?,
         rows,
         cols,
-    )
+    )?;
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Some(mapping) = file.mapping() {
+        return table.in_mapping(mapping.clone());
+    }
+    Ok(table)
 }
 
 /// The hyper-parameters, from `{arch}.*` keys and the embedding's shape.
