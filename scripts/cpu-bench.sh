@@ -4,7 +4,7 @@
 # the demo model, and random weights with the shapes of bitnet-b1.58-2B-4T. Prints one table.
 # Then the CPU engine against bitnet.cpp (microsoft/BitNet's llama.cpp fork) on the 2B4T-shaped
 # file, the two taking turns: start-up to the first token, peak host memory, and prompt and decode
-# tokens/s at 1 and 2 threads (decoding with the exact head and with `--head int8`). Prints a
+# tokens/s at 1 and 2 threads (decoding, start-up and memory also with `--head int8`). Prints a
 # second table.
 #
 #   scripts/cpu-bench.sh
@@ -154,8 +154,9 @@ timed() { # engine command... (one JSON line: wall seconds and peak RSS in KB)
     local engine=$1 out
     shift
     out=$(mktemp)
-    if ! /usr/bin/time -f '%e %M' -o "$out" "$@" </dev/null >/dev/null 2>"$work/$engine.log"; then
-        echo "$engine failed (see $work/$engine.log): $*" >&2
+    local log="$work/${engine// /_}.log"
+    if ! /usr/bin/time -f '%e %M' -o "$out" "$@" </dev/null >/dev/null 2>"$log"; then
+        echo "$engine failed (see $log): $*" >&2
         exit 1
     fi
     read -r seconds kb <"$out"
@@ -187,6 +188,8 @@ print(json.dumps({"engine": "bitnet.cpp", "figure": sys.argv[1], "threads": d["n
 for _ in $(seq "$rounds"); do
     timed bitnet "$bitnet" generate --model "$gguf" --prompt Hello --max-new-tokens 1 \
         --temperature 0 --device cpu >>"$cpp"
+    timed "bitnet --head int8" "$bitnet" generate --model "$gguf" --prompt Hello \
+        --max-new-tokens 1 --temperature 0 --device cpu --head int8 >>"$cpp"
     # --no-warmup: loading, the prompt and one token, as ours (by default llama-cli first runs
     # the model once on an empty batch).
     timed bitnet.cpp "$bitnet_cpp/build/bin/llama-cli" -m "$gguf" -p Hello -n 1 --temp 0 \
@@ -227,6 +230,12 @@ print(f"| start-up to the first token, s (median of {rounds}; {cores} threads; l
 ma, mb = (max(r["kb"] for r in rs) * 1024 / 1e9 for rs in (a, b))
 print(f"| peak host memory, GB (largest start-up `%M`, KiB; lower is better) | {ma:.2f} | {mb:.2f} | "
       f"{ma / mb:.2f}x |")
+i = pick("bitnet --head int8", "start")
+if i:
+    si, mi = statistics.median(r["seconds"] for r in i), max(r["kb"] for r in i) * 1024 / 1e9
+    print(f"| start-up to the first token, s, `--head int8` (median of {rounds}) | "
+          f"{si:.2f} ({runs(i)}) | {sb:.2f} | {si / sb:.2f}x |")
+    print(f"| peak host memory, GB, `--head int8` | {mi:.2f} | {mb:.2f} | {mi / mb:.2f}x |")
 lengths = sorted({r["tokens"] for r in pick("bitnet.cpp", "prompt")})
 for figure, sizes in (("prompt", lengths), ("decode", [None])):
     for size, threads in ((size, threads) for size in sizes for threads in (1, 2)):

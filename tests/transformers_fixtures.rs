@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use bitnet_wgpu::gpu::{GpuContext, TableStorage};
 use bitnet_wgpu::model::{
-    CpuEngine, GpuModel, KvCache, Logits, ModelFiles, ModelWeights, forward, load_model,
+    CpuEngine, GpuModel, KvCache, LmHead, Logits, ModelFiles, ModelWeights, forward, load_model,
 };
 use bitnet_wgpu::train::{Quant, TrainModel};
 use serde_json::Value;
@@ -189,6 +189,36 @@ fn cpu_engine_matches_transformers() {
                 vocab,
             )
         });
+    }
+}
+
+/// The int8 screen of the lm_head (`LmHead::Int8`) keeps transformers' greedy ids, and the
+/// largest logit is the exact engine's bit for bit (the others are the screen's approximations).
+#[test]
+fn cpu_engine_with_the_int8_head_keeps_the_greedy_ids() {
+    for name in FIXTURES {
+        let files = ModelFiles::read(dir(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (source, _) = files.open().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut exact = CpuEngine::new(&*source).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut int8 =
+            CpuEngine::with_head(&*source, LmHead::Int8).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let vocab = int8.config().vocab_size;
+        for case in cases(name) {
+            let run = |engine: &mut CpuEngine| {
+                engine.reset();
+                greedy(
+                    |t| engine.forward_logits(t, Logits::Last).expect("forward"),
+                    &case.prompt,
+                    case.generated.len(),
+                    vocab,
+                )
+            };
+            let ((want, _), (got, generated)) = (run(&mut exact), run(&mut int8));
+            assert_eq!(generated, case.generated, "{name} prompt {:?}", case.prompt);
+            let top = argmax(&want) as usize;
+            assert_eq!(argmax(&got) as usize, top);
+            assert_eq!(got[top].to_bits(), want[top].to_bits());
+        }
     }
 }
 
