@@ -604,6 +604,7 @@ mod tests {
             (37, 40, 3, true),
             (300, 129, 1, false),
             (1000, 64, 2, true),
+            (2000, 70, 1, true),
         ] {
             let mut table: Vec<f32> = (0..rows * cols)
                 .map(|_| rng.random_range(-1.0..1.0))
