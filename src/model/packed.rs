@@ -51,8 +51,9 @@ pub enum LmHead {
     /// token), then the table's own products for every row whose screen logit, raised by a
     /// bound on its error, reaches the largest exact one ([`crate::cpu::lm_head_screened`]).
     /// Greedy ids are [`LmHead::Exact`]'s, and so are the logits of the rows that could be the
-    /// largest; the others are the screen's approximations. The engine keeps the table
-    /// row-major beside the screen (the embeddings' when tied): half as many bytes again.
+    /// largest; the others are the screen's approximations. The table's rows are read where a
+    /// mapped GGUF file holds them (the screen is then all the engine adds: half the bytes of
+    /// an f16 table); a table in memory is kept row-major beside the screen.
     Int8,
 }
 

@@ -139,7 +139,7 @@ impl Int8Rows {
     /// [`crate::cpu::lm_head_screened`] of the `n` vectors `x` (`[n, cols]`) with this table
     /// as the screen and `exact` as the table (the one this was quantized from): `[n, rows]`,
     /// equal bit for bit. The screen's products, then the exact ones of the rows it cannot
-    /// rule out (a few hundred of 2B4T's 128k on random weights).
+    /// rule out (3 to 7 of 2B4T's 128k rows per token on random weights).
     ///
     /// ```
     /// use bitnet_wgpu::cpu::fast::{FloatRows, Int8Rows};
@@ -294,7 +294,8 @@ impl Kernel {
 }
 
 /// [`quantize_int8`] 8 values per instruction: the largest magnitude and whether all are
-/// finite in one pass, then `round_ties_even(v * inverse)` clamped, as the reference forms it.
+/// finite in one pass, then `round_ties_even(v * inverse)` clamped, as the reference forms it
+/// ([`super::quant::avx2_codes`]).
 ///
 /// # Safety
 /// AVX2 must be present.
@@ -328,34 +329,8 @@ unsafe fn avx2_quantize_int8(values: &[f32], codes: &mut [i8]) -> f32 {
         return if max == 0.0 { 0.0 } else { f32::NAN };
     }
     let inverse = 127.0 / max;
-    let (scale, low, high) = (
-        _mm256_set1_ps(inverse),
-        _mm256_set1_ps(-127.0),
-        _mm256_set1_ps(127.0),
-    );
-    let code = |chunk: &[f32]| {
-        // SAFETY: 8 values.
-        let v = _mm256_mul_ps(unsafe { _mm256_loadu_ps(chunk.as_ptr()) }, scale);
-        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
-        _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, low), high))
-    };
-    let quads = values.len() / (4 * VECTOR) * 4 * VECTOR;
-    for (chunk, out) in values[..quads]
-        .chunks_exact(4 * VECTOR)
-        .zip(codes.chunks_exact_mut(4 * VECTOR))
-    {
-        let [a, b, c, d] = [0, 1, 2, 3].map(|i| code(&chunk[i * VECTOR..][..VECTOR]));
-        // Packing works within 128-bit halves: the dwords come out as a0 b0 c0 d0 a1 b1 c1 d1
-        // (each 4 codes), put back in order by one permutation.
-        let packed = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
-        let ordered =
-            _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        // SAFETY: 32 writable codes.
-        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), ordered) };
-    }
-    for (c, &v) in codes[quads..].iter_mut().zip(&values[quads..]) {
-        *c = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
-    }
+    // SAFETY: AVX2 is present.
+    unsafe { super::quant::avx2_codes(values, inverse, -127.0, codes) };
     max / 127.0
 }
 

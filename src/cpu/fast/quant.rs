@@ -74,22 +74,95 @@ impl Kernel {
     }
 }
 
-/// [`quantize_row`] compiled for AVX2 (`vroundps`, and 8 values per instruction).
+/// [`quantize_row`] compiled for AVX2 (its maximum 8 values per instruction), its codes from
+/// [`avx2_codes`].
 ///
 /// # Safety
 /// AVX2 must be present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn avx2_quantize_row(row: &[f32], codes: &mut [i8]) -> (f32, i32) {
-    quantize_row(row, codes)
+    let Some(scale) = row_scale(row) else {
+        codes.fill(0);
+        return (f32::NAN, 0);
+    };
+    // SAFETY: AVX2 is present.
+    (scale, unsafe { avx2_codes(row, scale, -128.0, codes) })
+}
+
+/// `codes[i] = clamp(round_ties_even(values[i] * scale), low, 127)` for finite `values`, 32
+/// at a time (`vroundps`, then packed to bytes), and the sum of the codes: what the scalar
+/// `(v * scale).round_ties_even().clamp(low, 127.0) as i8` gives, value for value.
+///
+/// # Safety
+/// AVX2 must be present; `codes` holds `values.len()` codes at least.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn avx2_codes(values: &[f32], scale: f32, low: f32, codes: &mut [i8]) -> i32 {
+    use std::arch::x86_64::*;
+    const VECTOR: usize = 8;
+    let (factor, bottom, top) = (
+        _mm256_set1_ps(scale),
+        _mm256_set1_ps(low),
+        _mm256_set1_ps(127.0),
+    );
+    let code = |chunk: &[f32]| {
+        // SAFETY: 8 values.
+        let v = _mm256_mul_ps(unsafe { _mm256_loadu_ps(chunk.as_ptr()) }, factor);
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, bottom), top))
+    };
+    let whole = values.len() / (4 * VECTOR) * 4 * VECTOR;
+    let mut sums = _mm256_setzero_si256();
+    for (chunk, out) in values[..whole]
+        .chunks_exact(4 * VECTOR)
+        .zip(codes.chunks_exact_mut(4 * VECTOR))
+    {
+        let [a, b, c, d] = [0, 1, 2, 3].map(|i| code(&chunk[i * VECTOR..][..VECTOR]));
+        sums = _mm256_add_epi32(
+            sums,
+            _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d)),
+        );
+        // Packing works within 128-bit halves: the dwords come out as a0 b0 c0 d0 a1 b1 c1 d1
+        // (each 4 codes), put back in order by one permutation.
+        let packed = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        let ordered =
+            _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        // SAFETY: 32 writable codes.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), ordered) };
+    }
+    let mut lanes = [0i32; VECTOR];
+    // SAFETY: 8 writable i32s.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sums) };
+    let mut sum: i32 = lanes.iter().sum();
+    for (c, &v) in codes[whole..].iter_mut().zip(&values[whole..]) {
+        *c = (v * scale).round_ties_even().clamp(low, 127.0) as i8;
+        sum += i32::from(*c);
+    }
+    sum
 }
 
 /// The reference's row: a row holding a NaN or an infinity gets zero codes and a NaN scale;
-/// else `scale = quant_scale(max |x|)` and `code = clamp(round_ties_even(x * scale))`. The
-/// maximum is taken lane by lane, then across: the same value, as a maximum of finite values
-/// does not depend on the order.
-#[inline(always)]
+/// else `scale = quant_scale(max |x|)` and `code = clamp(round_ties_even(x * scale))` (the
+/// maximum in [`row_scale`]).
 fn quantize_row(row: &[f32], codes: &mut [i8]) -> (f32, i32) {
+    let Some(scale) = row_scale(row) else {
+        codes.fill(0);
+        return (f32::NAN, 0);
+    };
+    let mut sum = 0i32;
+    for (c, &v) in codes.iter_mut().zip(row) {
+        *c = (v * scale).round_ties_even().clamp(-128.0, 127.0) as i8;
+        sum += i32::from(*c);
+    }
+    (scale, sum)
+}
+
+/// The row's `quant_scale(max |x|)`, or `None` where a value is not finite. The maximum is taken
+/// lane by lane, then across: the same value, as a maximum of finite values does not depend on
+/// the order.
+#[inline(always)]
+fn row_scale(row: &[f32]) -> Option<f32> {
     let mut finite = [true; LANES];
     let mut amax = [0.0f32; LANES];
     let chunks = row.chunks_exact(LANES);
@@ -104,17 +177,10 @@ fn quantize_row(row: &[f32], codes: &mut [i8]) -> (f32, i32) {
         *f &= v.is_finite();
         *m = m.max(v.abs());
     }
-    if !finite.iter().all(|&f| f) {
-        codes.fill(0);
-        return (f32::NAN, 0);
-    }
-    let scale = crate::cpu::quant_scale(amax.iter().fold(0.0f32, |m, &v| m.max(v)));
-    let mut sum = 0i32;
-    for (c, &v) in codes.iter_mut().zip(row) {
-        *c = (v * scale).round_ties_even().clamp(-128.0, 127.0) as i8;
-        sum += i32::from(*c);
-    }
-    (scale, sum)
+    finite
+        .iter()
+        .all(|&f| f)
+        .then(|| crate::cpu::quant_scale(amax.iter().fold(0.0f32, |m, &v| m.max(v))))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use crate::cpu::{QuantizedActivations, TernaryWeights};
 use crate::packing::i2s::{self, BlockRows};
 use crate::{Error, Result};
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 /// Weights per block of the I2_S layout.
 const BLOCK: usize = 128;
@@ -144,18 +145,29 @@ impl PackedMatrix {
 
     fn matmul_acc_on(&self, kernel: Kernel, x: &QuantizedActivations) -> Result<Vec<i32>> {
         // dot(x, w + 1) - sum(x) = dot(x, w).
-        self.products_by_token(kernel, x, |d, i, _| d - x.sums[i])
+        self.products_by_token(kernel, x, |products, i, _, out| {
+            let sum = x.sums[i];
+            for (o, &d) in out.iter_mut().zip(products) {
+                o.write(d - sum);
+            }
+        })
     }
 
     /// The BitLinear output `y[m, n] = acc[m, n] / (x.scales[m] * scale[n])`, `[x.rows, rows]`:
     /// equal to [`crate::cpu::ternary_matmul`] without bias, bit for bit.
     pub fn matmul(&self, x: &QuantizedActivations) -> Result<Vec<f32>> {
-        self.products_by_token(Kernel::detect(), x, |d, i, n| {
-            (d - x.sums[i]) as f32 / (x.scales[i] * self.scales[n])
+        self.products_by_token(Kernel::detect(), x, |products, i, first, out| {
+            let (sum, scale) = (x.sums[i], x.scales[i]);
+            let scales = &self.scales[first..][..out.len()];
+            // Whole slices, no index per value: the loop runs a vector at a time.
+            for ((o, &d), &s) in out.iter_mut().zip(products).zip(scales) {
+                o.write((d - sum) as f32 / (scale * s));
+            }
         })
     }
 
-    /// `[x.rows, rows]` of `f(dot(x_i, w_n + 1), i, n)`: the products in tasks over weight
+    /// `[x.rows, rows]` from `f(products, i, n, out)`, which writes `out[j]` from
+    /// `products[j] = dot(x_i, w_{n + j} + 1)` for a run of rows from `n`: the products in tasks over weight
     /// rows, each reading its rows once for all the tokens, into this thread's scratch (part
     /// `p` holds rows `p * per_task..` as `[x.rows, rows of the part]`), then laid out token by
     /// token in tasks over tokens.
@@ -163,7 +175,7 @@ impl PackedMatrix {
         &self,
         kernel: Kernel,
         x: &QuantizedActivations,
-        f: impl Fn(i32, usize, usize) -> T + Sync,
+        f: impl Fn(&[i32], usize, usize, &mut [MaybeUninit<T>]) + Sync,
     ) -> Result<Vec<T>> {
         thread_local! {
             /// Products of the last call, kept: a prompt's are megabytes per product, and a
@@ -215,14 +227,15 @@ impl PackedMatrix {
         Ok(per_task)
     }
 
-    /// `[m, rows]` of `f(product, i, n)` from [`PackedMatrix::row_products`]'s parts, in tasks
-    /// over tokens, written once each (the output is never zeroed first).
+    /// `[m, rows]` from [`PackedMatrix::row_products`]'s parts by `f` (as
+    /// [`PackedMatrix::products_by_token`] calls it), in tasks over tokens, written once each
+    /// (the output is never zeroed first).
     fn by_token<T: Send>(
         &self,
         parts: &[i32],
         per_task: usize,
         m: usize,
-        f: impl Fn(i32, usize, usize) -> T + Sync,
+        f: impl Fn(&[i32], usize, usize, &mut [MaybeUninit<T>]) + Sync,
     ) -> Vec<T> {
         let len = m * self.rows;
         let mut out = Vec::with_capacity(len);
@@ -234,15 +247,12 @@ impl PackedMatrix {
                 for (i, out) in (task * tokens_per_task..).zip(out.chunks_exact_mut(self.rows)) {
                     for (n, out) in (0..).step_by(per_task).zip(out.chunks_mut(per_task)) {
                         let part = &parts[n * m..][..out.len() * m];
-                        let products = &part[i * out.len()..][..out.len()];
-                        for (j, (o, &d)) in out.iter_mut().zip(products).enumerate() {
-                            o.write(f(d, i, n + j));
-                        }
+                        f(&part[i * out.len()..][..out.len()], i, n, out);
                     }
                 }
             },
         );
-        // SAFETY: the chunks cover `out[..len]` and every element of each was written.
+        // SAFETY: the chunks cover `out[..len]`, and `f` writes every element of each.
         unsafe { out.set_len(len) };
         out
     }
