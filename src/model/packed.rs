@@ -327,15 +327,7 @@ impl CpuDecoder for PackedModel {
 
     fn qkv(&self, layer: usize, h: &QuantizedActivations) -> Result<[Vec<f32>; 3]> {
         let (attn, kv) = (self.config.attention_width(), self.config.kv_width());
-        let qkv = self.layers[layer].qkv.matmul(h)?;
-        let rows = qkv.len() / (attn + 2 * kv);
-        let [mut q, mut k, mut v] = [attn, kv, kv].map(|w| Vec::with_capacity(rows * w));
-        for row in qkv.chunks_exact(attn + 2 * kv) {
-            q.extend_from_slice(&row[..attn]);
-            k.extend_from_slice(&row[attn..attn + kv]);
-            v.extend_from_slice(&row[attn + kv..]);
-        }
-        Ok([q, k, v])
+        self.layers[layer].qkv.matmul_split(h, [attn, kv, kv])
     }
 
     fn o_proj(&self, layer: usize, a: &QuantizedActivations) -> Result<Vec<f32>> {
@@ -344,14 +336,7 @@ impl CpuDecoder for PackedModel {
 
     fn gate_up(&self, layer: usize, h: &QuantizedActivations) -> Result<[Vec<f32>; 2]> {
         let inter = self.config.intermediate_size;
-        let gate_up = self.layers[layer].gate_up.matmul(h)?;
-        let rows = gate_up.len() / (2 * inter);
-        let [mut gate, mut up] = [(); 2].map(|()| Vec::with_capacity(rows * inter));
-        for row in gate_up.chunks_exact(2 * inter) {
-            gate.extend_from_slice(&row[..inter]);
-            up.extend_from_slice(&row[inter..]);
-        }
-        Ok([gate, up])
+        self.layers[layer].gate_up.matmul_split(h, [inter, inter])
     }
 
     fn down_proj(&self, layer: usize, m: &QuantizedActivations) -> Result<Vec<f32>> {

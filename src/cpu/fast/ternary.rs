@@ -7,6 +7,7 @@ use crate::packing::i2s::{self, BlockRows};
 use crate::{Error, Result};
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
 /// Weights per block of the I2_S layout.
 const BLOCK: usize = 128;
@@ -145,18 +146,43 @@ impl PackedMatrix {
 
     fn matmul_acc_on(&self, kernel: Kernel, x: &QuantizedActivations) -> Result<Vec<i32>> {
         // dot(x, w + 1) - sum(x) = dot(x, w).
-        self.products_by_token(kernel, x, |products, i, _, out| {
+        let [acc] = self.products_by_token(kernel, x, [self.rows], |products, i, _, out| {
             let sum = x.sums[i];
             for (o, &d) in out.iter_mut().zip(products) {
                 o.write(d - sum);
             }
-        })
+        })?;
+        Ok(acc)
     }
 
     /// The BitLinear output `y[m, n] = acc[m, n] / (x.scales[m] * scale[n])`, `[x.rows, rows]`:
     /// equal to [`crate::cpu::ternary_matmul`] without bias, bit for bit.
     pub fn matmul(&self, x: &QuantizedActivations) -> Result<Vec<f32>> {
-        self.products_by_token(Kernel::detect(), x, |products, i, first, out| {
+        let [y] = self.matmul_split(x, [self.rows])?;
+        Ok(y)
+    }
+
+    /// [`PackedMatrix::matmul`] of a stacked matrix, each part of the output apart: `widths`
+    /// (rows of each part, in order, summing to [`PackedMatrix::rows`]) give `[x.rows, width]`
+    /// each, written where they go rather than split from the whole.
+    ///
+    /// ```
+    /// use bitnet_wgpu::cpu::{QuantizedActivations, TernaryWeights};
+    /// use bitnet_wgpu::cpu::fast::PackedMatrix;
+    /// let w = |codes: Vec<i8>| TernaryWeights { rows: codes.len() / 2, cols: 2, codes, scales: vec![1.0] };
+    /// let stacked = PackedMatrix::new(&[&w(vec![1, 0, 0, -1]), &w(vec![1, 1])])?;
+    /// let x = QuantizedActivations { rows: 1, cols: 2, codes: vec![3, 4], scales: vec![1.0], sums: vec![7] };
+    /// let [a, b] = stacked.matmul_split(&x, [2, 1])?;
+    /// assert_eq!((a, b), (vec![3.0, -4.0], vec![7.0]));
+    /// assert!(stacked.matmul_split(&x, [1, 1]).is_err());
+    /// # Ok::<(), bitnet_wgpu::Error>(())
+    /// ```
+    pub fn matmul_split<const N: usize>(
+        &self,
+        x: &QuantizedActivations,
+        widths: [usize; N],
+    ) -> Result<[Vec<f32>; N]> {
+        self.products_by_token(Kernel::detect(), x, widths, |products, i, first, out| {
             let (sum, scale) = (x.sums[i], x.scales[i]);
             let scales = &self.scales[first..][..out.len()];
             // Whole slices, no index per value: the loop runs a vector at a time.
@@ -166,17 +192,25 @@ impl PackedMatrix {
         })
     }
 
-    /// `[x.rows, rows]` from `f(products, i, n, out)`, which writes `out[j]` from
-    /// `products[j] = dot(x_i, w_{n + j} + 1)` for a run of rows from `n`: the products in tasks over weight
-    /// rows, each reading its rows once for all the tokens, into this thread's scratch (part
-    /// `p` holds rows `p * per_task..` as `[x.rows, rows of the part]`), then laid out token by
-    /// token in tasks over tokens.
-    fn products_by_token<T: Send>(
+    /// For each part of `widths` rows (summing to `rows`), `[x.rows, width]` from `f(products,
+    /// i, n, out)`, which writes `out[j]` from `products[j] = dot(x_i, w_{n + j} + 1)` for a run
+    /// of rows from `n`: the products in tasks over weight rows, each reading its rows once for
+    /// all the tokens, into this thread's scratch (part `p` holds rows `p * per_task..` as
+    /// `[x.rows, rows of the part]`), then laid out token by token in tasks over tokens.
+    fn products_by_token<T: Send, const N: usize>(
         &self,
         kernel: Kernel,
         x: &QuantizedActivations,
+        widths: [usize; N],
         f: impl Fn(&[i32], usize, usize, &mut [MaybeUninit<T>]) + Sync,
-    ) -> Result<Vec<T>> {
+    ) -> Result<[Vec<T>; N]> {
+        if widths.iter().sum::<usize>() != self.rows {
+            return Err(Error::shape(
+                "parts of a packed ternary matmul",
+                format!("{} rows in all", self.rows),
+                format!("{widths:?}"),
+            ));
+        }
         thread_local! {
             /// Products of the last call, kept: a prompt's are megabytes per product, and a
             /// fresh zeroed allocation each time cost page faults or a `memset`.
@@ -184,7 +218,11 @@ impl PackedMatrix {
         }
         let mut parts = PARTS.take();
         let per_task = self.row_products(kernel, x, &mut parts)?;
-        let out = self.by_token(&parts, per_task, x.rows, f);
+        let mut first = 0;
+        let out = widths.map(|width| {
+            first += width;
+            self.by_token(&parts, per_task, x.rows, first - width..first, &f)
+        });
         PARTS.set(parts);
         Ok(out)
     }
@@ -227,7 +265,7 @@ impl PackedMatrix {
         Ok(per_task)
     }
 
-    /// `[m, rows]` from [`PackedMatrix::row_products`]'s parts by `f` (as
+    /// `[m, rows.len()]` from [`PackedMatrix::row_products`]'s parts by `f` (as
     /// [`PackedMatrix::products_by_token`] calls it), in tasks over tokens, written once each
     /// (the output is never zeroed first).
     fn by_token<T: Send>(
@@ -235,19 +273,31 @@ impl PackedMatrix {
         parts: &[i32],
         per_task: usize,
         m: usize,
-        f: impl Fn(&[i32], usize, usize, &mut [MaybeUninit<T>]) + Sync,
+        rows: Range<usize>,
+        f: &(impl Fn(&[i32], usize, usize, &mut [MaybeUninit<T>]) + Sync),
     ) -> Vec<T> {
-        let len = m * self.rows;
+        let width = rows.len();
+        let len = m * width;
         let mut out = Vec::with_capacity(len);
-        let tokens_per_task = items_per_task(m, self.rows, TASK_BYTES / 4);
+        if len == 0 {
+            return out;
+        }
+        let tokens_per_task = items_per_task(m, width, TASK_BYTES / 4);
         for_each_chunk(
             &mut out.spare_capacity_mut()[..len],
-            tokens_per_task * self.rows,
+            tokens_per_task * width,
             |task, out| {
-                for (i, out) in (task * tokens_per_task..).zip(out.chunks_exact_mut(self.rows)) {
-                    for (n, out) in (0..).step_by(per_task).zip(out.chunks_mut(per_task)) {
-                        let part = &parts[n * m..][..out.len() * m];
-                        f(&part[i * out.len()..][..out.len()], i, n, out);
+                for (i, mut out) in (task * tokens_per_task..).zip(out.chunks_exact_mut(width)) {
+                    // The runs of `rows` that lie in one task's part each.
+                    let mut n = rows.start;
+                    while n < rows.end {
+                        let start = n / per_task * per_task;
+                        let part_rows = per_task.min(self.rows - start);
+                        let run = rows.end.min(start + part_rows) - n;
+                        let part = &parts[start * m..][..part_rows * m];
+                        let (head, tail) = out.split_at_mut(run);
+                        f(&part[i * part_rows + n - start..][..run], i, n, head);
+                        (out, n) = (tail, n + run);
                     }
                 }
             },
@@ -872,6 +922,41 @@ mod tests {
         for m in 0..3 {
             assert_eq!(stacked[m * 8..m * 8 + 6], yq[m * 6..m * 6 + 6]);
             assert_eq!(stacked[m * 8 + 6..m * 8 + 8], yk[m * 2..m * 2 + 2]);
+        }
+    }
+
+    #[test]
+    fn split_outputs_are_the_whole_output_in_parts() {
+        let mut rng = SmallRng::seed_from_u64(4);
+        // 300 rows of 16384 columns: tasks of 64 rows, the parts' edges inside them.
+        let cols = 16384;
+        let (q, k, v) = (
+            weights(&mut rng, 130, cols, false),
+            weights(&mut rng, 37, cols, true),
+            weights(&mut rng, 133, cols, false),
+        );
+        let stacked = PackedMatrix::new(&[&q, &k, &v]).unwrap();
+        for m in [1, 2, 9] {
+            let x = act_quant(
+                &(0..m * cols)
+                    .map(|i| (i as f32 * 0.37).sin())
+                    .collect::<Vec<_>>(),
+                m,
+                cols,
+            )
+            .unwrap();
+            let whole = stacked.matmul(&x).unwrap();
+            let [a, b, c] = stacked.matmul_split(&x, [130, 37, 133]).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for t in 0..m {
+                let row = &whole[t * 300..][..300];
+                assert_eq!(bits(&a[t * 130..][..130]), bits(&row[..130]));
+                assert_eq!(bits(&b[t * 37..][..37]), bits(&row[130..167]));
+                assert_eq!(bits(&c[t * 133..][..133]), bits(&row[167..]));
+            }
+            let [none, all] = stacked.matmul_split(&x, [0, 300]).unwrap();
+            assert!(none.is_empty() && bits(&all) == bits(&whole));
+            assert!(stacked.matmul_split(&x, [130, 37, 132]).is_err());
         }
     }
 
