@@ -192,11 +192,12 @@ pub fn lm_head_int8(x: &[f32], rows: usize, table: &Int8Table) -> Result<Vec<f32
 ///
 /// ```
 /// use bitnet_wgpu::cpu::{int8_table, lm_head, lm_head_screened};
-/// let table = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.9, 1.1]; // vocab 4, hidden 2
+/// let table = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.01]; // vocab 4, hidden 2
 /// let x = [2.0, 3.0];
 /// let logits = lm_head_screened(&x, 1, &table, &int8_table(&table, 4, 2)?)?;
 /// let exact = lm_head(&x, 1, &table, 4, 2)?;
-/// assert_eq!(logits[2..], exact[2..]); // the two that could be largest, exact
+/// assert_eq!(logits[2..], exact[2..]); // 5.0 and 5.03: either could be the largest
+/// assert_ne!(logits[0], exact[0]); // 2.0 could not: the screen's 2.0079 stays
 /// # Ok::<(), bitnet_wgpu::Error>(())
 /// ```
 pub fn lm_head_screened(
