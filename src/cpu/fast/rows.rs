@@ -38,14 +38,24 @@ const FEW_PICKS: usize = 8;
 pub struct InterleavedRows {
     rows: usize,
     cols: usize,
+    /// `[groups, cols, LANES]`, rows past the end zero.
     values: Values,
 }
 
-/// `[groups, cols, LANES]`, rows past the end zero.
+/// A table's values, as f32 or as the bits of f16 values.
 #[derive(Clone, Debug, PartialEq)]
 enum Values {
     F32(Vec<f32>),
     F16(Vec<u16>),
+}
+
+impl Values {
+    fn bytes(&self) -> usize {
+        match self {
+            Values::F32(v) => 4 * v.len(),
+            Values::F16(v) => 2 * v.len(),
+        }
+    }
 }
 
 impl InterleavedRows {
@@ -95,10 +105,7 @@ impl InterleavedRows {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        match &self.values {
-            Values::F32(v) => 4 * v.len(),
-            Values::F16(v) => 2 * v.len(),
-        }
+        self.values.bytes()
     }
 
     /// Row `r` (an embedding), as f32.
@@ -260,8 +267,7 @@ impl FloatRows {
     /// Bytes held (none for a table read from its mapped file).
     pub fn bytes(&self) -> usize {
         match &self.values {
-            RowValues::Held(Values::F32(v)) => 4 * v.len(),
-            RowValues::Held(Values::F16(v)) => 2 * v.len(),
+            RowValues::Held(values) => values.bytes(),
             #[cfg(not(target_arch = "wasm32"))]
             RowValues::Mapped(_) => 0,
         }
