@@ -4,15 +4,15 @@
 # the demo model, and random weights with the shapes of bitnet-b1.58-2B-4T. Prints one table.
 # Then the CPU engine against bitnet.cpp (microsoft/BitNet's llama.cpp fork) on the 2B4T-shaped
 # file, the two taking turns: start-up to the first token, peak host memory, and prompt and decode
-# tokens/s at 1 and 2 threads (decoding, start-up and memory also with `--head int8`). Prints a
-# second table.
+# tokens/s at 1 and 2 threads (decoding, start-up and memory also with `--head int8`, and the
+# start-up and memory of the safetensors checkpoint the GGUF was made from). Prints a second table.
 #
 #   scripts/cpu-bench.sh
 #
 # Environment: LAYERS (2B4T layers, default 30), TOKENS (decoded tokens, default 16),
 # REFERENCE_TOKENS (the reference decodes fewer, default 4), PYTHON (a Python with pytritium:
 # `python3 -m venv venv && venv/bin/pip install --pre pytritium`; default python3), WORK (a
-# folder for the model files demo.gguf and 2b4t.gguf, made there when missing; default a new
+# folder for the model files demo.gguf, 2b4t/ and 2b4t.gguf, made there when missing; default a new
 # temporary one), LAVAPIPE=0 skips lavapipe (slow at 2B4T shapes: minutes), PYTRITIUM=0 skips
 # pytritium, REFERENCE=0 skips the CPU reference (`cargo bench --bench cpu_engine`), BITNET (a
 # `bitnet` binary to use instead of building one), BITNET_CPP (a bitnet.cpp checkout built with
@@ -52,11 +52,11 @@ bitnet=${BITNET:-$target/release/bitnet}
 
 [ -f "$work/demo.gguf" ] ||
     "$bitnet" convert --format gguf --any-row-length --input models/demo --output "$work/demo.gguf" >&2
-if [ ! -f "$work/2b4t.gguf" ]; then
+# The safetensors checkpoint stays beside its GGUF: its start-up is timed too.
+[ -f "$work/2b4t/model.safetensors" ] ||
     python3 scripts/synthetic-checkpoint.py "$work/2b4t" --layers "$layers" >&2
+[ -f "$work/2b4t.gguf" ] ||
     "$bitnet" convert --format gguf --input "$work/2b4t" --output "$work/2b4t.gguf" >&2
-    rm -r "$work/2b4t"
-fi
 
 # One JSON line per engine: {"engine", "prompt_tokens_per_s", "decode_tokens_per_s", ...}.
 generate() { # model device label
@@ -148,7 +148,7 @@ cpp=$work/bitnet-cpp.jsonl
 # The demo tokenizer makes one token of each " the"; with the bos, a prompt of $1 tokens.
 long_prompt() { echo "the$(for _ in $(seq 3 "$1"); do printf ' the'; done)"; }
 load_before=$(uptime)
-cat "$gguf" >/dev/null # a warm page cache for both
+cat "$gguf" "$work/2b4t/model.safetensors" >/dev/null # a warm page cache for all
 
 timed() { # engine command... (one JSON line: wall seconds and peak RSS in KB)
     local engine=$1 out
@@ -190,6 +190,8 @@ for _ in $(seq "$rounds"); do
         --temperature 0 --device cpu >>"$cpp"
     timed "bitnet --head int8" "$bitnet" generate --model "$gguf" --prompt Hello \
         --max-new-tokens 1 --temperature 0 --device cpu --head int8 >>"$cpp"
+    timed "bitnet safetensors" "$bitnet" generate --model "$work/2b4t" --prompt Hello \
+        --max-new-tokens 1 --temperature 0 --device cpu >>"$cpp"
     # --no-warmup: loading, the prompt and one token, as ours (by default llama-cli first runs
     # the model once on an empty batch).
     timed bitnet.cpp "$bitnet_cpp/build/bin/llama-cli" -m "$gguf" -p Hello -n 1 --temp 0 \
@@ -236,6 +238,13 @@ if i:
     print(f"| start-up to the first token, s, `--head int8` (median of {rounds}) | "
           f"{si:.2f} ({runs(i)}) | {sb:.2f} | {si / sb:.2f}x |")
     print(f"| peak host memory, GB, `--head int8` | {mi:.2f} | {mb:.2f} | {mi / mb:.2f}x |")
+h = pick("bitnet safetensors", "start")
+if h:
+    sh, mh = statistics.median(r["seconds"] for r in h), max(r["kb"] for r in h) * 1024 / 1e9
+    print(f"| start-up to the first token, s, the same model's safetensors checkpoint (median of "
+          f"{rounds}) | {sh:.2f} ({runs(h)}) | {sb:.2f} (its GGUF) | {sh / sb:.2f}x |")
+    print(f"| peak host memory, GB, safetensors checkpoint | {mh:.2f} | {mb:.2f} (its GGUF) | "
+          f"{mh / mb:.2f}x |")
 lengths = sorted({r["tokens"] for r in pick("bitnet.cpp", "prompt")})
 for figure, sizes in (("prompt", lengths), ("decode", [None])):
     for size, threads in ((size, threads) for size in sizes for threads in (1, 2)):

@@ -47,10 +47,18 @@ impl FloatType {
                     .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
                     .collect(),
             },
-            FloatType::Bf16 => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            // As F16: a shift per value, which the whole slice's loop runs a vector at a time.
+            FloatType::Bf16 => match bytemuck::try_cast_slice::<u8, bf16>(bytes) {
+                Ok(values) if cfg!(target_endian = "little") => {
+                    let mut out = vec![0.0f32; values.len()];
+                    values.convert_to_f32_slice(&mut out);
+                    out
+                }
+                _ => bytes
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+            },
         }
     }
 }
@@ -88,7 +96,7 @@ enum Data<'a> {
     },
 }
 
-/// A file mapped into memory, shared by its readers ([`crate::formats::gguf::map`]).
+/// A file mapped into memory, shared by its readers ([`crate::formats::map`]).
 #[cfg(not(target_arch = "wasm32"))]
 pub type Mapping = std::sync::Arc<memmap2::Mmap>;
 

@@ -666,7 +666,8 @@ mod tests {
     #[test]
     #[cfg(not(target_arch = "wasm32"))]
     fn a_mapped_gguf_keeps_its_tables_in_the_file() {
-        use crate::formats::gguf::{GgufFile, GgufModel, TableType, map, write_model};
+        use crate::formats::gguf::{GgufFile, GgufModel, TableType, write_model};
+        use crate::formats::map;
         for (seed, tied) in [(2u64, true), (4, false)] {
             let config = ModelConfig {
                 vocab_size: 70,

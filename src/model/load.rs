@@ -87,7 +87,7 @@ pub enum ModelFiles {
         path: String,
     },
     Gguf {
-        /// The file mapped into memory ([`gguf::map`]): read as it is used, never copied whole.
+        /// The file mapped into memory ([`crate::formats::map`]): read as it is used, never copied whole.
         bytes: std::sync::Arc<memmap2::Mmap>,
         path: String,
     },
@@ -112,7 +112,7 @@ impl ModelFiles {
         })?;
         let where_ = path.display().to_string();
         if !metadata.is_dir() {
-            let bytes = std::sync::Arc::new(gguf::map(path)?);
+            let bytes = std::sync::Arc::new(crate::formats::map(path)?);
             return Ok(ModelFiles::Gguf {
                 bytes,
                 path: where_,

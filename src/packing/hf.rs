@@ -6,7 +6,8 @@
 //! The format has no padding, so `out` must be a multiple of 4. The checkpoint's `weight_scale` is
 //! the same convention as [`crate::cpu::TernaryWeights::scales`] (`W = code / weight_scale`).
 
-use super::{check_len, code_of, element_count, stored_value};
+use super::i2s::{BLOCK, BlockRows};
+use super::{check_len, code_of, element_count, has_three, stored_value};
 use crate::{Error, Result};
 
 /// Rows of each quarter, or an error where `rows` is not a multiple of 4.
@@ -62,6 +63,56 @@ pub fn unpack(bytes: &[u8], rows: usize, cols: usize) -> Result<Vec<i8>> {
         .collect()
 }
 
+/// The matrix of [`pack`]'s bytes as I2_S rows ([`BlockRows`], `cols` a multiple of 128):
+/// equal to [`crate::packing::i2s::pack`] of [`unpack`]'s codes row by row, made a block at a
+/// time from the stored values as they lie (both layouts store `code + 1` in 2 bits), and with
+/// [`unpack`]'s error for a stored 3.
+///
+/// ```
+/// use bitnet_wgpu::packing::{hf, i2s};
+/// let codes: Vec<i8> = (0..4 * 128).map(|i| (i % 3) as i8 - 1).collect();
+/// let rows = hf::to_block_rows(&hf::pack(&codes, 4, 128)?, 4, 128)?;
+/// assert_eq!(rows.bytes(), &i2s::pack(&codes, 1.0)?[..4 * 32]);
+/// # Ok::<(), bitnet_wgpu::Error>(())
+/// ```
+pub fn to_block_rows(bytes: &[u8], rows: usize, cols: usize) -> Result<BlockRows<'static>> {
+    let q = quarter(rows)?;
+    check_len(
+        "Hugging Face packed bytes",
+        element_count(q, cols)?,
+        bytes.len(),
+    )?;
+    if !cols.is_multiple_of(BLOCK) {
+        return Err(Error::invalid(
+            "I2_S row length",
+            format!("{cols} is not a multiple of {BLOCK}"),
+        ));
+    }
+    if has_three(bytes) {
+        unpack(bytes, rows, cols)?;
+    }
+    let row_bytes = cols / 4;
+    let mut out = vec![0u8; rows * row_bytes];
+    for (r, src) in bytes.chunks_exact(cols.max(1)).enumerate() {
+        // Row `i * q + r` is field `i` of source row `r`.
+        for i in 0..4 {
+            let dst = &mut out[(i * q + r) * row_bytes..][..row_bytes];
+            let shift = 2 * i;
+            for (dst, src) in dst.chunks_exact_mut(BLOCK / 4).zip(src.chunks_exact(BLOCK)) {
+                let (a, rest) = src.split_at(32);
+                let (b, rest) = rest.split_at(32);
+                let (c, d) = rest.split_at(32);
+                // Whole slices of 32: the loop runs a vector at a time.
+                for ((((o, &a), &b), &c), &d) in dst.iter_mut().zip(a).zip(b).zip(c).zip(d) {
+                    let v = |x: u8| (x >> shift) & 0b11;
+                    *o = v(a) << 6 | v(b) << 4 | v(c) << 2 | v(d);
+                }
+            }
+        }
+    }
+    BlockRows::from_vec(out, rows, cols)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +149,25 @@ mod tests {
             assert_eq!(bytes.len(), rows / 4 * cols);
             assert_eq!(unpack(&bytes, rows, cols).unwrap(), codes);
         }
+    }
+
+    #[test]
+    fn block_rows_equal_the_codes_packed_as_i2s() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        for (rows, cols) in [(4, 128), (12, 384), (8, 256)] {
+            let codes: Vec<i8> = (0..rows * cols).map(|_| rng.random_range(-1..=1)).collect();
+            let bytes = pack(&codes, rows, cols).unwrap();
+            let got = to_block_rows(&bytes, rows, cols).unwrap();
+            let want = crate::packing::i2s::pack(&codes, 1.0).unwrap();
+            assert_eq!((got.rows(), got.cols()), (rows, cols));
+            assert_eq!(got.bytes(), &want[..rows * cols / 4]);
+        }
+        let mut bytes = pack(&[0; 8 * 128], 8, 128).unwrap();
+        bytes[130] = 0b00_11_01_01; // field 2 of (1, 2): row 2 * 2 + 1 = 5, column 2
+        let e = to_block_rows(&bytes, 8, 128).unwrap_err().to_string();
+        assert!(e.contains(&format!("at index {}", 5 * 128 + 2)), "{e}");
+        assert!(to_block_rows(&bytes[..1], 8, 128).is_err());
+        assert!(to_block_rows(&[0x55; 4 * 100], 16, 100).is_err());
     }
 
     #[test]

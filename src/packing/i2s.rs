@@ -10,8 +10,9 @@
 //! Face's `weight_scale` and of [`crate::cpu::TernaryWeights::scales`] (`W ≈ code / scale`). Convert
 //! with `1.0 / scale` when moving between the two.
 
-use super::{check_len, code_of, stored_value};
+use super::{check_len, code_of, has_three, stored_value};
 use crate::{Error, Result};
+use std::borrow::Cow;
 
 /// Weights per block.
 pub const BLOCK: usize = 128;
@@ -114,17 +115,26 @@ pub fn split(bytes: &[u8], n: usize) -> Result<(&[u8], f32)> {
 /// assert!(BlockRows::new(&bad, 2, 256).unwrap_err().to_string().contains("3 at index 232"));
 /// # Ok::<(), bitnet_wgpu::Error>(())
 /// ```
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct BlockRows<'a> {
     rows: usize,
     cols: usize,
-    bytes: &'a [u8],
+    bytes: Cow<'a, [u8]>,
 }
 
 impl<'a> BlockRows<'a> {
     /// The rows of `packed` (a tensor's packed bytes, as [`split`] gives them), with [`unpack`]'s
     /// error for a stored 3.
     pub fn new(packed: &'a [u8], rows: usize, cols: usize) -> Result<Self> {
+        Self::from_bytes(Cow::Borrowed(packed), rows, cols)
+    }
+
+    /// [`BlockRows::new`] over bytes of its own (a layout converted to this one).
+    pub fn from_vec(packed: Vec<u8>, rows: usize, cols: usize) -> Result<BlockRows<'static>> {
+        BlockRows::from_bytes(Cow::Owned(packed), rows, cols)
+    }
+
+    fn from_bytes(packed: Cow<'a, [u8]>, rows: usize, cols: usize) -> Result<Self> {
         if cols == 0 || !cols.is_multiple_of(BLOCK) {
             return Err(Error::invalid(
                 "I2_S row length",
@@ -135,7 +145,7 @@ impl<'a> BlockRows<'a> {
             .checked_mul(cols / 4)
             .ok_or_else(|| Error::invalid("I2_S rows", format!("{rows} x {cols} overflows")))?;
         check_len("I2_S bytes", expected, packed.len())?;
-        check_codes(packed)?;
+        check_codes(&packed)?;
         Ok(BlockRows {
             rows,
             cols,
@@ -152,8 +162,8 @@ impl<'a> BlockRows<'a> {
     }
 
     /// The packed bytes, row after row.
-    pub fn bytes(&self) -> &'a [u8] {
-        self.bytes
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
     }
 
     /// Whether every code is 0 (every stored value 1).
@@ -163,17 +173,10 @@ impl<'a> BlockRows<'a> {
 }
 
 /// Errors unless every 2-bit field of `packed` (whole blocks) is 0, 1 or 2, naming the first
-/// weight that is not as [`unpack`] does. A field is 3 when both its bits are set: the high bits
-/// shifted onto the low ones and masked to the low bit of each field, eight bytes at a time (a
-/// bit shifted across a byte lands on a high bit, which the mask drops).
+/// weight that is not as [`unpack`] does.
 fn check_codes(packed: &[u8]) -> Result<()> {
-    const LOW_BITS: u64 = 0x5555_5555_5555_5555;
     for (block, bytes) in packed.chunks_exact(LANE).enumerate() {
-        let threes = bytes.chunks_exact(8).fold(0, |acc, word| {
-            let w = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-            acc | (w & (w >> 1) & LOW_BITS)
-        });
-        if threes != 0 {
+        if has_three(bytes) {
             // The lowest index first, as `unpack` meets them: lane by lane, then byte by byte.
             for lane in 0..4 {
                 for (j, &b) in bytes.iter().enumerate() {

@@ -45,6 +45,19 @@ fn code_of(value: u8, index: usize) -> Result<i8> {
     }
 }
 
+/// Whether a 2-bit field of `packed` (four per byte) holds 3: both its bits set, seen as the
+/// high bits shifted onto the low ones and masked to the low bit of each field, eight bytes at a
+/// time (a bit shifted across a byte lands on a high bit, which the mask drops).
+fn has_three(packed: &[u8]) -> bool {
+    const LOW_BITS: u64 = 0x5555_5555_5555_5555;
+    let (words, rest) = packed.as_chunks::<8>();
+    let threes = words.iter().fold(0, |acc, word| {
+        let w = u64::from_le_bytes(*word);
+        acc | (w & (w >> 1) & LOW_BITS)
+    });
+    threes != 0 || rest.iter().any(|&b| b & (b >> 1) & 0x55 != 0)
+}
+
 /// `rows * cols`, or an error where that overflows.
 fn element_count(rows: usize, cols: usize) -> Result<usize> {
     rows.checked_mul(cols)

@@ -8,13 +8,15 @@ use std::ops::Range;
 use crate::table::MappedTable;
 use crate::table::{FloatType, Table};
 use crate::{Error, Result};
-use half::f16;
+use half::{f16, slice::HalfFloatSliceExt};
 
 /// Rows stored side by side, a column of them in 8 AVX vectors: 8 independent chains of adds
 /// keep the adder busy (each row's own sum is a chain that must stay in order).
 const LANES: usize = 64;
-/// Values widened at a time when a file's table is laid out (64 MiB as f32).
-const BLOCK_VALUES: usize = 16 << 20;
+/// Values widened at a time when a file's table is laid out: 16 MiB as f32, under the size
+/// from which malloc maps each allocation afresh (`keep_freed_memory`), so that every block
+/// reuses the last one's pages instead of faulting in new ones.
+const BLOCK_VALUES: usize = 4 << 20;
 /// Table bytes a task reads at least.
 const TASK_BYTES: usize = 256 << 10;
 /// Fewer picked rows than this are summed one by one rather than laid out as a group of
@@ -74,23 +76,35 @@ impl InterleavedRows {
         Self::from_table(&Table::values(values, cols), &|| {})
     }
 
-    /// A [`Table`], read a block of rows at a time (twice where its values may not all be f16:
-    /// whether they are, then the values), so that a file's table is never widened whole.
+    /// A [`Table`], read a block of rows at a time (again as f32 where a value is not an f16
+    /// exactly), so that a file's table is never widened whole.
     /// `release` is called after each block: an engine passes its source's
     /// [`crate::model::WeightSource::release`], so that a mapped file's pages go as the rows are
     /// laid out rather than all at the end.
     pub fn from_table(table: &Table<'_>, release: &dyn Fn()) -> Result<Self> {
         let (rows, cols) = table_shape(table)?;
         let block_rows = (BLOCK_VALUES / cols).max(1).next_multiple_of(LANES);
-        let values = if table.stored_type() == Some(FloatType::F16) {
+        if table.stored_type() == Some(FloatType::F16) {
             let read = |rows| table.read_f16(rows);
-            Values::F16(interleave(table, block_rows, 0, read, release)?)
-        } else if all_f16(table, block_rows, release)? {
-            let read = |rows| Ok(Cow::Owned(f16_bits(&table.read(rows)?)));
-            Values::F16(interleave(table, block_rows, 0, read, release)?)
-        } else {
-            let read = |rows| table.read(rows);
-            Values::F32(interleave(table, block_rows, 0.0, read, release)?)
+            let values = Values::F16(interleave(table, block_rows, 0, read, release)?);
+            return Ok(InterleavedRows { rows, cols, values });
+        }
+        // As f16 until a value is not one exactly; then, from the start, as f32.
+        let inexact = std::cell::Cell::new(false);
+        let read = |rows| match exact_f16(&table.read(rows)?) {
+            Some(bits) => Ok(Cow::Owned(bits)),
+            None => {
+                inexact.set(true);
+                Err(Error::invalid("table", "a value that is not an f16"))
+            }
+        };
+        let values = match interleave(table, block_rows, 0, read, release) {
+            Ok(bits) => Values::F16(bits),
+            Err(_) if inexact.get() => {
+                let read = |rows| table.read(rows);
+                Values::F32(interleave(table, block_rows, 0.0, read, release)?)
+            }
+            Err(e) => return Err(e),
         };
         Ok(InterleavedRows { rows, cols, values })
     }
@@ -159,22 +173,30 @@ impl InterleavedRows {
     }
 }
 
-/// Whether every value of `table` is an f16 exactly, read a block at a time (`release` after
-/// each).
-fn all_f16(table: &Table<'_>, block_rows: usize, release: &dyn Fn()) -> Result<bool> {
-    let mut exact = true;
-    for block in table.blocks(block_rows) {
-        exact &= table
-            .read(block)?
-            .iter()
-            .all(|&v| f16::from_f32(v).to_f32().to_bits() == v.to_bits());
-        release();
-    }
-    Ok(exact)
-}
-
-fn f16_bits(values: &[f32]) -> Vec<u16> {
-    values.iter().map(|&v| f16::from_f32(v).to_bits()).collect()
+/// The bits of `values` as f16 where every one is an f16 exactly, else `None`: a slice at a
+/// time (F16C on x86-64, 8 values per instruction), checked by widening them back.
+fn exact_f16(values: &[f32]) -> Option<Vec<u16>> {
+    const CHUNK: usize = 1024;
+    let per_task = TASK_BYTES / 4;
+    let mut bits = vec![0u16; values.len()];
+    let inexact = std::sync::atomic::AtomicBool::new(false);
+    for_each_chunk(&mut bits, per_task, |task, out| {
+        let values = &values[task * per_task..][..out.len()];
+        let mut back = [0.0f32; CHUNK];
+        for (out, want) in out.chunks_mut(CHUNK).zip(values.chunks(CHUNK)) {
+            bytemuck::cast_slice_mut::<u16, f16>(out).convert_from_f32_slice(want);
+            let back = &mut back[..out.len()];
+            bytemuck::cast_slice::<u16, f16>(out).convert_to_f32_slice(back);
+            if back
+                .iter()
+                .zip(want)
+                .any(|(a, b)| a.to_bits() != b.to_bits())
+            {
+                inexact.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    (!inexact.into_inner()).then_some(bits)
 }
 
 /// A `[rows, cols]` float table row-major, for rows read one at a time: the embeddings'
@@ -229,19 +251,24 @@ impl FloatRows {
                 values: RowValues::Mapped(mapped),
             });
         }
-        let f16 =
-            table.stored_type() == Some(FloatType::F16) || all_f16(table, block_rows, release)?;
-        let values = if f16 {
-            let mut bits = Vec::with_capacity(rows * cols);
-            for block in table.blocks(block_rows) {
-                match table.stored_type() {
-                    Some(FloatType::F16) => bits.extend_from_slice(&table.read_f16(block)?),
-                    _ => bits.extend(f16_bits(&table.read(block)?)),
-                }
-                release();
+        // As f16 until a value is not one exactly; then, from the start, as f32.
+        let mut bits = Vec::with_capacity(rows * cols);
+        let mut f16 = true;
+        for block in table.blocks(block_rows) {
+            if table.stored_type() == Some(FloatType::F16) {
+                bits.extend_from_slice(&table.read_f16(block)?);
+            } else if let Some(block) = exact_f16(&table.read(block)?) {
+                bits.extend(block);
+            } else {
+                f16 = false;
+                break;
             }
+            release();
+        }
+        let values = if f16 {
             Values::F16(bits)
         } else {
+            drop(bits);
             let mut values = Vec::with_capacity(rows * cols);
             for block in table.blocks(block_rows) {
                 values.extend_from_slice(&table.read(block)?);
@@ -728,7 +755,7 @@ mod tests {
         let path =
             std::env::temp_dir().join(format!("bitnet-float-rows-{}-{rows}", std::process::id()));
         std::fs::write(&path, [&[7u8; 6][..], bytes].concat()).unwrap();
-        let mapping = std::sync::Arc::new(crate::formats::gguf::map(&path).unwrap());
+        let mapping = std::sync::Arc::new(crate::formats::map(&path).unwrap());
         std::fs::remove_file(&path).unwrap();
         let stored = Table::stored("t", FloatType::F16, &mapping[6..], rows, cols)
             .unwrap()

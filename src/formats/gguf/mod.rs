@@ -196,23 +196,7 @@ impl std::ops::Deref for Bytes<'_> {
 /// does not need, never), and are the page cache's, not a copy.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn load(path: impl AsRef<std::path::Path>) -> Result<GgufFile<'static>> {
-    GgufFile::from_map(std::sync::Arc::new(map(path)?))
-}
-
-/// The file at `path`, mapped read-only into memory.
-#[cfg(not(target_arch = "wasm32"))]
-pub fn map(path: impl AsRef<std::path::Path>) -> Result<memmap2::Mmap> {
-    let path = path.as_ref();
-    let io = |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(io)?;
-    // SAFETY: the mapping is read-only and lives as long as the bytes borrowed from it. Another
-    // program truncating or rewriting the file while it is mapped would change or remove bytes
-    // under the reader (a SIGBUS, or values that change between reads), as for every reader that
-    // maps its model (llama.cpp's among them); a model file is not expected to change in use.
-    unsafe { memmap2::Mmap::map(&file) }.map_err(io)
+    GgufFile::from_map(std::sync::Arc::new(super::map(path)?))
 }
 
 impl<'a> GgufFile<'a> {
@@ -226,7 +210,7 @@ impl<'a> GgufFile<'a> {
         reader::parse(Bytes::Owned(bytes))
     }
 
-    /// Parses a mapped file ([`map`]), sharing the mapping.
+    /// Parses a mapped file ([`super::map`]), sharing the mapping.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn from_map(map: std::sync::Arc<memmap2::Mmap>) -> Result<GgufFile<'static>> {
         reader::parse(Bytes::Mapped(map))
@@ -246,13 +230,9 @@ impl<'a> GgufFile<'a> {
     /// copied what it needs calls this, so that its memory does not grow by the file's size.
     /// Nothing for bytes in memory.
     pub fn release(&self) {
-        #[cfg(unix)]
+        #[cfg(not(target_arch = "wasm32"))]
         if let Bytes::Mapped(map) = &self.bytes {
-            // SAFETY: the mapping is a read-only shared mapping of a file: after MADV_DONTNEED
-            // a read faults the page in again from the page cache, the same bytes (unlike a
-            // private or anonymous mapping's, which would come back zeroed), so the slices
-            // borrowed from it stay valid. An error leaves the pages mapped, which is as correct.
-            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+            super::release(map);
         }
     }
 
@@ -419,7 +399,8 @@ impl<'a> GgufFile<'a> {
         let (rows, cols, bytes) = self.i2s_matrix(info)?;
         let (packed, stored) = i2s::split(bytes, rows * cols).map_err(|e| in_tensor(info, e))?;
         let blocks = i2s::BlockRows::new(packed, rows, cols).map_err(|e| in_tensor(info, e))?;
-        Ok((blocks, divisor(info, stored, || blocks.is_zero())?))
+        let scale = divisor(info, stored, || blocks.is_zero())?;
+        Ok((blocks, scale))
     }
 
     /// `(rows, cols, bytes)` of an I2_S matrix: its type and shape checked, its bytes inside the

@@ -15,17 +15,17 @@ use crate::cpu::{TernaryWeights, WeightQuantOptions, weight_quant};
 use crate::formats::check_layer_count;
 use crate::formats::scale::divisor_of;
 use crate::model::{
-    LayerWeights, ModelConfig, ModelWeights, WeightSource, check_layer_index, collect,
+    BlockLayer, LayerWeights, ModelConfig, ModelWeights, WeightSource, check_layer_index, collect,
 };
-use crate::packing::hf;
+use crate::packing::{hf, i2s};
 use crate::table::{FloatType, Table};
 use crate::{Error, Result};
 
 /// Loads a checkpoint folder: config.json and either model.safetensors or
 /// model.safetensors.index.json with the shards it lists (which must sit in the same folder).
 ///
-/// Files are read whole into memory (the 2B4T packed checkpoint is about 1.2 GB); config.json is
-/// checked before any weights are read. Errors name the file and tensor at fault: a missing file
+/// Natively the safetensors files are mapped into memory and read as they are used (the 2B4T
+/// packed checkpoint is about 1.2 GB); config.json is checked before any weights are read. Errors name the file and tensor at fault: a missing file
 /// ([`Error::Io`]), a bad config.json ([`Error::Invalid`]), a truncated or corrupt safetensors file,
 /// a missing, unexpected or duplicated tensor, a wrong dtype, a shape that disagrees with
 /// config.json, a non-finite value or an invalid packed code ([`Error::Safetensors`]).
@@ -47,8 +47,25 @@ pub fn load_from_bytes(config_json: &str, shards: &[&[u8]]) -> Result<ModelWeigh
 pub struct CheckpointFiles {
     config_json: String,
     /// Shard file names and bytes.
-    shards: Vec<(String, Vec<u8>)>,
+    shards: Vec<(String, ShardBytes)>,
     weight_map: Option<BTreeMap<String, String>>,
+}
+
+/// A shard's bytes: natively the file mapped ([`crate::formats::map`]), read whole in the
+/// browser's build.
+#[cfg(not(target_arch = "wasm32"))]
+type ShardBytes = memmap2::Mmap;
+#[cfg(target_arch = "wasm32")]
+type ShardBytes = Vec<u8>;
+
+#[cfg(not(target_arch = "wasm32"))]
+fn read_shard(path: &Path) -> Result<ShardBytes> {
+    crate::formats::map(path)
+}
+
+#[cfg(target_arch = "wasm32")]
+fn read_shard(path: &Path) -> Result<ShardBytes> {
+    std::fs::read(path).map_err(io_error(path))
 }
 
 impl CheckpointFiles {
@@ -79,8 +96,7 @@ impl CheckpointFiles {
         let shards = names
             .into_iter()
             .map(|name| {
-                let path = dir.join(&name);
-                let bytes = std::fs::read(&path).map_err(io_error(&path))?;
+                let bytes = read_shard(&dir.join(&name))?;
                 Ok((name, bytes))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -97,9 +113,15 @@ impl CheckpointFiles {
         let shards: Vec<(&str, &[u8])> = self
             .shards
             .iter()
-            .map(|(name, bytes)| (name.as_str(), bytes.as_slice()))
+            .map(|(name, bytes)| (name.as_str(), &bytes[..]))
             .collect();
-        Checkpoint::new(&self.config_json, &shards, self.weight_map.as_ref())
+        let checkpoint = Checkpoint::new(&self.config_json, &shards, self.weight_map.as_ref())?;
+        #[cfg(not(target_arch = "wasm32"))]
+        let checkpoint = Checkpoint {
+            mapped: self.shards.iter().map(|(_, map)| map).collect(),
+            ..checkpoint
+        };
+        Ok(checkpoint)
     }
 }
 
@@ -125,6 +147,9 @@ pub struct Checkpoint<'a> {
     config: ModelConfig,
     format: WeightFormat,
     tensors: Tensors<'a>,
+    /// The mapped files the tensors lie in ([`CheckpointFiles`]), for [`WeightSource::release`].
+    #[cfg(not(target_arch = "wasm32"))]
+    mapped: Vec<&'a memmap2::Mmap>,
 }
 
 impl<'a> Checkpoint<'a> {
@@ -177,6 +202,8 @@ impl<'a> Checkpoint<'a> {
             config,
             format,
             tensors,
+            #[cfg(not(target_arch = "wasm32"))]
+            mapped: Vec::new(),
         })
     }
 }
@@ -198,9 +225,45 @@ impl WeightSource for Checkpoint<'_> {
         layer(&self.tensors, &self.config, index, self.format).map(Cow::Owned)
     }
 
+    /// An offline packed layer whose rows are whole I2_S blocks, each linear turned into that
+    /// layout a block at a time ([`hf::to_block_rows`]) rather than unpacked, checked as
+    /// [`WeightSource::layer`] checks it.
+    fn layer_blocks(&self, index: usize) -> Result<Option<BlockLayer<'_>>> {
+        check_layer_index(&self.config, index)?;
+        let WeightFormat::OfflinePacked(class) = self.format else {
+            return Ok(None);
+        };
+        let c = &self.config;
+        if layer_linears(c)
+            .iter()
+            .any(|&(_, _, inp)| !inp.is_multiple_of(i2s::BLOCK))
+        {
+            return Ok(None);
+        }
+        let prefix = layer_prefix(index);
+        let [q, k, v, o, gate, up, down] = layer_linears(c).map(|(name, out, inp)| {
+            let (w, scale) =
+                packed_linear(&self.tensors, &format!("{prefix}.{name}"), out, inp, class)?;
+            let rows = hf::to_block_rows(w.view.data(), out, inp).map_err(|e| w.error(e))?;
+            Ok::<_, Error>((rows, scale))
+        });
+        Ok(Some(BlockLayer {
+            norms: layer_norms(&self.tensors, c, index)?,
+            linears: [q?, k?, v?, o?, gate?, up?, down?],
+        }))
+    }
+
     fn norm(&self) -> Result<Cow<'_, [f32]>> {
         let values = self.tensors.get(NORM)?.floats(&[self.config.hidden_size])?;
         Ok(Cow::Owned(values))
+    }
+
+    /// Lets go of the mapped files' pages read so far ([`crate::formats::map`]).
+    fn release(&self) {
+        #[cfg(not(target_arch = "wasm32"))]
+        self.mapped
+            .iter()
+            .for_each(|map| crate::formats::release(map));
     }
 
     fn lm_head(&self) -> Result<Option<Table<'_>>> {
@@ -291,25 +354,67 @@ fn layer(t: &Tensors<'_>, c: &ModelConfig, l: usize, format: WeightFormat) -> Re
         attn_sub_norm,
         post_attention_layernorm,
         ffn_sub_norm,
-    ] = c.layer_norms().map(|n| match n.present() {
+    ] = layer_norms(t, c, l)?;
+    Ok(LayerWeights {
+        input_layernorm,
+        q_proj: q?,
+        k_proj: k?,
+        v_proj: v?,
+        o_proj: o?,
+        attn_sub_norm,
+        post_attention_layernorm,
+        gate_proj: gate?,
+        up_proj: up?,
+        down_proj: down?,
+        ffn_sub_norm,
+    })
+}
+
+/// Layer `l`'s norms in [`ModelConfig::layer_norms`]' order, empty where the model has none.
+fn layer_norms(t: &Tensors<'_>, c: &ModelConfig, l: usize) -> Result<[Vec<f32>; 4]> {
+    let prefix = layer_prefix(l);
+    let [a, b, c, d] = c.layer_norms().map(|n| match n.present() {
         true => t
             .get(&format!("{prefix}.{}.weight", n.hf))?
             .floats(&[n.len]),
         false => Ok(Vec::new()),
     });
-    Ok(LayerWeights {
-        input_layernorm: input_layernorm?,
-        q_proj: q?,
-        k_proj: k?,
-        v_proj: v?,
-        o_proj: o?,
-        attn_sub_norm: attn_sub_norm?,
-        post_attention_layernorm: post_attention_layernorm?,
-        gate_proj: gate?,
-        up_proj: up?,
-        down_proj: down?,
-        ffn_sub_norm: ffn_sub_norm?,
-    })
+    Ok([a?, b?, c?, d?])
+}
+
+/// An offline packed linear's codes tensor (dtype and shape checked) and its scale in the
+/// in-memory convention (`W ≈ code / scale`).
+fn packed_linear<'t, 'a>(
+    t: &'t Tensors<'a>,
+    name: &str,
+    out: usize,
+    inp: usize,
+    class: LinearClass,
+) -> Result<(&'t Tensor<'a>, f32)> {
+    let w = t.get(&format!("{name}.weight"))?;
+    check_linear_dtype(w, WeightFormat::OfflinePacked(class))?;
+    if !out.is_multiple_of(4) {
+        return Err(w.error(format!(
+            "cannot be packed: config.json gives it {out} output features, not a multiple of 4"
+        )));
+    }
+    w.check_shape(&[out / 4, inp])?;
+    let s = t.get(&format!("{name}.weight_scale"))?;
+    if !matches!(s.view.shape(), [] | [1]) {
+        return Err(s.error(format!(
+            "has shape {:?}, expected [1] or [] (one scale per tensor)",
+            s.view.shape()
+        )));
+    }
+    let stored = s.floats(s.view.shape())?[0];
+    if !(stored.is_finite() && stored > 0.0) {
+        return Err(s.error(format!("is {stored}, not a finite scale > 0")));
+    }
+    let scale = match class {
+        LinearClass::AutoBitLinear => divisor_of(stored),
+        LinearClass::BitLinear => stored,
+    };
+    Ok((w, scale))
 }
 
 /// One linear, unpacked (offline packed) or quantized here (full precision).
@@ -320,33 +425,10 @@ fn linear(
     inp: usize,
     format: WeightFormat,
 ) -> Result<TernaryWeights> {
-    let w = t.get(&format!("{name}.weight"))?;
     match format {
         WeightFormat::OfflinePacked(class) => {
-            check_linear_dtype(w, format)?;
-            if !out.is_multiple_of(4) {
-                return Err(w.error(format!(
-                    "cannot be packed: config.json gives it {out} output features, not a multiple \
-                     of 4"
-                )));
-            }
-            w.check_shape(&[out / 4, inp])?;
+            let (w, scale) = packed_linear(t, name, out, inp, class)?;
             let codes = hf::unpack(w.view.data(), out, inp).map_err(|e| w.error(e))?;
-            let s = t.get(&format!("{name}.weight_scale"))?;
-            if !matches!(s.view.shape(), [] | [1]) {
-                return Err(s.error(format!(
-                    "has shape {:?}, expected [1] or [] (one scale per tensor)",
-                    s.view.shape()
-                )));
-            }
-            let stored = s.floats(s.view.shape())?[0];
-            if !(stored.is_finite() && stored > 0.0) {
-                return Err(s.error(format!("is {stored}, not a finite scale > 0")));
-            }
-            let scale = match class {
-                LinearClass::AutoBitLinear => divisor_of(stored),
-                LinearClass::BitLinear => stored,
-            };
             Ok(TernaryWeights {
                 rows: out,
                 cols: inp,
@@ -355,6 +437,7 @@ fn linear(
             })
         }
         WeightFormat::FullPrecision => {
+            let w = t.get(&format!("{name}.weight"))?;
             check_linear_dtype(w, format)?;
             let values = w.floats(&[out, inp])?;
             weight_quant(&values, out, inp, WeightQuantOptions::default()).map_err(|e| w.error(e))

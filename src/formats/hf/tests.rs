@@ -944,6 +944,70 @@ fn unsavable_weights_are_refused_before_writing() {
     assert!(e.to_string().contains("format"), "{e}");
 }
 
+/// Rows of whole I2_S blocks reach the CPU engine in that layout, turned rather than unpacked,
+/// and the engine equals one built from the unpacked codes.
+#[test]
+fn whole_block_rows_are_turned_into_i2s_rows() {
+    use crate::cpu::fast::PackedMatrix;
+    use crate::model::{CpuEngine, WeightSource, synthetic};
+    let config = ModelConfig {
+        vocab_size: 50,
+        hidden_size: 128,
+        intermediate_size: 384,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 32,
+        max_position_embeddings: 16,
+        ..ModelConfig::bitnet_b158_2b4t()
+    };
+    let w = synthetic(&config, 5);
+    let json = config_json(&config).unwrap();
+    let bytes = to_safetensors_bytes(&w, &[]).unwrap();
+    let checkpoint = Checkpoint::from_bytes(&json, &[&bytes]).unwrap();
+    for (i, layer) in w.layers.iter().enumerate() {
+        let blocks = checkpoint.layer_blocks(i).unwrap().expect("whole blocks");
+        let norms = [
+            &layer.input_layernorm,
+            &layer.attn_sub_norm,
+            &layer.post_attention_layernorm,
+            &layer.ffn_sub_norm,
+        ];
+        assert_eq!(blocks.norms.each_ref(), norms);
+        for ((rows, scale), want) in blocks.linears.iter().zip(layer.linears()) {
+            assert_eq!(
+                PackedMatrix::from_blocks(&[(rows.clone(), *scale)]).unwrap(),
+                PackedMatrix::new(&[want]).unwrap()
+            );
+        }
+    }
+    assert!(checkpoint.layer_blocks(2).is_err());
+    let tokens = [3, 1, 4, 1, 5];
+    let turned = CpuEngine::new(&checkpoint)
+        .unwrap()
+        .forward(&tokens)
+        .unwrap();
+    assert_eq!(
+        turned,
+        CpuEngine::new(&w).unwrap().forward(&tokens).unwrap()
+    );
+    // Rows that are not whole blocks are unpacked.
+    let (_, tiny, tensors) = packed_checkpoint(false);
+    let bytes = serialize(&tensors);
+    let checkpoint = Checkpoint::from_bytes(&tiny, &[&bytes]).unwrap();
+    assert!(checkpoint.layer_blocks(0).unwrap().is_none());
+    // A stored 3 is named with its tensor, as when unpacked.
+    let name = "model.layers.1.mlp.up_proj.weight";
+    let mut raw = raw_tensors(&to_safetensors_bytes(&w, &[]).unwrap());
+    raw.iter_mut().find(|t| t.name == name).unwrap().bytes[7] = 0b11_01_01_01;
+    let bytes = serialize(&raw);
+    let checkpoint = Checkpoint::from_bytes(&json, &[&bytes]).unwrap();
+    assert!(checkpoint.layer_blocks(0).is_ok());
+    let e = checkpoint.layer_blocks(1).unwrap_err().to_string();
+    assert!(e.contains(name) && e.contains("3 at index"), "{e}");
+    assert_eq!(e, checkpoint.layer(1).unwrap_err().to_string());
+}
+
 #[test]
 fn both_offline_layouts_load_to_the_same_weights() {
     let (w, autobitlinear, tensors) = packed_checkpoint(false);
