@@ -249,20 +249,32 @@ impl<'a> Table<'a> {
         }
     }
 
-    /// Rows `range` of a table a file stores as F16 ([`Table::stored_type`]), as the bits of
-    /// its values, checked as [`Table::read`] checks them; an error for any other table.
-    /// Nothing is widened: an engine that keeps f16 takes them as they are, and nothing is
-    /// copied where the bytes are 2-byte aligned on a little-endian machine (a mapped GGUF's
-    /// tensors are): a copy of 2B4T's table is 0.66 GB of fresh pages to fault in.
-    pub fn read_f16(&self, range: Range<usize>) -> Result<Cow<'_, [u16]>> {
-        let Data::Stored {
-            name,
-            dtype: FloatType::F16,
-            bytes,
-            ..
-        } = &self.data
-        else {
-            return Err(Error::invalid("table", "its values are not stored as F16"));
+    /// Rows `range` of a table a file stores in 16 bits (F16 or BF16, [`Table::stored_type`]),
+    /// as the bits of its values, checked as [`Table::read`] checks them; an error for any other
+    /// table. Nothing is widened: an engine that keeps 16-bit values takes them as they are, and
+    /// nothing is copied where the bytes are 2-byte aligned on a little-endian machine (a mapped
+    /// GGUF's tensors are): a copy of 2B4T's table is 0.66 GB of fresh pages to fault in.
+    pub fn read_half(&self, range: Range<usize>) -> Result<Cow<'_, [u16]>> {
+        // An all-ones exponent is an infinity or a NaN.
+        let (name, bytes, exponent) = match &self.data {
+            Data::Stored {
+                name,
+                dtype: FloatType::F16,
+                bytes,
+                ..
+            } => (name, bytes, 0x7c00),
+            Data::Stored {
+                name,
+                dtype: FloatType::Bf16,
+                bytes,
+                ..
+            } => (name, bytes, 0x7f80),
+            _ => {
+                return Err(Error::invalid(
+                    "table",
+                    "its values are not stored as F16 or BF16",
+                ));
+            }
         };
         let (start, end) = self.value_range(range)?;
         let bytes = &bytes[2 * start..2 * end];
@@ -275,13 +287,17 @@ impl<'a> Table<'a> {
                     .collect(),
             ),
         };
-        // An all-ones exponent is an infinity or a NaN. Checked without stopping early, which
-        // runs a vector at a time; the value is looked for only when there is one.
-        let not_finite = |h: u16| h & 0x7c00 == 0x7c00;
+        // Checked without stopping early, which runs a vector at a time; the value is looked
+        // for only when there is one.
+        let not_finite = |h: u16| h & exponent == exponent;
         if bits.iter().fold(false, |any, &h| any | not_finite(h))
             && let Some(i) = bits.iter().position(|&h| not_finite(h))
         {
-            return Err(self.not_finite(name, f16::from_bits(bits[i]).to_f32(), start + i));
+            let value = match exponent {
+                0x7c00 => f16::from_bits(bits[i]).to_f32(),
+                _ => bf16::from_bits(bits[i]).to_f32(),
+            };
+            return Err(self.not_finite(name, value, start + i));
         }
         Ok(bits)
     }
@@ -340,7 +356,7 @@ mod tests {
         assert_eq!(read, values);
         assert_eq!(table.blocks(0).count(), 7);
         assert!(table.read(5..8).is_err());
-        assert!(table.stored_type().is_none() && table.read_f16(0..1).is_err());
+        assert!(table.stored_type().is_none() && table.read_half(0..1).is_err());
     }
 
     #[test]
@@ -377,15 +393,19 @@ mod tests {
             };
             assert_eq!(table.to_vec().unwrap(), expected, "{dtype:?}");
             assert_eq!(table.stored_type(), Some(dtype));
-            if let Ok(bits) = table.read_f16(0..2) {
-                let widened: Vec<f32> = bits.iter().map(|&h| f16::from_bits(h).to_f32()).collect();
-                assert_eq!((dtype, widened), (FloatType::F16, expected.clone()));
+            if let Ok(bits) = table.read_half(0..2) {
+                let widened: Vec<f32> = match dtype {
+                    FloatType::F16 => bits.iter().map(|&h| f16::from_bits(h).to_f32()).collect(),
+                    _ => bits.iter().map(|&h| bf16::from_bits(h).to_f32()).collect(),
+                };
+                assert_ne!(dtype, FloatType::F32);
+                assert_eq!(widened, expected);
                 // Bytes at an odd address are copied, to the same bits.
                 let shifted = [&[0u8][..], &bytes].concat();
                 let shifted = Table::stored("t", dtype, &shifted[1..], 2, 3).unwrap();
-                assert_eq!(shifted.read_f16(0..2).unwrap(), bits);
+                assert_eq!(shifted.read_half(0..2).unwrap(), bits);
             } else {
-                assert_ne!(dtype, FloatType::F16);
+                assert_eq!(dtype, FloatType::F32);
             }
             assert!(Table::stored("t", dtype, &bytes[1..], 2, 3).is_err());
             let mut bad = bytes.clone();
@@ -398,9 +418,9 @@ mod tests {
                 e.contains("tensor x") && e.contains("row 1, column 1"),
                 "{e}"
             );
-            if dtype == FloatType::F16 {
-                assert_eq!(bad.read_f16(1..2).unwrap_err().to_string(), e);
-                assert!(bad.read_f16(0..1).is_ok() && bad.read_f16(1..3).is_err());
+            if dtype != FloatType::F32 {
+                assert_eq!(bad.read_half(1..2).unwrap_err().to_string(), e);
+                assert!(bad.read_half(0..1).is_ok() && bad.read_half(1..3).is_err());
             }
         }
     }

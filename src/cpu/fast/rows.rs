@@ -8,7 +8,7 @@ use std::ops::Range;
 use crate::table::MappedTable;
 use crate::table::{FloatType, Table};
 use crate::{Error, Result};
-use half::{f16, slice::HalfFloatSliceExt};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 
 /// Rows stored side by side, a column of them in 8 AVX vectors: 8 independent chains of adds
 /// keep the adder busy (each row's own sum is a chain that must stay in order).
@@ -26,8 +26,8 @@ const FEW_PICKS: usize = 8;
 /// A `[rows, cols]` f32 table (row-major in memory elsewhere) stored in groups of [`LANES`]
 /// rows interleaved column by column, so that the products of one vector with every row run
 /// [`LANES`] rows per instruction, each row still summed left to right as the reference's
-/// `sum_k x[k] * row[k]`. Kept as f16 when every value is one exactly (a GGUF's F16 table):
-/// half the bytes to read, the same values.
+/// `sum_k x[k] * row[k]`. Kept as f16 when every value is one exactly (a GGUF's F16 table),
+/// as bf16 when a file stores them so: half the bytes to read, the same values.
 ///
 /// ```
 /// use bitnet_wgpu::cpu::fast::InterleavedRows;
@@ -44,18 +44,29 @@ pub struct InterleavedRows {
     values: Values,
 }
 
-/// A table's values, as f32 or as the bits of f16 values.
+/// A table's values, as f32 or as the bits of f16 or bf16 values (each widens to f32
+/// exactly).
 #[derive(Clone, Debug, PartialEq)]
 enum Values {
     F32(Vec<f32>),
     F16(Vec<u16>),
+    Bf16(Vec<u16>),
 }
 
 impl Values {
     fn bytes(&self) -> usize {
         match self {
             Values::F32(v) => 4 * v.len(),
-            Values::F16(v) => 2 * v.len(),
+            Values::F16(v) | Values::Bf16(v) => 2 * v.len(),
+        }
+    }
+
+    /// Values `at` (a range of the vector), as f32.
+    fn widen(&self, at: Range<usize>) -> Vec<f32> {
+        match self {
+            Values::F32(v) => v[at].to_vec(),
+            Values::F16(v) => v[at].iter().map(|&h| f16::from_bits(h).to_f32()).collect(),
+            Values::Bf16(v) => v[at].iter().map(|&h| bf16::from_bits(h).to_f32()).collect(),
         }
     }
 }
@@ -84,10 +95,17 @@ impl InterleavedRows {
     pub fn from_table(table: &Table<'_>, release: &dyn Fn()) -> Result<Self> {
         let (rows, cols) = table_shape(table)?;
         let block_rows = (BLOCK_VALUES / cols).max(1).next_multiple_of(LANES);
-        if table.stored_type() == Some(FloatType::F16) {
-            let read = |rows| table.read_f16(rows);
-            let values = Values::F16(interleave(table, block_rows, 0, read, release)?);
-            return Ok(InterleavedRows { rows, cols, values });
+        let read = |rows| table.read_half(rows);
+        match table.stored_type() {
+            Some(FloatType::F16) => {
+                let values = Values::F16(interleave(table, block_rows, 0, read, release)?);
+                return Ok(InterleavedRows { rows, cols, values });
+            }
+            Some(FloatType::Bf16) => {
+                let values = Values::Bf16(interleave(table, block_rows, 0, read, release)?);
+                return Ok(InterleavedRows { rows, cols, values });
+            }
+            _ => {}
         }
         // As f16 until a value is not one exactly; then, from the start, as f32.
         let inexact = std::cell::Cell::new(false);
@@ -129,6 +147,7 @@ impl InterleavedRows {
         match &self.values {
             Values::F32(v) => column.map(|i| v[i]).collect(),
             Values::F16(v) => column.map(|i| f16::from_bits(v[i]).to_f32()).collect(),
+            Values::Bf16(v) => column.map(|i| bf16::from_bits(v[i]).to_f32()).collect(),
         }
     }
 
@@ -156,6 +175,7 @@ impl InterleavedRows {
                     let sums = match &self.values {
                         Values::F32(v) => kernel.f32_lanes(x, &v[at..][..group_len]),
                         Values::F16(v) => kernel.f16_lanes(x, &v[at..][..group_len]),
+                        Values::Bf16(v) => kernel.bf16_lanes(x, &v[at..][..group_len]),
                     };
                     out.copy_from_slice(&sums);
                 }
@@ -240,8 +260,8 @@ impl FloatRows {
         if let Some(mapped) = table.mapped() {
             for block in table.blocks(block_rows) {
                 match mapped.dtype {
-                    FloatType::F16 => drop(table.read_f16(block)?),
-                    _ => drop(table.read(block)?),
+                    FloatType::F32 => drop(table.read(block)?),
+                    _ => drop(table.read_half(block)?),
                 }
                 release();
             }
@@ -251,12 +271,13 @@ impl FloatRows {
                 values: RowValues::Mapped(mapped),
             });
         }
-        // As f16 until a value is not one exactly; then, from the start, as f32.
+        // As the file's 16 bits, else as f16 until a value is not one exactly; then, from the
+        // start, as f32.
         let mut bits = Vec::with_capacity(rows * cols);
         let mut f16 = true;
         for block in table.blocks(block_rows) {
-            if table.stored_type() == Some(FloatType::F16) {
-                bits.extend_from_slice(&table.read_f16(block)?);
+            if table.stored_type().is_some_and(|t| t != FloatType::F32) {
+                bits.extend_from_slice(&table.read_half(block)?);
             } else if let Some(block) = exact_f16(&table.read(block)?) {
                 bits.extend(block);
             } else {
@@ -265,7 +286,9 @@ impl FloatRows {
             }
             release();
         }
-        let values = if f16 {
+        let values = if table.stored_type() == Some(FloatType::Bf16) {
+            Values::Bf16(bits)
+        } else if f16 {
             Values::F16(bits)
         } else {
             drop(bits);
@@ -304,10 +327,7 @@ impl FloatRows {
     pub fn row(&self, r: usize) -> Vec<f32> {
         let at = r * self.cols..(r + 1) * self.cols;
         match &self.values {
-            RowValues::Held(Values::F32(v)) => v[at].to_vec(),
-            RowValues::Held(Values::F16(v)) => {
-                v[at].iter().map(|&h| f16::from_bits(h).to_f32()).collect()
-            }
+            RowValues::Held(values) => values.widen(at),
             #[cfg(not(target_arch = "wasm32"))]
             RowValues::Mapped(m) => {
                 let size = m.dtype.bytes();
@@ -348,6 +368,10 @@ impl FloatRows {
                     &gather(picks.iter().map(|&r| &v[r * cols..][..cols]), cols, 0.0),
                 ),
                 RowValues::Held(Values::F16(v)) => kernel.f16_lanes(
+                    x,
+                    &gather(picks.iter().map(|&r| &v[r * cols..][..cols]), cols, 0),
+                ),
+                RowValues::Held(Values::Bf16(v)) => kernel.bf16_lanes(
                     x,
                     &gather(picks.iter().map(|&r| &v[r * cols..][..cols]), cols, 0),
                 ),
@@ -533,6 +557,17 @@ impl Kernel {
             Kernel::Avx2 | Kernel::Vnni => unsafe { avx2::f16_lanes(x, group) },
         }
     }
+
+    fn bf16_lanes(self, x: &[f32], group: &[u16]) -> [f32; LANES] {
+        match self {
+            Kernel::Portable => portable_lanes(x, group.chunks_exact(LANES), |&h| {
+                bf16::from_bits(h).to_f32()
+            }),
+            // SAFETY: AVX2 is present; `group` holds `x.len()` columns.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 | Kernel::Vnni => unsafe { avx2::bf16_lanes(x, group) },
+        }
+    }
 }
 
 /// `acc[i] = acc[i] + x[k] * column_k[i]`, `k` ascending, from `-0.0`.
@@ -595,6 +630,27 @@ mod avx2 {
                         group.as_ptr().add(k * LANES + v * VECTOR).cast(),
                     ))
                 };
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(xk, w));
+            }
+        }
+        store(acc)
+    }
+
+    /// As [`f32_lanes`], the table's bf16 values widened exactly (the bits moved up by 16).
+    ///
+    /// # Safety
+    /// AVX2 must be present and `group.len() == x.len() * LANES`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn bf16_lanes(x: &[f32], group: &[u16]) -> [f32; LANES] {
+        debug_assert_eq!(group.len(), x.len() * LANES);
+        let mut acc = [_mm256_set1_ps(-0.0); LANES / VECTOR];
+        for (k, &xk) in x.iter().enumerate() {
+            let xk = _mm256_set1_ps(xk);
+            for (v, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: column k's values are in bounds.
+                let bits =
+                    unsafe { _mm_loadu_si128(group.as_ptr().add(k * LANES + v * VECTOR).cast()) };
+                let w = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)));
                 *acc = _mm256_add_ps(*acc, _mm256_mul_ps(xk, w));
             }
         }
@@ -666,6 +722,52 @@ mod tests {
         }
     }
 
+    /// A BF16 table keeps its 16 bits, values f16 cannot hold among them, and its products are
+    /// the reference's of the widened values, in both layouts and on every kernel.
+    #[test]
+    fn a_stored_bf16_table_keeps_its_values() {
+        let mut rng = SmallRng::seed_from_u64(10);
+        let (rows, cols, n) = (150, 70, 2);
+        let mut bits: Vec<u16> = (0..rows * cols)
+            .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)).to_bits())
+            .collect();
+        (bits[3], bits[500]) = (
+            bf16::from_f32(3e-7).to_bits(),
+            bf16::from_f32(1e9).to_bits(),
+        );
+        let values: Vec<f32> = bits.iter().map(|&h| bf16::from_bits(h).to_f32()).collect();
+        let bytes: Vec<u8> = bits.iter().flat_map(|h| h.to_le_bytes()).collect();
+        let stored = Table::stored("t", FloatType::Bf16, &bytes, rows, cols).unwrap();
+        let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let want = reference(&values, cols, &x);
+        let t = InterleavedRows::from_table(&stored, &|| {}).unwrap();
+        assert!(matches!(t.values, Values::Bf16(_)));
+        assert_eq!(t.bytes(), 2 * 192 * cols);
+        let same = |got: &[f32], want: &[f32]| {
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(want) {
+                assert_eq!(a.to_bits(), b.to_bits());
+            }
+        };
+        same(&t.products(&x, n).unwrap(), &want);
+        assert_eq!(t.row(0), values[..cols]);
+        let Values::Bf16(laid_out) = &t.values else {
+            unreachable!()
+        };
+        for kernel in Kernel::available() {
+            let sums = kernel.bf16_lanes(&x[..cols], &laid_out[..LANES * cols]);
+            same(&sums, &want[..LANES]);
+        }
+        let held = FloatRows::from_table(&stored, &|| {}).unwrap();
+        assert_eq!(held.bytes(), 2 * rows * cols);
+        let picks: Vec<usize> = (0..rows).rev().step_by(7).collect();
+        for picks in [&picks[..3], &picks[..]] {
+            let want: Vec<f32> = picks.iter().map(|&r| want[r]).collect();
+            same(&held.products_of(picks, &x[..cols]).unwrap(), &want);
+        }
+        assert_eq!(held.row(0), values[..cols]);
+    }
+
     #[test]
     fn a_stored_f16_table_is_laid_out_as_its_values() {
         let mut rng = SmallRng::seed_from_u64(9);
@@ -687,7 +789,7 @@ mod tests {
         );
         assert_eq!(released.get(), 1);
         // Blocks of one group each, the last one partial, lay out the same values.
-        let read = |r| stored.read_f16(r);
+        let read = |r| stored.read_half(r);
         let by_group = interleave(&stored, LANES, 0, read, &release);
         assert_eq!(Values::F16(by_group.unwrap()), want.values);
         assert_eq!(released.get(), 4);

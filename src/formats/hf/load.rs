@@ -54,13 +54,13 @@ pub struct CheckpointFiles {
 /// A shard's bytes: natively the file mapped ([`crate::formats::map`]), read whole in the
 /// browser's build.
 #[cfg(not(target_arch = "wasm32"))]
-type ShardBytes = memmap2::Mmap;
+type ShardBytes = crate::table::Mapping;
 #[cfg(target_arch = "wasm32")]
 type ShardBytes = Vec<u8>;
 
 #[cfg(not(target_arch = "wasm32"))]
 fn read_shard(path: &Path) -> Result<ShardBytes> {
-    crate::formats::map(path)
+    crate::formats::map(path).map(std::sync::Arc::new)
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -118,7 +118,11 @@ impl CheckpointFiles {
         let checkpoint = Checkpoint::new(&self.config_json, &shards, self.weight_map.as_ref())?;
         #[cfg(not(target_arch = "wasm32"))]
         let checkpoint = Checkpoint {
-            mapped: self.shards.iter().map(|(_, map)| map).collect(),
+            mapped: self
+                .shards
+                .iter()
+                .map(|(name, map)| (name.as_str(), map))
+                .collect(),
             ..checkpoint
         };
         Ok(checkpoint)
@@ -147,9 +151,11 @@ pub struct Checkpoint<'a> {
     config: ModelConfig,
     format: WeightFormat,
     tensors: Tensors<'a>,
-    /// The mapped files the tensors lie in ([`CheckpointFiles`]), for [`WeightSource::release`].
+    /// The mapped files the tensors lie in, by name ([`CheckpointFiles`]), for
+    /// [`WeightSource::release`] and tables an engine may read where they lie
+    /// ([`Table::in_mapping`]).
     #[cfg(not(target_arch = "wasm32"))]
-    mapped: Vec<&'a memmap2::Mmap>,
+    mapped: Vec<(&'a str, &'a crate::table::Mapping)>,
 }
 
 impl<'a> Checkpoint<'a> {
@@ -208,6 +214,18 @@ impl<'a> Checkpoint<'a> {
     }
 }
 
+impl<'a> Checkpoint<'a> {
+    /// `tensor` as a table ([`Tensor::table`]), said to lie in its mapped file where it does.
+    fn table(&self, tensor: &Tensor<'a>, rows: usize, cols: usize) -> Result<Table<'a>> {
+        let table = tensor.table(rows, cols)?;
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some((_, map)) = self.mapped.iter().find(|(name, _)| *name == tensor.file) {
+            return table.in_mapping((*map).clone());
+        }
+        Ok(table)
+    }
+}
+
 impl WeightSource for Checkpoint<'_> {
     fn config(&self) -> &ModelConfig {
         &self.config
@@ -215,9 +233,7 @@ impl WeightSource for Checkpoint<'_> {
 
     fn embed_tokens(&self) -> Result<Table<'_>> {
         let c = &self.config;
-        self.tensors
-            .get(EMBED_TOKENS)?
-            .table(c.vocab_size, c.hidden_size)
+        self.table(self.tensors.get(EMBED_TOKENS)?, c.vocab_size, c.hidden_size)
     }
 
     fn layer(&self, index: usize) -> Result<Cow<'_, LayerWeights>> {
@@ -263,13 +279,13 @@ impl WeightSource for Checkpoint<'_> {
         #[cfg(not(target_arch = "wasm32"))]
         self.mapped
             .iter()
-            .for_each(|map| crate::formats::release(map));
+            .for_each(|(_, map)| crate::formats::release(map));
     }
 
     fn lm_head(&self) -> Result<Option<Table<'_>>> {
         let (rows, cols) = (self.config.vocab_size, self.config.hidden_size);
         if !self.config.tie_word_embeddings {
-            return Ok(Some(self.tensors.get(LM_HEAD)?.table(rows, cols)?));
+            return Ok(Some(self.table(self.tensors.get(LM_HEAD)?, rows, cols)?));
         }
         if self.tensors.contains(LM_HEAD) {
             let copy = self.tensors.get(LM_HEAD)?;
