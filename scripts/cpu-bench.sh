@@ -20,7 +20,9 @@
 # skips it), ROUNDS (turns per engine and figure against bitnet.cpp, default 2), PROMPT_TOKENS
 # (the prompt lengths, default 128; several, as "128 512", give a prompt row each) and
 # DECODE_TOKENS (default 32; decoded after the first prompt length) of the tokens/s figures
-# against bitnet.cpp. bitnet.cpp's llama-bench runs prompts in batches of at most 256 tokens
+# against bitnet.cpp. Both engines' tokens/s are measured as llama-bench measures them: one
+# untimed run, then the mean of three (`bitnet bench --device cpu --repetitions 3`, random
+# prompt ids). bitnet.cpp's llama-bench runs prompts in batches of at most 256 tokens
 # (`-ub 256`): with its default of 512 it crashes (a segmentation fault) on a 512-token prompt.
 set -euo pipefail
 
@@ -145,8 +147,6 @@ gguf=$work/2b4t.gguf
 cores=$(nproc)
 cpp=$work/bitnet-cpp.jsonl
 : >"$cpp"
-# The demo tokenizer makes one token of each " the"; with the bos, a prompt of $1 tokens.
-long_prompt() { echo "the$(for _ in $(seq 3 "$1"); do printf ' the'; done)"; }
 load_before=$(uptime)
 cat "$gguf" "$work/2b4t/model.safetensors" >/dev/null # a warm page cache for all
 
@@ -163,18 +163,19 @@ timed() { # engine command... (one JSON line: wall seconds and peak RSS in KB)
     rm "$out"
     echo "{\"engine\": \"$engine\", \"figure\": \"start\", \"seconds\": $seconds, \"kb\": $kb}"
 }
-ours_rates() { # threads prompt_tokens new_tokens [head] (the decode figure where more than one)
+# Both engines as llama-bench measures: an untimed run, then the mean of 3 timed ones.
+ours_rates() { # threads prompt_tokens decode_tokens [head] (the decode figure where more than 0)
     local head=${4:-exact}
-    RAYON_NUM_THREADS=$1 "$bitnet" generate --model "$gguf" --prompt "$(long_prompt "$2")" \
-        --max-new-tokens "$3" --temperature 0 --device cpu --head "$head" --json 2>/dev/null |
+    RAYON_NUM_THREADS=$1 "$bitnet" bench --device cpu --model "$gguf" --prompt-tokens "$2" \
+        --decode-tokens "$3" --head "$head" --repetitions 3 --json 2>/dev/null |
         "$python" -c 'import json, sys; d = json.load(sys.stdin); t = int(sys.argv[1])
 engine = "bitnet" if sys.argv[2] == "exact" else "bitnet --head " + sys.argv[2]
 if engine == "bitnet":
     print(json.dumps({"engine": engine, "figure": "prompt", "threads": t,
-                      "tokens": len(d["prompt_ids"]), "tokens_per_s": d["prompt_tokens_per_s"]}))
-if len(d["generated_ids"]) > 1:
+                      "tokens": d["prompt_tokens"], "tokens_per_s": d["prompt_tokens_per_s"]}))
+if d["decode_tokens"] > 0:
     print(json.dumps({"engine": engine, "figure": "decode", "threads": t,
-                      "tokens": len(d["generated_ids"]) - 1, "tokens_per_s": d["tokens_per_s"]}))
+                      "tokens": d["decode_tokens"], "tokens_per_s": d["decode_tokens_per_s"]}))
 ' "$1" "$head"
 }
 theirs_rate() { # figure threads -p -n
@@ -200,14 +201,14 @@ done
 for threads in 1 2; do
     for _ in $(seq "$rounds"); do
         {
-            new_tokens=$((cpp_decode + 1))
+            decode_tokens=$cpp_decode
             for prompt_tokens in $cpp_prompt; do
-                ours_rates "$threads" "$prompt_tokens" "$new_tokens"
+                ours_rates "$threads" "$prompt_tokens" "$decode_tokens"
                 theirs_rate prompt "$threads" "$prompt_tokens" 0
-                new_tokens=1
+                decode_tokens=0
             done
             theirs_rate decode "$threads" 0 "$cpp_decode"
-            ours_rates "$threads" "${cpp_prompt%% *}" "$((cpp_decode + 1))" int8
+            ours_rates "$threads" "${cpp_prompt%% *}" "$cpp_decode" int8
         } >>"$cpp"
     done
 done

@@ -14,8 +14,8 @@ use bitnet_wgpu::gpu::table::TableStorage;
 use bitnet_wgpu::gpu::{AdapterSummary, GpuContext};
 use bitnet_wgpu::model::{
     CpuEngine, DecodePath, Device, Engine, GenerationParams, Generator, GpuModel, LmHead, Logits,
-    ModelConfig, ModelFiles, Sampler, SamplingParams, Stop, load_model, open_model_from_bytes,
-    perplexity_windows, synthetic,
+    ModelConfig, ModelFiles, ModelWeights, Sampler, SamplingParams, Stop, WeightSource, load_model,
+    open_model_from_bytes, perplexity_windows, synthetic,
 };
 use bitnet_wgpu::rng::SplitMix64;
 use bitnet_wgpu::tokenizer::Tokenizer;
@@ -56,7 +56,8 @@ enum Command {
     /// transformers loads (2 bits per weight), with compression statistics; or any checkpoint
     /// folder into one I2_S GGUF file that bitnet.cpp runs (--format gguf).
     Convert(ConvertArgs),
-    /// Prompt and decoding speed, and GPU memory, of a model on the GPU.
+    /// Prompt and decoding speed of a model on the GPU (with its GPU memory) or on the CPU engine
+    /// (--device cpu), after an untimed warm-up run.
     Bench(BenchArgs),
     /// Train a model on text files (new, or fine-tuning a checkpoint), on the CPU: loss.csv,
     /// loss.png, a resumable checkpoint/, the packed model/ and the full-precision master/.
@@ -81,16 +82,33 @@ struct BenchArgs {
     /// Tokens of the prompt, processed at once.
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
-    /// Tokens decoded one at a time after the prompt, three times: greedily on the GPU, sampled
-    /// on the GPU (temperature 0.8, top-p 0.95), and greedily with each step's logits read back.
+    /// Tokens decoded one at a time after the prompt, three times on the GPU: greedily on the
+    /// GPU, sampled on the GPU (temperature 0.8, top-p 0.95), and greedily with each step's logits
+    /// read back; greedily on the CPU engine.
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
+    /// Where the model runs: the GPU (any adapter, software ones included) or the CPU engine.
+    #[arg(long, value_enum, default_value_t = BenchDevice::Gpu)]
+    device: BenchDevice,
+    /// How the CPU engine keeps the lm_head (as `generate --head`).
+    #[arg(long, value_enum, default_value_t = LmHead::Exact)]
+    head: LmHead,
+    /// Timed runs of the prompt and of greedy decoding, after the untimed warm-up; the rates
+    /// reported are their mean (as llama-bench's -r).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repetitions: u32,
     /// How decoding steps run [default: the faster on this kind of adapter].
     #[arg(long, value_enum)]
     decode_path: Option<DecodePathArg>,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum BenchDevice {
+    Gpu,
+    Cpu,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -520,24 +538,20 @@ fn train(args: &TrainArgs) -> CliResult<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn bench(args: &BenchArgs) -> CliResult<()> {
-    let mut weights = match (&args.model, args.synthetic) {
-        (Some(path), _) => load_model(path)?.0,
-        (None, Some(Synthetic::B2b4t)) => {
-            let mut config = ModelConfig::bitnet_b158_2b4t();
-            if let Some(layers) = args.layers {
-                config.num_hidden_layers = layers;
-            }
-            eprintln!("making a synthetic model with the shapes of bitnet-b1.58-2B-4T");
-            synthetic(&config, 1)
-        }
-        (None, None) => return Err("give --model PATH or --synthetic 2b4t".into()),
-    };
-    if let Some(layers) = args.layers {
-        weights.layers.truncate(layers);
-        weights.config.num_hidden_layers = weights.layers.len();
+/// The synthetic model `bench --synthetic` names, with `layers` of its layers where given.
+fn bench_synthetic(model: Synthetic, layers: Option<usize>) -> ModelWeights {
+    let Synthetic::B2b4t = model;
+    let mut config = ModelConfig::bitnet_b158_2b4t();
+    if let Some(layers) = layers {
+        config.num_hidden_layers = layers;
     }
-    let c = weights.config.clone();
+    eprintln!("making a synthetic model with the shapes of bitnet-b1.58-2B-4T");
+    synthetic(&config, 1)
+}
+
+/// The prompt `bench` times (random ids, the same for every device), once its length and the
+/// decoded tokens are checked to fit the model's positions.
+fn bench_prompt(args: &BenchArgs, c: &ModelConfig) -> CliResult<Vec<u32>> {
     let context = args.prompt_tokens + args.decode_tokens;
     if args.prompt_tokens == 0 || context > c.max_position_embeddings {
         return Err(format!(
@@ -546,6 +560,127 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
         )
         .into());
     }
+    let mut rng = SplitMix64(2);
+    Ok((0..args.prompt_tokens)
+        .map(|_| (rng.next_u64() % c.vocab_size as u64) as u32)
+        .collect())
+}
+
+/// The mean of `rates` and the rates themselves, for the text output.
+fn mean_of(rates: &[f64]) -> (f64, String) {
+    let runs: Vec<String> = rates.iter().map(|r| format!("{r:.1}")).collect();
+    (
+        rates.iter().sum::<f64>() / rates.len().max(1) as f64,
+        runs.join(" / "),
+    )
+}
+
+/// `bench --device cpu`: the CPU engine over the model's files as `generate` opens them (a
+/// GGUF or safetensors file mapped), the prompt and greedy decoding (each step's logits, the
+/// token chosen on the host), each timed `--repetitions` times after one untimed run.
+fn bench_cpu(args: &BenchArgs) -> CliResult<()> {
+    if args.decode_path.is_some() {
+        return Err("--decode-path is for --device gpu".into());
+    }
+    let files = args.model.as_ref().map(ModelFiles::read).transpose()?;
+    let opened = files.as_ref().map(ModelFiles::open).transpose()?;
+    let made;
+    let source: &dyn WeightSource = match (&opened, args.synthetic) {
+        (Some(_), _) if args.layers.is_some() => {
+            return Err("--layers with --model is for --device gpu".into());
+        }
+        (Some((source, _)), _) => &**source,
+        (None, Some(model)) => {
+            made = bench_synthetic(model, args.layers);
+            &made
+        }
+        (None, None) => return Err("give --model PATH or --synthetic 2b4t".into()),
+    };
+    let c = source.config().clone();
+    let prompt = bench_prompt(args, &c)?;
+    let started = Instant::now();
+    let mut engine = CpuEngine::with_head(source, args.head)?;
+    let load_time = started.elapsed();
+    drop(opened);
+    let argmax = bitnet_wgpu::cpu::argmax;
+    // The warm-up: buffers sized, pages mapped, the threads started.
+    let logits = engine.forward_logits(&prompt, Logits::Last)?;
+    engine.forward_logits(&[argmax(&logits)?], Logits::Last)?;
+    let (mut prompt_rates, mut decode_rates) = (Vec::new(), Vec::new());
+    for _ in 0..args.repetitions {
+        engine.reset();
+        let started = Instant::now();
+        let logits = engine.forward_logits(&prompt, Logits::Last)?;
+        prompt_rates.push(rate(args.prompt_tokens, started.elapsed()));
+        let mut next = argmax(&logits)?;
+        let started = Instant::now();
+        for _ in 0..args.decode_tokens {
+            next = argmax(&engine.forward_logits(&[next], Logits::Last)?)?;
+        }
+        decode_rates.push(rate(args.decode_tokens, started.elapsed()));
+    }
+    let threads = rayon::current_num_threads();
+    let head = format!("{:?}", args.head).to_lowercase();
+    let ((prompt_rate, prompt_runs), (decode_rate, decode_runs)) =
+        (mean_of(&prompt_rates), mean_of(&decode_rates));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "device": "cpu",
+                "threads": threads,
+                "head": head,
+                "layers": c.num_hidden_layers,
+                "load_seconds": load_time.as_secs_f64(),
+                "weight_bytes": engine.weight_bytes(),
+                "prompt_tokens": args.prompt_tokens,
+                "prompt_tokens_per_s": prompt_rate,
+                "prompt_runs": prompt_rates,
+                "decode_tokens": args.decode_tokens,
+                "decode_tokens_per_s": decode_rate,
+                "decode_runs": decode_rates,
+            })
+        );
+    } else {
+        println!(
+            "CPU engine, {threads} thread{}, --head {head}, {} layers: built in {:.2} s, {:.3} GB \
+             of weights held",
+            if threads == 1 { "" } else { "s" },
+            c.num_hidden_layers,
+            load_time.as_secs_f64(),
+            engine.weight_bytes() as f64 / 1e9
+        );
+        println!(
+            "prompt: {} tokens, {prompt_rate:.1} tokens/s (mean of {prompt_runs})",
+            args.prompt_tokens
+        );
+        println!(
+            "decode, greedy: {} tokens, {decode_rate:.1} tokens/s (mean of {decode_runs})",
+            args.decode_tokens
+        );
+    }
+    Ok(())
+}
+
+async fn bench(args: &BenchArgs) -> CliResult<()> {
+    if args.device == BenchDevice::Cpu {
+        return bench_cpu(args);
+    }
+    if args.head != LmHead::Exact {
+        return Err("--head int8 is a CPU engine option: add --device cpu".into());
+    }
+    let mut weights = match (&args.model, args.synthetic) {
+        (Some(path), _) => load_model(path)?.0,
+        (None, Some(model)) => bench_synthetic(model, args.layers),
+        (None, None) => return Err("give --model PATH or --synthetic 2b4t".into()),
+    };
+    if let Some(layers) = args.layers {
+        weights.layers.truncate(layers);
+        weights.config.num_hidden_layers = weights.layers.len();
+    }
+    let c = weights.config.clone();
+    let context = args.prompt_tokens + args.decode_tokens;
+    let prompt = bench_prompt(args, &c)?;
     let ctx = GpuContext::new().await?;
     let mut model = GpuModel::new(&ctx, &weights, context, TableStorage::F16)?;
     drop(weights);
@@ -557,10 +692,6 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
         model.set_decode_path(&ctx, path)?;
     }
     let decode_path = format!("{:?}", model.decode_path()).to_lowercase();
-    let mut rng = SplitMix64(2);
-    let prompt: Vec<u32> = (0..args.prompt_tokens)
-        .map(|_| (rng.next_u64() % c.vocab_size as u64) as u32)
-        .collect();
     // Pipelines compile on first use: untimed steps first.
     model.forward(&ctx, &prompt[..1], Logits::Last).await?;
     model.reset();
@@ -573,16 +704,20 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
         .await?;
     model.reset();
 
-    let started = Instant::now();
-    let logits = model.forward(&ctx, &prompt, Logits::Last).await?;
-    let prompt_time = started.elapsed();
-    let first = bitnet_wgpu::cpu::argmax(&logits)?;
-    // Greedy, chosen on the GPU (what `bitnet generate --temperature 0` does).
-    let started = Instant::now();
-    model
-        .greedy(&ctx, &[first], args.decode_tokens, c.vocab_size, |_| true)
-        .await?;
-    let decode_time = started.elapsed();
+    let (mut prompt_rates, mut decode_rates, mut first) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..args.repetitions {
+        model.reset();
+        let started = Instant::now();
+        let logits = model.forward(&ctx, &prompt, Logits::Last).await?;
+        prompt_rates.push(rate(args.prompt_tokens, started.elapsed()));
+        first = bitnet_wgpu::cpu::argmax(&logits)?;
+        // Greedy, chosen on the GPU (what `bitnet generate --temperature 0` does).
+        let started = Instant::now();
+        model
+            .greedy(&ctx, &[first], args.decode_tokens, c.vocab_size, |_| true)
+            .await?;
+        decode_rates.push(rate(args.decode_tokens, started.elapsed()));
+    }
     // Sampled on the GPU with `generate`'s defaults, one token read back per step.
     let sampling = SamplingParams {
         temperature: 0.8,
@@ -635,8 +770,8 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
             }
         }
     }
-    let prompt_rate = rate(args.prompt_tokens, prompt_time);
-    let decode_rate = rate(args.decode_tokens, decode_time);
+    let ((prompt_rate, prompt_runs), (decode_rate, decode_runs)) =
+        (mean_of(&prompt_rates), mean_of(&decode_rates));
     let logits_decode_rate = rate(args.decode_tokens, logits_decode_time);
     let sampled_rate = rate(args.decode_tokens, sampled_time);
     let memory = model.weight_and_cache_bytes();
@@ -649,8 +784,10 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
                 "layers": c.num_hidden_layers,
                 "prompt_tokens": args.prompt_tokens,
                 "prompt_tokens_per_s": prompt_rate,
+                "prompt_runs": prompt_rates,
                 "decode_tokens": args.decode_tokens,
                 "decode_tokens_per_s": decode_rate,
+                "decode_runs": decode_rates,
                 "decode_path": decode_path,
                 "decode_sampled_tokens_per_s": sampled_rate,
                 "decode_logits_tokens_per_s": logits_decode_rate,
@@ -660,16 +797,14 @@ async fn bench(args: &BenchArgs) -> CliResult<()> {
     } else {
         println!("adapter: {adapter}, {} layers", c.num_hidden_layers);
         println!(
-            "prompt: {} tokens in {:.1} ms, {prompt_rate:.1} tokens/s",
-            args.prompt_tokens,
-            prompt_time.as_secs_f64() * 1e3
+            "prompt: {} tokens, {prompt_rate:.1} tokens/s (mean of {prompt_runs})",
+            args.prompt_tokens
         );
         println!(
-            "decode ({decode_path}), greedy on the GPU: {} tokens in {:.1} ms, {decode_rate:.1} \
-             tokens/s ({:.2} ms per token)",
+            "decode ({decode_path}), greedy on the GPU: {} tokens, {decode_rate:.1} tokens/s \
+             ({:.2} ms per token; mean of {decode_runs})",
             args.decode_tokens,
-            decode_time.as_secs_f64() * 1e3,
-            decode_time.as_secs_f64() * 1e3 / args.decode_tokens.max(1) as f64
+            1e3 / decode_rate.max(f64::MIN_POSITIVE)
         );
         println!(
             "decode ({decode_path}), sampled on the GPU (temperature 0.8, top-p 0.95): \

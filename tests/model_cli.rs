@@ -1213,6 +1213,74 @@ fn the_int8_head_generates_on_the_cpu_only() {
     );
 }
 
+/// `bench --device cpu` times the CPU engine on a model file, each figure the mean of the runs
+/// it reports, for both heads and both formats; options that do not apply are refused.
+#[test]
+fn the_cpu_engine_is_benched_on_a_model_file() {
+    let dir = TempDir::new("bench");
+    let (hf, gguf) = (hf_model(&dir), gguf_model(&dir));
+    for (model, head) in [(&hf, "exact"), (&gguf, "exact"), (&gguf, "int8")] {
+        let d = bitnet_json(&[
+            "bench",
+            "--device",
+            "cpu",
+            "--model",
+            path_str(model),
+            "--prompt-tokens",
+            "7",
+            "--decode-tokens",
+            "3",
+            "--repetitions",
+            "2",
+            "--head",
+            head,
+            "--json",
+        ]);
+        assert_eq!(
+            (d["device"].as_str(), d["head"].as_str()),
+            (Some("cpu"), Some(head))
+        );
+        assert_eq!(
+            (d["prompt_tokens"].as_u64(), d["decode_tokens"].as_u64()),
+            (Some(7), Some(3))
+        );
+        for figure in ["prompt", "decode"] {
+            let runs: Vec<f64> = d[format!("{figure}_runs")]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_f64().unwrap())
+                .collect();
+            assert!(runs.len() == 2 && runs.iter().all(|&r| r > 0.0), "{d}");
+            let mean = d[format!("{figure}_tokens_per_s")].as_f64().unwrap();
+            assert!(
+                (mean - (runs[0] + runs[1]) / 2.0).abs() <= 1e-9 * mean,
+                "{d}"
+            );
+        }
+        assert!(d["weight_bytes"].as_u64().unwrap() > 0, "{d}");
+    }
+    for (args, why) in [
+        (&["--head", "int8"][..], "--device cpu"),
+        (&["--device", "cpu", "--layers", "1"][..], "--layers"),
+        (
+            &["--device", "cpu", "--prompt-tokens", "100"][..],
+            "positions",
+        ),
+        (
+            &["--device", "cpu", "--repetitions", "0"][..],
+            "repetitions",
+        ),
+    ] {
+        let out = bitnet(&[&["bench", "--model", path_str(&gguf)], args].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
 /// Runs `bitnet` under a 1 GiB address-space limit, so that an allocation sized by a lying
 /// header aborts the process instead of passing unnoticed on a machine with memory to spare.
 fn bitnet_limited(args: &[&str]) -> Output {
