@@ -79,14 +79,15 @@ impl Int8Rows {
                         return;
                     }
                 };
-                let mut codes = vec![0i8; cols];
+                // Zeros past `cols`, as the padding holds.
+                let mut codes = vec![0i8; padded];
                 for (lane, (row, scale)) in floats.chunks_exact(cols).zip(scales).enumerate() {
-                    *scale = kernel.quantize_int8(row, &mut codes);
-                    for (q, codes) in codes.chunks(QUAD).enumerate() {
-                        let lane = &mut group[(q * LANES + lane) * QUAD..][..codes.len()];
-                        for (v, &c) in lane.iter_mut().zip(codes) {
-                            *v = c as u8 ^ 0x80;
-                        }
+                    *scale = kernel.quantize_int8(row, &mut codes[..cols]);
+                    // A quad of codes is one 4-byte word of the layout.
+                    for (q, quad) in codes.as_chunks::<QUAD>().0.iter().enumerate() {
+                        let word = u32::from_le_bytes(quad.map(|c| c as u8)) ^ 0x8080_8080;
+                        group[(q * LANES + lane) * QUAD..][..QUAD]
+                            .copy_from_slice(&word.to_le_bytes());
                     }
                 }
             });
@@ -99,13 +100,17 @@ impl Int8Rows {
         let mut code_sums = vec![0u16; groups * LANES * blocks];
         for_each_chunk(&mut code_sums, LANES * blocks, |g, sums| {
             let group = &values[g * group_len..][..group_len];
-            for (q, quads) in group.chunks_exact(LANES * QUAD).enumerate() {
-                let b = q * QUAD / INT8_HEAD_BLOCK;
-                for (sums, quad) in sums.chunks_exact_mut(blocks).zip(quads.chunks_exact(QUAD)) {
-                    sums[b] += quad
-                        .iter()
-                        .map(|&c| u16::from(((c ^ 0x80) as i8).unsigned_abs()))
-                        .sum::<u16>();
+            for (b, block) in group.chunks_exact(LANES * INT8_HEAD_BLOCK).enumerate() {
+                // Each byte of a row of quads summed in its own lane (a vector at a time), the
+                // four lanes of a row added at the end.
+                let mut acc = [0u16; LANES * QUAD];
+                for quads in block.chunks_exact(LANES * QUAD) {
+                    for (a, &c) in acc.iter_mut().zip(quads) {
+                        *a += u16::from(((c ^ 0x80) as i8).unsigned_abs());
+                    }
+                }
+                for (lane, a) in acc.chunks_exact(QUAD).enumerate() {
+                    sums[lane * blocks + b] = a.iter().sum();
                 }
             }
         });
@@ -578,6 +583,17 @@ mod tests {
             let screen = Int8Rows::from_table(&values, &|| {}).unwrap();
             let exact = FloatRows::from_table(&values, &|| {}).unwrap();
             let int8 = int8_table(&table, rows, cols).unwrap();
+            // The per-block sums of |code| the bound is made of.
+            let blocks = cols.div_ceil(INT8_HEAD_BLOCK);
+            for (r, codes) in int8.codes.chunks_exact(cols).enumerate() {
+                let sums: Vec<u16> = codes
+                    .chunks(INT8_HEAD_BLOCK)
+                    .map(|b| b.iter().map(|c| u16::from(c.unsigned_abs())).sum())
+                    .collect();
+                assert_eq!(screen.code_sums[r * blocks..][..blocks], sums, "row {r}");
+                let total: u32 = sums.iter().map(|&s| u32::from(s)).sum();
+                assert_eq!(screen.totals[r], total, "row {r}");
+            }
             let want = lm_head_screened(&x, n, &table, &int8).unwrap();
             let got = screen.screened_products(&exact, &x, n).unwrap();
             assert_eq!(
