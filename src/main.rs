@@ -196,10 +196,11 @@ struct ModelArgs {
     device: Device,
     /// How the CPU engine keeps the lm_head: `exact` (logits equal the reference's) or `int8`
     /// (an int8 screen, half the bytes of an f16 table per token, then the exact logits of every
-    /// token that could be the likeliest: the same greedy ids, the other logits close; holds
-    /// the screen beside the table; needs --device cpu).
-    #[arg(long, value_enum, default_value_t = LmHead::Exact)]
-    head: LmHead,
+    /// token that could be the likeliest: the same greedy ids, the other logits close; needs
+    /// --device cpu) [default: int8 where only the greedy ids are used (--temperature 0 on the
+    /// CPU engine), else exact].
+    #[arg(long, value_enum)]
+    head: Option<LmHead>,
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
@@ -937,8 +938,8 @@ const DEMO_MODEL: [(&str, &[u8]); 3] = [
 ];
 
 /// Loads the model behind `args` and starts its engine, saying on stderr why `auto` fell back
-/// to the CPU.
-async fn open(args: &ModelArgs) -> CliResult<(Engine, Tokenizer)> {
+/// to the CPU. `greedy`: only the likeliest token of each step is used.
+async fn open(args: &ModelArgs, greedy: bool) -> CliResult<(Engine, Tokenizer)> {
     // The checkpoint stays packed in memory; the engine unpacks it a layer at a time.
     let files;
     let (weights, tokenizer) = match &args.model {
@@ -948,14 +949,16 @@ async fn open(args: &ModelArgs) -> CliResult<(Engine, Tokenizer)> {
         }
         None => open_model_from_bytes(&DEMO_MODEL)?,
     };
-    if args.head != LmHead::Exact {
-        if args.device != Device::Cpu {
+    let head = match args.head {
+        Some(LmHead::Int8) if args.device != Device::Cpu => {
             return Err("--head int8 is a CPU engine option: add --device cpu".into());
         }
-        let engine = CpuEngine::with_head(&*weights, args.head)?;
-        return Ok((Engine::Cpu(Box::new(engine)), tokenizer));
-    }
-    match Engine::new(args.device, &*weights).await {
+        Some(head) => head,
+        // The screen's greedy ids are the exact head's, its memory and time per token less.
+        None if greedy => LmHead::Int8,
+        None => LmHead::Exact,
+    };
+    match Engine::with_head(args.device, &*weights, head).await {
         Ok((engine, fallback)) => {
             if let Some(why) = fallback {
                 eprintln!("running on the CPU: {why}");
@@ -969,7 +972,8 @@ async fn open(args: &ModelArgs) -> CliResult<(Engine, Tokenizer)> {
 
 async fn generate(args: &GenerateArgs) -> CliResult<()> {
     let params = args.sampling.params(args.max_new_tokens)?;
-    let (engine, tokenizer) = open(&args.model).await?;
+    let greedy = params.sampling.temperature == 0.0;
+    let (engine, tokenizer) = open(&args.model, greedy).await?;
     let mut generator = Generator::new(engine, tokenizer);
     let mut out = std::io::stdout().lock();
     let mut shown = Ok(());
@@ -983,10 +987,12 @@ async fn generate(args: &GenerateArgs) -> CliResult<()> {
         .await?;
     shown?;
     let adapter = generator.engine().adapter();
+    let head = generator.engine().head();
     let family = generator.engine().config().family.name();
     if args.model.json {
         let json = serde_json::json!({
             "family": family,
+            "head": head.map(|h| format!("{h:?}").to_lowercase()),
             "prompt_ids": generation.prompt_ids,
             "generated_ids": generation.generated_ids,
             "text": generation.text,
@@ -1032,7 +1038,7 @@ fn rate(tokens: usize, time: Duration) -> f64 {
 
 async fn perplexity(args: &PerplexityArgs) -> CliResult<()> {
     let text = read_text(&args.file)?;
-    let (mut engine, tokenizer) = open(&args.model).await?;
+    let (mut engine, tokenizer) = open(&args.model, false).await?;
     let context = args
         .context
         .unwrap_or(engine.config().max_position_embeddings.min(1024));

@@ -1187,7 +1187,7 @@ fn the_built_in_demo_model_generates() {
 
 /// `--head int8` runs the CPU engine with its int8 screen of the lm_head, whose greedy tokens are
 /// the exact head's (here on a prompt where the screen's own ids part from them within 40
-/// tokens), and is refused on another device.
+/// tokens), greedy decoding on the CPU takes it by default, and it is refused on another device.
 #[test]
 fn the_int8_head_generates_on_the_cpu_only() {
     let args = [
@@ -1202,9 +1202,17 @@ fn the_int8_head_generates_on_the_cpu_only() {
         "cpu",
         "--json",
     ];
-    let exact = bitnet_json(&args);
+    // Greedy decoding on the CPU engine takes the int8 head unless told otherwise.
+    let default = bitnet_json(&args);
+    let exact = bitnet_json(&[&args[..], &["--head", "exact"]].concat());
     let int8 = bitnet_json(&[&args[..], &["--head", "int8"]].concat());
     assert_eq!(int8["generated_ids"], exact["generated_ids"]);
+    assert_eq!(default["generated_ids"], exact["generated_ids"]);
+    let heads = [&default, &exact, &int8].map(|d| d["head"].as_str().unwrap().to_string());
+    assert_eq!(heads, ["int8", "exact", "int8"]);
+    // Sampling (here the default temperature) uses every logit: the exact head.
+    let sampled = bitnet_json(&[&args[..5], &args[7..]].concat());
+    assert_eq!(sampled["head"], "exact");
     let refused = bitnet(&["generate", "--prompt", "Hi", "--head", "int8"]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(

@@ -31,7 +31,8 @@ const RESET: &str = "/reset";
 
 pub async fn chat(args: &ChatArgs) -> CliResult<()> {
     let params = args.sampling.params(args.max_new_tokens)?;
-    let (engine, tokenizer) = open(&args.model).await?;
+    let greedy = params.sampling.temperature == 0.0;
+    let (engine, tokenizer) = open(&args.model, greedy).await?;
     let Some(template) = tokenizer.chat_template().cloned() else {
         return Err(no_template(args.model.model.as_ref()).into());
     };

@@ -39,7 +39,8 @@ pub fn serve(args: &ServeArgs) -> CliResult<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let (engine, tokenizer) = open(&args.model).await?;
+        // Each request chooses its sampling: the exact head unless asked otherwise.
+        let (engine, tokenizer) = open(&args.model, false).await?;
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .map_err(|e| format!("cannot listen on {}:{}: {e}", args.host, args.port))?;

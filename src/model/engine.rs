@@ -83,13 +83,37 @@ impl Engine {
     /// software adapter (natively) or cannot hold the model gives a CPU engine, and the second
     /// value says why; with [`Device::Gpu`] that is the error (a software adapter is used).
     pub async fn new(device: Device, weights: &dyn WeightSource) -> Result<(Self, Option<Error>)> {
+        Self::with_head(device, weights, LmHead::Exact).await
+    }
+
+    /// As [`Engine::new`], a CPU engine (asked for, or fallen back to) keeping its lm_head as
+    /// `head` ([`CpuEngine::with_head`]); a GPU engine computes the exact head whatever `head`.
+    ///
+    /// ```
+    /// use bitnet_wgpu::model::{Device, Engine, LmHead, ModelConfig, synthetic};
+    /// let config = ModelConfig {
+    ///     vocab_size: 32, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1,
+    ///     num_attention_heads: 2, num_key_value_heads: 1, head_dim: 8, max_position_embeddings: 8,
+    ///     ..ModelConfig::bitnet_b158_2b4t()
+    /// };
+    /// let weights = synthetic(&config, 1);
+    /// let (engine, _) = pollster::block_on(Engine::with_head(Device::Cpu, &weights, LmHead::Int8))?;
+    /// assert_eq!(engine.head(), Some(LmHead::Int8));
+    /// # Ok::<(), bitnet_wgpu::Error>(())
+    /// ```
+    pub async fn with_head(
+        device: Device,
+        weights: &dyn WeightSource,
+        head: LmHead,
+    ) -> Result<(Self, Option<Error>)> {
+        let cpu = || CpuEngine::with_head(weights, head).map(|e| Engine::Cpu(Box::new(e)));
         if device == Device::Cpu {
-            return Ok((Engine::Cpu(Box::new(CpuEngine::new(weights)?)), None));
+            return Ok((cpu()?, None));
         }
         match (Self::on_gpu(device, weights).await, device) {
             (Ok(engine), _) => Ok((engine, None)),
             (Err(e), Device::Gpu) => Err(e),
-            (Err(e), _) => Ok((Engine::Cpu(Box::new(CpuEngine::new(weights)?)), Some(e))),
+            (Err(e), _) => Ok((cpu()?, Some(e))),
         }
     }
 
@@ -191,6 +215,15 @@ impl Engine {
             Engine::Cpu(e) => e.config(),
             #[cfg(feature = "gpu")]
             Engine::Gpu(gpu) => gpu.1.config(),
+        }
+    }
+
+    /// The CPU engine's lm_head ([`CpuEngine::head`]); `None` on a GPU, whose head is exact.
+    pub fn head(&self) -> Option<LmHead> {
+        match self {
+            Engine::Cpu(e) => Some(e.head()),
+            #[cfg(feature = "gpu")]
+            Engine::Gpu(_) => None,
         }
     }
 
@@ -309,6 +342,11 @@ impl CpuEngine {
     /// Bytes the weights take in memory (ternary weights at 2 bits, tables, norms).
     pub fn weight_bytes(&self) -> usize {
         self.model.bytes()
+    }
+
+    /// How the engine keeps its lm_head ([`CpuEngine::with_head`]).
+    pub fn head(&self) -> LmHead {
+        self.model.head()
     }
 }
 

@@ -221,6 +221,13 @@ impl PackedModel {
         &self.config
     }
 
+    pub(super) fn head(&self) -> LmHead {
+        match self.tables {
+            Tables::Screened { .. } => LmHead::Int8,
+            Tables::Tied(_) | Tables::Untied { .. } => LmHead::Exact,
+        }
+    }
+
     /// Bytes of weights held (packed matrices, tables, norms).
     pub(super) fn bytes(&self) -> usize {
         let floats = |v: &[f32]| 4 * v.len();
