@@ -188,11 +188,11 @@ print(json.dumps({"engine": "bitnet.cpp", "figure": sys.argv[1], "threads": d["n
 
 for _ in $(seq "$rounds"); do
     timed bitnet "$bitnet" generate --model "$gguf" --prompt Hello --max-new-tokens 1 \
-        --temperature 0 --device cpu >>"$cpp"
+        --temperature 0 --device cpu --head exact >>"$cpp"
     timed "bitnet --head int8" "$bitnet" generate --model "$gguf" --prompt Hello \
         --max-new-tokens 1 --temperature 0 --device cpu --head int8 >>"$cpp"
     timed "bitnet safetensors" "$bitnet" generate --model "$work/2b4t" --prompt Hello \
-        --max-new-tokens 1 --temperature 0 --device cpu >>"$cpp"
+        --max-new-tokens 1 --temperature 0 --device cpu --head exact >>"$cpp"
     # --no-warmup: loading, the prompt and one token, as ours (by default llama-cli first runs
     # the model once on an empty batch).
     timed bitnet.cpp "$bitnet_cpp/build/bin/llama-cli" -m "$gguf" -p Hello -n 1 --temp 0 \
