@@ -61,9 +61,9 @@ bitnet=${BITNET:-$target/release/bitnet}
     "$bitnet" convert --format gguf --input "$work/2b4t" --output "$work/2b4t.gguf" >&2
 
 # One JSON line per engine: {"engine", "prompt_tokens_per_s", "decode_tokens_per_s", ...}.
-generate() { # model device label
+generate() { # model device label (the exact head, which the reference's logits equal)
     "$bitnet" generate --model "$1" --prompt "$prompt" --max-new-tokens "$tokens" \
-        --temperature 0 --device "$2" --json 2>/dev/null |
+        --temperature 0 --device "$2" --head exact --json 2>/dev/null |
         "$python" -c 'import json, sys; d = json.load(sys.stdin); print(json.dumps({
             "engine": sys.argv[1], "prompt_tokens": len(d["prompt_ids"]),
             "prompt_tokens_per_s": d["prompt_tokens_per_s"], "decode_tokens": len(d["generated_ids"]),
