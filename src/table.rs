@@ -34,33 +34,33 @@ impl FloatType {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
-            // A whole slice at a time where the bytes are 2-byte aligned on a little-endian
-            // machine (F16C, 8 values per instruction), else value by value.
-            FloatType::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
-                Ok(values) if cfg!(target_endian = "little") => {
-                    let mut out = vec![0.0f32; values.len()];
-                    values.convert_to_f32_slice(&mut out);
-                    out
-                }
-                _ => bytes
-                    .chunks_exact(2)
-                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-            },
-            // As F16: a shift per value, which the whole slice's loop runs a vector at a time.
-            FloatType::Bf16 => match bytemuck::try_cast_slice::<u8, bf16>(bytes) {
-                Ok(values) if cfg!(target_endian = "little") => {
-                    let mut out = vec![0.0f32; values.len()];
-                    values.convert_to_f32_slice(&mut out);
-                    out
-                }
-                _ => bytes
-                    .chunks_exact(2)
-                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-            },
+            FloatType::F16 => widen_half::<f16>(bytes),
+            FloatType::Bf16 => widen_half::<bf16>(bytes),
         }
     }
+}
+
+/// 16-bit float bytes (little endian) as f32, converted a whole slice at a time (F16C for f16,
+/// a shift for bf16: 8 values per instruction); the bytes are reinterpreted in place where they
+/// are 2-byte aligned on a little-endian machine, else gathered value by value first.
+fn widen_half<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<f32>
+where
+    [T]: HalfFloatSliceExt,
+{
+    let gathered: Vec<T>;
+    let values = match bytemuck::try_cast_slice::<u8, T>(bytes) {
+        Ok(values) if cfg!(target_endian = "little") => values,
+        _ => {
+            gathered = bytes
+                .chunks_exact(2)
+                .map(|b| bytemuck::cast(u16::from_le_bytes([b[0], b[1]])))
+                .collect();
+            &gathered
+        }
+    };
+    let mut out = vec![0.0f32; values.len()];
+    values.convert_to_f32_slice(&mut out);
+    out
 }
 
 /// A row-major table of `cols` values per row, read a block of rows at a time.
@@ -404,6 +404,7 @@ mod tests {
                 let shifted = [&[0u8][..], &bytes].concat();
                 let shifted = Table::stored("t", dtype, &shifted[1..], 2, 3).unwrap();
                 assert_eq!(shifted.read_half(0..2).unwrap(), bits);
+                assert_eq!(shifted.to_vec().unwrap(), expected);
             } else {
                 assert_eq!(dtype, FloatType::F32);
             }

@@ -88,6 +88,7 @@ pub fn to_block_rows(bytes: &[u8], rows: usize, cols: usize) -> Result<BlockRows
             format!("{cols} is not a multiple of {BLOCK}"),
         ));
     }
+    // Checked here, as they lie, so that a 3 is named at its index in this layout.
     if has_three(bytes) {
         unpack(bytes, rows, cols)?;
     }
@@ -110,7 +111,7 @@ pub fn to_block_rows(bytes: &[u8], rows: usize, cols: usize) -> Result<BlockRows
             }
         }
     }
-    BlockRows::from_vec(out, rows, cols)
+    BlockRows::from_checked_vec(out, rows, cols)
 }
 
 #[cfg(test)]

@@ -129,12 +129,23 @@ impl<'a> BlockRows<'a> {
         Self::from_bytes(Cow::Borrowed(packed), rows, cols)
     }
 
-    /// [`BlockRows::new`] over bytes of its own (a layout converted to this one).
-    pub fn from_vec(packed: Vec<u8>, rows: usize, cols: usize) -> Result<BlockRows<'static>> {
-        BlockRows::from_bytes(Cow::Owned(packed), rows, cols)
+    /// Rows of bytes of its own made from a layout whose codes were checked as it was read (no
+    /// value 3), so that only the shape is checked here.
+    pub(super) fn from_checked_vec(
+        packed: Vec<u8>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<BlockRows<'static>> {
+        BlockRows::shaped(Cow::Owned(packed), rows, cols)
     }
 
     fn from_bytes(packed: Cow<'a, [u8]>, rows: usize, cols: usize) -> Result<Self> {
+        check_codes(&packed)?;
+        Self::shaped(packed, rows, cols)
+    }
+
+    /// `packed` as `rows` of `cols` weights, or an error where it is not that.
+    fn shaped(packed: Cow<'a, [u8]>, rows: usize, cols: usize) -> Result<Self> {
         if cols == 0 || !cols.is_multiple_of(BLOCK) {
             return Err(Error::invalid(
                 "I2_S row length",
@@ -145,7 +156,6 @@ impl<'a> BlockRows<'a> {
             .checked_mul(cols / 4)
             .ok_or_else(|| Error::invalid("I2_S rows", format!("{rows} x {cols} overflows")))?;
         check_len("I2_S bytes", expected, packed.len())?;
-        check_codes(&packed)?;
         Ok(BlockRows {
             rows,
             cols,

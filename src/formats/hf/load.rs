@@ -25,10 +25,11 @@ use crate::{Error, Result};
 /// model.safetensors.index.json with the shards it lists (which must sit in the same folder).
 ///
 /// Natively the safetensors files are mapped into memory and read as they are used (the 2B4T
-/// packed checkpoint is about 1.2 GB); config.json is checked before any weights are read. Errors name the file and tensor at fault: a missing file
-/// ([`Error::Io`]), a bad config.json ([`Error::Invalid`]), a truncated or corrupt safetensors file,
-/// a missing, unexpected or duplicated tensor, a wrong dtype, a shape that disagrees with
-/// config.json, a non-finite value or an invalid packed code ([`Error::Safetensors`]).
+/// packed checkpoint is about 1.2 GB); config.json is checked before any weights are read.
+/// Errors name the file and tensor at fault: a missing file ([`Error::Io`]), a bad config.json
+/// ([`Error::Invalid`]), a truncated or corrupt safetensors file, a missing, unexpected or
+/// duplicated tensor, a wrong dtype, a shape that disagrees with config.json, a non-finite value
+/// or an invalid packed code ([`Error::Safetensors`]).
 /// [`CheckpointFiles`] reads the same files without unpacking them all at once.
 pub fn load_dir(path: impl AsRef<Path>) -> Result<ModelWeights> {
     collect(&CheckpointFiles::read(path)?.open()?)
@@ -212,9 +213,7 @@ impl<'a> Checkpoint<'a> {
             mapped: Vec::new(),
         })
     }
-}
 
-impl<'a> Checkpoint<'a> {
     /// `tensor` as a table ([`Tensor::table`]), said to lie in its mapped file where it does.
     fn table(&self, tensor: &Tensor<'a>, rows: usize, cols: usize) -> Result<Table<'a>> {
         let table = tensor.table(rows, cols)?;
